@@ -1,0 +1,932 @@
+//! Hugging Face safetensors checkpoints: load and save with the upstream tensor names.
+//!
+//! The only module of this crate that touches the file system.
+//!
+//! * Names: `model.transformer.{wte,blocks.{i}.*,ln_f,ff_out}.weight` (spec §1.6), the names
+//!   upstream `LLaDAModelLM.save_pretrained` writes.
+//! * Layout: Linear weights are stored `[out, in]` (torch) and transposed into burn's
+//!   `[in, out]` on load, back on save.
+//! * Files: a single `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` with a
+//!   `model.safetensors.index.json` (`metadata.total_size` = bytes of tensor data,
+//!   `weight_map` name → shard).
+//! * Dtypes: BF16, F16, F32 (and F64) on disk, converted to the requested float dtype.
+//! * Memory: tensors are read one at a time with positional reads into a buffer of one tensor,
+//!   converted, and handed to the backend; the file is never mapped or read whole, so peak
+//!   memory is the model plus about one tensor (mapped pages would count in the resident
+//!   set too). Saving likewise materialises one tensor at a time.
+//! * Atomicity: a checkpoint directory is written under a temporary sibling name and renamed
+//!   into place once every file is complete.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use serde_json::{Value, json};
+
+use crate::config::{ConfigError, ModelConfig};
+use crate::model::{LladaModel, NamedTensor, ParamSource};
+
+/// The prefix of every tensor name in LLaDA / MMaDA checkpoints.
+pub const HF_PREFIX: &str = "model.transformer.";
+/// Single-file weights name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Shard index name.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Files copied verbatim from a source checkpoint when saving (tokenizer, remote code).
+pub const SIDECAR_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "configuration_llada.py",
+    "modeling_llada.py",
+    "configuration_mmada.py",
+    "modeling_mmada.py",
+];
+
+/// Error loading or saving a checkpoint. Every variant names the file and, where there is
+/// one, the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Reading `config.json` failed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An OS error on a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Neither `model.safetensors` nor `model.safetensors.index.json` is present.
+    #[error(
+        "{dir}: no weights found (expected {SINGLE_FILE} or {INDEX_FILE}; PyTorch .bin checkpoints must be converted to safetensors first)"
+    )]
+    NoWeights {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The file is not a valid safetensors file.
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    NotSafetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor's data extends past the end of the file.
+    #[error(
+        "{path}: file is truncated: tensor `{tensor}` needs bytes up to {needed} but the file has {file_len} (re-download the file)"
+    )]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// The first tensor that does not fit.
+        tensor: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Actual file length.
+        file_len: u64,
+    },
+    /// The shard index is malformed or inconsistent with the shards.
+    #[error("{path}: invalid shard index: {reason}")]
+    BadIndex {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor the config requires is absent.
+    #[error(
+        "{path}: missing tensor `{tensor}` (expected shape {expected:?}); is this a LLaDA/MMaDA checkpoint matching config.json?"
+    )]
+    MissingTensor {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The HF name.
+        tensor: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// Tensors present in the checkpoint that the model does not have.
+    #[error(
+        "{path}: unexpected tensors not used by the model: {tensors:?} (does config.json match the weights?)"
+    )]
+    UnexpectedTensors {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Their names.
+        tensors: Vec<String>,
+    },
+    /// A tensor has a different shape than the config implies.
+    #[error("{path}: tensor `{tensor}` has shape {found:?} but config.json implies {expected:?}")]
+    ShapeMismatch {
+        /// The file holding it.
+        path: PathBuf,
+        /// The HF name.
+        tensor: String,
+        /// Shape from the config.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor is stored in a dtype we do not read.
+    #[error("{path}: tensor `{tensor}` has dtype {dtype}; supported: BF16, F16, F32, F64")]
+    UnsupportedDtype {
+        /// The file.
+        path: PathBuf,
+        /// The HF name.
+        tensor: String,
+        /// The dtype string of the header.
+        dtype: String,
+    },
+    /// The destination exists and overwriting was not requested.
+    #[error("{path} already exists and is not empty (pass overwrite to replace it)")]
+    Exists {
+        /// The destination.
+        path: PathBuf,
+    },
+    /// Writing a safetensors file failed.
+    #[error("{path}: cannot write safetensors: {reason}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The writer's message.
+        reason: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// On-disk element type of a safetensors tensor that we read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskDtype {
+    /// bfloat16 (the released LLaDA/MMaDA checkpoints).
+    BF16,
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+    /// IEEE double (read only).
+    F64,
+}
+
+impl DiskDtype {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "BF16" => Some(Self::BF16),
+            "F16" => Some(Self::F16),
+            "F32" => Some(Self::F32),
+            "F64" => Some(Self::F64),
+            _ => None,
+        }
+    }
+    /// The header string (`"BF16"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BF16 => "BF16",
+            Self::F16 => "F16",
+            Self::F32 => "F32",
+            Self::F64 => "F64",
+        }
+    }
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::BF16 | Self::F16 => 2,
+            Self::F32 => 4,
+            Self::F64 => 8,
+        }
+    }
+    fn burn(self) -> DType {
+        match self {
+            Self::BF16 => DType::BF16,
+            Self::F16 => DType::F16,
+            Self::F32 => DType::F32,
+            Self::F64 => DType::F64,
+        }
+    }
+    fn st(self) -> safetensors::Dtype {
+        match self {
+            Self::BF16 => safetensors::Dtype::BF16,
+            Self::F16 => safetensors::Dtype::F16,
+            Self::F32 => safetensors::Dtype::F32,
+            Self::F64 => safetensors::Dtype::F64,
+        }
+    }
+}
+
+/// One tensor's entry in a safetensors header, with absolute file offsets.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// The header dtype string (kept even when unsupported, for the error message).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the data in the file.
+    pub start: u64,
+    /// Absolute end offset (exclusive).
+    pub end: u64,
+}
+
+/// A safetensors file whose header has been read and validated; data is read on demand.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    file: File,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, TensorEntry>,
+    /// The `__metadata__` map.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Largest header accepted (as the reference reader: 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+impl SafetensorsFile {
+    /// Open `path` and validate its header against the file length.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Io`], [`CheckpointError::NotSafetensors`] (bad header, overlapping or
+    /// inconsistent offsets), [`CheckpointError::Truncated`] (data past the end of the file).
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let bad = |reason: String| CheckpointError::NotSafetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let file_len = file.metadata().map_err(io_err(path))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|_| {
+            bad(format!(
+                "file is {file_len} bytes, shorter than the 8-byte header length"
+            ))
+        })?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER {
+            return Err(bad(format!(
+                "header length {n} is implausible (> {MAX_HEADER} bytes)"
+            )));
+        }
+        if 8 + n > file_len {
+            return Err(bad(format!(
+                "header length {n} exceeds the file length {file_len}"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io_err(path))?;
+        let header: Value =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let Value::Object(map) = header else {
+            return Err(bad("header is not a JSON object".into()));
+        };
+        let data_start = 8 + n;
+        let mut tensors = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
+        for (name, v) in map {
+            if name == "__metadata__" {
+                if let Value::Object(m) = v {
+                    for (k, v) in m {
+                        metadata.insert(
+                            k,
+                            v.as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| v.to_string()),
+                        );
+                    }
+                }
+                continue;
+            }
+            let dtype = v["dtype"]
+                .as_str()
+                .ok_or_else(|| bad(format!("tensor `{name}` has no dtype")))?;
+            let shape: Vec<usize> = v["shape"]
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+                .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
+            let offs: Vec<u64> = v["data_offsets"]
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_u64).collect())
+                .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
+                .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
+            if let Some(dt) = DiskDtype::parse(dtype) {
+                let want = shape.iter().product::<usize>() as u64 * dt.size() as u64;
+                if offs[1] - offs[0] != want {
+                    return Err(bad(format!(
+                        "tensor `{name}`: {dtype} {shape:?} needs {want} bytes but data_offsets span {}",
+                        offs[1] - offs[0]
+                    )));
+                }
+            }
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype: dtype.to_string(),
+                    shape,
+                    start: data_start + offs[0],
+                    end: data_start + offs[1],
+                },
+            );
+        }
+        // The first tensor (by end offset) that does not fit names the truncation.
+        if let Some((name, e)) = tensors
+            .iter()
+            .filter(|(_, e)| e.end > file_len)
+            .min_by_key(|(_, e)| e.end)
+        {
+            return Err(CheckpointError::Truncated {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                needed: e.end,
+                file_len,
+            });
+        }
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            file,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read tensor `name` and convert it to `dtype` (row-major, torch layout).
+    ///
+    /// # Errors
+    /// [`CheckpointError::UnsupportedDtype`], [`CheckpointError::Io`].
+    pub fn read(&self, name: &str, dtype: FloatDType) -> Result<TensorData, CheckpointError> {
+        let e = &self.tensors[name];
+        let disk = DiskDtype::parse(&e.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            dtype: e.dtype.clone(),
+        })?;
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
+        self.file
+            .read_exact_at(&mut bytes, e.start)
+            .map_err(io_err(&self.path))?;
+        Ok(convert_bytes(
+            bytes,
+            disk,
+            e.shape.clone(),
+            DType::from(dtype),
+        ))
+    }
+}
+
+/// Convert little-endian `bytes` of `from` into a [`TensorData`] of `to`, without a copy when
+/// the dtypes agree.
+fn convert_bytes(bytes: Vec<u8>, from: DiskDtype, shape: Vec<usize>, to: DType) -> TensorData {
+    if from.burn() == to {
+        return TensorData::from_bytes_vec(bytes, shape, to);
+    }
+    let f32s: Vec<f32> = match from {
+        DiskDtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DiskDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DiskDtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DiskDtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+    };
+    drop(bytes);
+    let data = TensorData::new(f32s, shape);
+    if to == DType::F32 {
+        data
+    } else {
+        data.convert_dtype(to)
+    }
+}
+
+/// A checkpoint directory (or a single `.safetensors` file): its files and which file holds
+/// which tensor.
+#[derive(Debug)]
+pub struct CheckpointFiles {
+    root: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// HF name → index into `files`.
+    location: HashMap<String, usize>,
+}
+
+impl CheckpointFiles {
+    /// Open the weights of a checkpoint: `path` is a directory with `model.safetensors` or
+    /// `model.safetensors.index.json`, or a `.safetensors` file.
+    ///
+    /// # Errors
+    /// [`CheckpointError::NoWeights`], [`CheckpointError::BadIndex`] and the errors of
+    /// [`SafetensorsFile::open`].
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let mut files = Vec::new();
+        let mut location = HashMap::new();
+        if path.is_file() {
+            let f = SafetensorsFile::open(path)?;
+            for name in f.tensors.keys() {
+                location.insert(name.clone(), 0);
+            }
+            files.push(f);
+            return Ok(Self {
+                root: path.to_path_buf(),
+                files,
+                location,
+            });
+        }
+        let single = path.join(SINGLE_FILE);
+        let index = path.join(INDEX_FILE);
+        if index.is_file() {
+            let bad = |reason: String| CheckpointError::BadIndex {
+                path: index.clone(),
+                reason,
+            };
+            let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| bad("no `weight_map` object".into()))?;
+            let mut shard_ids: BTreeMap<String, usize> = BTreeMap::new();
+            for (name, shard) in map {
+                let shard = shard
+                    .as_str()
+                    .ok_or_else(|| bad(format!("weight_map[`{name}`] is not a file name")))?;
+                if shard.contains('/') || shard.contains("..") {
+                    return Err(bad(format!(
+                        "weight_map[`{name}`] = {shard:?} is not a file in the checkpoint"
+                    )));
+                }
+                let id = match shard_ids.get(shard) {
+                    Some(&id) => id,
+                    None => {
+                        let f = SafetensorsFile::open(&path.join(shard))?;
+                        files.push(f);
+                        shard_ids.insert(shard.to_string(), files.len() - 1);
+                        files.len() - 1
+                    }
+                };
+                if !files[id].tensors.contains_key(name) {
+                    return Err(bad(format!(
+                        "weight_map says `{name}` is in {shard}, but that shard does not contain it"
+                    )));
+                }
+                location.insert(name.clone(), id);
+            }
+            for f in &files {
+                for name in f.tensors.keys() {
+                    if !location.contains_key(name) {
+                        return Err(bad(format!(
+                            "{} contains `{name}`, which weight_map does not list",
+                            f.path.display()
+                        )));
+                    }
+                }
+            }
+            if let Some(total) = v["metadata"]["total_size"].as_u64() {
+                let actual: u64 = files
+                    .iter()
+                    .flat_map(|f| f.tensors.values())
+                    .map(|e| e.end - e.start)
+                    .sum();
+                if total != actual {
+                    return Err(bad(format!(
+                        "metadata.total_size is {total} but the shards hold {actual} bytes of tensors"
+                    )));
+                }
+            }
+        } else if single.is_file() {
+            let f = SafetensorsFile::open(&single)?;
+            for name in f.tensors.keys() {
+                location.insert(name.clone(), 0);
+            }
+            files.push(f);
+        } else {
+            return Err(CheckpointError::NoWeights {
+                dir: path.to_path_buf(),
+            });
+        }
+        Ok(Self {
+            root: path.to_path_buf(),
+            files,
+            location,
+        })
+    }
+
+    /// Every tensor: name → (entry, file path).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &TensorEntry, &Path)> {
+        self.location
+            .iter()
+            .map(|(n, &i)| (n.as_str(), &self.files[i].tensors[n], self.files[i].path()))
+    }
+
+    /// The entry of tensor `name`, if present.
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.location
+            .get(name)
+            .map(|&i| &self.files[i].tensors[name])
+    }
+
+    /// Check every tensor the config implies against the files, without reading data.
+    /// Returns the problems found (missing, wrong shape, unsupported dtype, unexpected).
+    pub fn verify(&self, cfg: &ModelConfig) -> Vec<CheckpointError> {
+        let mut problems = Vec::new();
+        let expected = expected_tensors(cfg);
+        for (name, shape) in &expected {
+            match self.location.get(name) {
+                None => problems.push(CheckpointError::MissingTensor {
+                    path: self.root.clone(),
+                    tensor: name.clone(),
+                    expected: shape.clone(),
+                }),
+                Some(&i) => {
+                    let e = &self.files[i].tensors[name];
+                    if &e.shape != shape {
+                        problems.push(CheckpointError::ShapeMismatch {
+                            path: self.files[i].path.clone(),
+                            tensor: name.clone(),
+                            expected: shape.clone(),
+                            found: e.shape.clone(),
+                        });
+                    }
+                    if DiskDtype::parse(&e.dtype).is_none() {
+                        problems.push(CheckpointError::UnsupportedDtype {
+                            path: self.files[i].path.clone(),
+                            tensor: name.clone(),
+                            dtype: e.dtype.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let names: BTreeSet<&String> = expected.iter().map(|(n, _)| n).collect();
+        let mut extra: Vec<String> = self
+            .location
+            .keys()
+            .filter(|n| !names.contains(n))
+            .cloned()
+            .collect();
+        if !extra.is_empty() {
+            extra.sort();
+            problems.push(CheckpointError::UnexpectedTensors {
+                path: self.root.clone(),
+                tensors: extra,
+            });
+        }
+        problems
+    }
+}
+
+/// Every tensor a config implies: full HF name and torch shape, in state-dict order.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.d_model;
+    let kv = cfg.n_kv_heads * cfg.head_dim();
+    let m = cfg.mlp_hidden_size;
+    let v = cfg.embedding_size;
+    let mut out = vec![(format!("{HF_PREFIX}wte.weight"), vec![v, d])];
+    for i in 0..cfg.n_layers {
+        for (n, s) in [
+            ("attn_out", vec![d, d]),
+            ("attn_norm", vec![d]),
+            ("ff_norm", vec![d]),
+            ("q_proj", vec![d, d]),
+            ("k_proj", vec![kv, d]),
+            ("v_proj", vec![kv, d]),
+            ("ff_proj", vec![m, d]),
+            ("up_proj", vec![m, d]),
+            ("ff_out", vec![d, m]),
+        ] {
+            out.push((format!("{HF_PREFIX}blocks.{i}.{n}.weight"), s));
+        }
+    }
+    out.push((format!("{HF_PREFIX}ln_f.weight"), vec![d]));
+    out.push((format!("{HF_PREFIX}ff_out.weight"), vec![v, d]));
+    out
+}
+
+/// A [`ParamSource`] over checkpoint files; records which tensors were used.
+struct FileSource<'a, B: Backend> {
+    files: &'a CheckpointFiles,
+    device: B::Device,
+    dtype: FloatDType,
+    used: BTreeSet<String>,
+}
+
+impl<B: Backend> FileSource<'_, B> {
+    fn fetch(&mut self, short: &str, shape: Vec<usize>) -> Result<TensorData, CheckpointError> {
+        let name = format!("{HF_PREFIX}{short}");
+        let Some(&i) = self.files.location.get(&name) else {
+            return Err(CheckpointError::MissingTensor {
+                path: self.files.root.clone(),
+                tensor: name,
+                expected: shape,
+            });
+        };
+        let f = &self.files.files[i];
+        let e = &f.tensors[&name];
+        if e.shape != shape {
+            return Err(CheckpointError::ShapeMismatch {
+                path: f.path.clone(),
+                tensor: name,
+                expected: shape,
+                found: e.shape.clone(),
+            });
+        }
+        let data = f.read(&name, self.dtype)?;
+        self.used.insert(name);
+        Ok(data)
+    }
+}
+
+impl<B: Backend> ParamSource<B> for FileSource<'_, B> {
+    type Error = CheckpointError;
+    fn matrix(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<B, 2>, CheckpointError> {
+        let data = self.fetch(name, shape.to_vec())?;
+        Ok(Tensor::from_data(
+            data,
+            (&self.device, DType::from(self.dtype)),
+        ))
+    }
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor<B, 1>, CheckpointError> {
+        let data = self.fetch(name, vec![len])?;
+        Ok(Tensor::from_data(
+            data,
+            (&self.device, DType::from(self.dtype)),
+        ))
+    }
+}
+
+/// Load a checkpoint directory (with `config.json`) into a model whose parameters have float
+/// dtype `dtype` on `device`.
+///
+/// # Errors
+/// Config errors, [`CheckpointError::MissingTensor`], [`CheckpointError::ShapeMismatch`],
+/// [`CheckpointError::UnexpectedTensors`] and the file errors of [`CheckpointFiles::open`].
+pub fn load_checkpoint<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    dtype: FloatDType,
+) -> Result<(ModelConfig, LladaModel<B>), CheckpointError> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let model = load_weights(dir, &cfg, device, dtype)?;
+    Ok((cfg, model))
+}
+
+/// Load weights (a checkpoint directory or a `.safetensors` file) for a known config.
+///
+/// # Errors
+/// As [`load_checkpoint`], without the config errors.
+pub fn load_weights<B: Backend>(
+    path: &Path,
+    cfg: &ModelConfig,
+    device: &B::Device,
+    dtype: FloatDType,
+) -> Result<LladaModel<B>, CheckpointError> {
+    let files = CheckpointFiles::open(path)?;
+    let mut src = FileSource::<B> {
+        files: &files,
+        device: device.clone(),
+        dtype,
+        used: BTreeSet::new(),
+    };
+    let model = LladaModel::from_source(cfg, &mut src)?;
+    let mut extra: Vec<String> = files
+        .location
+        .keys()
+        .filter(|n| !src.used.contains(*n))
+        .cloned()
+        .collect();
+    if !extra.is_empty() {
+        extra.sort();
+        return Err(CheckpointError::UnexpectedTensors {
+            path: path.to_path_buf(),
+            tensors: extra,
+        });
+    }
+    Ok(model)
+}
+
+/// How to write a checkpoint.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// On-disk dtype of every tensor (BF16 by default, as the released checkpoints).
+    pub dtype: DiskDtype,
+    /// Split into shards of at most this many bytes of tensor data (HF `max_shard_size`);
+    /// `None` writes a single `model.safetensors`.
+    pub max_shard_bytes: Option<u64>,
+    /// Replace an existing non-empty destination.
+    pub overwrite: bool,
+    /// Copy the tokenizer / remote-code files ([`SIDECAR_FILES`]) present in this directory.
+    pub copy_sidecars_from: Option<PathBuf>,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DiskDtype::BF16,
+            max_shard_bytes: None,
+            overwrite: false,
+            copy_sidecars_from: None,
+        }
+    }
+}
+
+/// A tensor to be written, materialised only when the writer asks for its bytes.
+struct LazyTensor<'a, B: Backend> {
+    tensor: &'a NamedTensor<B>,
+    shape: Vec<usize>,
+    dtype: DiskDtype,
+}
+
+impl<B: Backend> safetensors::View for LazyTensor<'_, B> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype.st()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let data = self.tensor.to_data().convert_dtype(self.dtype.burn());
+        std::borrow::Cow::Owned(data.into_bytes().to_vec())
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+/// Save `model` with `cfg` as a Hugging Face checkpoint directory at `dir`: `config.json`,
+/// weights (single file or shards + index) with the upstream names, and optionally the
+/// tokenizer / remote-code files of a source checkpoint.
+///
+/// The directory is written as `dir` + `.tmp-<pid>` and renamed into place when complete.
+///
+/// # Errors
+/// [`CheckpointError::Exists`] when `dir` exists, is not empty and `overwrite` is false;
+/// [`CheckpointError::Io`] / [`CheckpointError::Write`] on file errors.
+pub fn save_checkpoint<B: Backend>(
+    model: &LladaModel<B>,
+    cfg: &ModelConfig,
+    dir: &Path,
+    opts: &SaveOptions,
+) -> Result<(), CheckpointError> {
+    if dir.exists() {
+        let non_empty = std::fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .next()
+            .is_some();
+        if non_empty && !opts.overwrite {
+            return Err(CheckpointError::Exists {
+                path: dir.to_path_buf(),
+            });
+        }
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+
+    write_weights(model, &tmp, opts)?;
+    let config_path = tmp.join("config.json");
+    let mut cfg_json = cfg.to_hf_json();
+    cfg_json["torch_dtype"] = json!(match opts.dtype {
+        DiskDtype::BF16 => "bfloat16",
+        DiskDtype::F16 => "float16",
+        DiskDtype::F32 => "float32",
+        DiskDtype::F64 => "float64",
+    });
+    let text = serde_json::to_string_pretty(&cfg_json).expect("JSON value serialises");
+    std::fs::write(&config_path, text + "\n").map_err(io_err(&config_path))?;
+    if let Some(src) = &opts.copy_sidecars_from {
+        for f in SIDECAR_FILES {
+            let from = src.join(f);
+            if from.is_file() {
+                let to = tmp.join(f);
+                std::fs::copy(&from, &to).map_err(io_err(&to))?;
+            }
+        }
+    }
+    sync_dir(&tmp)?;
+
+    // Swap into place: old → .old, tmp → dir, remove old.
+    if dir.exists() {
+        let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(io_err(dir))?;
+        std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    } else {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let p = entry.map_err(io_err(dir))?.path();
+        File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&p))?;
+    }
+    Ok(())
+}
+
+/// Write the weight files (and index when sharded) of `model` into `dir`.
+fn write_weights<B: Backend>(
+    model: &LladaModel<B>,
+    dir: &Path,
+    opts: &SaveOptions,
+) -> Result<(), CheckpointError> {
+    let named = model.named_tensors();
+    let tensors: Vec<(String, LazyTensor<'_, B>)> = named
+        .iter()
+        .map(|(n, t)| {
+            (
+                format!("{HF_PREFIX}{n}"),
+                LazyTensor {
+                    tensor: t,
+                    shape: t.shape(),
+                    dtype: opts.dtype,
+                },
+            )
+        })
+        .collect();
+    let total: u64 = tensors
+        .iter()
+        .map(|(_, t)| safetensors::View::data_len(t) as u64)
+        .sum();
+    // Greedy sharding in state-dict order, as HF `shard_checkpoint`.
+    let mut shards: Vec<Vec<(String, LazyTensor<'_, B>)>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (name, t) in tensors {
+        let len = safetensors::View::data_len(&t) as u64;
+        if let Some(max) = opts.max_shard_bytes
+            && current > 0
+            && current + len > max
+        {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += len;
+        shards.last_mut().expect("non-empty").push((name, t));
+    }
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    if opts.max_shard_bytes.is_none() {
+        let path = dir.join(SINGLE_FILE);
+        let shard = shards.pop().expect("one shard");
+        return safetensors::serialize_to_file(shard, Some(meta), &path).map_err(|e| {
+            CheckpointError::Write {
+                path,
+                reason: e.to_string(),
+            }
+        });
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (k, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, n);
+        for (name, _) in &shard {
+            weight_map.insert(name.clone(), file.clone());
+        }
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(shard, Some(meta.clone()), &path).map_err(|e| {
+            CheckpointError::Write {
+                path,
+                reason: e.to_string(),
+            }
+        })?;
+    }
+    let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let path = dir.join(INDEX_FILE);
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&index).expect("JSON") + "\n",
+    )
+    .map_err(io_err(&path))
+}

@@ -1,0 +1,436 @@
+//! The LLaDA / MMaDA bidirectional transformer (spec §1.2–§1.3).
+//!
+//! Port of upstream `models/modeling_llada.py` (`LLaDAModel`, `LLaDALlamaBlock`,
+//! `RMSLayerNorm`, `RotaryEmbedding`) at Gen-Verse/MMaDA `3cdb870`, for
+//! `block_type = "llama"`: pre-norm blocks with RMSNorm, rotate-half RoPE, grouped-query
+//! attention **without a causal mask**, and a SwiGLU MLP whose gate is `ff_proj`.
+//!
+//! Field names follow the Hugging Face checkpoint (`wte`, `blocks.{i}.q_proj`, …,
+//! `ln_f`, `ff_out`) so that [`crate::checkpoint`] maps them one to one.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+
+/// The additive bias for attention scores that must be ignored: `finfo(float32).min`, as
+/// upstream (`LLaDAModel.forward` uses `torch.finfo(dtype).min`, never `-inf`, spec §1.3).
+/// A query row whose keys are all masked therefore attends uniformly to every key, exactly as
+/// upstream does for left-padding rows.
+pub const MASKED_SCORE: f32 = f32::MIN;
+
+/// Which key positions each query may attend to. There is never a causal mask.
+#[derive(Debug, Clone)]
+pub enum Attention<B: Backend> {
+    /// Every position attends to every position (training rows, unpadded batches).
+    Full,
+    /// Key padding: `[batch, seq]`, `true` = a real token that may be attended to. This is the
+    /// `attention_mask` semantics of the fixed HF LLaDA code (2025-10): bidirectional with the
+    /// padded keys removed.
+    KeyPadding(Tensor<B, 2, Bool>),
+    /// Explicit pairwise mask `[batch, seq, seq]` (query, key), `true` = may attend. This is the
+    /// boolean `attention_bias` MMaDA passes in `t2i_generate` / `mmu_generate`
+    /// (`m[:, :, None] & m[:, None, :]`).
+    Pairwise(Tensor<B, 3, Bool>),
+}
+
+impl<B: Backend> Attention<B> {
+    /// Key-padding attention from a `[batch, seq]` 0/1 integer mask (HF `attention_mask`).
+    pub fn key_padding_from_ints(mask: Tensor<B, 2, Int>) -> Self {
+        Attention::KeyPadding(mask.greater_elem(0))
+    }
+
+    /// The additive f32 bias `[batch, 1, q, k]` (or `None` for full attention).
+    fn bias(&self, seq: usize) -> Option<Tensor<B, 4>> {
+        match self {
+            Attention::Full => None,
+            Attention::KeyPadding(m) => {
+                let [b, l] = m.dims();
+                assert_eq!(
+                    l, seq,
+                    "key-padding mask length {l} != sequence length {seq}"
+                );
+                let keep = m.clone().reshape([b, 1, 1, l]);
+                Some(mask_to_bias(keep))
+            }
+            Attention::Pairwise(m) => {
+                let [b, q, k] = m.dims();
+                assert!(
+                    q == seq && k == seq,
+                    "pairwise mask [{b}, {q}, {k}] does not match sequence length {seq}"
+                );
+                Some(mask_to_bias(m.clone().reshape([b, 1, q, k])))
+            }
+        }
+    }
+}
+
+fn mask_to_bias<B: Backend>(keep: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
+    let zeros = Tensor::<B, 4>::zeros(keep.shape(), (&keep.device(), DType::F32));
+    zeros.mask_fill(keep.bool_not(), MASKED_SCORE)
+}
+
+/// RMSNorm as upstream `RMSLayerNorm`: `weight * (x_f32 * rsqrt(mean(x_f32²) + eps)).to(dtype)`.
+/// Parameter `weight`: `[d_model]`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Scale, `[d_model]` (HF `*.attn_norm.weight`, `*.ff_norm.weight`, `ln_f.weight`).
+    pub weight: Param<Tensor<B, 1>>,
+    /// `rms_norm_eps`.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// `x`: `[batch, seq, d_model]` → same shape and dtype. The statistics are computed in f32.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = x.dtype();
+        let xf = x.cast(FloatDType::F32);
+        let var = xf.clone().powi_scalar(2).mean_dim(2);
+        let normed = (xf * (var + self.eps).sqrt().recip()).cast(float_dtype(dtype));
+        normed * self.weight.val().unsqueeze_dims::<3>(&[0, 1])
+    }
+}
+
+pub(crate) fn float_dtype(d: DType) -> FloatDType {
+    match d {
+        DType::F64 => FloatDType::F64,
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        _ => FloatDType::F32,
+    }
+}
+
+/// Rotate-half RoPE tables `(cos, sin)`, each `[seq, head_dim]` in f32, for positions
+/// `0..seq`.
+///
+/// As upstream `RotaryEmbedding.get_rotary_embedding`: `inv_freq[j] = 1 / θ^(2j/hd)` in f32,
+/// `freqs = pos ⊗ inv_freq`, `emb = cat(freqs, freqs)` (NeoX layout, **not** burn's
+/// interleaved `RotaryEncoding`).
+pub fn rope_tables<B: Backend>(
+    seq: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let half = head_dim / 2;
+    let theta = theta as f32;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(seq * head_dim);
+    let mut sin = Vec::with_capacity(seq * head_dim);
+    for p in 0..seq {
+        // emb = cat(freqs, freqs)
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let opts = (device, DType::F32);
+    (
+        Tensor::from_data(TensorData::new(cos, [seq, head_dim]), opts),
+        Tensor::from_data(TensorData::new(sin, [seq, head_dim]), opts),
+    )
+}
+
+/// Apply rotate-half RoPE in f32: `t·cos + rotate_half(t)·sin`, `rotate_half([a, b]) = [-b, a]`.
+/// `t`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[seq, head_dim]` (f32). Returns `t`'s dtype.
+pub fn apply_rope<B: Backend>(
+    t: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    let dtype = t.dtype();
+    let [_, _, _, hd] = t.dims();
+    let t = t.cast(FloatDType::F32);
+    let half = hd / 2;
+    let x1 = t.clone().narrow(3, 0, half);
+    let x2 = t.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let cos = cos.clone().unsqueeze_dims::<4>(&[0, 1]);
+    let sin = sin.clone().unsqueeze_dims::<4>(&[0, 1]);
+    (t * cos + rotated * sin).cast(float_dtype(dtype))
+}
+
+/// One `LLaDALlamaBlock`.
+#[derive(Module, Debug)]
+pub struct LladaBlock<B: Backend> {
+    /// Pre-attention RMSNorm.
+    pub attn_norm: RmsNorm<B>,
+    /// Query projection, burn layout `[d_model, n_heads·hd]` (HF `[out, in]` transposed).
+    pub q_proj: Linear<B>,
+    /// Key projection `[d_model, n_kv_heads·hd]`.
+    pub k_proj: Linear<B>,
+    /// Value projection `[d_model, n_kv_heads·hd]`.
+    pub v_proj: Linear<B>,
+    /// Attention output projection `[d_model, d_model]`.
+    pub attn_out: Linear<B>,
+    /// Pre-MLP RMSNorm.
+    pub ff_norm: RmsNorm<B>,
+    /// SwiGLU gate `[d_model, mlp]` (goes through SiLU).
+    pub ff_proj: Linear<B>,
+    /// SwiGLU up projection `[d_model, mlp]`.
+    pub up_proj: Linear<B>,
+    /// MLP down projection `[mlp, d_model]`.
+    pub ff_out: Linear<B>,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+}
+
+impl<B: Backend> LladaBlock<B> {
+    /// `x`: `[batch, seq, d_model]`; `bias`: additive f32 `[batch|1, 1, seq|1, seq]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        bias: Option<&Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
+        let [b, l, d] = x.dims();
+        let hd = d / self.n_heads;
+        let h = self.attn_norm.forward(x.clone());
+        let q = self.q_proj.forward(h.clone());
+        let k = self.k_proj.forward(h.clone());
+        let v = self.v_proj.forward(h);
+        let q = q.reshape([b, l, self.n_heads, hd]).swap_dims(1, 2);
+        let k = k.reshape([b, l, self.n_kv_heads, hd]).swap_dims(1, 2);
+        let v = v.reshape([b, l, self.n_kv_heads, hd]).swap_dims(1, 2);
+        let q = apply_rope(q, &rope.0, &rope.1);
+        let k = apply_rope(k, &rope.0, &rope.1);
+        let (k, v) = if self.n_kv_heads != self.n_heads {
+            // torch `repeat_interleave(n_heads / n_kv_heads, dim=1)`: kv head j serves query
+            // heads j·r .. j·r + r.
+            let r = self.n_heads / self.n_kv_heads;
+            let rep = |t: Tensor<B, 4>| {
+                t.unsqueeze_dim::<5>(2)
+                    .expand([b, self.n_kv_heads, r, l, hd])
+                    .reshape([b, self.n_heads, l, hd])
+            };
+            (rep(k), rep(v))
+        } else {
+            (k, v)
+        };
+        let o = scaled_dot_product_attention(q, k, v, bias);
+        let o = o.swap_dims(1, 2).reshape([b, l, d]);
+        let x = x + self.attn_out.forward(o);
+        let h = self.ff_norm.forward(x.clone());
+        let gate = silu(self.ff_proj.forward(h.clone()));
+        let up = self.up_proj.forward(h);
+        x + self.ff_out.forward(gate * up)
+    }
+}
+
+/// `softmax(q kᵀ / √hd + bias) v`, scores and softmax in f32.
+/// `q`, `k`, `v`: `[batch, heads, seq, hd]`; `bias`: broadcastable to `[batch, heads, seq, seq]`.
+pub fn scaled_dot_product_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<&Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    let dtype = v.dtype();
+    let hd = q.dims()[3];
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = q.matmul(k.swap_dims(2, 3)).cast(FloatDType::F32) * scale;
+    let scores = match bias {
+        Some(bias) => scores + bias.clone(),
+        None => scores,
+    };
+    let probs = softmax(scores, 3).cast(float_dtype(dtype));
+    probs.matmul(v)
+}
+
+/// The full model: `LLaDAModel` with its LM head (`LLaDAModelLM` minus the HF wrapper).
+#[derive(Module, Debug)]
+pub struct LladaModel<B: Backend> {
+    /// Token embedding `[embedding_size, d_model]`.
+    pub wte: Embedding<B>,
+    /// Transformer blocks.
+    pub blocks: Vec<LladaBlock<B>>,
+    /// Final RMSNorm.
+    pub ln_f: RmsNorm<B>,
+    /// Untied output head, burn layout `[d_model, embedding_size]`.
+    pub ff_out: Linear<B>,
+    /// `rope_theta`.
+    pub rope_theta: f64,
+}
+
+/// Anything that maps a canvas of token ids to logits: the model, a mock in tests, later a
+/// KV-cached variant. Samplers, losses and RL take this trait.
+pub trait Denoiser<B: Backend> {
+    /// `ids`: `[batch, seq]` → logits `[batch, seq, vocab]`. The logit at position `i`
+    /// predicts the token at `i` (no shift).
+    fn logits(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3>;
+}
+
+impl<B: Backend> LladaModel<B> {
+    /// Forward pass (spec §1.2): `input_ids` `[batch, seq]` → logits `[batch, seq, embedding_size]`.
+    /// Positions are `0..seq` whatever the padding (upstream has no position ids).
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
+        let [_, l] = input_ids.dims();
+        let device = input_ids.device();
+        let x = self.wte.forward(input_ids);
+        let hd = self.head_dim();
+        let rope = rope_tables::<B>(l, hd, self.rope_theta, &device);
+        let bias = attention.bias(l);
+        let mut x = x;
+        for block in &self.blocks {
+            x = block.forward(x, &rope, bias.as_ref());
+        }
+        let x = self.ln_f.forward(x);
+        self.ff_out.forward(x)
+    }
+
+    /// `d_model / n_heads`.
+    pub fn head_dim(&self) -> usize {
+        let d = self.wte.weight.val().dims()[1];
+        d / self.blocks.first().map(|b| b.n_heads).unwrap_or(1)
+    }
+
+    /// The float dtype of the parameters (`F32`, `BF16`, …).
+    pub fn dtype(&self) -> DType {
+        self.wte.weight.val().dtype()
+    }
+
+    /// Build a model whose parameters come from `source`, by Hugging Face tensor name
+    /// (without the `model.transformer.` prefix) and torch shape (`[out, in]` for Linear).
+    ///
+    /// # Errors
+    /// Whatever `source` returns (missing tensor, wrong shape, I/O).
+    pub fn from_source<S: ParamSource<B>>(
+        cfg: &ModelConfig,
+        source: &mut S,
+    ) -> Result<Self, S::Error> {
+        let d = cfg.d_model;
+        let hd = cfg.head_dim();
+        let kv = cfg.n_kv_heads * hd;
+        let m = cfg.mlp_hidden_size;
+        let v = cfg.embedding_size;
+        let eps = cfg.rms_norm_eps;
+        let norm = |s: &mut S, name: String| -> Result<RmsNorm<B>, S::Error> {
+            Ok(RmsNorm {
+                weight: Param::from_tensor(s.vector(&name, d)?),
+                eps,
+            })
+        };
+        let linear =
+            |s: &mut S, name: String, out: usize, inp: usize| -> Result<Linear<B>, S::Error> {
+                let w = s.matrix(&name, [out, inp])?;
+                Ok(Linear {
+                    weight: Param::from_tensor(w.transpose()),
+                    bias: None,
+                })
+            };
+        let wte = Embedding {
+            weight: Param::from_tensor(source.matrix("wte.weight", [v, d])?),
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = |n: &str| format!("blocks.{i}.{n}.weight");
+            blocks.push(LladaBlock {
+                attn_norm: norm(source, p("attn_norm"))?,
+                q_proj: linear(source, p("q_proj"), d, d)?,
+                k_proj: linear(source, p("k_proj"), kv, d)?,
+                v_proj: linear(source, p("v_proj"), kv, d)?,
+                attn_out: linear(source, p("attn_out"), d, d)?,
+                ff_norm: norm(source, p("ff_norm"))?,
+                ff_proj: linear(source, p("ff_proj"), m, d)?,
+                up_proj: linear(source, p("up_proj"), m, d)?,
+                ff_out: linear(source, p("ff_out"), d, m)?,
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+            });
+        }
+        let ln_f = norm(source, "ln_f.weight".into())?;
+        let ff_out = linear(source, "ff_out.weight".into(), v, d)?;
+        Ok(LladaModel {
+            wte,
+            blocks,
+            ln_f,
+            ff_out,
+            rope_theta: cfg.rope_theta,
+        })
+    }
+
+    /// Every parameter with its Hugging Face name (without the `model.transformer.` prefix),
+    /// in torch layout (`[out, in]` for Linear weights, `[d]` for norms), in the order of the
+    /// upstream state dict.
+    pub fn named_tensors(&self) -> Vec<(String, NamedTensor<B>)> {
+        let mut out = Vec::with_capacity(3 + 9 * self.blocks.len());
+        out.push((
+            "wte.weight".to_string(),
+            NamedTensor::Matrix(self.wte.weight.val()),
+        ));
+        let lin = |l: &Linear<B>| NamedTensor::Matrix(l.weight.val().transpose());
+        let norm = |n: &RmsNorm<B>| NamedTensor::Vector(n.weight.val());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = |n: &str| format!("blocks.{i}.{n}.weight");
+            out.push((p("attn_out"), lin(&b.attn_out)));
+            out.push((p("attn_norm"), norm(&b.attn_norm)));
+            out.push((p("ff_norm"), norm(&b.ff_norm)));
+            out.push((p("q_proj"), lin(&b.q_proj)));
+            out.push((p("k_proj"), lin(&b.k_proj)));
+            out.push((p("v_proj"), lin(&b.v_proj)));
+            out.push((p("ff_proj"), lin(&b.ff_proj)));
+            out.push((p("up_proj"), lin(&b.up_proj)));
+            out.push((p("ff_out"), lin(&b.ff_out)));
+        }
+        out.push(("ln_f.weight".to_string(), norm(&self.ln_f)));
+        out.push((
+            "ff_out.weight".to_string(),
+            NamedTensor::Matrix(self.ff_out.weight.val()),
+        ));
+        out
+    }
+}
+
+impl<B: Backend> Denoiser<B> for LladaModel<B> {
+    fn logits(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
+        self.forward(ids, attention)
+    }
+}
+
+/// A parameter tensor in torch layout, as returned by [`LladaModel::named_tensors`].
+#[derive(Debug, Clone)]
+pub enum NamedTensor<B: Backend> {
+    /// A 1-D tensor (norm weights).
+    Vector(Tensor<B, 1>),
+    /// A 2-D tensor (embeddings, Linear weights as `[out, in]`).
+    Matrix(Tensor<B, 2>),
+}
+
+impl<B: Backend> NamedTensor<B> {
+    /// The torch shape.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            NamedTensor::Vector(t) => t.dims().to_vec(),
+            NamedTensor::Matrix(t) => t.dims().to_vec(),
+        }
+    }
+
+    /// The values, row-major in torch layout.
+    pub fn to_data(&self) -> TensorData {
+        match self {
+            NamedTensor::Vector(t) => t.to_data(),
+            NamedTensor::Matrix(t) => t.to_data(),
+        }
+    }
+}
+
+/// Where [`LladaModel::from_source`] gets its parameters: a checkpoint reader, a random
+/// initialiser, a test. Names are Hugging Face names without the `model.transformer.` prefix.
+pub trait ParamSource<B: Backend> {
+    /// The error type.
+    type Error;
+    /// A 2-D tensor of torch shape `shape` (`[out, in]` for Linear weights).
+    fn matrix(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<B, 2>, Self::Error>;
+    /// A 1-D tensor of length `len`.
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor<B, 1>, Self::Error>;
+}
