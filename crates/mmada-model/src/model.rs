@@ -383,10 +383,7 @@ impl<B: Backend> LladaModel<B> {
             out.push((p("ff_out"), lin(&b.ff_out)));
         }
         out.push(("ln_f.weight".to_string(), norm(&self.ln_f)));
-        out.push((
-            "ff_out.weight".to_string(),
-            NamedTensor::Matrix(self.ff_out.weight.val()),
-        ));
+        out.push(("ff_out.weight".to_string(), lin(&self.ff_out)));
         out
     }
 }
