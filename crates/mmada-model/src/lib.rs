@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod init;
 pub mod model;
+pub mod tokens;
 
 pub use burn::tensor::FloatDType;
 pub use checkpoint::{
@@ -26,3 +27,4 @@ pub use checkpoint::{
 };
 pub use config::{ConfigError, ModelConfig, ModelType};
 pub use model::{Attention, Denoiser, LladaModel, ParamSource};
+pub use tokens::TokenLayout;
