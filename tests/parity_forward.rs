@@ -236,3 +236,37 @@ fn key_padding_ignores_padded_content() {
     let (d, _) = max_abs_diff(&full, &c);
     assert!(d > 1e-3, "full attention should differ from key padding");
 }
+
+#[test]
+fn bf16_weights_forward_close_to_f32() {
+    // Loading into BF16 runs the whole forward in bf16 (norms, RoPE and softmax in f32 as
+    // upstream under autocast). The error is bf16 rounding, far above f32 noise but small
+    // relative to the logits' range.
+    let root = fixture_root();
+    let device = Default::default();
+    let (_, m32) = load_checkpoint::<Cpu>(&root.join("weights"), &device, FloatDType::F32).unwrap();
+    let (_, m16) =
+        load_checkpoint::<Cpu>(&root.join("weights"), &device, FloatDType::BF16).unwrap();
+    assert_eq!(m16.dtype(), burn::tensor::DType::BF16);
+    let fx = Fixture::open(&root.join("forward/basic/tensors.safetensors"));
+    let ids = fx.int_tensor2("input_ids");
+    let a = m32
+        .forward(ids.clone(), &Attention::Full)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let out16 = m16.forward(ids, &Attention::Full);
+    assert_eq!(out16.dtype(), burn::tensor::DType::BF16);
+    let b = out16
+        .cast(FloatDType::F32)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let (d, _) = max_abs_diff(&a, &b);
+    let range = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    println!("bf16 vs f32 max |Δlogits| = {d:.4} (|logits| max {range:.2})");
+    assert!(
+        d > 0.0 && d < 0.05 * range,
+        "bf16 forward diverges: {d} vs range {range}"
+    );
+}

@@ -681,6 +681,21 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_files_match_presets() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        for name in ["tiny", "llada_8b", "mmada_8b"] {
+            let path = dir.join(format!("{name}.json"));
+            let cfg = ModelConfig::from_file(&path).unwrap();
+            let preset = ModelConfig::preset(name).unwrap();
+            assert_eq!(cfg.to_hf_json(), preset.to_hf_json(), "{}", path.display());
+            assert_eq!(
+                (cfg.d_model, cfg.vocab_size),
+                (preset.d_model, preset.vocab_size)
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_tolerated_and_kept() {
         let mut v = ModelConfig::tiny().to_hf_json();
         v["some_future_key"] = json!({"a": 1});

@@ -11,7 +11,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
@@ -35,6 +35,11 @@ pub enum Attention<B: Backend> {
     /// boolean `attention_bias` MMaDA passes in `t2i_generate` / `mmu_generate`
     /// (`m[:, :, None] & m[:, None, :]`).
     Pairwise(Tensor<B, 3, Bool>),
+    /// An additive float bias `[batch, 1, seq, seq]` added to the attention scores, exactly as
+    /// upstream adds a *float* `attention_bias`. MMaDA's training `forward_process` passes a
+    /// float tensor of 1.0 / 0.0 (spec §3.3 caveat, fixture quirk 2), so padded keys are only
+    /// down-weighted by e⁻¹, not removed; this variant reproduces that.
+    Bias(Tensor<B, 4>),
 }
 
 impl<B: Backend> Attention<B> {
@@ -63,6 +68,14 @@ impl<B: Backend> Attention<B> {
                     "pairwise mask [{b}, {q}, {k}] does not match sequence length {seq}"
                 );
                 Some(mask_to_bias(m.clone().reshape([b, 1, q, k])))
+            }
+            Attention::Bias(t) => {
+                let [_, _, q, k] = t.dims();
+                assert!(
+                    q == seq && k == seq,
+                    "attention bias [.., {q}, {k}] does not match sequence length {seq}"
+                );
+                Some(t.clone().cast(FloatDType::F32))
             }
         }
     }
@@ -359,32 +372,82 @@ impl<B: Backend> LladaModel<B> {
         })
     }
 
+    /// Every parameter by Hugging Face name (without the `model.transformer.` prefix), in the
+    /// order of the upstream state dict.
+    pub fn params(&self) -> Vec<(String, ParamRef<'_, B>)> {
+        let mut out = Vec::with_capacity(3 + 9 * self.blocks.len());
+        out.push(("wte.weight".to_string(), ParamRef::Matrix(&self.wte.weight)));
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = |n: &str| format!("blocks.{i}.{n}.weight");
+            out.push((p("attn_out"), ParamRef::Linear(&b.attn_out.weight)));
+            out.push((p("attn_norm"), ParamRef::Vector(&b.attn_norm.weight)));
+            out.push((p("ff_norm"), ParamRef::Vector(&b.ff_norm.weight)));
+            out.push((p("q_proj"), ParamRef::Linear(&b.q_proj.weight)));
+            out.push((p("k_proj"), ParamRef::Linear(&b.k_proj.weight)));
+            out.push((p("v_proj"), ParamRef::Linear(&b.v_proj.weight)));
+            out.push((p("ff_proj"), ParamRef::Linear(&b.ff_proj.weight)));
+            out.push((p("up_proj"), ParamRef::Linear(&b.up_proj.weight)));
+            out.push((p("ff_out"), ParamRef::Linear(&b.ff_out.weight)));
+        }
+        out.push((
+            "ln_f.weight".to_string(),
+            ParamRef::Vector(&self.ln_f.weight),
+        ));
+        out.push((
+            "ff_out.weight".to_string(),
+            ParamRef::Linear(&self.ff_out.weight),
+        ));
+        out
+    }
+
     /// Every parameter with its Hugging Face name (without the `model.transformer.` prefix),
     /// in torch layout (`[out, in]` for Linear weights, `[d]` for norms), in the order of the
     /// upstream state dict.
     pub fn named_tensors(&self) -> Vec<(String, NamedTensor<B>)> {
-        let mut out = Vec::with_capacity(3 + 9 * self.blocks.len());
-        out.push((
-            "wte.weight".to_string(),
-            NamedTensor::Matrix(self.wte.weight.val()),
-        ));
-        let lin = |l: &Linear<B>| NamedTensor::Matrix(l.weight.val().transpose());
-        let norm = |n: &RmsNorm<B>| NamedTensor::Vector(n.weight.val());
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = |n: &str| format!("blocks.{i}.{n}.weight");
-            out.push((p("attn_out"), lin(&b.attn_out)));
-            out.push((p("attn_norm"), norm(&b.attn_norm)));
-            out.push((p("ff_norm"), norm(&b.ff_norm)));
-            out.push((p("q_proj"), lin(&b.q_proj)));
-            out.push((p("k_proj"), lin(&b.k_proj)));
-            out.push((p("v_proj"), lin(&b.v_proj)));
-            out.push((p("ff_proj"), lin(&b.ff_proj)));
-            out.push((p("up_proj"), lin(&b.up_proj)));
-            out.push((p("ff_out"), lin(&b.ff_out)));
+        self.params()
+            .into_iter()
+            .map(|(n, p)| (n, p.torch_tensor()))
+            .collect()
+    }
+}
+
+impl<B: AutodiffBackend> LladaModel<B> {
+    /// The gradient of every parameter (torch layout, HF names without prefix); `None` for a
+    /// parameter that did not take part in the loss.
+    pub fn named_grads(&self, grads: &B::Gradients) -> Vec<(String, Option<TensorData>)> {
+        self.params()
+            .into_iter()
+            .map(|(n, p)| {
+                let g = match p {
+                    ParamRef::Linear(w) => w.val().grad(grads).map(|g| g.transpose().into_data()),
+                    ParamRef::Matrix(w) => w.val().grad(grads).map(|g| g.into_data()),
+                    ParamRef::Vector(w) => w.val().grad(grads).map(|g| g.into_data()),
+                };
+                (n, g)
+            })
+            .collect()
+    }
+}
+
+/// A reference to one parameter of [`LladaModel`], with how it maps to the torch layout.
+#[derive(Debug, Clone, Copy)]
+pub enum ParamRef<'a, B: Backend> {
+    /// A Linear weight stored `[in, out]` (torch: `[out, in]`).
+    Linear(&'a Param<Tensor<B, 2>>),
+    /// A matrix stored as in torch (the embedding).
+    Matrix(&'a Param<Tensor<B, 2>>),
+    /// A vector (norm weights).
+    Vector(&'a Param<Tensor<B, 1>>),
+}
+
+impl<B: Backend> ParamRef<'_, B> {
+    /// The value in torch layout.
+    pub fn torch_tensor(&self) -> NamedTensor<B> {
+        match self {
+            ParamRef::Linear(w) => NamedTensor::Matrix(w.val().transpose()),
+            ParamRef::Matrix(w) => NamedTensor::Matrix(w.val()),
+            ParamRef::Vector(w) => NamedTensor::Vector(w.val()),
         }
-        out.push(("ln_f.weight".to_string(), norm(&self.ln_f)));
-        out.push(("ff_out.weight".to_string(), lin(&self.ff_out)));
-        out
     }
 }
 
