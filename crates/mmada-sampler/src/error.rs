@@ -1,0 +1,76 @@
+//! Typed errors of the samplers.
+
+/// Everything that can go wrong when configuring or running a sampler.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplerError {
+    /// A configuration field has an invalid value. `field` is the serde name of the field
+    /// (e.g. `gen_length`), so a recipe author can find it.
+    #[error("invalid sampler config field `{field}`: {reason}")]
+    InvalidConfig {
+        /// The offending field (serde name).
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An input tensor does not have the expected shape.
+    #[error("input `{input}` has shape {got:?}, expected {expected}")]
+    Shape {
+        /// Name of the input argument.
+        input: &'static str,
+        /// The shape received.
+        got: Vec<usize>,
+        /// Description of the expected shape.
+        expected: String,
+    },
+    /// A token id is outside the model's vocabulary (logits width).
+    #[error("{what} id {id} is outside the model vocabulary (logits width {vocab})")]
+    IdOutOfVocab {
+        /// Which id (`mask_id`, `eos_id`, …).
+        what: &'static str,
+        /// The id.
+        id: i64,
+        /// The logits width returned by the denoiser.
+        vocab: usize,
+    },
+    /// The denoiser returned logits of an unexpected shape.
+    #[error("denoiser returned logits of shape {got:?}, expected [{batch}, {seq}, vocab]")]
+    LogitsShape {
+        /// The shape received.
+        got: Vec<usize>,
+        /// Expected batch size.
+        batch: usize,
+        /// Expected sequence length.
+        seq: usize,
+    },
+    /// An injected randomness / mask source returned the wrong number of values.
+    #[error("randomness source `{source_name}` returned {got} values, expected {expected}")]
+    RandomnessLength {
+        /// Which draw (`sample_codes`, `gumbel_noise`, `answer_masks`, …).
+        source_name: &'static str,
+        /// Number of values returned.
+        got: usize,
+        /// Number of values expected.
+        expected: usize,
+    },
+    /// An injected randomness source returned an invalid value (e.g. a code outside the
+    /// codebook, a uniform draw outside `[0, 1)`).
+    #[error("randomness source `{source_name}` returned an invalid value: {reason}")]
+    RandomnessValue {
+        /// Which draw.
+        source_name: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading a tensor back from the device failed.
+    #[error("reading tensor data from the device failed: {0}")]
+    Data(String),
+}
+
+impl SamplerError {
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        SamplerError::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,614 @@
+//! LLaDA semi-autoregressive block sampler (spec §4.1).
+//!
+//! Port of ML-GSAI/LLaDA `generate.py::generate` (commit `b7e6c35`), identical in logic to
+//! MMaDA `generate.py` and `MMadaModelLM.mmu_generate` (the latter computes the confidence
+//! softmax in float64: [`GenerateConfig::confidence_f64`]).
+//!
+//! The canvas `x` (`[batch, prompt_len + gen_length]`) lives on the host; each step sends it to
+//! the device, runs the denoiser on the **full** canvas (no KV cache, as upstream) and reads back
+//! only `[batch, window]` reductions (argmax ids and confidences) of the window of positions
+//! that can be unmasked in this step — the current block, extended to the left when earlier
+//! positions are still masked (a prompt that contains the mask id). Positions outside that window
+//! have confidence `-inf` upstream and can never be selected, so the results are identical.
+
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
+use mmada_model::{Attention, Denoiser};
+use serde::{Deserialize, Serialize};
+
+use crate::SamplerError;
+use crate::host;
+use crate::rng::UniformSource;
+use crate::schedule::get_num_transfer_tokens;
+
+/// How the positions to unmask at a step are ranked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Remasking {
+    /// Confidence = `softmax(logits)[x0]`; the most confident predictions are committed, the
+    /// low-confidence ones stay masked (upstream `'low_confidence'`).
+    #[default]
+    LowConfidence,
+    /// Confidence ~ `U(0, 1)` per position (upstream `'random'`).
+    Random,
+}
+
+fn default_128() -> usize {
+    128
+}
+
+/// Parameters of [`generate`]. Deserialisable from a recipe (unknown fields are rejected,
+/// omitted fields take the upstream defaults of `generate.py::generate`). All token ids are
+/// fields: nothing is hard-coded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// Total number of denoising steps over all blocks (default 128). Must be a multiple of the
+    /// number of blocks `gen_length / block_length`.
+    #[serde(default = "default_128")]
+    pub steps: usize,
+    /// Number of generated positions `G` appended to the prompt (default 128).
+    #[serde(default = "default_128")]
+    pub gen_length: usize,
+    /// Block length for semi-autoregressive decoding (default 128; `== gen_length` is pure
+    /// diffusion). Must divide `gen_length`.
+    #[serde(default = "default_128")]
+    pub block_length: usize,
+    /// Gumbel temperature (default 0 = greedy argmax). `> 0` samples from `softmax(logits/T)`
+    /// with the float64 Gumbel trick of upstream `add_gumbel_noise`.
+    #[serde(default)]
+    pub temperature: f64,
+    /// Classifier-free guidance scale (default 0 = off). Unconditional branch = the canvas with
+    /// every original prompt position replaced by `mask_id`; `logits = un + (cfg + 1)(cond − un)`.
+    #[serde(default)]
+    pub cfg_scale: f64,
+    /// Ranking of the positions to unmask (default `low_confidence`).
+    #[serde(default)]
+    pub remasking: Remasking,
+    /// The mask token id (`<|mdm_mask|>`, 126336 in the released checkpoints). Required.
+    pub mask_id: u32,
+    /// Set the logit of `eos_id` to `-inf` everywhere before sampling (upstream
+    /// `logits_eos_inf`, which hard-codes 126081). Requires `eos_id`.
+    #[serde(default)]
+    pub logits_eos_inf: bool,
+    /// Upstream `confidence_eos_eot_inf`, ported exactly: the chained assignment
+    /// `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf` only affects the confidence
+    /// softmax through `eot_id` (its probability becomes 0, so a predicted EOT gets confidence 0);
+    /// the EOS assignment to the already-used noisy logits has no effect. Requires `eot_id`.
+    #[serde(default)]
+    pub confidence_eos_eot_inf: bool,
+    /// End-of-sequence id (`<|endoftext|>`, 126081 upstream). Needed by `logits_eos_inf`.
+    #[serde(default)]
+    pub eos_id: Option<u32>,
+    /// End-of-turn id (`<|eot_id|>`, 126348 upstream). Needed by `confidence_eos_eot_inf`.
+    #[serde(default)]
+    pub eot_id: Option<u32>,
+    /// Compute the confidence softmax in float64 (MMaDA `mmu_generate`, `app.py`, dLLM-RL)
+    /// instead of the logits dtype (LLaDA `generate.py` since 2025-06; default `false`).
+    #[serde(default)]
+    pub confidence_f64: bool,
+}
+
+impl GenerateConfig {
+    /// The upstream defaults (`steps = gen_length = block_length = 128`, greedy, no CFG,
+    /// low-confidence remasking) with the given mask id.
+    pub fn new(mask_id: u32) -> Self {
+        GenerateConfig {
+            steps: 128,
+            gen_length: 128,
+            block_length: 128,
+            temperature: 0.0,
+            cfg_scale: 0.0,
+            remasking: Remasking::LowConfidence,
+            mask_id,
+            logits_eos_inf: false,
+            confidence_eos_eot_inf: false,
+            eos_id: None,
+            eot_id: None,
+            confidence_f64: false,
+        }
+    }
+
+    /// Checks the invariants upstream asserts (`gen_length % block_length == 0`,
+    /// `steps % num_blocks == 0`) and the ones it assumes. The error names the field.
+    pub fn validate(&self) -> Result<(), SamplerError> {
+        if self.gen_length == 0 {
+            return Err(SamplerError::config("gen_length", "must be > 0"));
+        }
+        if self.block_length == 0 {
+            return Err(SamplerError::config("block_length", "must be > 0"));
+        }
+        if !self.gen_length.is_multiple_of(self.block_length) {
+            return Err(SamplerError::config(
+                "gen_length",
+                format!(
+                    "gen_length {} is not divisible by block_length {}",
+                    self.gen_length, self.block_length
+                ),
+            ));
+        }
+        let nb = self.gen_length / self.block_length;
+        if self.steps == 0 {
+            return Err(SamplerError::config("steps", "must be > 0"));
+        }
+        if !self.steps.is_multiple_of(nb) {
+            return Err(SamplerError::config(
+                "steps",
+                format!(
+                    "steps {} is not divisible by the number of blocks {nb} (= gen_length {} / block_length {})",
+                    self.steps, self.gen_length, self.block_length
+                ),
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplerError::config(
+                "temperature",
+                format!("must be finite and >= 0, got {}", self.temperature),
+            ));
+        }
+        if !(self.cfg_scale.is_finite() && self.cfg_scale >= 0.0) {
+            return Err(SamplerError::config(
+                "cfg_scale",
+                format!("must be finite and >= 0, got {}", self.cfg_scale),
+            ));
+        }
+        if self.logits_eos_inf && self.eos_id.is_none() {
+            return Err(SamplerError::config(
+                "eos_id",
+                "logits_eos_inf = true needs eos_id",
+            ));
+        }
+        if self.confidence_eos_eot_inf && self.eot_id.is_none() {
+            return Err(SamplerError::config(
+                "eot_id",
+                "confidence_eos_eot_inf = true needs eot_id",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `gen_length / block_length`.
+    pub fn num_blocks(&self) -> usize {
+        self.gen_length / self.block_length.max(1)
+    }
+
+    /// `steps / num_blocks`: denoising steps per block.
+    pub fn steps_per_block(&self) -> usize {
+        self.steps / self.num_blocks().max(1)
+    }
+}
+
+/// Every intermediate state of a [`generate`] call, for step-by-step comparison with upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateTrace {
+    /// Batch size `B`.
+    pub batch: usize,
+    /// Canvas length `Lp + G`.
+    pub seq_len: usize,
+    /// `steps + 1` canvases, each `[B, Lp + G]` row-major: the canvas fed to the model at step
+    /// `s` (`s = 0..steps`), then the final output (the fixture's `x_per_step`).
+    pub canvases: Vec<Vec<i64>>,
+    /// `[B, Lp + G]` row-major: the global step (`0..steps`) at which each position was
+    /// unmasked, `-1` for positions never unmasked by the sampler (the prompt).
+    pub unmask_step: Vec<i64>,
+    /// `[steps][B]`: the number of tokens committed per row at each step.
+    pub transfers: Vec<Vec<usize>>,
+}
+
+/// Result of [`generate`].
+#[derive(Debug, Clone)]
+pub struct GenerateOutput<B: Backend> {
+    /// The full canvas `[B, Lp + G]` (prompt followed by the generated ids), as upstream returns
+    /// it; decode `ids[:, Lp..]`.
+    pub ids: Tensor<B, 2, Int>,
+    /// Number of function (denoiser) evaluations. With CFG each evaluation runs a `2B` batch.
+    pub nfe: usize,
+    /// Per-step trace when requested.
+    pub trace: Option<GenerateTrace>,
+}
+
+/// LLaDA `generate` (spec §4.1; upstream ML-GSAI/LLaDA `generate.py::generate`).
+///
+/// * `prompt`: `[B, Lp]` token ids (left-padded when rows differ in length).
+/// * `attention_mask`: optional `[B, Lp]`, `true` = real token. It is extended with `true` for
+///   the `G` generated positions and used as key padding ([`Attention::KeyPadding`], the fixed
+///   HF LLaDA semantics; spec §4.1 step 1). `None` = full attention.
+/// * `rng`: uniform draws for the Gumbel noise (`temperature > 0`, `[B, window, vocab]` f64 per
+///   step, only for the positions that can be unmasked) and for `random` remasking
+///   (`[B, window]`). Unused when greedy with `low_confidence`.
+/// * `record_trace`: also return every intermediate canvas ([`GenerateTrace`]).
+///
+/// The denoiser returns logits `[B', Lp + G, vocab]` (`B' = 2B` with CFG). Returns the final
+/// canvas `[B, Lp + G]`. Ties in the top-k selection go to the lower position (torch's order for
+/// ties is unspecified).
+pub fn generate<B, D>(
+    model: &D,
+    prompt: Tensor<B, 2, Int>,
+    attention_mask: Option<Tensor<B, 2, Bool>>,
+    config: &GenerateConfig,
+    rng: &mut dyn UniformSource,
+    record_trace: bool,
+) -> Result<GenerateOutput<B>, SamplerError>
+where
+    B: Backend,
+    D: Denoiser<B> + ?Sized,
+{
+    config.validate()?;
+    let [b, lp] = prompt.dims();
+    if b == 0 {
+        return Err(SamplerError::Shape {
+            input: "prompt",
+            got: vec![b, lp],
+            expected: "[batch >= 1, prompt_len]".into(),
+        });
+    }
+    let device = prompt.device();
+    let g = config.gen_length;
+    let l = lp + g;
+    let mask = i64::from(config.mask_id);
+
+    // x = [prompt | MASK × G]
+    let prompt_host = host::ints(prompt)?;
+    let mut x = vec![mask; b * l];
+    for r in 0..b {
+        x[r * l..r * l + lp].copy_from_slice(&prompt_host[r * lp..(r + 1) * lp]);
+    }
+    // prompt_index = (x != mask_id), computed once (upstream).
+    let prompt_index: Vec<bool> = x.iter().map(|&t| t != mask).collect();
+
+    let key_padding = match attention_mask {
+        None => None,
+        Some(m) => {
+            let dims = m.dims();
+            if dims != [b, lp] {
+                return Err(SamplerError::Shape {
+                    input: "attention_mask",
+                    got: dims.to_vec(),
+                    expected: format!("[{b}, {lp}] like the prompt"),
+                });
+            }
+            let mh = host::bools(m)?;
+            let mut ext = vec![true; b * l];
+            for r in 0..b {
+                ext[r * l..r * l + lp].copy_from_slice(&mh[r * lp..(r + 1) * lp]);
+            }
+            Some(ext)
+        }
+    };
+    let cfg_on = config.cfg_scale > 0.0;
+    let attention = match &key_padding {
+        None => Attention::Full,
+        Some(m) if cfg_on => {
+            let mut twice = m.clone();
+            twice.extend_from_slice(m);
+            Attention::KeyPadding(host::bool_tensor2(twice, [2 * b, l], &device))
+        }
+        Some(m) => Attention::KeyPadding(host::bool_tensor2(m.clone(), [b, l], &device)),
+    };
+
+    let num_blocks = config.num_blocks();
+    let spb = config.steps_per_block();
+    let bl = config.block_length;
+    let mut canvases = Vec::new();
+    let mut transfers = Vec::new();
+    let mut unmask_step = vec![-1i64; b * l];
+    let mut nfe = 0usize;
+    let mut global_step = 0i64;
+
+    for blk in 0..num_blocks {
+        let bs = lp + blk * bl;
+        let be = bs + bl;
+        // get_num_transfer_tokens on the block's masks at the start of the block: [B][S_b]
+        let per_row: Vec<Vec<usize>> = (0..b)
+            .map(|r| {
+                let n = x[r * l + bs..r * l + be]
+                    .iter()
+                    .filter(|&&t| t == mask)
+                    .count();
+                get_num_transfer_tokens(n, spb)
+            })
+            .collect();
+        for j in 0..spb {
+            // [B]: tokens to commit per row at this step
+            let counts: Vec<usize> = per_row.iter().map(|s| s[j]).collect();
+            if record_trace {
+                canvases.push(x.clone());
+            }
+            // Window: every masked position before the block end can be selected upstream.
+            let ws = (0..b)
+                .filter_map(|r| x[r * l..r * l + be].iter().position(|&t| t == mask))
+                .min()
+                .unwrap_or(bs)
+                .min(bs);
+            let w = be - ws;
+
+            let logits = denoise(
+                model,
+                &x,
+                b,
+                l,
+                ws,
+                w,
+                config.cfg_scale,
+                &prompt_index,
+                mask,
+                &attention,
+                &device,
+            )?;
+            nfe += 1;
+            let (x0, conf) = predict(logits, b, w, config, rng, &device)?;
+
+            let mut step_transfers = Vec::with_capacity(b);
+            for r in 0..b {
+                let k = counts[r];
+                // confidence = where(mask_index, x0_p, -inf)
+                let row_conf: Vec<f64> = (0..w)
+                    .map(|p| {
+                        if x[r * l + ws + p] == mask {
+                            conf[r * w + p]
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let mut n_done = 0;
+                for p in host::top_k(&row_conf, k) {
+                    let pos = r * l + ws + p;
+                    // x0 = where(mask_index, x0, x): selecting an unmasked position is a no-op.
+                    if x[pos] == mask {
+                        x[pos] = x0[r * w + p];
+                        unmask_step[pos] = global_step;
+                        n_done += 1;
+                    }
+                }
+                step_transfers.push(n_done);
+            }
+            transfers.push(step_transfers);
+            global_step += 1;
+        }
+    }
+    if record_trace {
+        canvases.push(x.clone());
+    }
+    Ok(GenerateOutput {
+        ids: host::int_tensor(&x, b, l, &device),
+        nfe,
+        trace: record_trace.then_some(GenerateTrace {
+            batch: b,
+            seq_len: l,
+            canvases,
+            unmask_step,
+            transfers,
+        }),
+    })
+}
+
+/// One denoiser call on the canvas (with CFG when `cfg_scale > 0`), returning the logits of the
+/// window `[ws, ws + w)`: `[B, w, vocab]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn denoise<B, D>(
+    model: &D,
+    x: &[i64],
+    b: usize,
+    l: usize,
+    ws: usize,
+    w: usize,
+    cfg_scale: f64,
+    prompt_index: &[bool],
+    mask: i64,
+    attention: &Attention<B>,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, SamplerError>
+where
+    B: Backend,
+    D: Denoiser<B> + ?Sized,
+{
+    if cfg_scale > 0.0 {
+        // un_x = x with prompt positions set to mask; one forward on [x; un_x]
+        let mut both = Vec::with_capacity(2 * b * l);
+        both.extend_from_slice(x);
+        both.extend(
+            x.iter()
+                .zip(prompt_index)
+                .map(|(&t, &p)| if p { mask } else { t }),
+        );
+        let logits = model.logits(host::int_tensor(&both, 2 * b, l, device), attention);
+        check_logits(&logits, 2 * b, l)?;
+        let logits = logits.narrow(1, ws, w);
+        let cond = logits.clone().narrow(0, 0, b);
+        let un = logits.narrow(0, b, b);
+        // un + (cfg + 1) * (cond - un)
+        Ok(un.clone() + (cond - un).mul_scalar(cfg_scale + 1.0))
+    } else {
+        let logits = model.logits(host::int_tensor(x, b, l, device), attention);
+        check_logits(&logits, b, l)?;
+        Ok(logits.narrow(1, ws, w))
+    }
+}
+
+pub(crate) fn check_logits<B: Backend>(
+    logits: &Tensor<B, 3>,
+    batch: usize,
+    seq: usize,
+) -> Result<(), SamplerError> {
+    let d = logits.dims();
+    if d[0] != batch || d[1] != seq || d[2] == 0 {
+        return Err(SamplerError::LogitsShape {
+            got: d.to_vec(),
+            batch,
+            seq,
+        });
+    }
+    Ok(())
+}
+
+fn check_id(what: &'static str, id: u32, vocab: usize) -> Result<usize, SamplerError> {
+    let i = id as usize;
+    if i >= vocab {
+        return Err(SamplerError::IdOutOfVocab {
+            what,
+            id: i64::from(id),
+            vocab,
+        });
+    }
+    Ok(i)
+}
+
+/// From window logits `[B, w, V]`: the predicted ids `x0` `[B, w]` and their confidence
+/// `[B, w]` (host, row-major).
+fn predict<B: Backend>(
+    logits: Tensor<B, 3>,
+    b: usize,
+    w: usize,
+    config: &GenerateConfig,
+    rng: &mut dyn UniformSource,
+    device: &B::Device,
+) -> Result<(Vec<i64>, Vec<f64>), SamplerError> {
+    let vocab = logits.dims()[2];
+    let mut logits = logits;
+    if config.logits_eos_inf {
+        let eos = check_id("eos_id", config.eos_id.unwrap_or_default(), vocab)?;
+        logits = logits.slice_fill([0..b, 0..w, eos..eos + 1], f32::NEG_INFINITY);
+    }
+    // add_gumbel_noise: exp(logits64) / (-log u)^T, then argmax
+    let x0 = if config.temperature == 0.0 {
+        logits.clone().argmax(2)
+    } else {
+        let u = rng.uniform_f64(b * w * vocab);
+        if u.len() != b * w * vocab {
+            return Err(SamplerError::RandomnessLength {
+                source_name: "gumbel uniform",
+                got: u.len(),
+                expected: b * w * vocab,
+            });
+        }
+        let u = Tensor::<B, 3>::from_data(TensorData::new(u, [b, w, vocab]), (device, DType::F64));
+        let gumbel = u.log().neg().powf_scalar(config.temperature);
+        (logits.clone().cast(FloatDType::F64).exp() / gumbel).argmax(2)
+    }; // [B, w, 1]
+    let conf = match config.remasking {
+        Remasking::LowConfidence => {
+            let mut clean = logits;
+            if config.confidence_eos_eot_inf {
+                let eot = check_id("eot_id", config.eot_id.unwrap_or_default(), vocab)?;
+                clean = clean.slice_fill([0..b, 0..w, eot..eot + 1], f32::NEG_INFINITY);
+            }
+            if config.confidence_f64 {
+                clean = clean.cast(FloatDType::F64);
+            }
+            let p = softmax(clean, 2).gather(2, x0.clone());
+            host::floats(p)?
+        }
+        Remasking::Random => {
+            let v = rng.uniform_f64(b * w);
+            if v.len() != b * w {
+                return Err(SamplerError::RandomnessLength {
+                    source_name: "random remasking",
+                    got: v.len(),
+                    expected: b * w,
+                });
+            }
+            v
+        }
+    };
+    Ok((host::ints(x0)?, conf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_the_field() {
+        let mut c = GenerateConfig::new(300);
+        c.validate().unwrap();
+        c.gen_length = 100;
+        c.block_length = 32;
+        match c.validate() {
+            Err(SamplerError::InvalidConfig { field, .. }) => assert_eq!(field, "gen_length"),
+            other => panic!("{other:?}"),
+        }
+        c.gen_length = 96; // 3 blocks
+        c.steps = 128;
+        match c.validate() {
+            Err(SamplerError::InvalidConfig { field, reason }) => {
+                assert_eq!(field, "steps");
+                assert!(reason.contains("3"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        c.steps = 96;
+        c.validate().unwrap();
+        assert_eq!(c.num_blocks(), 3);
+        assert_eq!(c.steps_per_block(), 32);
+        c.logits_eos_inf = true;
+        assert!(matches!(
+            c.validate(),
+            Err(SamplerError::InvalidConfig {
+                field: "eos_id",
+                ..
+            })
+        ));
+        c.eos_id = Some(5);
+        c.validate().unwrap();
+        c.confidence_eos_eot_inf = true;
+        assert!(matches!(
+            c.validate(),
+            Err(SamplerError::InvalidConfig {
+                field: "eot_id",
+                ..
+            })
+        ));
+        c.eot_id = Some(6);
+        c.validate().unwrap();
+        c.temperature = -1.0;
+        assert!(matches!(
+            c.validate(),
+            Err(SamplerError::InvalidConfig {
+                field: "temperature",
+                ..
+            })
+        ));
+        c.temperature = 0.5;
+        c.cfg_scale = f64::NAN;
+        assert!(matches!(
+            c.validate(),
+            Err(SamplerError::InvalidConfig {
+                field: "cfg_scale",
+                ..
+            })
+        ));
+        c.cfg_scale = 0.0;
+        c.block_length = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(SamplerError::InvalidConfig {
+                field: "block_length",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn config_from_recipe_json() {
+        let c: GenerateConfig = serde_json::from_str(
+            r#"{"steps": 64, "gen_length": 64, "block_length": 32, "remasking": "random", "mask_id": 126336}"#,
+        )
+        .unwrap();
+        assert_eq!(c.steps, 64);
+        assert_eq!(c.remasking, Remasking::Random);
+        assert_eq!(c.temperature, 0.0);
+        assert_eq!(c.mask_id, 126336);
+        assert_eq!(c.eos_id, None);
+        // defaults
+        let d: GenerateConfig = serde_json::from_str(r#"{"mask_id": 7}"#).unwrap();
+        assert_eq!(d, GenerateConfig::new(7));
+        // unknown field and missing mask_id are rejected
+        let e = serde_json::from_str::<GenerateConfig>(r#"{"mask_id": 7, "step": 3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step"), "{e}");
+        assert!(serde_json::from_str::<GenerateConfig>(r#"{"steps": 3}"#).is_err());
+    }
+}

@@ -1,0 +1,35 @@
+//! # mmada-sampler
+//!
+//! Samplers for LLaDA / MMaDA masked-diffusion models, generic over the burn backend and over
+//! the network through [`mmada_model::Denoiser`]. No file or network I/O; errors are typed
+//! ([`SamplerError`]) and nothing is printed.
+//!
+//! * [`generate`](mod@generate): LLaDA semi-autoregressive block sampler (spec §4.1; upstream
+//!   ML-GSAI/LLaDA `generate.py::generate`) with low-confidence / random remasking, f64 Gumbel
+//!   temperature, classifier-free guidance, key-padding attention and the EOS/EOT options.
+//! * [`maskgit`]: MMaDA text-to-image MaskGIT sampler (spec §4.3; upstream
+//!   `MMadaModelLM.t2i_generate`) with MUSE-style CFG and injectable randomness.
+//! * [`loglik`]: LLaDA Monte-Carlo conditional log-likelihood (spec §4.4; upstream
+//!   `get_log_likelihood.py`). Lives here until `mmada-diffusion` exists.
+//! * [`schedule`]: `get_num_transfer_tokens` and the MaskGIT mask-ratio schedules.
+//! * [`rng`]: randomness sources ([`UniformSource`], [`SeededRng`]).
+//!
+//! Tensor shapes are written `[batch, seq, vocab]`. Every sampler can return a per-step trace
+//! so tests compare each intermediate canvas with the upstream fixtures.
+
+pub mod error;
+pub mod generate;
+mod host;
+pub mod loglik;
+pub mod maskgit;
+#[cfg(test)]
+mod mock_tests;
+pub mod rng;
+pub mod schedule;
+
+pub use error::SamplerError;
+pub use generate::{GenerateConfig, GenerateOutput, GenerateTrace, Remasking, generate};
+pub use loglik::{LoglikConfig, LoglikOutput, MaskSource, StratifiedMasks, log_likelihood};
+pub use maskgit::{MaskGitRandomness, T2iConfig, T2iInputs, T2iOutput, T2iTrace, t2i_generate};
+pub use rng::{SeededRng, UniformSource};
+pub use schedule::{MaskSchedule, get_num_transfer_tokens};
