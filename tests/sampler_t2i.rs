@@ -131,6 +131,23 @@ fn run_case(case: &Path) -> String {
         Fixture::open(&case.join("tensors.safetensors")).shape("input_ids")[1],
         "{name}: layout"
     );
+    // the ids in meta agree with the token layout of the tiny vocabulary
+    let vocab = std::fs::read_to_string(fixture_root().join("tiny_vocab.json")).unwrap();
+    let layout = mmada_model::TokenLayout::from_tiny_vocab_json(&vocab).unwrap();
+    let from_layout = T2iConfig::from_layout(&layout, config.seq_len);
+    assert_eq!(
+        (
+            from_layout.mask_id,
+            from_layout.image_token_offset,
+            from_layout.codebook_size
+        ),
+        (
+            config.mask_id,
+            config.image_token_offset,
+            config.codebook_size
+        ),
+        "{name}: meta ids vs tiny_vocab.json"
+    );
     let model = model(&meta);
     let fx = Fixture::open(&case.join("tensors.safetensors"));
     let [b, _l] = [fx.shape("input_ids")[0], fx.shape("input_ids")[1]];

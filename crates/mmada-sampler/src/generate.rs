@@ -14,7 +14,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
-use mmada_model::{Attention, Denoiser};
+use mmada_model::{Attention, Denoiser, TokenLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::SamplerError;
@@ -107,6 +107,16 @@ impl GenerateConfig {
             eos_id: None,
             eot_id: None,
             confidence_f64: false,
+        }
+    }
+
+    /// Upstream defaults with the ids (`mask_id`, `eos_id`, `eot_id`) of a token layout, so the
+    /// EOS/EOT options can be switched on without looking ids up.
+    pub fn from_layout(layout: &TokenLayout) -> Self {
+        GenerateConfig {
+            eos_id: Some(layout.eos_id),
+            eot_id: Some(layout.eot_id),
+            ..Self::new(layout.mask_id)
         }
     }
 
@@ -604,6 +614,11 @@ mod tests {
         // defaults
         let d: GenerateConfig = serde_json::from_str(r#"{"mask_id": 7}"#).unwrap();
         assert_eq!(d, GenerateConfig::new(7));
+        let f = GenerateConfig::from_layout(&TokenLayout::llada());
+        assert_eq!(
+            (f.mask_id, f.eos_id, f.eot_id),
+            (126336, Some(126081), Some(126348))
+        );
         // unknown field and missing mask_id are rejected
         let e = serde_json::from_str::<GenerateConfig>(r#"{"mask_id": 7, "step": 3}"#)
             .unwrap_err()

@@ -13,7 +13,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use mmada_model::{Attention, Denoiser};
+use mmada_model::{Attention, Denoiser, TokenLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::SamplerError;
@@ -60,6 +60,21 @@ pub struct T2iConfig {
 }
 
 impl T2iConfig {
+    /// Upstream defaults (`timesteps` 18, temperature 1, no guidance, cosine) with the mask id,
+    /// image-code offset and codebook size of a token layout and `seq_len` image tokens.
+    pub fn from_layout(layout: &TokenLayout, seq_len: usize) -> Self {
+        T2iConfig {
+            timesteps: default_timesteps(),
+            guidance_scale: 0.0,
+            temperature: default_temperature(),
+            noise_schedule: MaskSchedule::Cosine,
+            seq_len,
+            codebook_size: layout.codebook_size as usize,
+            image_token_offset: layout.image_code_offset as usize,
+            mask_id: layout.mask_id,
+        }
+    }
+
     /// Checks the fields; the error names the field.
     pub fn validate(&self) -> Result<(), SamplerError> {
         if self.timesteps == 0 {
@@ -555,6 +570,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.temperature, 1.0);
         assert_eq!(c.noise_schedule, MaskSchedule::Cosine);
+        let mut l = T2iConfig::from_layout(&TokenLayout::mmada(), 1024);
+        l.timesteps = 15;
+        l.guidance_scale = 3.5;
+        assert_eq!(l, c);
         assert!(serde_json::from_str::<T2iConfig>(
             r#"{"seq_len": 4, "codebook_size": 8, "image_token_offset": 1, "mask_id": 0, "resolution": 512}"#
         )
