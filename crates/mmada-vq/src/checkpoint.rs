@@ -1,0 +1,389 @@
+//! Loading MAGVIT-v2 weights in the upstream format: one float32 safetensors file with the
+//! upstream `state_dict` names (`encoder.*`, `decoder.*`, and the buffers
+//! `quantize.embedding` `[2^D, D]` f32 and `quantize.power_vals` `[D]` int64).
+//!
+//! * The HF repository `showlab/magvitv2` stores it as `pytorch_model.safetensors` (Show-o
+//!   `models/modeling_utils.py`: `SAFETENSORS_WEIGHTS_NAME`), next to a `config.json` without
+//!   architecture fields; the tiny test checkpoint uses `model.safetensors` and a `config.json`
+//!   with `encoder` / `decoder` / `quantizer` sections ([`MagvitConfig::from_json`]).
+//! * Strict like upstream `from_pretrained`: every tensor of the architecture must be present
+//!   with its exact shape and dtype, no other tensor may be present, and the two buffers must
+//!   hold the values the quantizer implies. Errors name the file and the tensor.
+//! * Memory: the header is parsed here; each tensor is read with one positional read into a
+//!   buffer of its own size and handed to the backend, so peak memory is the model plus one
+//!   tensor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde_json::Value;
+
+use crate::config::MagvitConfig;
+use crate::error::{VqError, io_err};
+use crate::lfq::Lfq;
+use crate::model::MagvitV2;
+use crate::params::{Init, ParamSource};
+
+/// Weights file name in the HF repository `showlab/magvitv2`.
+pub const HF_WEIGHTS_FILE: &str = "pytorch_model.safetensors";
+/// Alternative weights file name (the tiny test checkpoint).
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The HF repository of the released tokenizer.
+pub const HF_REPO: &str = "showlab/magvitv2";
+/// Name of the LFQ codebook buffer.
+pub const EMBEDDING_BUFFER: &str = "quantize.embedding";
+/// Name of the LFQ bit-weight buffer.
+pub const POWER_VALS_BUFFER: &str = "quantize.power_vals";
+
+/// One tensor's header entry, with absolute file offsets.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// The header dtype string (`"F32"`, `"I64"`, …).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Absolute start offset of the data.
+    pub start: u64,
+    /// Absolute end offset (exclusive).
+    pub end: u64,
+}
+
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// A safetensors file whose header has been read and validated; data is read on demand.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    file: File,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, TensorEntry>,
+}
+
+const MAX_HEADER: u64 = 100_000_000;
+
+impl SafetensorsFile {
+    /// Open `path` and validate its header against the file length.
+    ///
+    /// # Errors
+    /// [`VqError::Io`], [`VqError::NotSafetensors`], [`VqError::Truncated`].
+    pub fn open(path: &Path) -> Result<Self, VqError> {
+        let bad = |reason: String| VqError::NotSafetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let file_len = file.metadata().map_err(io_err(path))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|_| {
+            bad(format!(
+                "file is {file_len} bytes, shorter than the 8-byte header length"
+            ))
+        })?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER || 8 + n > file_len {
+            return Err(bad(format!(
+                "header length {n} is implausible for a file of {file_len} bytes"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io_err(path))?;
+        let header: Value =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let Value::Object(map) = header else {
+            return Err(bad("header is not a JSON object".into()));
+        };
+        let data_start = 8 + n;
+        let mut tensors = BTreeMap::new();
+        for (name, v) in map {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = v["dtype"]
+                .as_str()
+                .ok_or_else(|| bad(format!("tensor `{name}` has no dtype")))?;
+            let shape: Vec<usize> = v["shape"]
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+                .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
+            let offs: Vec<u64> = v["data_offsets"]
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_u64).collect())
+                .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
+                .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
+            if let Some(size) = dtype_size(dtype) {
+                let want = shape.iter().product::<usize>() as u64 * size as u64;
+                if offs[1] - offs[0] != want {
+                    return Err(bad(format!(
+                        "tensor `{name}`: {dtype} {shape:?} needs {want} bytes but data_offsets span {}",
+                        offs[1] - offs[0]
+                    )));
+                }
+            }
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype: dtype.to_string(),
+                    shape,
+                    start: data_start + offs[0],
+                    end: data_start + offs[1],
+                },
+            );
+        }
+        if let Some((name, e)) = tensors
+            .iter()
+            .filter(|(_, e)| e.end > file_len)
+            .min_by_key(|(_, e)| e.end)
+        {
+            return Err(VqError::Truncated {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                needed: e.end,
+                file_len,
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            tensors,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The raw little-endian bytes of tensor `name` (which must be in [`Self::tensors`]).
+    ///
+    /// # Errors
+    /// [`VqError::Io`].
+    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>, VqError> {
+        let e = &self.tensors[name];
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
+        self.file
+            .read_exact_at(&mut bytes, e.start)
+            .map_err(io_err(&self.path))?;
+        Ok(bytes)
+    }
+
+    /// Look up `name`, checking its shape and that its dtype is one of `dtypes`.
+    ///
+    /// # Errors
+    /// [`VqError::MissingTensor`], [`VqError::ShapeMismatch`], [`VqError::UnsupportedDtype`].
+    fn entry(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtypes: &'static str,
+    ) -> Result<&TensorEntry, VqError> {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| VqError::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+            })?;
+        if e.shape != shape {
+            return Err(VqError::ShapeMismatch {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        if !dtypes.split(" or ").any(|d| d == e.dtype) {
+            return Err(VqError::UnsupportedDtype {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                dtype: e.dtype.clone(),
+                expected: dtypes,
+            });
+        }
+        Ok(e)
+    }
+}
+
+/// A [`ParamSource`] reading from one safetensors file; remembers which tensors were used.
+#[derive(Debug)]
+pub struct FileSource<'a, B: Backend> {
+    file: &'a SafetensorsFile,
+    device: B::Device,
+    used: BTreeSet<String>,
+}
+
+impl<'a, B: Backend> FileSource<'a, B> {
+    /// Read parameters from `file` onto `device`.
+    pub fn new(file: &'a SafetensorsFile, device: &B::Device) -> Self {
+        Self {
+            file,
+            device: device.clone(),
+            used: BTreeSet::new(),
+        }
+    }
+
+    /// Names read so far.
+    pub fn used(&self) -> &BTreeSet<String> {
+        &self.used
+    }
+}
+
+impl<B: Backend> ParamSource<B> for FileSource<'_, B> {
+    fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        _init: Init,
+    ) -> Result<Tensor<B, D>, VqError> {
+        self.file.entry(name, &shape, "F32")?;
+        let bytes = self.file.read_bytes(name)?;
+        self.used.insert(name.to_string());
+        let data = TensorData::from_bytes_vec(bytes, shape.to_vec(), burn::tensor::DType::F32);
+        Ok(Tensor::from_data(data, &self.device))
+    }
+}
+
+/// Check the quantizer buffers of `file` against `lfq` (present, shape, dtype, values).
+fn check_buffers(file: &SafetensorsFile, lfq: &Lfq) -> Result<(), VqError> {
+    let d = lfq.codebook_dim;
+    let n = lfq.codebook_size();
+    let mismatch =
+        |tensor: &str, index: usize, found: f64, expected: f64| VqError::BufferMismatch {
+            path: file.path.clone(),
+            tensor: tensor.to_string(),
+            index,
+            found,
+            expected,
+        };
+    let e = file.entry(EMBEDDING_BUFFER, &[n, d], "F32")?;
+    debug_assert_eq!(e.dtype, "F32");
+    let bytes = file.read_bytes(EMBEDDING_BUFFER)?;
+    for (i, (c, want)) in bytes.chunks_exact(4).zip(lfq.embedding()).enumerate() {
+        let got = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        if got != want {
+            return Err(mismatch(EMBEDDING_BUFFER, i, got as f64, want as f64));
+        }
+    }
+    let e = file.entry(POWER_VALS_BUFFER, &[d], "I64 or I32")?;
+    let bytes = file.read_bytes(POWER_VALS_BUFFER)?;
+    let got: Vec<i64> = if e.dtype == "I64" {
+        bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+            .collect()
+    };
+    for (i, (g, w)) in got.iter().zip(lfq.power_vals()).enumerate() {
+        if *g != w {
+            return Err(mismatch(POWER_VALS_BUFFER, i, *g as f64, w as f64));
+        }
+    }
+    Ok(())
+}
+
+/// Load the weights file `path` (float32 safetensors, upstream names) into the architecture
+/// `cfg` on `device`.
+///
+/// # Errors
+/// [`VqError::InvalidConfig`], the errors of [`SafetensorsFile::open`],
+/// [`VqError::MissingTensor`] / [`VqError::ShapeMismatch`] / [`VqError::UnsupportedDtype`]
+/// naming the first offending tensor, [`VqError::BufferMismatch`],
+/// [`VqError::UnexpectedTensors`].
+pub fn load_weights<B: Backend>(
+    path: &Path,
+    cfg: &MagvitConfig,
+    device: &B::Device,
+) -> Result<MagvitV2<B>, VqError> {
+    cfg.validate()?;
+    let file = SafetensorsFile::open(path)?;
+    let mut src = FileSource::<B>::new(&file, device);
+    let model = MagvitV2::from_source(cfg, &mut src)?;
+    check_buffers(&file, &model.quantize)?;
+    let mut used = src.used;
+    used.insert(EMBEDDING_BUFFER.to_string());
+    used.insert(POWER_VALS_BUFFER.to_string());
+    let unexpected: Vec<String> = file
+        .tensors
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .cloned()
+        .collect();
+    if !unexpected.is_empty() {
+        return Err(VqError::UnexpectedTensors {
+            path: path.to_path_buf(),
+            tensors: unexpected,
+        });
+    }
+    Ok(model)
+}
+
+/// The weights file of a checkpoint folder: `pytorch_model.safetensors` (HF
+/// `showlab/magvitv2`) or else `model.safetensors`.
+///
+/// # Errors
+/// [`VqError::NoWeights`].
+pub fn weights_file(dir: &Path) -> Result<PathBuf, VqError> {
+    [HF_WEIGHTS_FILE, WEIGHTS_FILE]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| VqError::NoWeights {
+            dir: dir.to_path_buf(),
+        })
+}
+
+/// Load a checkpoint folder: architecture from `config.json` ([`MagvitConfig::from_dir`]:
+/// the real one when the file has no architecture, as the HF repository), weights from
+/// [`weights_file`].
+///
+/// # Errors
+/// As [`MagvitConfig::from_dir`], [`weights_file`] and [`load_weights`].
+pub fn load_dir<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(MagvitConfig, MagvitV2<B>), VqError> {
+    let cfg = MagvitConfig::from_dir(dir)?;
+    let model = load_weights(&weights_file(dir)?, &cfg, device)?;
+    Ok((cfg, model))
+}
+
+/// Download (or find in the Hugging Face cache) `config.json` and
+/// `pytorch_model.safetensors` of `repo` (normally [`HF_REPO`]) and return the folder
+/// holding both, for [`load_dir`].
+///
+/// # Errors
+/// [`VqError::Hub`].
+#[cfg(feature = "hub")]
+pub fn download(repo: &str) -> Result<PathBuf, VqError> {
+    let hub = |file: &str, e: String| VqError::Hub {
+        repo: repo.to_string(),
+        file: file.to_string(),
+        reason: e,
+    };
+    let api = hf_hub::api::sync::Api::new().map_err(|e| hub("", e.to_string()))?;
+    let model = api.model(repo.to_string());
+    model
+        .get("config.json")
+        .map_err(|e| hub("config.json", e.to_string()))?;
+    let weights = model
+        .get(HF_WEIGHTS_FILE)
+        .map_err(|e| hub(HF_WEIGHTS_FILE, e.to_string()))?;
+    Ok(weights.parent().map(Path::to_path_buf).unwrap_or_default())
+}
