@@ -1,8 +1,22 @@
 //! # mmada-train
 //!
-//! Training of LLaDA / MMaDA masked-diffusion models. This release provides model creation
-//! ([`init_checkpoint`]); SFT, UniGRPO, run checkpoints and data parallelism land here next
-//! (see `crates/README.md`).
+//! Training of LLaDA / MMaDA masked-diffusion models.
+//!
+//! * [`recipe`]: typed YAML recipes with `--set` overrides.
+//! * [`data`]: manifests → samples → seeded mixtures → noised `[t2i | lm | mmu]` batches.
+//! * [`optim`]: AdamW (PyTorch semantics), global-norm clipping, accumulation, named state.
+//! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
+//! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
+//! * [`sft`]: the SFT loop ([`sft::run_sft`]).
+//! * [`init_checkpoint`]: a freshly initialised model as a Hugging Face checkpoint.
+
+pub mod data;
+pub mod optim;
+pub mod recipe;
+pub mod run_dir;
+pub mod schedule;
+pub mod sft;
+pub mod synth;
 
 use std::path::Path;
 

@@ -1,11 +1,17 @@
 //! `mmada-train`: train LLaDA / MMaDA masked-diffusion models.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use mmada_model::ModelConfig;
+use mmada_model::backend::DeviceSpec;
 use mmada_model::checkpoint::{DiskDtype, SaveOptions};
+use mmada_train::recipe::SftRecipe;
+use mmada_train::sft::{Resume, SftOptions, StepReport, run_sft};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -13,7 +19,6 @@ use mmada_model::checkpoint::{DiskDtype, SaveOptions};
     version,
     about = "Train masked-diffusion multimodal language models (LLaDA / MMaDA)",
     after_help = "Planned subcommands (not in this release yet):\n  \
-        sft       masked-diffusion SFT / mixed long-CoT fine-tuning: mmada-train sft --recipe recipes/mixed_cot.yaml\n  \
         unigrpo   UniGRPO policy-gradient RL with pluggable rewards: mmada-train unigrpo --recipe recipes/unigrpo_gsm8k.yaml\n  \
         data      inspect dataset manifests and check a recipe's data: mmada-train data inspect --manifest data_manifests/gsm8k.yaml"
 )]
@@ -24,6 +29,35 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Masked-diffusion SFT / mixed long-CoT fine-tuning from a recipe
+    /// (e.g. recipes/quickstart.yaml, recipes/mixed_cot.yaml).
+    Sft {
+        /// Recipe YAML.
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Override a recipe key: --set optimizer.lr=1e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Print the resolved recipe and exit.
+        #[arg(long)]
+        print_config: bool,
+        /// Resume: `latest` (the run directory's newest checkpoint) or a checkpoint directory.
+        #[arg(long)]
+        resume: Option<String>,
+    },
+    /// Write the quickstart's generated data: arithmetic Q&A (jsonl) and a character-level
+    /// tokenizer.json.
+    Synth {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of examples.
+        #[arg(long, default_value_t = 4000)]
+        n: usize,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Print the Hugging Face config.json of a model preset (tiny, llada_8b, mmada_8b).
     Config {
         /// Model preset.
@@ -62,8 +96,120 @@ fn parse_disk_dtype(s: &str) -> Result<DiskDtype> {
         "bf16" | "bfloat16" => Ok(DiskDtype::BF16),
         "f16" | "fp16" | "float16" => Ok(DiskDtype::F16),
         "f32" | "fp32" | "float32" => Ok(DiskDtype::F32),
-        other => anyhow::bail!("--dtype {other}: expected bf16, f16 or f32"),
+        other => bail!("--dtype {other}: expected bf16, f16 or f32"),
     }
+}
+
+fn fmt_opt(x: Option<f32>) -> String {
+    x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
+}
+
+fn sft(
+    recipe_path: PathBuf,
+    overrides: Vec<String>,
+    print_config: bool,
+    resume: Option<String>,
+) -> Result<()> {
+    let recipe = SftRecipe::load(&recipe_path, &overrides)?;
+    if print_config {
+        print!("{}", recipe.to_yaml());
+        return Ok(());
+    }
+    let device: DeviceSpec = recipe.train.device.parse()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        })
+        .context("installing the SIGINT/SIGTERM handler")?;
+    }
+    let opts = SftOptions {
+        resume: resume.map(|r| {
+            if r == "latest" {
+                Resume::Latest
+            } else {
+                Resume::Path(r.into())
+            }
+        }),
+        stop: Some(stop.clone()),
+        stop_after: None,
+        base_dir: std::env::current_dir()?,
+    };
+    let bar = ProgressBar::new(recipe.train.max_steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("template"),
+    );
+    let mut last_msg = std::time::Instant::now();
+    let mut on_step = |r: &StepReport| {
+        bar.set_position(r.step);
+        let msg = format!(
+            "loss {:.3} (lm {} mmu {} t2i {}) lr {:.2e} |g| {:.2} {:.0} tok/s{}",
+            r.loss,
+            fmt_opt(r.loss_lm),
+            fmt_opt(r.loss_mmu),
+            fmt_opt(r.loss_t2i),
+            r.lr,
+            r.grad_norm,
+            r.tokens_per_sec,
+            r.eval_loss
+                .map(|e| format!(" eval {e:.3}"))
+                .unwrap_or_default()
+        );
+        bar.set_message(msg.clone());
+        if r.eval_loss.is_some() || last_msg.elapsed().as_secs() >= 30 || r.step == r.max_steps {
+            bar.suspend(|| tracing::info!(step = r.step, "{msg}"));
+            last_msg = std::time::Instant::now();
+        }
+    };
+    tracing::info!(recipe = %recipe_path.display(), device = %device, "starting SFT run `{}`", recipe.run.name);
+    let outcome = match device {
+        DeviceSpec::Cpu => run_sft::<mmada_model::backend::CpuAutodiff>(
+            &recipe,
+            &Default::default(),
+            &opts,
+            &mut on_step,
+        )?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(ref ids) => {
+            if ids.len() > 1 {
+                bail!(
+                    "train.device {device}: data parallelism over several GPUs is not implemented yet; use one device"
+                );
+            }
+            let dev = device.cuda_devices().remove(0);
+            run_sft::<mmada_model::backend::CudaAutodiff>(&recipe, &dev, &opts, &mut on_step)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => bail!(
+            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+        ),
+    };
+    bar.finish();
+    let first = outcome.losses.first().copied().unwrap_or(f32::NAN);
+    let last = outcome.losses.last().copied().unwrap_or(f32::NAN);
+    tracing::info!(
+        steps = outcome.final_step,
+        "{} run `{}`: loss {first:.3} → {last:.3}; run directory {}; last checkpoint {}",
+        if outcome.interrupted {
+            "stopped"
+        } else {
+            "finished"
+        },
+        recipe.run.name,
+        outcome.run_dir.display(),
+        outcome
+            .last_checkpoint
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -76,6 +222,17 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Sft {
+            recipe,
+            overrides,
+            print_config,
+            resume,
+        } => sft(recipe, overrides, print_config, resume)?,
+        Command::Synth { out, n, seed } => {
+            mmada_train::synth::write_arithmetic(&out, n, seed)
+                .with_context(|| format!("writing {}", out.display()))?;
+            tracing::info!(out = %out.display(), examples = n, "wrote arith.jsonl and tokenizer.json");
+        }
         Command::Config { preset } => {
             let cfg = ModelConfig::preset(&preset)?;
             println!("{}", serde_json::to_string_pretty(&cfg.to_hf_json())?);
@@ -93,13 +250,6 @@ fn main() -> Result<()> {
                 Some(p) => ModelConfig::from_file(p)?,
                 None => ModelConfig::preset(&preset)?,
             };
-            if cfg.num_params() > 2_000_000_000 {
-                tracing::warn!(
-                    params = cfg.num_params(),
-                    "initialising a large model on the CPU needs about {} GB of memory",
-                    cfg.num_params() * 4 / 1_000_000_000
-                );
-            }
             let opts = SaveOptions {
                 dtype: parse_disk_dtype(&dtype)?,
                 max_shard_bytes: shard_mb.map(|m| m * 1_000_000),
