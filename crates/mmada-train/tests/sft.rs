@@ -1,0 +1,292 @@
+//! SFT trainer invariances (accumulation, exact resume, crash during checkpoint) and a short
+//! run on real rows from `../shared/data`.
+
+use std::path::{Path, PathBuf};
+
+use mmada_model::backend::{Cpu, CpuAutodiff};
+use mmada_model::{FloatDType, load_checkpoint};
+use mmada_train::recipe::SftRecipe;
+use mmada_train::sft::{Resume, SftOptions, SftOutcome, run_sft};
+
+fn arith_recipe(dir: &Path, name: &str, extra: &str) -> SftRecipe {
+    let data = dir.join("data");
+    if !data.join("arith.jsonl").is_file() {
+        mmada_train::synth::write_arithmetic(&data, 200, 7).unwrap();
+    }
+    let text = format!(
+        r#"
+run: {{name: {name}, output_dir: "{out}", seed: 3}}
+model:
+  preset: tiny
+  overrides: {{d_model: 32, n_layers: 2, n_heads: 2, n_kv_heads: 2, mlp_hidden_size: 64}}
+tokenizer: {{path: "{tok}"}}
+data:
+  layout: {{max_seq_length: 32, max_lm_len: 40}}
+  lm:
+    batch_size: 4
+    sources:
+      - inline:
+          name: arithmetic
+          task: chat
+          source: {{path: "{jsonl}"}}
+          format: jsonl
+          fields: {{question: question, answer: answer}}
+          license: MIT
+          split: train
+optimizer: {{lr: 1.0e-3}}
+schedule: {{kind: cosine, warmup_steps: 2, min_lr_scale: 0.1}}
+train: {{max_steps: 6}}
+checkpoint: {{every: 0, keep_last: 2}}
+{extra}
+"#,
+        out = dir.join("runs").display(),
+        tok = data.join("tokenizer.json").display(),
+        jsonl = data.join("arith.jsonl").display(),
+    );
+    // `extra` may repeat a top-level section: later keys win through --set style overrides
+    SftRecipe::parse(&text, name, &[]).unwrap()
+}
+
+fn with(recipe: &SftRecipe, sets: &[&str]) -> SftRecipe {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    SftRecipe::parse(&recipe.to_yaml(), "recipe", &sets).unwrap()
+}
+
+fn run(recipe: &SftRecipe, resume: Option<Resume>, stop_after: Option<u64>) -> SftOutcome {
+    let opts = SftOptions {
+        resume,
+        stop: None,
+        stop_after,
+        base_dir: PathBuf::from("/"),
+    };
+    run_sft::<CpuAutodiff>(recipe, &Default::default(), &opts, &mut |_| {}).unwrap()
+}
+
+fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
+    let (_, m) =
+        load_checkpoint::<Cpu>(&ckpt.join("model"), &Default::default(), FloatDType::F32).unwrap();
+    m.named_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_data().to_vec::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn gradient_accumulation_equals_the_big_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = arith_recipe(tmp.path(), "big", "");
+    let big = run(&with(&base, &["train.max_steps=2"]), None, None);
+    let acc = run(
+        &with(
+            &base,
+            &["train.max_steps=2", "train.grad_accum=2", "run.name=acc"],
+        ),
+        None,
+        None,
+    );
+    assert_eq!(big.losses.len(), 2);
+    for (a, b) in big.losses.iter().zip(&acc.losses) {
+        assert!(
+            ((a - b) / a).abs() < 1e-5,
+            "step loss {a} (1×4) vs {b} (2×2)"
+        );
+    }
+    let (wa, wb) = (
+        weights(big.last_checkpoint.as_ref().unwrap()),
+        weights(acc.last_checkpoint.as_ref().unwrap()),
+    );
+    let mut worst = 0f32;
+    for ((n, a), (_, b)) in wa.iter().zip(&wb) {
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+        }
+        assert!(!a.is_empty(), "{n}");
+    }
+    println!("accumulation: max |Δw| after 2 steps = {worst:e}");
+    assert!(worst < 1e-6, "weights differ by {worst}");
+    // and the update did something
+    let init = run(
+        &with(
+            &base,
+            &["train.max_steps=1", "optimizer.lr=1e-12", "run.name=still"],
+        ),
+        None,
+        None,
+    );
+    let w0 = weights(init.last_checkpoint.as_ref().unwrap());
+    let moved = w0
+        .iter()
+        .zip(&wa)
+        .any(|((_, a), (_, b))| a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-4));
+    assert!(moved, "training did not change the weights");
+}
+
+#[test]
+fn resume_is_bit_identical_and_survives_a_crash_mid_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = arith_recipe(tmp.path(), "straight", "");
+    let straight = run(&base, None, None);
+    assert_eq!(straight.losses.len(), 6);
+
+    let split = with(&base, &["run.name=split"]);
+    let first = run(&split, None, Some(3));
+    assert_eq!(first.final_step, 3);
+    let ck3 = first.last_checkpoint.clone().unwrap();
+    assert!(ck3.ends_with("step-000003"));
+
+    // Starting fresh in a directory with checkpoints is refused (nothing is overwritten).
+    let opts = SftOptions {
+        resume: None,
+        stop: None,
+        stop_after: None,
+        base_dir: PathBuf::from("/"),
+    };
+    let err = run_sft::<CpuAutodiff>(&split, &Default::default(), &opts, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already holds checkpoints") && err.contains("--resume latest"),
+        "{err}"
+    );
+
+    // A crash while writing the next checkpoint leaves a partial temporary directory; the
+    // previous checkpoint stays the one `latest` names, and it loads.
+    let ckdir = ck3.parent().unwrap();
+    let partial = ckdir.join(".step-000004.tmp-99999/model");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(
+        partial.join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":",
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(ckdir.join("latest"))
+            .unwrap()
+            .trim(),
+        "step-000003"
+    );
+
+    let second = run(&split, Some(Resume::Latest), None);
+    assert_eq!(second.final_step, 6);
+    assert_eq!(
+        second.losses, straight.losses,
+        "resumed loss trajectory differs"
+    );
+    let (a, b) = (
+        weights(straight.last_checkpoint.as_ref().unwrap()),
+        weights(second.last_checkpoint.as_ref().unwrap()),
+    );
+    assert!(a == b, "final weights differ after resume");
+    // keep_last: 2
+    let mut names: Vec<String> = std::fs::read_dir(ckdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        names.contains(&"step-000006".to_string()) && names.contains(&"step-000003".to_string()),
+        "{names:?}"
+    );
+}
+
+fn shared_data() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if p.is_dir() {
+        return Some(p);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but {} is missing", p.display());
+    }
+    eprintln!("skipping: {} not found", p.display());
+    None
+}
+
+#[test]
+fn sft_on_real_rows_lowers_the_loss_and_saves_a_loadable_checkpoint() {
+    let Some(data) = shared_data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#####"
+run: {{name: real, output_dir: "{out}", seed: 1}}
+model:
+  preset: tiny
+  overrides: {{d_model: 64, n_layers: 2, n_heads: 4, n_kv_heads: 4, mlp_hidden_size: 128}}
+tokenizer: {{path: "{data}/tokenizers/gpt2/tokenizer.json"}}
+data:
+  data_root: "{data}"
+  filter_overlong: false
+  layout: {{max_seq_length: 64, max_lm_len: 96}}
+  eval_examples: 4
+  lm:
+    batch_size: 4
+    sources:
+      - inline:
+          name: gsm8k
+          task: cot
+          source: {{path: math/gsm8k_test.jsonl}}
+          format: jsonl
+          fields: {{question: question, answer: answer, answer_marker: "####"}}
+          license: MIT
+          split: test
+        max_examples: 64
+        weight: 2.0
+      - inline:
+          name: skyt1_longcot
+          task: cot
+          source: {{path: longcot/skyt1_math500_longcot.jsonl}}
+          format: jsonl
+          fields: {{question: question, reasoning: gt_cot, answer: answer}}
+          license: Apache-2.0
+          split: train
+        max_examples: 16
+      - inline:
+          name: llava_conversation
+          task: chat
+          source: {{path: llava/llava_conversations_with_images.json}}
+          format: json
+          fields: {{conversations: conversations}}
+          license: Apache-2.0
+          split: train
+          image_check: none
+        max_examples: 1
+optimizer: {{lr: 2.0e-3}}
+schedule: {{kind: constant, warmup_steps: 0}}
+train: {{max_steps: 24, eval_every: 12}}
+checkpoint: {{every: 12, keep_last: 1}}
+"#####,
+        out = tmp.path().display(),
+        data = data.display()
+    );
+    let recipe = SftRecipe::parse(&text, "real.yaml", &[]).unwrap();
+    let out = run(&recipe, None, None);
+    assert_eq!(out.losses.len(), 24);
+    let head: f32 = out.losses[..4].iter().sum::<f32>() / 4.0;
+    let tail: f32 = out.losses[20..].iter().sum::<f32>() / 4.0;
+    println!(
+        "real rows: mean loss of steps 1-4 {head:.3}, of steps 21-24 {tail:.3}; eval {:?}",
+        out.eval_losses
+    );
+    assert!(tail < 0.8 * head, "loss did not fall: {head} -> {tail}");
+    assert_eq!(out.eval_losses.len(), 2);
+    let ck = out.last_checkpoint.unwrap();
+    let (cfg, model) =
+        load_checkpoint::<Cpu>(&ck.join("model"), &Default::default(), FloatDType::F32).unwrap();
+    assert_eq!(cfg.embedding_size, model.wte.weight.val().dims()[0]);
+    assert!(
+        ck.join("model/tokenizer.json").is_file() && ck.join("optimizer.safetensors").is_file()
+    );
+    // metrics.jsonl has the upstream names
+    let metrics = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    for k in [
+        "step",
+        "step_loss_lm",
+        "lr",
+        "avg_masking_rate",
+        "grad_norm",
+        "samples/sec/gpu",
+        "eval_loss",
+    ] {
+        assert!(last.get(k).is_some(), "metrics row lacks `{k}`: {last}");
+    }
+}
