@@ -168,6 +168,9 @@ impl Lfq {
 
     /// `get_codebook_entry(codes, shape=(h, w))`: codes `[B, h·w]` → `z_q` `[B, D, h, w]`.
     ///
+    /// The codes are read to the host once (to validate their range and expand the bits), a
+    /// device sync of `B·h·w` integers.
+    ///
     /// # Errors
     /// [`VqError::BadInput`] when `h·w` differs from the number of codes per row,
     /// [`VqError::CodeOutOfRange`] for a code outside `[0, 2^D)`.
