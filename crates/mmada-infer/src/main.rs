@@ -1,23 +1,43 @@
 //! `mmada-infer`: inspect, run and evaluate LLaDA / MMaDA checkpoints.
+//!
+//! * `inspect`: config, tensor groups and verification of a checkpoint ([`inspect`]).
+//! * `generate`: chat-templated text generation with the LLaDA block sampler.
+//! * `eval`: GSM8K / MATH-500 accuracy with the answer extraction of `mmada-rewards`.
+//! * `loglik`: Monte-Carlo log-likelihood of an answer given a prompt.
+//!
+//! Options can also come from a YAML file (`--config`, [`options::FileConfig`]).
 
-use std::collections::BTreeMap;
+mod engine;
+mod eval;
+mod inspect;
+mod options;
+
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail, ensure};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
-use mmada_model::ModelConfig;
-use mmada_model::checkpoint::{CheckpointFiles, HF_PREFIX, expected_tensors};
+use mmada_model::backend::DeviceSpec;
+use mmada_sampler::{LoglikConfig, SeededRng, StratifiedMasks};
+
+use crate::engine::Engine;
+use crate::options::{
+    EvalArgs, FileConfig, GenerateArgs, LoglikArgs, ModelArgs, SamplingArgs, TemplateArg,
+    require_checkpoint,
+};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "mmada-infer",
     version,
     about = "Inspect, run and evaluate LLaDA / MMaDA masked-diffusion checkpoints",
-    after_help = "Planned subcommands (not in this release yet):\n  \
-        generate  sample text (block low-confidence remasking, CFG) or images (MaskGIT) from a checkpoint\n  \
-        eval      evaluate a checkpoint on a benchmark (GSM8K, MATH-500, …) with answer extraction\n  \
-        loglik    Monte-Carlo conditional log-likelihood of answers given prompts"
+    after_help = "Every option of generate / eval / loglik can also be set in a YAML file \
+        (--config FILE.yaml) with sections model, sampling, generate, eval, loglik; the command \
+        line overrides the file. Set RUST_LOG=debug for more detail."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,178 +57,255 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text for one or more prompts (chat template of the checkpoint, LLaDA block
+    /// sampler). Prints the decoded answers; NFE and tokens/s are logged.
+    Generate {
+        /// YAML config file (sections model, sampling, generate).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten, next_help_heading = "Sampling")]
+        sampling: SamplingArgs,
+        #[command(flatten, next_help_heading = "Prompts and output")]
+        generate: GenerateArgs,
+    },
+    /// Evaluate on GSM8K or MATH-500: prompts, batched generation, answer extraction
+    /// (mmada-rewards), accuracy; per-item JSONL with --out.
+    Eval {
+        /// YAML config file (sections model, sampling, eval).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten, next_help_heading = "Sampling")]
+        sampling: SamplingArgs,
+        #[command(flatten, next_help_heading = "Benchmark")]
+        eval: EvalArgs,
+    },
+    /// Monte-Carlo estimate of log p(answer | prompt) (LLaDA get_log_likelihood).
+    Loglik {
+        /// YAML config file (sections model, loglik).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten, next_help_heading = "Likelihood")]
+        loglik: LoglikArgs,
+    },
 }
 
-fn group_of(name: &str) -> &'static str {
-    let short = name.strip_prefix(HF_PREFIX).unwrap_or(name);
-    if short == "wte.weight" {
-        "embedding"
-    } else if short == "ff_out.weight" {
-        "lm_head"
-    } else if short.ends_with("norm.weight") || short == "ln_f.weight" {
-        "norms"
-    } else if ["q_proj", "k_proj", "v_proj", "attn_out"]
-        .iter()
-        .any(|p| short.contains(p))
-    {
-        "attention"
-    } else if ["ff_proj", "up_proj", "ff_out"]
-        .iter()
-        .any(|p| short.contains(p))
-    {
-        "mlp"
-    } else {
-        "other"
-    }
-}
-
-fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.2} kB", b / 1e3)
-    } else {
-        format!("{bytes} B")
-    }
-}
-
-#[derive(Default)]
-struct Group {
-    tensors: usize,
-    params: u64,
-    bytes: u64,
-    dtypes: BTreeMap<String, usize>,
-}
-
-fn inspect(dir: &PathBuf, json: bool) -> Result<ExitCode> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let files = CheckpointFiles::open(dir)?;
-    let mut groups: BTreeMap<&'static str, Group> = BTreeMap::new();
-    let mut file_set = std::collections::BTreeSet::new();
-    for (name, e, path) in files.entries() {
-        let g = groups.entry(group_of(name)).or_default();
-        g.tensors += 1;
-        g.params += e.shape.iter().product::<usize>() as u64;
-        g.bytes += e.end - e.start;
-        *g.dtypes.entry(e.dtype.clone()).or_default() += 1;
-        file_set.insert(
-            path.file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
-    }
-    let problems = files.verify(&cfg);
-    let total_params: u64 = groups.values().map(|g| g.params).sum();
-    let total_bytes: u64 = groups.values().map(|g| g.bytes).sum();
-    let n_expected = expected_tensors(&cfg).len();
-
-    if json {
-        let report = serde_json::json!({
-            "checkpoint": dir.display().to_string(),
-            "config": cfg.to_hf_json(),
-            "files": file_set,
-            "groups": groups.iter().map(|(k, g)| (k.to_string(), serde_json::json!({
-                "tensors": g.tensors, "params": g.params, "bytes": g.bytes, "dtypes": g.dtypes,
-            }))).collect::<BTreeMap<_, _>>(),
-            "total_params": total_params,
-            "total_bytes": total_bytes,
-            "expected_params": cfg.num_params(),
-            "expected_tensors": n_expected,
-            "problems": problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-            "ok": problems.is_empty(),
-        });
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("checkpoint   {}", dir.display());
-        println!(
-            "model        {} · d_model {} · {} layers · {} heads (head_dim {}, {} kv heads) · mlp {} · vocab {} (embedding rows {})",
-            cfg.model_type.as_str(),
-            cfg.d_model,
-            cfg.n_layers,
-            cfg.n_heads,
-            cfg.head_dim(),
-            cfg.n_kv_heads,
-            cfg.mlp_hidden_size,
-            cfg.vocab_size,
-            cfg.embedding_size
-        );
-        let id = |x: Option<u32>| x.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        println!(
-            "             rope_theta {} · rms_norm_eps {:e} · max_sequence_length {} · mask {} · eos {} · pad {}",
-            cfg.rope_theta,
-            cfg.rms_norm_eps,
-            cfg.max_sequence_length,
-            id(cfg.mask_token_id),
-            id(cfg.eos_token_id),
-            id(cfg.pad_token_id)
-        );
-        if let (Some(l), Some(c)) = (cfg.llm_vocab_size, cfg.codebook_size) {
-            println!(
-                "             text vocab {l} · image codebook {c} · vq tokens/image {}",
-                id(cfg.num_vq_tokens.map(|x| x as u32))
-            );
-        }
-        println!(
-            "files        {} ({})",
-            file_set.len(),
-            file_set.iter().cloned().collect::<Vec<_>>().join(", ")
-        );
-        println!();
-        println!(
-            "{:<10} {:>8} {:>16} {:>12} {:>14}  dtype",
-            "group", "tensors", "params", "bytes", ""
-        );
-        for (k, g) in &groups {
-            let dt: Vec<String> = g
-                .dtypes
-                .iter()
-                .map(|(d, n)| {
-                    if g.dtypes.len() == 1 {
-                        d.clone()
-                    } else {
-                        format!("{d}×{n}")
-                    }
-                })
-                .collect();
-            println!(
-                "{:<10} {:>8} {:>16} {:>12} {:>14}  {}",
-                k,
-                g.tensors,
-                g.params,
-                g.bytes,
-                human(g.bytes),
-                dt.join(",")
-            );
-        }
-        println!(
-            "{:<10} {:>8} {:>16} {:>12} {:>14}",
-            "total",
-            groups.values().map(|g| g.tensors).sum::<usize>(),
-            total_params,
-            total_bytes,
-            human(total_bytes)
-        );
-        println!();
-        if problems.is_empty() {
-            println!(
-                "verified     OK: all {n_expected} tensors present with the shapes config.json implies ({} parameters)",
-                cfg.num_params()
-            );
-        } else {
-            println!("verified     {} problem(s):", problems.len());
-            for p in &problems {
-                println!("  - {p}");
+/// Runs `$f::<Backend>(&device, args…)` on the device named by `$spec`.
+macro_rules! on_device {
+    ($spec:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
+        let spec: DeviceSpec = $spec;
+        match spec {
+            DeviceSpec::Cpu => {
+                $f::<mmada_model::backend::Cpu>(&Default::default(), $($arg),*)
             }
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(ref ids) => {
+                ensure!(ids.len() == 1, "device {spec}: mmada-infer runs on one device");
+                let device = spec.cuda_devices().remove(0);
+                $f::<mmada_model::backend::Cuda>(&device, $($arg),*)
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) => bail!(
+                "device {spec}: this binary was built without the `cuda` feature \
+                 (cargo build --release -p mmada-infer --features cuda)"
+            ),
+        }
+    }};
+}
+
+fn device_of(m: &ModelArgs) -> Result<DeviceSpec> {
+    Ok(m.device.as_deref().unwrap_or("cpu").parse::<DeviceSpec>()?)
+}
+
+fn load<B: Backend>(
+    device: &B::Device,
+    m: &ModelArgs,
+    default_template: TemplateArg,
+) -> Result<Engine<B>> {
+    let dir = require_checkpoint(m)?;
+    Engine::load(
+        &dir,
+        m.tokenizer.as_deref(),
+        m.template.unwrap_or(default_template),
+        device,
+        m.dtype.unwrap_or(options::DtypeArg::F32).into(),
+    )
+}
+
+/// Prompts from `--prompt` and `--prompts FILE` (JSONL with `prompt` or `question`).
+fn collect_prompts(g: &GenerateArgs) -> Result<Vec<String>> {
+    let mut prompts = g.prompt.clone();
+    if let Some(path) = &g.prompts {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading prompts {}", path.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            let p = v
+                .get("prompt")
+                .or_else(|| v.get("question"))
+                .and_then(|p| p.as_str())
+                .with_context(|| {
+                    format!(
+                        "{}:{}: no string field `prompt` or `question`",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+            prompts.push(p.to_string());
         }
     }
-    Ok(if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    ensure!(
+        !prompts.is_empty(),
+        "no prompt: pass --prompt TEXT, --prompts FILE.jsonl or set generate.prompt in --config"
+    );
+    Ok(prompts)
+}
+
+fn run_generate<B: Backend>(
+    device: &B::Device,
+    m: &ModelArgs,
+    s: &SamplingArgs,
+    g: &GenerateArgs,
+) -> Result<()> {
+    let prompts = collect_prompts(g)?;
+    let engine = load::<B>(device, m, TemplateArg::Auto)?;
+    let config = s.to_config(engine.tok.layout());
+    config.validate().context("sampling settings")?;
+    tracing::info!(?config, "sampler");
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| engine.prompt_ids(p))
+        .collect::<Result<_>>()?;
+    let t0 = Instant::now();
+    let gens = engine.generate_all(
+        &ids,
+        &config,
+        s.full_vocab.unwrap_or(false),
+        m.seed.unwrap_or(0),
+        s.batch_size.unwrap_or(1),
+        |_| {},
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let new_tokens = gens.len() * config.gen_length;
+    let nfe: usize = gens
+        .chunks(s.batch_size.unwrap_or(1).max(1))
+        .map(|c| c[0].nfe)
+        .sum();
+    tracing::info!(
+        prompts = gens.len(),
+        nfe,
+        new_tokens,
+        seconds = format!("{secs:.3}"),
+        tokens_per_s = format!("{:.1}", new_tokens as f64 / secs.max(1e-9)),
+        "done"
+    );
+    let mut out = match &g.out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let stdout = std::io::stdout();
+    let mut so = stdout.lock();
+    for (i, (p, gen_)) in prompts.iter().zip(&gens).enumerate() {
+        if gens.len() > 1 {
+            writeln!(so, "### {}", i + 1)?;
+        }
+        writeln!(so, "{}", gen_.text)?;
+        if let Some(w) = out.as_mut() {
+            let rec = serde_json::json!({
+                "index": i,
+                "prompt": p,
+                "output": gen_.text,
+                "ids": gen_.ids,
+                "nfe": gen_.nfe,
+                "seconds": gen_.seconds,
+                "batch": gen_.batch,
+            });
+            writeln!(w, "{rec}")?;
+        }
+    }
+    if let Some(mut w) = out {
+        w.flush()?;
+    }
+    Ok(())
+}
+
+fn run_loglik<B: Backend>(device: &B::Device, m: &ModelArgs, a: &LoglikArgs) -> Result<()> {
+    let prompt = a
+        .prompt
+        .as_deref()
+        .context("no prompt: pass --prompt TEXT or set loglik.prompt in --config")?;
+    let answer = a
+        .answer
+        .as_deref()
+        .context("no answer: pass --answer TEXT or set loglik.answer in --config")?;
+    let engine = load::<B>(device, m, TemplateArg::None)?;
+    let mc_num = a.mc_num.unwrap_or(128);
+    let config = LoglikConfig {
+        mc_num,
+        batch_size: a.mc_batch_size.unwrap_or(mc_num.min(16)),
+        cfg_scale: a.cfg_scale.unwrap_or(0.0),
+        mask_id: engine.tok.layout().mask_id,
+    };
+    config.validate().context("loglik settings")?;
+    let p = engine.prompt_ids(prompt)?;
+    let ans = engine.tok.encode(answer)?;
+    ensure!(!ans.is_empty(), "the answer encodes to no tokens");
+    let to_tensor = |v: &[u32]| {
+        let data: Vec<i64> = v.iter().map(|&t| i64::from(t)).collect();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(data, [v.len()]), &engine.device)
+    };
+    let mut masks = StratifiedMasks::new(SeededRng::new(m.seed.unwrap_or(0)));
+    let t0 = Instant::now();
+    let out = mmada_sampler::log_likelihood(
+        &engine.model,
+        to_tensor(&p),
+        to_tensor(&ans),
+        &config,
+        &mut masks,
+    )
+    .context("log-likelihood")?;
+    let secs = t0.elapsed().as_secs_f64();
+    tracing::info!(
+        prompt_tokens = p.len(),
+        answer_tokens = ans.len(),
+        mc_num = config.mc_num,
+        nfe = out.nfe,
+        seconds = format!("{secs:.3}"),
+        "log-likelihood"
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "log_likelihood": out.value,
+            "nfe": out.nfe,
+            "mc_num": config.mc_num,
+            "prompt_tokens": p.len(),
+            "answer_tokens": ans.len(),
+            "seconds": secs,
+        })
+    );
+    Ok(())
+}
+
+fn run_eval<B: Backend>(
+    device: &B::Device,
+    m: &ModelArgs,
+    s: &SamplingArgs,
+    e: &EvalArgs,
+) -> Result<()> {
+    let engine = load::<B>(device, m, TemplateArg::Auto)?;
+    eval::run(&engine, m, s, e)
 }
 
 fn main() -> Result<ExitCode> {
@@ -221,7 +318,47 @@ fn main() -> Result<ExitCode> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Inspect { checkpoint, json } => inspect(&checkpoint, json)
+        Command::Inspect { checkpoint, json } => inspect::inspect(&checkpoint, json)
             .with_context(|| format!("inspecting {}", checkpoint.display())),
+        Command::Generate {
+            config,
+            model,
+            sampling,
+            generate,
+        } => {
+            let f = FileConfig::load(config.as_deref())?;
+            let model = model.or(f.model);
+            let sampling = sampling.or(f.sampling);
+            let generate = generate.or(f.generate);
+            on_device!(
+                device_of(&model)?,
+                run_generate(&model, &sampling, &generate)
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            config,
+            model,
+            sampling,
+            eval,
+        } => {
+            let f = FileConfig::load(config.as_deref())?;
+            let model = model.or(f.model);
+            let sampling = sampling.or(f.sampling);
+            let eval = eval.or(f.eval);
+            on_device!(device_of(&model)?, run_eval(&model, &sampling, &eval))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Loglik {
+            config,
+            model,
+            loglik,
+        } => {
+            let f = FileConfig::load(config.as_deref())?;
+            let model = model.or(f.model);
+            let loglik = loglik.or(f.loglik);
+            on_device!(device_of(&model)?, run_loglik(&model, &loglik))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -1,0 +1,424 @@
+//! Command-line options, the YAML config file (`--config FILE.yaml`) and the sampling presets.
+//!
+//! Every option can be given on the command line or in the config file; the command line wins,
+//! then the file, then the preset (`sampling.preset`), then the built-in default. The file has
+//! one section per group and rejects unknown keys:
+//!
+//! ```yaml
+//! model:    {checkpoint: runs/quickstart/checkpoints/step-000200/model, device: cpu}
+//! sampling: {preset: llada-gsm8k, steps: 128, temperature: 0.0}
+//! generate: {prompt: ["What is 2 + 3?"]}
+//! eval:     {task: gsm8k, data: ../shared/data/math/gsm8k_test.jsonl, limit: 5}
+//! loglik:   {prompt: "2 + 3 =", answer: " 5", mc_num: 32}
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use mmada_model::FloatDType;
+use mmada_sampler::{GenerateConfig, Remasking};
+use serde::Deserialize;
+
+/// Published decoding settings. The values are listed in `--help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// LLaDA `generate.py` example: gen_length 128, steps 128, block_length 32.
+    Default,
+    /// LLaDA-8B-Instruct GSM8K: gen_length 256, steps 256, block_length 8.
+    LladaGsm8k,
+    /// MMaDA paper text evaluation: gen_length 1024, steps 512, block_length 64.
+    MmadaPaper,
+}
+
+impl Preset {
+    /// `(gen_length, steps, block_length)` of the preset.
+    pub fn values(self) -> (usize, usize, usize) {
+        match self {
+            Preset::Default => (128, 128, 32),
+            Preset::LladaGsm8k => (256, 256, 8),
+            Preset::MmadaPaper => (1024, 512, 64),
+        }
+    }
+}
+
+/// Remasking strategy names accepted on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemaskingArg {
+    /// Commit the most confident predictions first (`softmax(logits)[x0]`).
+    LowConfidence,
+    /// Commit positions in random order.
+    Random,
+}
+
+impl From<RemaskingArg> for Remasking {
+    fn from(r: RemaskingArg) -> Self {
+        match r {
+            RemaskingArg::LowConfidence => Remasking::LowConfidence,
+            RemaskingArg::Random => Remasking::Random,
+        }
+    }
+}
+
+/// Float dtype of the parameters in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeArg {
+    /// float32 (default; the CPU backend computes in f32).
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+}
+
+impl From<DtypeArg> for FloatDType {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => FloatDType::F32,
+            DtypeArg::Bf16 => FloatDType::BF16,
+            DtypeArg::F16 => FloatDType::F16,
+        }
+    }
+}
+
+/// Which chat template wraps the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateArg {
+    /// The checkpoint's: LLaDA (`\n\n` after the header) when its `tokenizer_config.json`
+    /// chat template or `model_type` says LLaDA, MMaDA (`\n`) otherwise.
+    Auto,
+    /// MMaDA: `<|start_header_id|>user<|end_header_id|>\n…<|eot_id|>` + assistant header.
+    Mmada,
+    /// LLaDA-8B-Instruct: as MMaDA with `\n\n` after `<|end_header_id|>`.
+    Llada,
+    /// No template: `<BOS>` + the raw prompt text.
+    None,
+}
+
+/// Checkpoint, tokenizer and device options (config-file section `model`).
+#[derive(Args, Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelArgs {
+    /// Checkpoint directory (config.json + safetensors weights; tokenizer.json inside unless
+    /// --tokenizer is given).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// tokenizer.json to use instead of the checkpoint's (MMaDA special tokens it lacks are
+    /// added; the result must match the model's vocabulary).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Device: `cpu` (default) or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Parameter dtype in memory [default: f32].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// Chat template [default: auto for generate/eval, none for loglik].
+    #[arg(long, value_enum)]
+    pub template: Option<TemplateArg>,
+    /// Seed of the per-call random generator (Gumbel noise, random remasking, MC masks)
+    /// [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl ModelArgs {
+    /// Fills the fields left unset here from `other`.
+    pub fn or(self, other: ModelArgs) -> ModelArgs {
+        ModelArgs {
+            checkpoint: self.checkpoint.or(other.checkpoint),
+            tokenizer: self.tokenizer.or(other.tokenizer),
+            device: self.device.or(other.device),
+            dtype: self.dtype.or(other.dtype),
+            template: self.template.or(other.template),
+            seed: self.seed.or(other.seed),
+        }
+    }
+}
+
+/// Text sampler options (config-file section `sampling`).
+#[derive(Args, Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingArgs {
+    /// Published settings for gen_length / steps / block_length (explicit values override):
+    /// default = 128 / 128 / 32 (LLaDA generate.py), llada-gsm8k = 256 / 256 / 8,
+    /// mmada-paper = 1024 / 512 / 64.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Number of generated tokens (multiple of block_length).
+    #[arg(long)]
+    pub gen_length: Option<usize>,
+    /// Total denoising steps (multiple of gen_length / block_length).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Semi-autoregressive block length.
+    #[arg(long)]
+    pub block_length: Option<usize>,
+    /// Gumbel temperature; 0 = greedy [default: 0].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Classifier-free guidance scale (unconditional branch = prompt masked) [default: 0].
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Remasking strategy [default: low-confidence].
+    #[arg(long, value_enum)]
+    pub remasking: Option<RemaskingArg>,
+    /// Forbid EOS everywhere (upstream `logits_eos_inf`) [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub logits_eos_inf: Option<bool>,
+    /// Give a predicted EOT zero confidence (upstream `confidence_eos_eot_inf`) [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub confidence_eos_eot_inf: Option<bool>,
+    /// Confidence softmax in float64 (MMaDA `mmu_generate`) [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub confidence_f64: Option<bool>,
+    /// Sample over the model's whole output head. By default ids are restricted to the
+    /// tokenizer's vocabulary without the mask token [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub full_vocab: Option<bool>,
+    /// Prompts decoded together (left-padded, key-padding mask) [default: 1 for generate,
+    /// 4 for eval].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+}
+
+impl SamplingArgs {
+    /// Fills the fields left unset here from `other`.
+    pub fn or(self, other: SamplingArgs) -> SamplingArgs {
+        SamplingArgs {
+            preset: self.preset.or(other.preset),
+            gen_length: self.gen_length.or(other.gen_length),
+            steps: self.steps.or(other.steps),
+            block_length: self.block_length.or(other.block_length),
+            temperature: self.temperature.or(other.temperature),
+            cfg_scale: self.cfg_scale.or(other.cfg_scale),
+            remasking: self.remasking.or(other.remasking),
+            logits_eos_inf: self.logits_eos_inf.or(other.logits_eos_inf),
+            confidence_eos_eot_inf: self.confidence_eos_eot_inf.or(other.confidence_eos_eot_inf),
+            confidence_f64: self.confidence_f64.or(other.confidence_f64),
+            full_vocab: self.full_vocab.or(other.full_vocab),
+            batch_size: self.batch_size.or(other.batch_size),
+        }
+    }
+
+    /// The sampler configuration for a tokenizer layout's mask / EOS / EOT ids.
+    pub fn to_config(&self, layout: &mmada_model::TokenLayout) -> GenerateConfig {
+        let (g, s, b) = self.preset.unwrap_or(Preset::Default).values();
+        GenerateConfig {
+            gen_length: self.gen_length.unwrap_or(g),
+            steps: self.steps.unwrap_or(s),
+            block_length: self.block_length.unwrap_or(b),
+            temperature: self.temperature.unwrap_or(0.0),
+            cfg_scale: self.cfg_scale.unwrap_or(0.0),
+            remasking: self.remasking.map(Into::into).unwrap_or_default(),
+            logits_eos_inf: self.logits_eos_inf.unwrap_or(false),
+            confidence_eos_eot_inf: self.confidence_eos_eot_inf.unwrap_or(false),
+            confidence_f64: self.confidence_f64.unwrap_or(false),
+            ..GenerateConfig::from_layout(layout)
+        }
+    }
+}
+
+/// `generate` options (config-file section `generate`).
+#[derive(Args, Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerateArgs {
+    /// Prompt text (repeatable: several prompts are decoded in batches of --batch-size).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// File of prompts: JSONL with a `prompt` (or `question`) field per line.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Write one JSON record per prompt (prompt, output, ids, nfe, seconds) to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+impl GenerateArgs {
+    /// Fills the fields left unset here from `other`.
+    pub fn or(self, other: GenerateArgs) -> GenerateArgs {
+        GenerateArgs {
+            prompt: if self.prompt.is_empty() && self.prompts.is_none() {
+                other.prompt
+            } else {
+                self.prompt
+            },
+            prompts: self.prompts.or(other.prompts),
+            out: self.out.or(other.out),
+        }
+    }
+}
+
+/// Evaluation benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskArg {
+    /// GSM8K (`question`, `answer` with `#### N`).
+    Gsm8k,
+    /// MATH-500 (`problem`, `solution`, `answer`).
+    Math500,
+}
+
+/// `eval` options (config-file section `eval`).
+#[derive(Args, Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalArgs {
+    /// Benchmark.
+    #[arg(long, value_enum)]
+    pub task: Option<TaskArg>,
+    /// Data file (jsonl, json or parquet), e.g. ../shared/data/math/gsm8k_test.jsonl.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Evaluate the first N items only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Per-item results (JSONL: prompt, output, extracted, gold, correct, nfe, seconds).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// User turn; `{question}` is replaced by the problem [default: "{question}\nPlease
+    /// reason step by step, and put your final answer within \boxed{}."].
+    #[arg(long)]
+    pub prompt_template: Option<String>,
+}
+
+impl EvalArgs {
+    /// Fills the fields left unset here from `other`.
+    pub fn or(self, other: EvalArgs) -> EvalArgs {
+        EvalArgs {
+            task: self.task.or(other.task),
+            data: self.data.or(other.data),
+            limit: self.limit.or(other.limit),
+            out: self.out.or(other.out),
+            prompt_template: self.prompt_template.or(other.prompt_template),
+        }
+    }
+}
+
+/// `loglik` options (config-file section `loglik`).
+#[derive(Args, Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoglikArgs {
+    /// Prompt (conditioning) text.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Answer text whose log-likelihood is estimated.
+    #[arg(long)]
+    pub answer: Option<String>,
+    /// Number of Monte-Carlo samples [default: 128].
+    #[arg(long)]
+    pub mc_num: Option<usize>,
+    /// Monte-Carlo samples per forward pass; must divide mc_num [default: min(16, mc_num)].
+    #[arg(long)]
+    pub mc_batch_size: Option<usize>,
+    /// Classifier-free guidance scale [default: 0].
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+}
+
+impl LoglikArgs {
+    /// Fills the fields left unset here from `other`.
+    pub fn or(self, other: LoglikArgs) -> LoglikArgs {
+        LoglikArgs {
+            prompt: self.prompt.or(other.prompt),
+            answer: self.answer.or(other.answer),
+            mc_num: self.mc_num.or(other.mc_num),
+            mc_batch_size: self.mc_batch_size.or(other.mc_batch_size),
+            cfg_scale: self.cfg_scale.or(other.cfg_scale),
+        }
+    }
+}
+
+/// The YAML config file: one optional section per option group, unknown keys rejected.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Checkpoint, tokenizer, device.
+    pub model: ModelArgs,
+    /// Text sampler.
+    pub sampling: SamplingArgs,
+    /// `generate`.
+    pub generate: GenerateArgs,
+    /// `eval`.
+    pub eval: EvalArgs,
+    /// `loglik`.
+    pub loglik: LoglikArgs,
+}
+
+impl FileConfig {
+    /// Parses the YAML text; `source` names the file in errors.
+    pub fn from_yaml(text: &str, source: &str) -> Result<Self> {
+        serde_norway::from_str(text).with_context(|| format!("config file {source}"))
+    }
+
+    /// Reads `path`, or returns the empty config when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_yaml(&text, &path.display().to_string())
+    }
+}
+
+/// The `checkpoint` option, which is required.
+pub fn require_checkpoint(m: &ModelArgs) -> Result<PathBuf> {
+    match &m.checkpoint {
+        Some(p) => Ok(p.clone()),
+        None => bail!("no checkpoint: pass --checkpoint DIR or set model.checkpoint in --config"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_config_sections_and_unknown_keys() {
+        let c = FileConfig::from_yaml(
+            "model: {checkpoint: ck, device: cpu}\nsampling: {preset: llada-gsm8k, steps: 64, remasking: random}\neval: {task: math500, limit: 3}\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.model.checkpoint.as_deref(), Some(Path::new("ck")));
+        assert_eq!(c.sampling.preset, Some(Preset::LladaGsm8k));
+        assert_eq!(c.eval.task, Some(TaskArg::Math500));
+        let g = c.sampling.to_config(&mmada_model::TokenLayout::llada());
+        assert_eq!((g.gen_length, g.steps, g.block_length), (256, 64, 8));
+        assert_eq!(g.remasking, Remasking::Random);
+        assert_eq!((g.mask_id, g.eos_id), (126336, Some(126081)));
+        let e = format!(
+            "{:#}",
+            FileConfig::from_yaml("sampling: {step: 3}\n", "t.yaml").unwrap_err()
+        );
+        assert!(e.contains("step") && e.contains("t.yaml"), "{e}");
+        let e = format!(
+            "{:#}",
+            FileConfig::from_yaml("sample: {}\n", "t.yaml").unwrap_err()
+        );
+        assert!(e.contains("sample"), "{e}");
+    }
+
+    #[test]
+    fn command_line_wins_over_file_over_preset() {
+        let cli = SamplingArgs {
+            steps: Some(16),
+            ..Default::default()
+        };
+        let file = SamplingArgs {
+            steps: Some(32),
+            gen_length: Some(64),
+            preset: Some(Preset::MmadaPaper),
+            ..Default::default()
+        };
+        let g = cli.or(file).to_config(&mmada_model::TokenLayout::llada());
+        assert_eq!((g.gen_length, g.steps, g.block_length), (64, 16, 64));
+        let d = SamplingArgs::default().to_config(&mmada_model::TokenLayout::llada());
+        assert_eq!((d.gen_length, d.steps, d.block_length), (128, 128, 32));
+        assert_eq!(d.temperature, 0.0);
+    }
+}
