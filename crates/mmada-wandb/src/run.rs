@@ -77,6 +77,7 @@ struct Inner {
     shared: Arc<Shared>,
     spool: SharedSpool,
     thread: Option<JoinHandle<()>>,
+    spooler: Option<JoinHandle<()>>,
     run_id: String,
     project: String,
     entity: Option<String>,
@@ -214,6 +215,13 @@ impl WandbRun {
             .name("wandb-sender".into())
             .spawn(move || worker.run())
             .map_err(|e| WandbError::Client(format!("cannot spawn the wandb thread: {e}")))?;
+        let spooler = {
+            let (sh, sp, id) = (shared.clone(), spool.clone(), run_id.clone());
+            std::thread::Builder::new()
+                .name("wandb-spooler".into())
+                .spawn(move || crate::worker::spooler(sh, sp, id))
+                .map_err(|e| WandbError::Client(format!("cannot spawn the wandb thread: {e}")))?
+        };
         let finish_wait = WandbConfig::secs(config.finish_timeout_secs)
             + WandbConfig::secs(config.request_timeout_secs) * 2
             + Duration::from_secs(5);
@@ -224,6 +232,7 @@ impl WandbRun {
                 shared,
                 spool,
                 thread: Some(thread),
+                spooler: Some(spooler),
                 run_id,
                 project: meta.project,
                 entity: meta.entity,
@@ -285,14 +294,17 @@ impl WandbRun {
             Ok(()) => {}
             Err(TrySendError::Full(Msg::Row { line, row }))
             | Err(TrySendError::Disconnected(Msg::Row { line, row })) => {
-                let rec = SpoolRecord::History {
-                    run_id: inner.run_id.clone(),
-                    line,
-                    row,
-                };
-                if spool::lock(&inner.spool).append(&[rec]) {
-                    inner.shared.spool_has_rows.store(true, Ordering::Release);
-                    inner.shared.rows_spooled.fetch_add(1, Ordering::Relaxed);
+                // No file I/O here: the spooler thread writes it to the spool.
+                let mut ov = inner
+                    .shared
+                    .overflow
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let wake = ov.is_empty();
+                ov.push((line, row));
+                drop(ov);
+                if wake {
+                    inner.shared.overflow_cv.notify_one();
                 }
             }
             Err(_) => unreachable!("a Row message comes back as a Row"),
@@ -419,6 +431,7 @@ impl WandbRun {
         };
         let fallback = |inner: &Inner| {
             // The thread is gone or stuck: record the end in the spool ourselves.
+            crate::worker::drain_overflow(&inner.shared, &inner.spool, &inner.run_id);
             let mut s = spool::lock(&inner.spool);
             s.append(&[
                 SpoolRecord::Summary {
@@ -438,23 +451,30 @@ impl WandbRun {
                 spool_path: Some(s.path().to_path_buf()),
             }
         };
-        if inner.tx.send(msg).is_err() {
-            return fallback(&inner);
-        }
-        match reply_rx.recv_timeout(inner.finish_wait) {
-            Ok(report) => {
-                if let Some(t) = inner.thread.take() {
-                    let _ = t.join();
+        let report = if inner.tx.send(msg).is_err() {
+            fallback(&inner)
+        } else {
+            match reply_rx.recv_timeout(inner.finish_wait) {
+                Ok(report) => {
+                    if let Some(t) = inner.thread.take() {
+                        let _ = t.join();
+                    }
+                    report
                 }
-                report
+                Err(_) => {
+                    tracing::error!(
+                        "the wandb thread did not finish in time; recording the end in the spool"
+                    );
+                    fallback(&inner)
+                }
             }
-            Err(_) => {
-                tracing::error!(
-                    "the wandb thread did not finish in time; recording the end in the spool"
-                );
-                fallback(&inner)
-            }
+        };
+        inner.shared.spooler_stop.store(true, Ordering::Release);
+        inner.shared.overflow_cv.notify_one();
+        if let Some(t) = inner.spooler.take() {
+            let _ = t.join();
         }
+        report
     }
 }
 

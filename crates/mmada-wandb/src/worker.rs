@@ -4,7 +4,7 @@ use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::FinishReport;
@@ -60,6 +60,60 @@ pub(crate) struct Shared {
     pub rows_delivered: AtomicU64,
     /// Storage id / entity / project once UpsertBucket succeeded.
     pub bucket: Mutex<Option<Bucket>>,
+    /// Rows that found the queue full: `log()` only pushes here (no file I/O on the training
+    /// thread); the spooler thread or the sender writes them to the spool.
+    pub overflow: Mutex<Vec<(u64, Map<String, Value>)>>,
+    /// Wakes the spooler thread.
+    pub overflow_cv: Condvar,
+    /// Tells the spooler thread to exit.
+    pub spooler_stop: AtomicBool,
+}
+
+fn lock_overflow(shared: &Shared) -> std::sync::MutexGuard<'_, Vec<(u64, Map<String, Value>)>> {
+    shared.overflow.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Moves the overflow rows into the spool. The spool lock is taken first and held while the
+/// rows are taken, so once this returns every row pushed before the call is in the file.
+pub(crate) fn drain_overflow(shared: &Shared, spool: &SharedSpool, run_id: &str) {
+    let mut s = spool::lock(spool);
+    let rows = std::mem::take(&mut *lock_overflow(shared));
+    if rows.is_empty() {
+        return;
+    }
+    let n = rows.len() as u64;
+    let recs: Vec<SpoolRecord> = rows
+        .into_iter()
+        .map(|(line, row)| SpoolRecord::History {
+            run_id: run_id.to_string(),
+            line,
+            row,
+        })
+        .collect();
+    if s.append(&recs) {
+        shared.spool_has_rows.store(true, Ordering::Release);
+        shared.rows_spooled.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The spooler thread: writes overflow rows to the spool within ~200 ms, even while the sender
+/// is stuck in a request.
+pub(crate) fn spooler(shared: Arc<Shared>, spool: SharedSpool, run_id: String) {
+    loop {
+        {
+            let g = lock_overflow(&shared);
+            let _ = shared
+                .overflow_cv
+                .wait_timeout_while(g, Duration::from_millis(200), |v| {
+                    v.is_empty() && !shared.spooler_stop.load(Ordering::Acquire)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drain_overflow(&shared, &spool, &run_id);
+        if shared.spooler_stop.load(Ordering::Acquire) {
+            return;
+        }
+    }
 }
 
 /// Timing knobs (from `WandbConfig`).
@@ -274,8 +328,7 @@ impl Worker {
                     reply: Some(reply),
                     deadline: Instant::now() + self.settings.finish_timeout,
                 });
-                // One more attempt right away instead of waiting out a backoff.
-                self.next_attempt = Instant::now();
+                // A pending backoff (or Retry-After) is still honoured, within the deadline.
             }
         }
     }
@@ -290,6 +343,7 @@ impl Worker {
     /// Writes everything held in memory that is not in the spool yet to the spool, and drops
     /// the rows from memory (they are read back from the spool when the server answers again).
     fn spill(&mut self, with_finish: bool) {
+        drain_overflow(&self.shared, &self.spool, &self.meta.run_id);
         let run_id = self.meta.run_id.clone();
         let mut buf = String::new();
         let mut n_rows = 0u64;
@@ -352,6 +406,7 @@ impl Worker {
         if self.acked >= logged {
             return;
         }
+        drain_overflow(&self.shared, &self.spool, &self.meta.run_id);
         let hi = logged.min(self.acked + SPOOL_LOAD_CAP);
         if (self.acked..hi).all(|l| self.pending.contains_key(&l)) {
             return;
