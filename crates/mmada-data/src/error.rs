@@ -135,6 +135,25 @@ pub enum DataError {
         /// What is wrong.
         message: String,
     },
+    /// Image bytes could not be decoded (unknown format, corrupt data).
+    #[error("image {image}: cannot decode: {message}")]
+    ImageDecode {
+        /// The image path (or `<bytes>`).
+        image: String,
+        /// Decoder message.
+        message: String,
+    },
+    /// Image preprocessing got an impossible size.
+    #[error("image preprocessing: {0}")]
+    ImagePreprocess(String),
+    /// The image tokenizer ([`crate::image::ImageCoder`]) failed or returned a bad result.
+    #[error("image coder {coder}: {message}")]
+    ImageCoder {
+        /// [`crate::image::ImageCoder::id`].
+        coder: String,
+        /// What failed.
+        message: String,
+    },
     /// Mixture or batch configuration / cursor is invalid.
     #[error("mixture: {0}")]
     Mixture(String),

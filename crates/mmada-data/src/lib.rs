@@ -14,12 +14,20 @@
 //!   [`LengthStats`]) the `mmada-train data inspect` command prints.
 //! * [`mixture`]: seeded, rank-sharded, resumable weighted mixtures.
 //! * [`batch`]: padding, truncation counts and the over-long filter.
+//! * [`image`]: decoding, Pillow-exact bicubic resize, centre crop / squash, `[-1, 1]`
+//!   normalisation, and the [`ImageCoder`] trait (pixels → codes).
+//! * [`codes`]: [`ImageTokenizer`] turns image paths / bytes of examples into codes, with
+//!   an on-disk [`CodeCache`].
+//! * [`inspect`]: what `mmada-train data inspect` / `data check` print.
 //!
 //! Libraries never print: counts are returned ([`ReadStats`], [`BatchStats`]).
 
 pub mod batch;
+pub mod codes;
 pub mod error;
 pub mod example;
+pub mod image;
+pub mod inspect;
 pub mod layout;
 pub mod manifest;
 pub mod mixture;
@@ -29,8 +37,10 @@ pub mod template;
 pub mod tokenizer;
 
 pub use batch::{Batch, BatchStats, collate, filter_overlong};
+pub use codes::{CodeCache, ImageTokenizer, TokenizeStats};
 pub use error::{DataError, Location, Result};
 pub use example::{Example, ImageRef, Message, Role, Task};
+pub use image::{ImageCoder, Pixels, Preprocess, ResizeMode};
 pub use layout::{IGNORE_ID, LayoutKind, Sample, TextSplit};
 pub use manifest::{Format, Manifest, OnError, Source};
 pub use mixture::{Mixture, MixtureCursor, MixtureSource, Pick};

@@ -84,6 +84,21 @@ pub enum Format {
     Arrow,
 }
 
+impl Format {
+    /// The format of a file name or glob by its extension: `.jsonl`, `.json`, `.parquet`,
+    /// `.arrow` (`None` otherwise).
+    pub fn from_extension(path: &str) -> Option<Self> {
+        let ext = Path::new(path).extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "jsonl" => Some(Format::Jsonl),
+            "json" => Some(Format::Json),
+            "parquet" => Some(Format::Parquet),
+            "arrow" => Some(Format::Arrow),
+            _ => None,
+        }
+    }
+}
+
 /// Error policy for bad records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -173,6 +188,22 @@ impl Manifest {
             source,
         })?;
         Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Replaces the source by a local path or glob (a local copy of an `hf_repo` dataset,
+    /// `data inspect --source PATH`). When the path ends in a known extension
+    /// ([`Format::from_extension`]) the format follows it, so a jsonl copy of a parquet
+    /// dataset (e.g. `math/gsm8k_test.jsonl` for `gsm8k.yaml`) reads as jsonl.
+    pub fn with_source_path(mut self, path: impl Into<String>) -> Self {
+        let path = path.into();
+        if let Some(f) = Format::from_extension(&path) {
+            self.format = f;
+        }
+        self.source = Source {
+            path: Some(path),
+            ..Source::default()
+        };
+        self
     }
 
     /// Checks the combinations serde cannot express.
