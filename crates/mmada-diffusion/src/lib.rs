@@ -12,6 +12,7 @@
 //! Random draws are explicit values ([`noise::MaskDraw`], [`noise::ImageMaskDraw`]) produced
 //! from a seeded RNG or injected by tests, so every loss can be reproduced exactly.
 
+pub mod grpo;
 pub mod loss;
 pub mod noise;
 

@@ -1,0 +1,772 @@
+//! UniGRPO (spec §5): group advantages, structured noising of completions, per-token
+//! log-probabilities on masked positions, and the clipped surrogate with a k3 KL penalty.
+//!
+//! Everything random is an explicit value (ratios, uniforms, or the resulting masks), so the
+//! loss is reproducible and testable against `fixtures/unigrpo/random_masking_g4`
+//! (dLLM-RL `train/rl_mmada.py`, method `random_masking`).
+//!
+//! Pipeline for one rollout batch of `N = prompts · G` completions:
+//! 1. [`group_advantages`] on the `N` rewards (spec §5.1 step 1, dLLM-RL
+//!    `reward/reward.py::z_score_normalize`, TRL `scale_rewards`).
+//! 2. Per inner iteration `n` and completion: a mask ratio from [`MaskRatioSchedule`] (paper
+//!    Algorithm 1 uniformly spaced, or dLLM-RL i.i.d. `U[lower_p, upper_p]`), a random mask
+//!    of the completion ([`completion_mask`]) and the noised row ([`noise_completion`]), into a
+//!    [`GrpoBatch`] (rows without a masked token are dropped, as upstream).
+//! 3. Old-policy (and optionally reference) log-probs on the batch without gradient
+//!    ([`GrpoBatch::logprobs`] on the old model's logits).
+//! 4. [`unigrpo_loss`] on the current model's logits → policy loss, KL loss, total, stats.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
+
+use crate::{DiffusionError, check_len};
+
+/// How group-relative advantages are scaled (TRL `GRPOConfig.scale_rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScaleRewards {
+    /// `(r − mean_group) / (std_group + eps)` — the paper and dLLM-RL.
+    #[default]
+    Group,
+    /// `(r − mean_group) / (std_batch + eps)` (TRL `"batch"`).
+    Batch,
+    /// `r − mean_group` (Dr. GRPO, TRL `"none"`).
+    None,
+}
+
+/// Options of [`group_advantages`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdvantageOptions {
+    /// Scaling.
+    pub scale: ScaleRewards,
+    /// Added to the std (TRL 1e-4; dLLM-RL 0 with an explicit zero-std guard).
+    pub eps: f32,
+    /// Bessel-corrected std (TRL `torch.std`) instead of the population std (dLLM-RL).
+    pub unbiased_std: bool,
+}
+
+impl Default for AdvantageOptions {
+    /// dLLM-RL `z_score_normalize`: group scaling, population std, no eps.
+    fn default() -> Self {
+        Self {
+            scale: ScaleRewards::Group,
+            eps: 0.0,
+            unbiased_std: false,
+        }
+    }
+}
+
+/// Result of [`group_advantages`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupAdvantages {
+    /// One advantage per completion `[N]`, shared by all its tokens (`Â_{i,t} = Â_i`).
+    pub advantages: Vec<f32>,
+    /// Reward mean per group `[N / G]`.
+    pub group_mean: Vec<f32>,
+    /// Reward std per group `[N / G]` (population or Bessel as configured).
+    pub group_std: Vec<f32>,
+    /// Per group: all rewards equal (std ≈ 0); these groups get advantage exactly 0.
+    pub zero_std: Vec<bool>,
+}
+
+impl GroupAdvantages {
+    /// Fraction of groups whose rewards are all equal (TRL `frac_reward_zero_std`).
+    pub fn frac_zero_std(&self) -> f32 {
+        if self.zero_std.is_empty() {
+            return 0.0;
+        }
+        self.zero_std.iter().filter(|z| **z).count() as f32 / self.zero_std.len() as f32
+    }
+}
+
+fn mean_std(xs: &[f64], unbiased: bool) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let denom = if unbiased && xs.len() > 1 { n - 1.0 } else { n };
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / denom;
+    (mean, var.sqrt())
+}
+
+/// Group-relative advantages (spec §5.1 step 1): rewards `[N]` in consecutive groups of
+/// `group_size` completions of the same prompt → `Â_i = (r_i − mean_g) / (std + eps)`
+/// (std of the group or of the batch, see [`ScaleRewards`]).
+///
+/// A group whose rewards are all equal (`std ≤ 1e-6·max(1, |mean|)`) gets `Â = 0` exactly
+/// under every scaling, so it contributes no policy gradient and never divides 0 by 0
+/// (dLLM-RL returns zeros when `std == 0`). Computed in f64.
+///
+/// # Errors
+/// [`DiffusionError::Range`] when `group_size` is 0, `N` is not a multiple of it, or a reward
+/// is not finite.
+pub fn group_advantages(
+    rewards: &[f32],
+    group_size: usize,
+    opts: AdvantageOptions,
+) -> Result<GroupAdvantages, DiffusionError> {
+    if group_size == 0 || !rewards.len().is_multiple_of(group_size) {
+        return Err(DiffusionError::Range {
+            what: "group_size",
+            value: format!("{group_size} (for {} rewards)", rewards.len()),
+            why: "the number of rewards must be a positive multiple of the group size",
+        });
+    }
+    if let Some(r) = rewards.iter().find(|r| !r.is_finite()) {
+        return Err(DiffusionError::Range {
+            what: "rewards",
+            value: r.to_string(),
+            why: "rewards must be finite",
+        });
+    }
+    let r64: Vec<f64> = rewards.iter().map(|&r| f64::from(r)).collect();
+    let (_, batch_std) = mean_std(&r64, opts.unbiased_std);
+    let mut out = GroupAdvantages {
+        advantages: Vec::with_capacity(rewards.len()),
+        group_mean: vec![],
+        group_std: vec![],
+        zero_std: vec![],
+    };
+    for g in r64.chunks(group_size) {
+        let (mean, std) = mean_std(g, opts.unbiased_std);
+        let zero = std <= 1e-6 * mean.abs().max(1.0);
+        let denom = match opts.scale {
+            ScaleRewards::Group => std + f64::from(opts.eps),
+            ScaleRewards::Batch => batch_std + f64::from(opts.eps),
+            ScaleRewards::None => 1.0,
+        };
+        for &r in g {
+            let a = if zero || denom == 0.0 {
+                0.0
+            } else {
+                (r - mean) / denom
+            };
+            out.advantages.push(a as f32);
+        }
+        out.group_mean.push(mean as f32);
+        out.group_std.push(std as f32);
+        out.zero_std.push(zero);
+    }
+    Ok(out)
+}
+
+/// Where the mask ratio of each (completion, inner iteration) comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaskRatioSchedule {
+    /// Paper Algorithm 1 (spec §5.1 step 2): one uniform `r₁` per completion, `t₁ = ⌊r₁·T⌋`,
+    /// `t_n = ⌊(n−1)/(μ−1)·(T − t₁) + t₁⌋`, ratio `t_n / T` for iteration `n = 1..μ`.
+    UniformSpaced {
+        /// Diffusion timesteps `T` (paper: 1000).
+        timesteps: u32,
+    },
+    /// dLLM-RL `random_masking`: an independent `t = (upper − lower)·u + lower` per
+    /// (completion, iteration).
+    Uniform {
+        /// `lower_p` (dLLM-RL 0.1).
+        lower: f32,
+        /// `upper_p` (dLLM-RL 0.9).
+        upper: f32,
+    },
+}
+
+impl MaskRatioSchedule {
+    /// Checks the parameters (`T ≥ 1`; `0 ≤ lower ≤ upper ≤ 1`).
+    ///
+    /// # Errors
+    /// [`DiffusionError::Range`] naming the bad parameter.
+    pub fn validate(&self) -> Result<(), DiffusionError> {
+        match *self {
+            MaskRatioSchedule::UniformSpaced { timesteps: 0 } => Err(DiffusionError::Range {
+                what: "timesteps",
+                value: "0".into(),
+                why: "need at least 1 diffusion timestep (paper: 1000)",
+            }),
+            MaskRatioSchedule::Uniform { lower, upper }
+                if !(0.0..=1.0).contains(&lower)
+                    || !(0.0..=1.0).contains(&upper)
+                    || lower > upper =>
+            {
+                Err(DiffusionError::Range {
+                    what: "lower_p/upper_p",
+                    value: format!("{lower}/{upper}"),
+                    why: "need 0 <= lower_p <= upper_p <= 1",
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Uniforms needed per completion for `mu` iterations (1 for `UniformSpaced`, `mu` else).
+    pub fn draws_needed(&self, mu: usize) -> usize {
+        match self {
+            MaskRatioSchedule::UniformSpaced { .. } => 1,
+            MaskRatioSchedule::Uniform { .. } => mu,
+        }
+    }
+
+    /// The `mu` mask ratios of one completion from `uniforms` (`U[0,1)`, length
+    /// [`Self::draws_needed`]).
+    ///
+    /// # Errors
+    /// [`DiffusionError::Length`] for a wrong number of uniforms, `Range` for `mu == 0`.
+    pub fn ratios(&self, mu: usize, uniforms: &[f32]) -> Result<Vec<f32>, DiffusionError> {
+        if mu == 0 {
+            return Err(DiffusionError::Range {
+                what: "num_iterations",
+                value: "0".into(),
+                why: "need at least one inner iteration",
+            });
+        }
+        check_len("uniforms", uniforms.len(), self.draws_needed(mu))?;
+        Ok(match *self {
+            MaskRatioSchedule::UniformSpaced { timesteps } => {
+                let t_total = f64::from(timesteps);
+                let t1 = (f64::from(uniforms[0]) * t_total).floor();
+                (0..mu)
+                    .map(|n| {
+                        let tn = if mu == 1 {
+                            t1
+                        } else {
+                            (n as f64 / (mu - 1) as f64 * (t_total - t1) + t1).floor()
+                        };
+                        (tn / t_total) as f32
+                    })
+                    .collect()
+            }
+            MaskRatioSchedule::Uniform { lower, upper } => uniforms
+                .iter()
+                .map(|&u| (upper - lower) * u + lower)
+                .collect(),
+        })
+    }
+}
+
+/// The random mask of a completion: position `i` is masked when `u[i] < ratio` (dLLM-RL
+/// `torch.rand(L) < t`; paper: each token masked independently with probability `p`).
+pub fn completion_mask(ratio: f32, u: &[f32]) -> Vec<bool> {
+    u.iter().map(|&x| x < ratio).collect()
+}
+
+/// Trailing padding of a completion (dLLM-RL `post_num`): from the first `pad_id` at or after
+/// the prompt, the first `post_num` pads are ordinary tokens; later ones are always replaced by
+/// the mask id in the input and excluded from the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailPad {
+    /// Padding id (LLaDA pads completions with EOS, 126081).
+    pub pad_id: i64,
+    /// Pads kept as ordinary tokens (dLLM-RL default 0).
+    pub post_num: usize,
+}
+
+/// One noised row: model input and which positions are scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoisedRow {
+    /// Model input `[L]`: prompt intact, masked completion positions → mask id.
+    pub noisy: Vec<i64>,
+    /// Positions scored by the loss `[L]` (dLLM-RL `p_mask`): masked, in the completion, not
+    /// tail padding.
+    pub loss_mask: Vec<bool>,
+}
+
+impl NoisedRow {
+    /// Number of scored positions `|M_i|`.
+    pub fn n_masked(&self) -> usize {
+        self.loss_mask.iter().filter(|m| **m).count()
+    }
+}
+
+/// Structured noising of one `[prompt | completion]` row (spec §5.1 step 2, dLLM-RL
+/// `prepare_inputs_and_labels_for_text`, `random_masking`): the prompt is never masked;
+/// completion position `j` is masked when `random_mask[j]`; tail pads (see [`TailPad`]) are
+/// always masked in the input and never scored.
+///
+/// `ids`: `[L]`; `random_mask`: `[L − prompt_len]`.
+///
+/// # Errors
+/// [`DiffusionError::Length`] / `Range` when the lengths do not fit.
+pub fn noise_completion(
+    ids: &[i64],
+    prompt_len: usize,
+    random_mask: &[bool],
+    mask_id: i64,
+    tail: Option<TailPad>,
+) -> Result<NoisedRow, DiffusionError> {
+    if prompt_len > ids.len() {
+        return Err(DiffusionError::Range {
+            what: "prompt_len",
+            value: prompt_len.to_string(),
+            why: "the prompt is longer than the row",
+        });
+    }
+    check_len("random_mask", random_mask.len(), ids.len() - prompt_len)?;
+    let tail_from = tail.and_then(|t| {
+        ids[prompt_len..]
+            .iter()
+            .position(|&x| x == t.pad_id)
+            .map(|p| prompt_len + p + t.post_num)
+    });
+    let mut noisy = ids.to_vec();
+    let mut loss_mask = vec![false; ids.len()];
+    for (j, &m) in random_mask.iter().enumerate() {
+        let i = prompt_len + j;
+        let is_tail = tail_from.is_some_and(|f| i >= f);
+        if is_tail || m {
+            noisy[i] = mask_id;
+        }
+        loss_mask[i] = m && !is_tail;
+    }
+    Ok(NoisedRow { noisy, loss_mask })
+}
+
+/// A batch of noised rows for the UniGRPO loss (host side, row-major).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GrpoBatch {
+    /// Sequence length `L` of every row.
+    pub seq_len: usize,
+    /// Model input `[R · L]`.
+    pub noisy: Vec<i64>,
+    /// Clean ids (labels) `[R · L]`.
+    pub labels: Vec<i64>,
+    /// Scored positions `[R · L]`.
+    pub loss_mask: Vec<bool>,
+    /// Advantage of each row `[R]`.
+    pub advantages: Vec<f32>,
+    /// Index of the completion each row comes from `[R]` (for bookkeeping).
+    pub source: Vec<usize>,
+}
+
+impl GrpoBatch {
+    /// An empty batch of rows of length `seq_len`.
+    pub fn new(seq_len: usize) -> Self {
+        Self {
+            seq_len,
+            ..Default::default()
+        }
+    }
+
+    /// Number of rows `R`.
+    pub fn rows(&self) -> usize {
+        self.advantages.len()
+    }
+
+    /// Appends a row; a row with no scored position is dropped (dLLM-RL drops rows whose mask
+    /// is empty) and `false` is returned.
+    ///
+    /// # Errors
+    /// [`DiffusionError::Length`] when `labels` or the row do not have length `L`.
+    pub fn push(
+        &mut self,
+        row: NoisedRow,
+        labels: &[i64],
+        advantage: f32,
+        source: usize,
+    ) -> Result<bool, DiffusionError> {
+        check_len("labels", labels.len(), self.seq_len)?;
+        check_len("noisy", row.noisy.len(), self.seq_len)?;
+        check_len("loss_mask", row.loss_mask.len(), self.seq_len)?;
+        if row.n_masked() == 0 {
+            return Ok(false);
+        }
+        self.noisy.extend_from_slice(&row.noisy);
+        self.labels.extend_from_slice(labels);
+        self.loss_mask.extend_from_slice(&row.loss_mask);
+        self.advantages.push(advantage);
+        self.source.push(source);
+        Ok(true)
+    }
+
+    /// The scored tokens in row-major order: flat positions `r·L + i`, their labels and rows.
+    pub fn tokens(&self) -> (Vec<usize>, Vec<i64>, Vec<usize>) {
+        let (mut pos, mut tg, mut row) = (vec![], vec![], vec![]);
+        for (k, &m) in self.loss_mask.iter().enumerate() {
+            if m {
+                pos.push(k);
+                tg.push(self.labels[k]);
+                row.push(k / self.seq_len);
+            }
+        }
+        (pos, tg, row)
+    }
+
+    /// The model input as a `[R, L]` int tensor.
+    pub fn input<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        let v: Vec<i32> = self.noisy.iter().map(|&x| x as i32).collect();
+        Tensor::from_data(TensorData::new(v, [self.rows(), self.seq_len]), device)
+    }
+
+    /// Per-token log-probs of the labels on the scored positions, `[n_tokens]` in the order of
+    /// [`Self::tokens`], from logits `[R, L, V]` of the model on [`Self::input`].
+    ///
+    /// # Errors
+    /// [`DiffusionError::Length`] when the logits do not have `R × L` rows.
+    pub fn logprobs<B: Backend>(
+        &self,
+        logits: Tensor<B, 3>,
+    ) -> Result<Tensor<B, 1>, DiffusionError> {
+        let [b, l, _] = logits.dims();
+        check_len("logits rows", b * l, self.rows() * self.seq_len)?;
+        let (pos, tg, _) = self.tokens();
+        Ok(token_logprobs(logits, &pos, &tg))
+    }
+}
+
+/// `log softmax(logits[pos_n])[target_n]` for each selected position → `[n]` (f32): spec
+/// §5.1 step 3, dLLM-RL `compute_logp_old_tok_parallel` (`log_softmax(logits).gather(labels)`).
+///
+/// `logits`: `[batch, seq, vocab]`; `positions`: flat indices `b·seq + i`. Only the selected
+/// rows go through `log_softmax` (as [`crate::weighted_token_ce`]). With no position the
+/// result is an empty `[0]` tensor.
+///
+/// # Panics
+/// When `positions` and `targets` differ in length (a programming error).
+pub fn token_logprobs<B: Backend>(
+    logits: Tensor<B, 3>,
+    positions: &[usize],
+    targets: &[i64],
+) -> Tensor<B, 1> {
+    assert_eq!(positions.len(), targets.len());
+    let device = logits.device();
+    let [b, l, v] = logits.dims();
+    let n = positions.len();
+    if n == 0 {
+        return Tensor::<B, 1>::from_data(
+            TensorData::new(Vec::<f32>::new(), [0]),
+            (&device, DType::F32),
+        );
+    }
+    let idx: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), &device);
+    let rows = logits
+        .reshape([b * l, v])
+        .select(0, idx)
+        .cast(FloatDType::F32);
+    let logp = log_softmax(rows, 1);
+    let tg: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+    let tg = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
+    logp.gather(1, tg).reshape([n])
+}
+
+/// How per-token terms are averaged into the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LossNorm {
+    /// dLLM-RL `rl_mmada.py`: policy term averaged over the masked tokens of each row, then
+    /// over rows; KL term **summed** over the masked tokens of each row, averaged over rows.
+    #[default]
+    DllmRl,
+    /// Paper eq. (spec §5.1 step 6) / TRL `loss_type: grpo`: both terms averaged over the
+    /// masked tokens of each row, then over rows.
+    Sequence,
+    /// TRL `bnpo`/`dapo`: both terms summed over all masked tokens of the batch and divided by
+    /// their count.
+    Token,
+}
+
+/// Parameters of [`unigrpo_loss`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GrpoLossConfig {
+    /// Lower clip `1 − epsilon` (dLLM-RL 0.2).
+    pub epsilon: f32,
+    /// Upper clip `1 + epsilon_high` (DAPO clip-higher); `None` = `epsilon`.
+    pub epsilon_high: Option<f32>,
+    /// KL weight β (dLLM-RL 0.01; 0 disables the KL term).
+    pub beta: f32,
+    /// Normalisation.
+    pub norm: LossNorm,
+}
+
+impl Default for GrpoLossConfig {
+    fn default() -> Self {
+        Self {
+            epsilon: 0.2,
+            epsilon_high: None,
+            beta: 0.01,
+            norm: LossNorm::DllmRl,
+        }
+    }
+}
+
+/// Token statistics of one loss evaluation (TRL metric names in the field docs).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct GrpoStats {
+    /// Rows `R`.
+    pub rows: usize,
+    /// Scored tokens.
+    pub tokens: usize,
+    /// Mean k3 KL per scored token (TRL `kl`).
+    pub kl_mean: f32,
+    /// Fraction of tokens with `ratio < 1 − ε` and `A < 0` (TRL `clip_ratio/low_mean`).
+    pub clip_low: f32,
+    /// Fraction with `ratio > 1 + ε_high` and `A > 0` (TRL `clip_ratio/high_mean`).
+    pub clip_high: f32,
+    /// `clip_low + clip_high` (TRL `clip_ratio/region_mean`).
+    pub clip_region: f32,
+    /// Fraction with `|ratio − 1| > ε` regardless of the advantage sign (dLLM-RL
+    /// `clip_fraction`).
+    pub clip_fraction: f32,
+    /// Mean ratio over scored tokens.
+    pub ratio_mean: f32,
+}
+
+/// Output of [`unigrpo_loss`].
+#[derive(Debug, Clone)]
+pub struct GrpoLoss<B: Backend> {
+    /// Policy term `[1]` (to minimise).
+    pub policy_loss: Tensor<B, 1>,
+    /// `β ·` KL term `[1]`.
+    pub kl_loss: Tensor<B, 1>,
+    /// `policy_loss + kl_loss` `[1]`.
+    pub loss: Tensor<B, 1>,
+    /// New per-token log-probs `[n_tokens]` (on the graph).
+    pub logp: Tensor<B, 1>,
+    /// Statistics.
+    pub stats: GrpoStats,
+}
+
+/// The UniGRPO loss on a noised batch (spec §5.1 steps 3–6, dLLM-RL `rl_mmada.py`):
+///
+/// * `ρ_t = exp(logp_new − logp_old)` per scored token;
+/// * `surr_t = min(ρ_t·A, clip(ρ_t, 1 − ε, 1 + ε_high)·A)` with the row's advantage `A`;
+/// * `policy = −Σ_rows Σ_t w_t·surr_t` (weights per [`LossNorm`]);
+/// * `kl_t = exp(−d) − 1 + d`, `d = logp_new − logp_ref` (k3 estimator, spec §5.1 step 6:
+///   `π_ref/π_θ − log(π_ref/π_θ) − 1`); `kl = β·Σ w'_t·kl_t`;
+/// * `loss = policy + kl`.
+///
+/// `logits`: `[R, L, V]` of the model being trained on [`GrpoBatch::input`]; `old_logp` and
+/// `ref_logp`: `[n_tokens]` host values in [`GrpoBatch::tokens`] order, computed without
+/// gradient; `ref_logp = None` uses `old_logp` as KL reference (dLLM-RL, spec §5.2).
+///
+/// # Errors
+/// [`DiffusionError::Length`] when the inputs do not match the batch; `Range` for an empty
+/// batch or invalid ε / β.
+pub fn unigrpo_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    batch: &GrpoBatch,
+    old_logp: &[f32],
+    ref_logp: Option<&[f32]>,
+    cfg: &GrpoLossConfig,
+) -> Result<GrpoLoss<B>, DiffusionError> {
+    let eps_high = cfg.epsilon_high.unwrap_or(cfg.epsilon);
+    if !(cfg.epsilon >= 0.0 && cfg.epsilon < 1.0 && eps_high >= 0.0 && cfg.beta >= 0.0) {
+        return Err(DiffusionError::Range {
+            what: "epsilon/epsilon_high/beta",
+            value: format!("{}/{}/{}", cfg.epsilon, eps_high, cfg.beta),
+            why: "need 0 <= epsilon < 1, epsilon_high >= 0, beta >= 0",
+        });
+    }
+    let r = batch.rows();
+    if r == 0 {
+        return Err(DiffusionError::Range {
+            what: "batch",
+            value: "0 rows".into(),
+            why: "no row has a masked completion token",
+        });
+    }
+    let device = logits.device();
+    let (_, _, row_of) = batch.tokens();
+    let n = row_of.len();
+    check_len("old_logp", old_logp.len(), n)?;
+    if let Some(rf) = ref_logp {
+        check_len("ref_logp", rf.len(), n)?;
+    }
+    let logp = batch.logprobs(logits)?;
+
+    let mut per_row = vec![0usize; r];
+    for &row in &row_of {
+        per_row[row] += 1;
+    }
+    let (w_pol, w_kl): (Vec<f32>, Vec<f32>) = row_of
+        .iter()
+        .map(|&row| {
+            let row_mean = 1.0 / (per_row[row].max(1) as f32 * r as f32);
+            match cfg.norm {
+                LossNorm::DllmRl => (row_mean, 1.0 / r as f32),
+                LossNorm::Sequence => (row_mean, row_mean),
+                LossNorm::Token => (1.0 / n as f32, 1.0 / n as f32),
+            }
+        })
+        .unzip();
+    let adv: Vec<f32> = row_of.iter().map(|&row| batch.advantages[row]).collect();
+    let f1 =
+        |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (&device, DType::F32));
+
+    let old = f1(old_logp.to_vec());
+    let a = f1(adv.clone());
+    let ratio = (logp.clone() - old.clone()).exp();
+    let surr1 = ratio.clone() * a.clone();
+    let surr2 = ratio.clone().clamp(1.0 - cfg.epsilon, 1.0 + eps_high) * a;
+    let surr = surr1.min_pair(surr2);
+    let policy_loss = (surr * f1(w_pol)).sum().neg().reshape([1]);
+
+    let reference = match ref_logp {
+        Some(rf) => f1(rf.to_vec()),
+        None => old,
+    };
+    let d = logp.clone() - reference;
+    let k3 = d.clone().neg().exp() - 1.0 + d;
+    let kl_loss = if cfg.beta > 0.0 {
+        (k3.clone() * f1(w_kl)).sum().reshape([1]) * cfg.beta
+    } else {
+        (k3.clone() * 0.0).sum().reshape([1])
+    };
+    let loss = policy_loss.clone() + kl_loss.clone();
+
+    // Host statistics (detached).
+    let ratio_h = ratio
+        .detach()
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|_| DiffusionError::Range {
+            what: "ratio",
+            value: "?".into(),
+            why: "could not read back the ratio",
+        })?;
+    let k3_h = k3
+        .detach()
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default();
+    let nf = n as f32;
+    let (mut low, mut high, mut frac) = (0usize, 0usize, 0usize);
+    for (i, &q) in ratio_h.iter().enumerate() {
+        if q < 1.0 - cfg.epsilon && adv[i] < 0.0 {
+            low += 1;
+        }
+        if q > 1.0 + eps_high && adv[i] > 0.0 {
+            high += 1;
+        }
+        if (q - 1.0).abs() > cfg.epsilon {
+            frac += 1;
+        }
+    }
+    let stats = GrpoStats {
+        rows: r,
+        tokens: n,
+        kl_mean: k3_h.iter().sum::<f32>() / nf,
+        clip_low: low as f32 / nf,
+        clip_high: high as f32 / nf,
+        clip_region: (low + high) as f32 / nf,
+        clip_fraction: frac as f32 / nf,
+        ratio_mean: ratio_h.iter().sum::<f32>() / nf,
+    };
+    Ok(GrpoLoss {
+        policy_loss,
+        kl_loss,
+        loss,
+        logp,
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(scale: ScaleRewards) -> AdvantageOptions {
+        AdvantageOptions {
+            scale,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn advantages_group_batch_none() {
+        // dLLM-RL fixture rewards: population z-score.
+        let a = group_advantages(&[1.0, 0.0, 1.0, 0.5], 4, opts(ScaleRewards::Group)).unwrap();
+        let want = [0.904_534, -1.507_557, 0.904_534, -0.301_511];
+        for (x, y) in a.advantages.iter().zip(want) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+        // Two groups, second all-equal (0.1 three times: not exactly representable).
+        let r = [1.0, 0.0, 0.1, 0.1, 0.1, 0.1];
+        let g = group_advantages(&r, 2, opts(ScaleRewards::Group)).unwrap();
+        assert_eq!(g.advantages, vec![1.0, -1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(g.zero_std, vec![false, true, true]);
+        assert!((g.frac_zero_std() - 2.0 / 3.0).abs() < 1e-6);
+        let n = group_advantages(&r, 2, opts(ScaleRewards::None)).unwrap();
+        assert_eq!(n.advantages, vec![0.5, -0.5, 0.0, 0.0, 0.0, 0.0]);
+        let b = group_advantages(&r, 2, opts(ScaleRewards::Batch)).unwrap();
+        let mean = (1.0 + 0.4) / 6.0f64;
+        let std = ((r.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>()) / 6.0).sqrt();
+        assert!((b.advantages[0] as f64 - 0.5 / std).abs() < 1e-6);
+        // TRL: Bessel std + eps.
+        let t = group_advantages(
+            &[1.0, 0.0],
+            2,
+            AdvantageOptions {
+                scale: ScaleRewards::Group,
+                eps: 1e-4,
+                unbiased_std: true,
+            },
+        )
+        .unwrap();
+        let s = std::f64::consts::FRAC_1_SQRT_2;
+        assert!((t.advantages[0] as f64 - 0.5 / (s + 1e-4)).abs() < 1e-6);
+        assert!(group_advantages(&[1.0, 2.0, 3.0], 2, opts(ScaleRewards::Group)).is_err());
+        assert!(group_advantages(&[f32::NAN, 1.0], 2, opts(ScaleRewards::Group)).is_err());
+    }
+
+    #[test]
+    fn ratio_schedules() {
+        let s = MaskRatioSchedule::UniformSpaced { timesteps: 1000 };
+        // Paper: start 100, 5 iterations -> 100, 325, 550, 775, 1000 (spec §5.1 note).
+        let r = s.ratios(5, &[0.1]).unwrap();
+        assert_eq!(r, vec![0.1, 0.325, 0.55, 0.775, 1.0]);
+        assert_eq!(s.ratios(1, &[0.4567]).unwrap(), vec![0.456]);
+        let u = MaskRatioSchedule::Uniform {
+            lower: 0.1,
+            upper: 0.9,
+        };
+        // f32 arithmetic as upstream `(upper - lower) * rand + lower`.
+        let r = u.ratios(2, &[0.0, 0.5]).unwrap();
+        assert_eq!(r, vec![0.1, (0.9f32 - 0.1) * 0.5 + 0.1]);
+        assert!((r[1] - 0.5).abs() < 1e-6);
+        assert!(u.ratios(2, &[0.5]).is_err());
+        assert!(
+            MaskRatioSchedule::Uniform {
+                lower: 0.9,
+                upper: 0.1
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            MaskRatioSchedule::UniformSpaced { timesteps: 0 }
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn noising_keeps_prompt_and_handles_tail_pads() {
+        // prompt [1 2], completion [5 6 9 9 9] with pad 9, post_num 1.
+        let ids = [1, 2, 5, 6, 9, 9, 9];
+        let mask = [true, false, true, true, false];
+        let row = noise_completion(
+            &ids,
+            2,
+            &mask,
+            0,
+            Some(TailPad {
+                pad_id: 9,
+                post_num: 1,
+            }),
+        )
+        .unwrap();
+        assert_eq!(row.noisy, vec![1, 2, 0, 6, 0, 0, 0]);
+        assert_eq!(
+            row.loss_mask,
+            vec![false, false, true, false, true, false, false]
+        );
+        assert_eq!(row.n_masked(), 2);
+        let mut b = GrpoBatch::new(7);
+        let empty = noise_completion(&ids, 2, &[false; 5], 0, None).unwrap();
+        assert!(!b.push(empty, &ids, 1.0, 0).unwrap());
+        assert!(b.push(row, &ids, 1.0, 0).unwrap());
+        assert_eq!(b.rows(), 1);
+        assert_eq!(b.tokens(), (vec![2, 4], vec![5, 9], vec![0, 0]));
+        assert_eq!(
+            completion_mask(0.5, &[0.1, 0.5, 0.9]),
+            vec![true, false, false]
+        );
+    }
+}
