@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
@@ -110,7 +110,7 @@ macro_rules! on_device {
                 $f::<mmada_model::backend::Cuda>(&device, $($arg),*)
             }
             #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Cuda(_) => bail!(
+            DeviceSpec::Cuda(_) => anyhow::bail!(
                 "device {spec}: this binary was built without the `cuda` feature \
                  (cargo build --release -p mmada-infer --features cuda)"
             ),
