@@ -13,14 +13,15 @@ use mmada_model::checkpoint::{DiskDtype, SaveOptions};
 use mmada_train::recipe::SftRecipe;
 use mmada_train::sft::{Resume, SftOptions, StepReport, run_sft};
 
+mod data_cmd;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mmada-train",
     version,
     about = "Train masked-diffusion multimodal language models (LLaDA / MMaDA)",
     after_help = "Planned subcommands (not in this release yet):\n  \
-        unigrpo   UniGRPO policy-gradient RL with pluggable rewards: mmada-train unigrpo --recipe recipes/unigrpo_gsm8k.yaml\n  \
-        data      inspect dataset manifests and check a recipe's data: mmada-train data inspect --manifest data_manifests/gsm8k.yaml"
+        unigrpo   UniGRPO policy-gradient RL with pluggable rewards: mmada-train unigrpo --recipe recipes/unigrpo_gsm8k.yaml"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -44,6 +45,12 @@ enum Command {
         /// Resume: `latest` (the run directory's newest checkpoint) or a checkpoint directory.
         #[arg(long)]
         resume: Option<String>,
+    },
+    /// Replay metrics that could not reach wandb (offline runs, outages) from
+    /// RUN_DIR/wandb-spool.jsonl. Uses WANDB_API_KEY (or ~/.netrc) and WANDB_BASE_URL.
+    WandbSync {
+        /// The run directory (runs/<name>).
+        run_dir: PathBuf,
     },
     /// Write the quickstart's generated data: arithmetic Q&A (jsonl) and a character-level
     /// tokenizer.json.
@@ -88,6 +95,11 @@ enum Command {
         /// Replace an existing output directory.
         #[arg(long)]
         overwrite: bool,
+    },
+    /// Inspect dataset manifests and check a recipe's data.
+    Data {
+        #[command(subcommand)]
+        command: data_cmd::DataCommand,
     },
 }
 
@@ -228,6 +240,13 @@ fn main() -> Result<()> {
             print_config,
             resume,
         } => sft(recipe, overrides, print_config, resume)?,
+        Command::WandbSync { run_dir } => {
+            let endpoint = mmada_wandb::Endpoint::from_env(None)?;
+            let report =
+                mmada_wandb::sync(&run_dir, &endpoint, &mmada_wandb::SyncOptions::default())
+                    .with_context(|| format!("syncing {}", run_dir.display()))?;
+            tracing::info!("{report:?}");
+        }
         Command::Synth { out, n, seed } => {
             mmada_train::synth::write_arithmetic(&out, n, seed)
                 .with_context(|| format!("writing {}", out.display()))?;
@@ -260,6 +279,7 @@ fn main() -> Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             tracing::info!(out = %out.display(), params = cfg.num_params(), "initialised model");
         }
+        Command::Data { command } => data_cmd::run(command)?,
     }
     Ok(())
 }

@@ -351,6 +351,15 @@ impl Default for CheckpointSection {
     }
 }
 
+/// `logging:` — where metrics go besides `metrics.jsonl` (always written).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    /// Weights & Biases over HTTP (`mode: online | offline | disabled`, project, entity, …).
+    #[serde(default)]
+    pub wandb: Option<mmada_wandb::WandbConfig>,
+}
+
 /// A complete SFT recipe (`mmada-train sft --recipe FILE`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -376,6 +385,9 @@ pub struct SftRecipe {
     /// Checkpointing.
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    /// Metrics sinks.
+    #[serde(default)]
+    pub logging: LoggingSection,
 }
 
 /// Apply `key.path=value` overrides to a YAML tree; the value is parsed as YAML

@@ -379,6 +379,21 @@ pub fn run_sft<B: AutodiffBackend>(
         &run.root().join("config.resolved.yaml"),
         recipe.to_yaml().as_bytes(),
     )?;
+    let mut wandb = match &recipe.logging.wandb {
+        None => mmada_wandb::WandbRun::disabled(),
+        Some(w) => {
+            let resume = state.extra.get("wandb").and_then(|v| {
+                serde_json::from_value::<mmada_wandb::WandbResumeState>(v.clone()).ok()
+            });
+            let init = mmada_wandb::RunInit {
+                run_config: serde_json::to_value(recipe).expect("recipe serialises"),
+                resume,
+                endpoint: None,
+            };
+            mmada_wandb::WandbRun::start(w, run.root(), init)
+                .map_err(|e| TrainError::Other(format!("logging.wandb: {e}")))?
+        }
+    };
     let metrics_path = run.metrics_path();
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -501,6 +516,9 @@ pub fn run_sft<B: AutodiffBackend>(
             }
             writeln!(metrics, "{row}")
                 .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?;
+            if let serde_json::Value::Object(map) = row {
+                wandb.log_map(state.step, map);
+            }
         }
         on_step(&report);
         let stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
@@ -508,13 +526,26 @@ pub fn run_sft<B: AutodiffBackend>(
         let periodic = recipe.checkpoint.every > 0 && state.step % recipe.checkpoint.every == 0;
         let last = state.step == recipe.train.max_steps;
         if periodic || last || stop_requested || stop_after {
+            if let Some(ws) = wandb.resume_state() {
+                state.extra.insert(
+                    "wandb".into(),
+                    serde_json::to_value(ws).expect("serialises"),
+                );
+            }
             outcome.last_checkpoint = Some(ctx.save(&data, &model, &optim, &state)?);
         }
         if stop_requested || stop_after {
             outcome.interrupted = stop_requested;
+            if stop_requested {
+                wandb.mark_preempting();
+            }
             break;
         }
     }
+    if let Some(l) = state.losses.last() {
+        wandb.summary("final_loss", f64::from(*l));
+    }
+    let _ = wandb.finish(i32::from(outcome.interrupted));
     outcome.final_step = state.step;
     outcome.losses = state.losses;
     Ok(outcome)

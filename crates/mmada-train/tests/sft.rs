@@ -290,3 +290,34 @@ checkpoint: {{every: 12, keep_last: 1}}
         assert!(last.get(k).is_some(), "metrics row lacks `{k}`: {last}");
     }
 }
+
+#[test]
+fn wandb_offline_mode_spools_the_metric_rows_for_a_later_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = arith_recipe(tmp.path(), "wb", "");
+    let recipe = with(
+        &base,
+        &[
+            "train.max_steps=3",
+            "logging.wandb.mode=offline",
+            "logging.wandb.project=mmada-test",
+        ],
+    );
+    let out = run(&recipe, None, None);
+    let spool = std::fs::read_to_string(out.run_dir.join(mmada_wandb::SPOOL_FILE)).unwrap();
+    let rows = spool
+        .lines()
+        .filter(|l| l.contains("\"type\":\"history\"") && l.contains("step_loss_lm"))
+        .count();
+    assert_eq!(
+        rows, 3,
+        "expected 3 history rows with step_loss_lm in the spool:\n{spool}"
+    );
+    // the resume state travels in trainer_state.json, without the API key
+    let state =
+        std::fs::read_to_string(out.last_checkpoint.unwrap().join("trainer_state.json")).unwrap();
+    assert!(
+        state.contains("\"wandb\"") && state.contains("mmada-test"),
+        "{state}"
+    );
+}
