@@ -1,0 +1,174 @@
+//! `mmada-train data inspect` and `mmada-train data check`: thin terminal wrappers over
+//! `mmada_data::inspect`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use mmada_data::inspect::{ScanOptions, Summary, check_manifest, scan_manifest};
+use mmada_data::manifest::Manifest;
+use mmada_data::{LayoutConfig, TextTokenizer};
+use mmada_train::recipe::{SftRecipe, SourceSpec};
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Print N rendered examples of a manifest (special tokens visible, token counts,
+    /// prompt/answer split) and length statistics:
+    /// mmada-train data inspect --manifest data_manifests/gsm8k.yaml --source ../shared/data/math/gsm8k_test.jsonl --tokenizer ../shared/data/tokenizers/gpt2
+    Inspect {
+        /// Manifest YAML.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Read this local file / glob instead of the manifest's source (the format follows
+        /// a .jsonl / .json / .parquet / .arrow extension).
+        #[arg(long)]
+        source: Option<String>,
+        /// Root for the manifest's relative source and image paths (default: current dir).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
+        /// Examples to print.
+        #[arg(long, default_value_t = 3)]
+        n: usize,
+        /// tokenizer.json (or a folder holding it); enables token counts and statistics.
+        /// MMaDA special tokens the vocabulary lacks are added.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Read at most this many examples (default: all, for the statistics).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Length of lm / chat / cot rows (`max_lm_len`).
+        #[arg(long, default_value_t = 1536)]
+        max_lm_len: usize,
+        /// Text length `P` of mmu / t2i rows (`max_seq_length`).
+        #[arg(long, default_value_t = 512)]
+        max_seq_length: usize,
+    },
+    /// Validate every manifest a recipe uses: open each source (relative to
+    /// `data.data_root`), read every record, lay it out with the recipe's tokenizer and
+    /// report per-source counts. Exits non-zero if any source fails.
+    Check {
+        /// Recipe YAML.
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Override a recipe key: --set data.data_root=../shared/data (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+}
+
+fn tokenizer(path: &Path) -> Result<TextTokenizer> {
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
+    TextTokenizer::from_file_with_mmada_tokens(&file)
+        .with_context(|| format!("loading tokenizer {}", file.display()))
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Runs a `data` subcommand.
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Inspect {
+            manifest,
+            source,
+            data_root,
+            n,
+            tokenizer: tok,
+            limit,
+            max_lm_len,
+            max_seq_length,
+        } => {
+            let mut m = Manifest::from_file(&manifest)?;
+            if let Some(s) = source {
+                m = m.with_source_path(s);
+            }
+            let tok = tok.as_deref().map(tokenizer).transpose()?;
+            let opts = ScanOptions {
+                n,
+                limit,
+                layout: LayoutConfig {
+                    max_lm_len,
+                    max_seq_length,
+                    ..LayoutConfig::default()
+                },
+                ..ScanOptions::default()
+            };
+            let scan = scan_manifest(m, data_root.as_deref(), tok.as_ref(), &opts)?;
+            print!("{scan}");
+            Ok(())
+        }
+        DataCommand::Check { recipe, overrides } => check(&recipe, &overrides),
+    }
+}
+
+fn load_manifest(spec: &SourceSpec, base: &Path) -> Result<Manifest> {
+    let mut m = match (&spec.manifest, &spec.inline) {
+        (Some(path), _) => Manifest::from_file(&resolve(base, path))?,
+        (None, Some(m)) => m.clone(),
+        (None, None) => bail!("a source needs `manifest` or `inline`"),
+    };
+    if let Some(p) = &spec.path {
+        // Same override as training (`data::load_manifest`): the format stays.
+        m.source.path = Some(p.clone());
+        m.source.hf_repo = None;
+        m.source.revision = None;
+        m.source.files.clear();
+    }
+    Ok(m)
+}
+
+fn check(recipe_path: &Path, overrides: &[String]) -> Result<()> {
+    let recipe = SftRecipe::load(recipe_path, overrides)?;
+    let base = std::env::current_dir()?;
+    let data_root = recipe.data.data_root.as_ref().map(|r| resolve(&base, r));
+    let tok = match mmada_train::sft::load_tokenizer(&recipe, &base) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            println!("tokenizer: {e} — checking records without layouts");
+            None
+        }
+    };
+    let streams = [
+        ("lm", &recipe.data.lm),
+        ("mmu", &recipe.data.mmu),
+        ("t2i", &recipe.data.t2i),
+    ];
+    let (mut ok, mut failed) = (0usize, 0usize);
+    for (stream, section) in streams {
+        for (i, spec) in section.sources.iter().enumerate() {
+            let label = format!("data.{stream}.sources[{i}]");
+            let res = load_manifest(spec, &base).and_then(|m| {
+                Ok(check_manifest(
+                    m,
+                    data_root.as_deref(),
+                    tok.as_ref(),
+                    &recipe.data.layout,
+                )?)
+            });
+            match res {
+                Ok(scan) => {
+                    ok += 1;
+                    print!("OK    {label} {}", Summary(&scan));
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("FAIL  {label}: {e:#}");
+                }
+            }
+        }
+    }
+    println!("{ok} source(s) OK, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} data source(s) failed the check");
+    }
+    Ok(())
+}
