@@ -1,6 +1,6 @@
 //! The MAGVIT-v2 [`ImageCoder`] adapter over `mmada-vq` (test-only: the charter keeps
-//! mmada-data free of burn; `mmada-train` / `mmada-infer` hold the production copy of this
-//! adapter) and the end-to-end check image → preprocessing → codes against the fixture
+//! mmada-data free of burn; a production copy belongs in `mmada-train` / `mmada-infer`,
+//! which may depend on both) and the end-to-end check image → preprocessing → codes against the fixture
 //! `magvitv2/encode` (its `image1` is a synthetic gradient we can regenerate exactly).
 
 mod common;
