@@ -115,7 +115,14 @@ fn ten_steps_summary_finish_match_the_sdk_capture() {
     assert!(ours.iter().all(|k| known.contains(k)));
 
     // Auth header form on every request: Basic base64("api:" + 40-char key); JSON content type.
-    for (r, c) in reqs.iter().zip(cap.iter().cycle()) {
+    let cap_auth = cap[0]["headers"]["Authorization"].as_str().unwrap();
+    assert!(
+        cap.iter()
+            .filter(|c| c["method"] == "POST")
+            .all(|c| c["headers"]["Authorization"] == cap_auth),
+        "the SDK authenticates every POST the same way"
+    );
+    for r in &reqs {
         let auth = r
             .headers
             .get("authorization")
@@ -129,7 +136,7 @@ fn ten_steps_summary_finish_match_the_sdk_capture() {
         assert_eq!(user, "api");
         assert_eq!(key, KEY);
         assert_eq!(
-            c["headers"]["Authorization"],
+            cap_auth,
             format!("Basic base64(api:<REDACTED {} chars>)", key.len()),
             "same form as the SDK"
         );
@@ -349,4 +356,53 @@ fn preempting_is_sent_at_once() {
     );
     assert!(run.finish(0).delivered);
     assert_eq!(server.exitcode("preempt1"), Some(0));
+}
+
+#[test]
+fn console_lines_heartbeat_and_stop_request() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WandbConfig {
+        run_id: Some("console1".into()),
+        entity: Some("probe-entity".into()),
+        console: true,
+        heartbeat_secs: 0.3,
+        ..fast_config("probe-project")
+    };
+    let mut run = WandbRun::start(
+        &cfg,
+        dir.path(),
+        RunInit {
+            endpoint: Some(endpoint(&server.url())),
+            ..RunInit::default()
+        },
+    )
+    .unwrap();
+    run.console("RUN console1 start");
+    run.log(0, &[("loss", 1.0)]);
+    run.console("step 0 loss 1.0000");
+    // Nothing to send for a while: an empty `{}` heartbeat goes out, as the SDK's.
+    assert!(wait_until(Duration::from_secs(5), || {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.is_file_stream() && r.body == json!({}))
+    }));
+    assert!(!run.stop_requested());
+    server.set_faults(Faults {
+        reply_stopped: true,
+        ..Faults::default()
+    });
+    run.log(1, &[("loss", 0.5)]);
+    assert!(wait_until(Duration::from_secs(5), || run.stop_requested()));
+    assert!(run.finish(0).delivered);
+
+    let console = server.state.lock().unwrap().console["console1"].clone();
+    assert_eq!(console.len(), 2);
+    // "<UTC %Y-%m-%dT%H:%M:%S.%f> <text>" as in the SDK's output.log lines.
+    let (ts, text) = console[1].split_once(' ').unwrap();
+    assert_eq!(text, "step 0 loss 1.0000");
+    assert_eq!(ts.len(), "2026-11-30T04:54:14.550419".len());
+    assert_eq!(&ts[10..11], "T");
+    assert!(console[0].ends_with(" RUN console1 start"));
 }

@@ -59,6 +59,8 @@ pub struct Faults {
     pub hang: bool,
     /// Answer every file_stream with this status (e.g. 403).
     pub always_file_stream: Option<u16>,
+    /// Answer file_stream with `"stopped": true` (the user pressed stop in the UI).
+    pub reply_stopped: bool,
 }
 
 #[derive(Default)]
@@ -68,6 +70,7 @@ pub struct State {
     /// Applied history lines per run id: `file[offset + i] = content[i]`.
     pub history: BTreeMap<String, Vec<Option<String>>>,
     pub summary: BTreeMap<String, String>,
+    pub console: BTreeMap<String, Vec<String>>,
     pub complete: BTreeMap<String, i64>,
     /// History lines each successful request carried, per run (to check exactly-once delivery).
     pub accepted_lines: BTreeMap<String, Vec<u64>>,
@@ -262,11 +265,12 @@ fn serve(stream: TcpStream, st: Arc<Mutex<State>>, stop: Arc<AtomicBool>, born: 
             )
         } else if is_fs {
             apply_file_stream(&mut s, &path, &body);
-            (
-                200,
-                String::new(),
-                r#"{"exitcode":null,"limits":{}}"#.to_string(),
-            )
+            let reply = if s.faults.reply_stopped {
+                r#"{"exitcode":null,"limits":{},"stopped":true}"#
+            } else {
+                r#"{"exitcode":null,"limits":{}}"#
+            };
+            (200, String::new(), reply.to_string())
         } else if path == "/graphql" {
             (
                 200,
@@ -340,6 +344,16 @@ fn apply_file_stream(s: &mut State, path: &str, body: &Value) {
         assert_eq!(c.len(), 1, "summary is one line");
         s.summary
             .insert(run.clone(), c[0].as_str().unwrap().to_string());
+    }
+    if let Some(o) = body.pointer("/files/output.log") {
+        let off = o["offset"].as_u64().unwrap() as usize;
+        let file = s.console.entry(run.clone()).or_default();
+        for (i, c) in o["content"].as_array().unwrap().iter().enumerate() {
+            if file.len() <= off + i {
+                file.resize(off + i + 1, String::new());
+            }
+            file[off + i] = c.as_str().unwrap().to_string();
+        }
     }
     if body.get("complete") == Some(&Value::Bool(true)) {
         s.complete.insert(
