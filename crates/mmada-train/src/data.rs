@@ -118,16 +118,17 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 }
 
 fn load_manifest(spec: &SourceSpec, base: &Path) -> Result<Manifest, TrainDataError> {
-    let mut m = match (&spec.manifest, &spec.inline) {
+    let m = match (&spec.manifest, &spec.inline) {
         (Some(path), _) => Manifest::from_file(&resolve(base, path))?,
         (None, Some(m)) => m.clone(),
         (None, None) => unreachable!("validated by the recipe"),
     };
-    if let Some(p) = &spec.path {
-        m.source.path = Some(p.clone());
-        m.source.hf_repo = None;
-    }
-    Ok(m)
+    // A local override also takes its format from the file extension (a parquet manifest
+    // pointed at a jsonl copy).
+    Ok(match &spec.path {
+        Some(p) => m.with_source_path(p.clone()),
+        None => m,
+    })
 }
 
 impl TrainData {
