@@ -8,6 +8,7 @@
 //! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
 //! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
 //! * [`sft`]: the SFT loop ([`sft::run_sft`]).
+//! * [`unigrpo`]: the UniGRPO loop ([`unigrpo::run_unigrpo`], spec §5).
 //! * [`init_checkpoint`]: a freshly initialised model as a Hugging Face checkpoint.
 
 pub mod data;
@@ -17,6 +18,7 @@ pub mod run_dir;
 pub mod schedule;
 pub mod sft;
 pub mod synth;
+pub mod unigrpo;
 
 use std::path::Path;
 
