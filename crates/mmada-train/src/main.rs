@@ -46,6 +46,22 @@ enum Command {
         #[arg(long)]
         resume: Option<String>,
     },
+    /// UniGRPO reinforcement learning (spec §5) with pluggable rewards from a recipe
+    /// (e.g. recipes/quickstart_unigrpo.yaml, recipes/unigrpo_gsm8k.yaml).
+    Unigrpo {
+        /// Recipe YAML.
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Override a recipe key: --set grpo.beta=0.04 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Print the resolved recipe and exit.
+        #[arg(long)]
+        print_config: bool,
+        /// Resume: `latest` or a checkpoint directory.
+        #[arg(long)]
+        resume: Option<String>,
+    },
     /// Replay metrics that could not reach wandb (offline runs, outages) from
     /// RUN_DIR/wandb-spool.jsonl. Uses WANDB_API_KEY (or ~/.netrc) and WANDB_BASE_URL.
     WandbSync {
@@ -224,6 +240,104 @@ fn sft(
     Ok(())
 }
 
+fn unigrpo(
+    recipe_path: PathBuf,
+    overrides: Vec<String>,
+    print_config: bool,
+    resume: Option<String>,
+) -> Result<()> {
+    use mmada_train::unigrpo::{GrpoStepReport, UniGrpoOptions, UniGrpoRecipe, run_unigrpo};
+    let recipe = UniGrpoRecipe::load(&recipe_path, &overrides)?;
+    if print_config {
+        print!("{}", recipe.to_yaml());
+        return Ok(());
+    }
+    let device: DeviceSpec = recipe.train.device.parse()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        })
+        .context("installing the SIGINT/SIGTERM handler")?;
+    }
+    let opts = UniGrpoOptions {
+        resume: resume.map(|r| {
+            if r == "latest" {
+                Resume::Latest
+            } else {
+                Resume::Path(r.into())
+            }
+        }),
+        stop: Some(stop),
+        stop_after: None,
+        base_dir: std::env::current_dir()?,
+    };
+    let bar = ProgressBar::new(recipe.train.max_steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("template"),
+    );
+    let mut on_step = |r: &GrpoStepReport| {
+        bar.set_position(r.step);
+        let msg = format!(
+            "reward {:.3} loss {:.4} (policy {:.4} kl {:.4}) zero-std {:.2} rollout {:.1}s update {:.1}s",
+            r.reward,
+            r.loss,
+            r.policy_loss,
+            r.kl_loss,
+            r.frac_reward_zero_std,
+            r.rollout_s,
+            r.update_s
+        );
+        bar.set_message(msg.clone());
+        bar.suspend(|| tracing::info!(step = r.step, "{msg}"));
+    };
+    tracing::info!(recipe = %recipe_path.display(), device = %device, "starting UniGRPO run `{}`", recipe.run.name);
+    let outcome = match device {
+        DeviceSpec::Cpu => run_unigrpo::<mmada_model::backend::CpuAutodiff>(
+            &recipe,
+            &Default::default(),
+            &opts,
+            &mut on_step,
+        )?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(ref ids) => {
+            if ids.len() > 1 {
+                bail!("train.device {device}: UniGRPO runs on one device; give cuda:N");
+            }
+            let dev = device.cuda_devices().remove(0);
+            run_unigrpo::<mmada_model::backend::CudaAutodiff>(&recipe, &dev, &opts, &mut on_step)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => bail!(
+            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+        ),
+    };
+    bar.finish();
+    tracing::info!(
+        steps = outcome.final_step,
+        "UniGRPO run `{}` {}; run directory {}; last checkpoint {}",
+        recipe.run.name,
+        if outcome.interrupted {
+            "stopped"
+        } else {
+            "finished"
+        },
+        outcome.run_dir.display(),
+        outcome
+            .last_checkpoint
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -234,6 +348,12 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Unigrpo {
+            recipe,
+            overrides,
+            print_config,
+            resume,
+        } => unigrpo(recipe, overrides, print_config, resume)?,
         Command::Sft {
             recipe,
             overrides,
