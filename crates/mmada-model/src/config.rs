@@ -393,7 +393,8 @@ impl ModelConfig {
                 ));
             }
         }
-        r.require_bool("rope", true, false)?;
+        // absent `rope` is read as RoPE (the only position encoding implemented)
+        r.require_bool("rope", true, true)?;
         r.require_bool("alibi", false, false)?;
         r.require_bool("weight_tying", false, true)?;
         r.require_bool("include_bias", false, false)?;

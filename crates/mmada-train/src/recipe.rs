@@ -553,7 +553,7 @@ impl SftRecipe {
         if !(0.0..=1.0).contains(&self.schedule.min_lr_scale) {
             return Err(err("schedule.min_lr_scale", "must be in [0, 1]".into()));
         }
-        if !(self.optimizer.lr > 0.0) {
+        if self.optimizer.lr.is_nan() || self.optimizer.lr <= 0.0 {
             return Err(err("optimizer.lr", "must be positive".into()));
         }
         if self.train.max_steps == 0 {
@@ -594,7 +594,7 @@ impl SftRecipe {
                         "give exactly one of `manifest: FILE` or `inline: {...}`".into(),
                     ));
                 }
-                if !(src.weight > 0.0) {
+                if src.weight.is_nan() || src.weight <= 0.0 {
                     return Err(err(
                         &format!("{key}.sources[{i}].weight"),
                         "must be positive".into(),

@@ -390,7 +390,11 @@ pub fn run_sft<B: AutodiffBackend>(
                 resume,
                 endpoint: None,
             };
-            mmada_wandb::WandbRun::start(w, run.root(), init)
+            // WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY / WANDB_RUN_ID override the recipe
+            let mut w = w.clone();
+            w.apply_env()
+                .map_err(|e| TrainError::Other(format!("logging.wandb: {e}")))?;
+            mmada_wandb::WandbRun::start(&w, run.root(), init)
                 .map_err(|e| TrainError::Other(format!("logging.wandb: {e}")))?
         }
     };
@@ -521,7 +525,9 @@ pub fn run_sft<B: AutodiffBackend>(
             }
         }
         on_step(&report);
-        let stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        // a signal, or the run stopped from the wandb UI
+        let stop_requested =
+            opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) || wandb.stop_requested();
         let stop_after = opts.stop_after.is_some_and(|n| ran >= n);
         let periodic = recipe.checkpoint.every > 0 && state.step % recipe.checkpoint.every == 0;
         let last = state.step == recipe.train.max_steps;

@@ -43,10 +43,9 @@ pub fn write_arithmetic(dir: &Path, n: usize, seed: u64) -> std::io::Result<()> 
             added.push(json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
         }
     }
-    let mut next = specials.len();
-    for c in (32u8..127).map(char::from).chain(std::iter::once('\n')) {
-        vocab.insert(c.to_string(), json!(next));
-        next += 1;
+    let chars = (32u8..127).map(char::from).chain(std::iter::once('\n'));
+    for (id, c) in (specials.len()..).zip(chars) {
+        vocab.insert(c.to_string(), json!(id));
     }
     let tok = json!({
         "version": "1.0",
