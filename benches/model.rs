@@ -17,9 +17,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mmada_diffusion::noise::DEFAULT_EPS;
 use mmada_diffusion::{MaskDraw, forward_process, pretrain_loss};
 use mmada_model::backend::Cpu;
-use rand::SeedableRng;
 use mmada_model::init::init_model;
 use mmada_model::{Attention, FloatDType, LladaModel, ModelConfig};
+use rand::SeedableRng;
 
 const BATCH: usize = 4;
 const SEQ: usize = 256;
@@ -49,7 +49,9 @@ fn ids<B: Backend>(cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 2, Int> {
 /// The LLaDA pretraining loss on a fixed noising draw (seeded; about half the tokens
 /// masked), as the trainer computes it.
 fn loss<B: Backend>(model: &LladaModel<B>, cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 1> {
-    let x0: Vec<i64> = (0..BATCH * SEQ).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64).collect();
+    let x0: Vec<i64> = (0..BATCH * SEQ)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
+        .collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let draw = MaskDraw::sample(&mut rng, BATCH, SEQ);
     let mask_id = cfg.mask_token_id.unwrap() as i64;
