@@ -648,7 +648,7 @@ train: {max_steps: 3}
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("`optimizer`")
+            e.contains("`optimizer.lrr`")
                 && e.contains("unknown field `lrr`")
                 && e.contains("did you mean `lr`"),
             "{e}"
@@ -673,7 +673,7 @@ train: {max_steps: 3}
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("`data.lm`") && e.contains("did you mean `batch_size`"),
+            e.contains("`data.lm.batch_sise`") && e.contains("did you mean `batch_size`"),
             "{e}"
         );
         let e = SftRecipe::parse(MINIMAL, "r.yaml", &["schedule.kind=cosin".into()])
