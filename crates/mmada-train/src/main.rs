@@ -128,6 +128,29 @@ fn parse_disk_dtype(s: &str) -> Result<DiskDtype> {
     }
 }
 
+/// First SIGINT/SIGTERM: set the returned flag (the trainer saves a checkpoint and stops);
+/// a second one exits at once with status 130.
+fn install_stop_handler() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })
+    .context("installing the SIGINT/SIGTERM handler")?;
+    Ok(stop)
+}
+
+/// `--resume latest` or `--resume DIR`.
+fn parse_resume(r: String) -> Resume {
+    if r == "latest" {
+        Resume::Latest
+    } else {
+        Resume::Path(r.into())
+    }
+}
+
 fn fmt_opt(x: Option<f32>) -> String {
     x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
 }
@@ -144,24 +167,9 @@ fn sft(
         return Ok(());
     }
     let device: DeviceSpec = recipe.train.device.parse()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        })
-        .context("installing the SIGINT/SIGTERM handler")?;
-    }
+    let stop = install_stop_handler()?;
     let opts = SftOptions {
-        resume: resume.map(|r| {
-            if r == "latest" {
-                Resume::Latest
-            } else {
-                Resume::Path(r.into())
-            }
-        }),
+        resume: resume.map(parse_resume),
         stop: Some(stop.clone()),
         stop_after: None,
         base_dir: std::env::current_dir()?,
@@ -253,24 +261,9 @@ fn unigrpo(
         return Ok(());
     }
     let device: DeviceSpec = recipe.train.device.parse()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        })
-        .context("installing the SIGINT/SIGTERM handler")?;
-    }
+    let stop = install_stop_handler()?;
     let opts = UniGrpoOptions {
-        resume: resume.map(|r| {
-            if r == "latest" {
-                Resume::Latest
-            } else {
-                Resume::Path(r.into())
-            }
-        }),
+        resume: resume.map(parse_resume),
         stop: Some(stop),
         stop_after: None,
         base_dir: std::env::current_dir()?,
