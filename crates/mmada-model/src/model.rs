@@ -198,20 +198,68 @@ pub struct LladaBlock<B: Backend> {
     pub n_kv_heads: usize,
 }
 
+/// `x · W` of a [`Linear`] (no bias in LLaDA), computed in `compute` when given: the input
+/// and the weight are cast to `compute` (tracked by autodiff, so the weight's gradient arrives
+/// in the parameter's own dtype) and the product stays in `compute`, as a matmul under
+/// PyTorch's `torch.autocast(dtype=torch.bfloat16)`.
+fn linear_in<B: Backend>(
+    layer: &Linear<B>,
+    x: Tensor<B, 3>,
+    compute: Option<FloatDType>,
+) -> Tensor<B, 3> {
+    match compute {
+        None => layer.forward(x),
+        Some(c) => {
+            let w = cast_to(layer.weight.val(), c);
+            let y = cast_to(x, c).matmul(w.unsqueeze::<3>());
+            match &layer.bias {
+                Some(b) => y + cast_to(b.val(), c).unsqueeze::<3>(),
+                None => y,
+            }
+        }
+    }
+}
+
+/// `t` in `dtype` (no op when it already is).
+fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
+    if t.dtype() == DType::from(dtype) {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
+
 impl<B: Backend> LladaBlock<B> {
     /// `x`: `[batch, seq, d_model]`; `bias`: additive f32 `[batch|1, 1, seq|1, seq]`.
+    /// Computes in the parameters' dtype; see [`LladaBlock::forward_in`] for mixed precision.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &(Tensor<B, 2>, Tensor<B, 2>),
         bias: Option<&Tensor<B, 4>>,
     ) -> Tensor<B, 3> {
+        self.forward_in(x, rope, bias, None)
+    }
+
+    /// [`LladaBlock::forward`] with the seven projections computed in `compute` (e.g. BF16
+    /// over f32 parameters, see [`LladaModel::with_compute_dtype`]). The residual stream and
+    /// the norms stay in `x`'s dtype (upstream under autocast: `x + attn_out(..)` promotes the
+    /// bf16 branch back to the f32 residual); RoPE and the softmax run in f32 as always; the
+    /// attention matmuls and the SwiGLU product run in `compute`.
+    pub fn forward_in(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        bias: Option<&Tensor<B, 4>>,
+        compute: Option<FloatDType>,
+    ) -> Tensor<B, 3> {
         let [b, l, d] = x.dims();
+        let residual = float_dtype(x.dtype());
         let hd = d / self.n_heads;
         let h = self.attn_norm.forward(x.clone());
-        let q = self.q_proj.forward(h.clone());
-        let k = self.k_proj.forward(h.clone());
-        let v = self.v_proj.forward(h);
+        let q = linear_in(&self.q_proj, h.clone(), compute);
+        let k = linear_in(&self.k_proj, h.clone(), compute);
+        let v = linear_in(&self.v_proj, h, compute);
         let q = q.reshape([b, l, self.n_heads, hd]).swap_dims(1, 2);
         let k = k.reshape([b, l, self.n_kv_heads, hd]).swap_dims(1, 2);
         let v = v.reshape([b, l, self.n_kv_heads, hd]).swap_dims(1, 2);
@@ -232,11 +280,11 @@ impl<B: Backend> LladaBlock<B> {
         };
         let o = scaled_dot_product_attention(q, k, v, bias);
         let o = o.swap_dims(1, 2).reshape([b, l, d]);
-        let x = x + self.attn_out.forward(o);
+        let x = x + cast_to(linear_in(&self.attn_out, o, compute), residual);
         let h = self.ff_norm.forward(x.clone());
-        let gate = silu(self.ff_proj.forward(h.clone()));
-        let up = self.up_proj.forward(h);
-        x + self.ff_out.forward(gate * up)
+        let gate = silu(linear_in(&self.ff_proj, h.clone(), compute));
+        let up = linear_in(&self.up_proj, h, compute);
+        x + cast_to(linear_in(&self.ff_out, gate * up, compute), residual)
     }
 }
 
@@ -273,6 +321,10 @@ pub struct LladaModel<B: Backend> {
     pub ff_out: Linear<B>,
     /// `rope_theta`.
     pub rope_theta: f64,
+    /// Mixed precision: the dtype the matmuls run in when it differs from the parameters'
+    /// (`None`: everything in the parameter dtype). Not a parameter; not saved. Set it with
+    /// [`LladaModel::with_compute_dtype`].
+    pub compute_dtype: Option<FloatDType>,
 }
 
 /// Anything that maps a canvas of token ids to logits: the model, a mock in tests, later a
@@ -286,6 +338,12 @@ pub trait Denoiser<B: Backend> {
 impl<B: Backend> LladaModel<B> {
     /// Forward pass (spec §1.2): `input_ids` `[batch, seq]` → logits `[batch, seq, embedding_size]`.
     /// Positions are `0..seq` whatever the padding (upstream has no position ids).
+    ///
+    /// With a compute dtype ([`LladaModel::with_compute_dtype`]) the projections and the LM
+    /// head run in that dtype over the parameters cast inside the forward (autodiff tracks the
+    /// casts, so gradients arrive in the parameter dtype), the embedding lookup, residual
+    /// stream and norms stay in the parameter dtype, and the logits are returned in f32 for an
+    /// f32 loss (PyTorch autocast runs `cross_entropy` in f32).
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
         let [_, l] = input_ids.dims();
         let device = input_ids.device();
@@ -293,12 +351,31 @@ impl<B: Backend> LladaModel<B> {
         let hd = self.head_dim();
         let rope = rope_tables::<B>(l, hd, self.rope_theta, &device);
         let bias = attention.bias(l);
+        let compute = self.effective_compute_dtype();
         let mut x = x;
         for block in &self.blocks {
-            x = block.forward(x, &rope, bias.as_ref());
+            x = block.forward_in(x, &rope, bias.as_ref(), compute);
         }
         let x = self.ln_f.forward(x);
-        self.ff_out.forward(x)
+        match compute {
+            None => self.ff_out.forward(x),
+            Some(c) => cast_to(linear_in(&self.ff_out, x, Some(c)), FloatDType::F32),
+        }
+    }
+
+    /// Set the mixed-precision compute dtype: `Some(FloatDType::BF16)` over f32 parameters is
+    /// bf16 compute with f32 master weights (accelerate `mixed_precision: bf16`); `None`, or
+    /// the parameters' own dtype, computes in the parameter dtype. The optimizer keeps seeing
+    /// the parameters (and their gradients) in their own dtype.
+    pub fn with_compute_dtype(mut self, compute: Option<FloatDType>) -> Self {
+        self.compute_dtype = compute;
+        self
+    }
+
+    /// The compute dtype when it differs from the parameter dtype (`None`: no mixed precision).
+    pub fn effective_compute_dtype(&self) -> Option<FloatDType> {
+        self.compute_dtype
+            .filter(|c| DType::from(*c) != self.dtype())
     }
 
     /// `d_model / n_heads`.
@@ -369,6 +446,7 @@ impl<B: Backend> LladaModel<B> {
             ln_f,
             ff_out,
             rope_theta: cfg.rope_theta,
+            compute_dtype: None,
         })
     }
 
