@@ -14,12 +14,17 @@
 //!   float32, the upstream `state_dict` names incl. the two quantizer buffers); errors name
 //!   the file and tensor. [`MagvitConfig::default`] is the real architecture.
 //!
+//! * [`coder::VqCoder`] (feature `data`): the model as the data pipeline's
+//!   `mmada_data::ImageCoder`, shared by `mmada-train` and `mmada-infer`.
+//!
 //! Everything is generic over the burn [`Backend`](burn::tensor::backend::Backend).
 //! Preprocessing (Pillow-exact bicubic resize, centre crop) is in the data crate.
 //! MMaDA's LLM token id of a code is `code + len(text_tokenizer)`; that offset belongs to
 //! `TokenLayout` (mmada-model), not here.
 
 pub mod checkpoint;
+#[cfg(feature = "data")]
+pub mod coder;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
@@ -33,6 +38,8 @@ pub mod params;
 #[cfg(feature = "hub")]
 pub use checkpoint::download;
 pub use checkpoint::{HF_REPO, load_dir, load_weights};
+#[cfg(feature = "data")]
+pub use coder::{VqCoder, checkpoint_id, resolve_checkpoint};
 pub use config::{DecoderConfig, EncoderConfig, MagvitConfig, QuantizerConfig};
 pub use error::VqError;
 pub use image::{RgbImage, images_to_pixels, pixel_to_u8, pixels_to_images, pixels_to_u8};

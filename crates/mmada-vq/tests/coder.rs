@@ -1,66 +1,50 @@
-//! The MAGVIT-v2 [`ImageCoder`] adapter over `mmada-vq` (test-only: the charter keeps
-//! mmada-data free of burn; a production copy belongs in `mmada-train` / `mmada-infer`,
-//! which may depend on both) and the end-to-end check image → preprocessing → codes against the fixture
-//! `magvitv2/encode` (its `image1` is a synthetic gradient we can regenerate exactly).
+//! The production MAGVIT-v2 [`ImageCoder`] adapter ([`mmada_vq::VqCoder`], feature `data`)
+//! end to end: image → preprocessing → codes against the fixture `magvitv2/encode` (its
+//! `image1` is a synthetic gradient we can regenerate exactly), a real image into an mmu
+//! row, decoding back to images, the checkpoint id and local-folder resolution.
+//! (Moved from `mmada-data/tests/vq_coder.rs`, which carried a test-only copy of the adapter.)
 
 mod common;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use std::path::PathBuf;
+
 use mmada_data::image::{RgbImage, image_transform, open_image};
-use mmada_data::{Example, ImageCoder, ImageRef, ImageTokenizer, Pixels, Preprocess, ResizeMode};
-use mmada_vq::{MagvitV2, load_dir};
+use mmada_data::{
+    Example, ImageCoder, ImageRef, ImageTokenizer, Preprocess, ResizeMode, TextTokenizer,
+};
+use mmada_vq::{Grid, VqCoder, resolve_checkpoint};
 
 type Cpu = burn::backend::Flex;
 
-/// [`ImageCoder`] over a loaded MAGVIT-v2.
-struct VqCoder {
-    model: MagvitV2<Cpu>,
-    device: burn::backend::flex::FlexDevice,
-    id: String,
+fn weights_dir() -> PathBuf {
+    common::magvit_root().join("weights")
 }
 
-impl ImageCoder for VqCoder {
-    fn id(&self) -> String {
-        self.id.clone()
-    }
+fn coder() -> VqCoder<Cpu> {
+    VqCoder::load(weights_dir().to_str().unwrap(), &Default::default())
+        .expect("tiny MAGVIT-v2 weights")
+}
 
-    fn encode(
-        &self,
-        images: &[Pixels],
-    ) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error + Send + Sync>> {
-        let Some(first) = images.first() else {
-            return Ok(vec![]);
-        };
-        let [c, h, w] = first.shape;
-        let mut data = Vec::with_capacity(images.len() * c * h * w);
-        for p in images {
-            if p.shape != first.shape {
-                return Err(format!("mixed sizes {:?} and {:?}", first.shape, p.shape).into());
-            }
-            data.extend_from_slice(&p.data);
-        }
-        let pixels = Tensor::<Cpu, 4>::from_data(
-            TensorData::new(data, [images.len(), c, h, w]),
-            &self.device,
-        );
-        let codes: Tensor<Cpu, 2, Int> = self.model.encode(pixels)?;
-        let [b, n] = codes.dims();
-        let flat: Vec<i64> = codes
-            .into_data()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .map_err(|e| format!("{e:?}"))?;
-        Ok((0..b)
-            .map(|i| flat[i * n..(i + 1) * n].iter().map(|&v| v as u32).collect())
-            .collect())
+/// `../shared/data` when present (`CI=true` makes its absence a failure).
+fn shared_data() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if p.is_dir() {
+        return Some(p);
     }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and the shared data folder {} is missing",
+        p.display()
+    );
+    eprintln!("SKIP: shared data folder {} not found", p.display());
+    None
 }
 
 struct Fx(Vec<u8>);
 
 impl Fx {
     fn open() -> Self {
-        let p = common::fixtures().join("magvitv2/encode/tensors.safetensors");
+        let p = common::magvit_root().join("encode/tensors.safetensors");
         Fx(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
     }
     fn raw(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
@@ -99,17 +83,6 @@ fn gradient() -> RgbImage {
             ((x + y) * 255 / (w + h - 2)) as u8,
         ])
     })
-}
-
-fn coder() -> VqCoder {
-    let device = Default::default();
-    let (_, model) = load_dir::<Cpu>(&common::fixtures().join("magvitv2/weights"), &device)
-        .expect("tiny MAGVIT-v2 weights");
-    VqCoder {
-        model,
-        device,
-        id: "magvitv2:tiny-fixture".into(),
-    }
 }
 
 #[test]
@@ -154,7 +127,7 @@ fn gradient_image_to_codes_matches_upstream() {
 fn sofa_jpeg_through_rust_decoder() {
     // image0 of the fixture is `mmu_validation/sofa_under_water.jpg`; our JPEG decoder is not
     // libjpeg-turbo, so pixels may differ by a level here and there. Report and bound it.
-    let Some(data) = common::shared_data() else {
+    let Some(data) = shared_data() else {
         return;
     };
     let fx = Fx::open();
@@ -191,10 +164,12 @@ fn sofa_jpeg_through_rust_decoder() {
 fn real_image_into_an_mmu_row() {
     // Issue 8 acceptance (data side): a real image from `mmu_validation` through the data
     // pipeline (decode → squash to 64 px → tiny MAGVIT-v2 → codes) into an mmu row.
-    let Some(data) = common::shared_data() else {
+    let Some(data) = shared_data() else {
         return;
     };
-    let tok = common::gpt2(&data);
+    let tok =
+        TextTokenizer::from_file_with_mmada_tokens(&data.join("tokenizers/gpt2/tokenizer.json"))
+            .expect("gpt2 tokenizer");
     let t = *tok.layout();
     let mut exs = vec![Example {
         task: Some(mmada_data::Task::Mmu),
@@ -228,4 +203,48 @@ fn real_image_into_an_mmu_row() {
     assert_eq!(&s.ids[2..18], image_ids.as_slice());
     assert_eq!(s.ids[18], t.eoi_id);
     assert_eq!(s.len(), 64 + 19);
+}
+
+#[test]
+fn checkpoint_id_is_stable_and_decode_inverts_shapes() {
+    let c = coder();
+    let again = coder();
+    assert_eq!(c.id(), again.id(), "same weights, same id");
+    assert!(
+        c.id().starts_with("magvitv2:") && c.id().len() == "magvitv2:".len() + 32,
+        "{}",
+        c.id()
+    );
+    // A copy with one changed weight byte gets another id (the cache never serves stale codes).
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(weights_dir().join(f), tmp.path().join(f)).unwrap();
+    }
+    let w = tmp.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 1; // one byte of tensor data
+    std::fs::write(&w, &bytes).unwrap();
+    let cfg = mmada_vq::MagvitConfig::from_dir(tmp.path()).unwrap();
+    let id2 = mmada_vq::checkpoint_id(&cfg, &w).unwrap();
+    assert_ne!(id2, c.id());
+    // resolve_checkpoint: a folder is a folder; a missing path that is no repo id is an error.
+    assert_eq!(
+        resolve_checkpoint(weights_dir().to_str().unwrap()).unwrap(),
+        weights_dir()
+    );
+    let err = resolve_checkpoint("/definitely/not/here").unwrap_err();
+    assert!(err.to_string().contains("/definitely/not/here"), "{err}");
+    // decode: 4×4 codes → a 64×64 image; re-encoding a decoded image is deterministic.
+    let codes: Vec<u32> = (0..16).map(|i| (i * 509) % 8192).collect();
+    let imgs = c
+        .decode_codes(&[codes.clone(), codes], Grid::new(4, 4))
+        .unwrap();
+    assert_eq!(imgs.len(), 2);
+    assert_eq!(imgs[0].dimensions(), (64, 64));
+    assert_eq!(imgs[0], imgs[1]);
+    let bad = c
+        .decode_codes(&[vec![1, 2, 3]], Grid::new(4, 4))
+        .unwrap_err();
+    assert!(bad.to_string().contains("3 codes"), "{bad}");
 }
