@@ -19,8 +19,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
@@ -227,166 +225,53 @@ impl DiskDtype {
     }
 }
 
-/// One tensor's entry in a safetensors header, with absolute file offsets.
-#[derive(Debug, Clone)]
-pub struct TensorEntry {
-    /// The header dtype string (kept even when unsupported, for the error message).
-    pub dtype: String,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Absolute byte offset of the data in the file.
-    pub start: u64,
-    /// Absolute end offset (exclusive).
-    pub end: u64,
-}
+pub use mmada_safetensors::{SafetensorsError, SafetensorsFile, TensorEntry};
 
-/// A safetensors file whose header has been read and validated; data is read on demand.
-#[derive(Debug)]
-pub struct SafetensorsFile {
-    path: PathBuf,
-    file: File,
-    /// Tensors by name.
-    pub tensors: BTreeMap<String, TensorEntry>,
-    /// The `__metadata__` map.
-    pub metadata: BTreeMap<String, String>,
-}
-
-/// Largest header accepted (as the reference reader: 100 MB).
-const MAX_HEADER: u64 = 100_000_000;
-
-impl SafetensorsFile {
-    /// Open `path` and validate its header against the file length.
-    ///
-    /// # Errors
-    /// [`CheckpointError::Io`], [`CheckpointError::NotSafetensors`] (bad header, overlapping or
-    /// inconsistent offsets), [`CheckpointError::Truncated`] (data past the end of the file).
-    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
-        let bad = |reason: String| CheckpointError::NotSafetensors {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let mut file = File::open(path).map_err(io_err(path))?;
-        let file_len = file.metadata().map_err(io_err(path))?.len();
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|_| {
-            bad(format!(
-                "file is {file_len} bytes, shorter than the 8-byte header length"
-            ))
-        })?;
-        let n = u64::from_le_bytes(n);
-        if n > MAX_HEADER {
-            return Err(bad(format!(
-                "header length {n} is implausible (> {MAX_HEADER} bytes)"
-            )));
-        }
-        if 8 + n > file_len {
-            return Err(bad(format!(
-                "header length {n} exceeds the file length {file_len}"
-            )));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(io_err(path))?;
-        let header: Value =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-        let Value::Object(map) = header else {
-            return Err(bad("header is not a JSON object".into()));
-        };
-        let data_start = 8 + n;
-        let mut tensors = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        for (name, v) in map {
-            if name == "__metadata__" {
-                if let Value::Object(m) = v {
-                    for (k, v) in m {
-                        metadata.insert(
-                            k,
-                            v.as_str()
-                                .map(str::to_string)
-                                .unwrap_or_else(|| v.to_string()),
-                        );
-                    }
-                }
-                continue;
+impl From<SafetensorsError> for CheckpointError {
+    fn from(e: SafetensorsError) -> Self {
+        match e {
+            SafetensorsError::Io { path, source } => Self::Io { path, source },
+            SafetensorsError::NotSafetensors { path, reason } => {
+                Self::NotSafetensors { path, reason }
             }
-            let dtype = v["dtype"]
-                .as_str()
-                .ok_or_else(|| bad(format!("tensor `{name}` has no dtype")))?;
-            let shape: Vec<usize> = v["shape"]
-                .as_array()
-                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
-            let offs: Vec<u64> = v["data_offsets"]
-                .as_array()
-                .and_then(|a| a.iter().map(Value::as_u64).collect())
-                .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
-                .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
-            if let Some(dt) = DiskDtype::parse(dtype) {
-                let want = shape.iter().product::<usize>() as u64 * dt.size() as u64;
-                if offs[1] - offs[0] != want {
-                    return Err(bad(format!(
-                        "tensor `{name}`: {dtype} {shape:?} needs {want} bytes but data_offsets span {}",
-                        offs[1] - offs[0]
-                    )));
-                }
-            }
-            tensors.insert(
-                name,
-                TensorEntry {
-                    dtype: dtype.to_string(),
-                    shape,
-                    start: data_start + offs[0],
-                    end: data_start + offs[1],
-                },
-            );
-        }
-        // The first tensor (by end offset) that does not fit names the truncation.
-        if let Some((name, e)) = tensors
-            .iter()
-            .filter(|(_, e)| e.end > file_len)
-            .min_by_key(|(_, e)| e.end)
-        {
-            return Err(CheckpointError::Truncated {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                needed: e.end,
+            SafetensorsError::Truncated {
+                path,
+                tensor,
+                needed,
                 file_len,
-            });
+            } => Self::Truncated {
+                path,
+                tensor,
+                needed,
+                file_len,
+            },
         }
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            file,
-            tensors,
-            metadata,
-        })
     }
+}
 
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Read tensor `name` and convert it to `dtype` (row-major, torch layout).
-    ///
-    /// # Errors
-    /// [`CheckpointError::UnsupportedDtype`], [`CheckpointError::Io`].
-    pub fn read(&self, name: &str, dtype: FloatDType) -> Result<TensorData, CheckpointError> {
-        let e = &self.tensors[name];
-        let disk = DiskDtype::parse(&e.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-            dtype: e.dtype.clone(),
-        })?;
-        let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        self.file
-            .read_exact_at(&mut bytes, e.start)
-            .map_err(io_err(&self.path))?;
-        Ok(convert_bytes(
-            bytes,
-            disk,
-            e.shape.clone(),
-            DType::from(dtype),
-        ))
-    }
+/// Read tensor `name` of `file` (which must be in its header) and convert it to `dtype`
+/// (row-major, torch layout).
+///
+/// # Errors
+/// [`CheckpointError::UnsupportedDtype`], [`CheckpointError::Io`].
+pub fn read_tensor(
+    file: &SafetensorsFile,
+    name: &str,
+    dtype: FloatDType,
+) -> Result<TensorData, CheckpointError> {
+    let e = &file.tensors[name];
+    let disk = DiskDtype::parse(&e.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+        path: file.path().to_path_buf(),
+        tensor: name.to_string(),
+        dtype: e.dtype.clone(),
+    })?;
+    let bytes = file.read_bytes(name)?;
+    Ok(convert_bytes(
+        bytes,
+        disk,
+        e.shape.clone(),
+        DType::from(dtype),
+    ))
 }
 
 /// Convert little-endian `bytes` of `from` into a [`TensorData`] of `to`, without a copy when
@@ -498,7 +383,7 @@ impl CheckpointFiles {
                     if !location.contains_key(name) {
                         return Err(bad(format!(
                             "{} contains `{name}`, which weight_map does not list",
-                            f.path.display()
+                            f.path().display()
                         )));
                     }
                 }
@@ -563,7 +448,7 @@ impl CheckpointFiles {
                     let e = &self.files[i].tensors[name];
                     if &e.shape != shape {
                         problems.push(CheckpointError::ShapeMismatch {
-                            path: self.files[i].path.clone(),
+                            path: self.files[i].path().to_path_buf(),
                             tensor: name.clone(),
                             expected: shape.clone(),
                             found: e.shape.clone(),
@@ -571,7 +456,7 @@ impl CheckpointFiles {
                     }
                     if DiskDtype::parse(&e.dtype).is_none() {
                         problems.push(CheckpointError::UnsupportedDtype {
-                            path: self.files[i].path.clone(),
+                            path: self.files[i].path().to_path_buf(),
                             tensor: name.clone(),
                             dtype: e.dtype.clone(),
                         });
@@ -646,13 +531,13 @@ impl<B: Backend> FileSource<'_, B> {
         let e = &f.tensors[&name];
         if e.shape != shape {
             return Err(CheckpointError::ShapeMismatch {
-                path: f.path.clone(),
+                path: f.path().to_path_buf(),
                 tensor: name,
                 expected: shape,
                 found: e.shape.clone(),
             });
         }
-        let data = f.read(&name, self.dtype)?;
+        let data = read_tensor(f, &name, self.dtype)?;
         self.used.insert(name);
         Ok(data)
     }

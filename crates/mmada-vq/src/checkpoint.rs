@@ -9,22 +9,18 @@
 //! * Strict like upstream `from_pretrained`: every tensor of the architecture must be present
 //!   with its exact shape and dtype, no other tensor may be present, and the two buffers must
 //!   hold the values the quantizer implies. Errors name the file and the tensor.
-//! * Memory: the header is parsed here; each tensor is read with one positional read into a
+//! * Memory: the header is parsed by `mmada-safetensors`; each tensor is read with one positional read into a
 //!   buffer of its own size and handed to the backend, so peak memory is the model plus one
 //!   tensor.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use serde_json::Value;
 
 use crate::config::MagvitConfig;
-use crate::error::{VqError, io_err};
+use crate::error::VqError;
 use crate::lfq::Lfq;
 use crate::model::MagvitV2;
 use crate::params::{Init, ParamSource};
@@ -40,149 +36,23 @@ pub const EMBEDDING_BUFFER: &str = "quantize.embedding";
 /// Name of the LFQ bit-weight buffer.
 pub const POWER_VALS_BUFFER: &str = "quantize.power_vals";
 
-/// One tensor's header entry, with absolute file offsets.
-#[derive(Debug, Clone)]
-pub struct TensorEntry {
-    /// The header dtype string (`"F32"`, `"I64"`, …).
-    pub dtype: String,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Absolute start offset of the data.
-    pub start: u64,
-    /// Absolute end offset (exclusive).
-    pub end: u64,
-}
+pub use mmada_safetensors::{SafetensorsFile, TensorEntry};
 
-fn dtype_size(dtype: &str) -> Option<usize> {
-    Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
-        "I16" | "U16" | "F16" | "BF16" => 2,
-        "I32" | "U32" | "F32" => 4,
-        "I64" | "U64" | "F64" => 8,
-        _ => return None,
-    })
-}
-
-/// A safetensors file whose header has been read and validated; data is read on demand.
-#[derive(Debug)]
-pub struct SafetensorsFile {
-    path: PathBuf,
-    file: File,
-    /// Tensors by name.
-    pub tensors: BTreeMap<String, TensorEntry>,
-}
-
-const MAX_HEADER: u64 = 100_000_000;
-
-impl SafetensorsFile {
-    /// Open `path` and validate its header against the file length.
-    ///
-    /// # Errors
-    /// [`VqError::Io`], [`VqError::NotSafetensors`], [`VqError::Truncated`].
-    pub fn open(path: &Path) -> Result<Self, VqError> {
-        let bad = |reason: String| VqError::NotSafetensors {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let mut file = File::open(path).map_err(io_err(path))?;
-        let file_len = file.metadata().map_err(io_err(path))?.len();
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|_| {
-            bad(format!(
-                "file is {file_len} bytes, shorter than the 8-byte header length"
-            ))
-        })?;
-        let n = u64::from_le_bytes(n);
-        if n > MAX_HEADER || 8 + n > file_len {
-            return Err(bad(format!(
-                "header length {n} is implausible for a file of {file_len} bytes"
-            )));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(io_err(path))?;
-        let header: Value =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-        let Value::Object(map) = header else {
-            return Err(bad("header is not a JSON object".into()));
-        };
-        let data_start = 8 + n;
-        let mut tensors = BTreeMap::new();
-        for (name, v) in map {
-            if name == "__metadata__" {
-                continue;
-            }
-            let dtype = v["dtype"]
-                .as_str()
-                .ok_or_else(|| bad(format!("tensor `{name}` has no dtype")))?;
-            let shape: Vec<usize> = v["shape"]
-                .as_array()
-                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
-            let offs: Vec<u64> = v["data_offsets"]
-                .as_array()
-                .and_then(|a| a.iter().map(Value::as_u64).collect())
-                .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
-                .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
-            if let Some(size) = dtype_size(dtype) {
-                let want = shape.iter().product::<usize>() as u64 * size as u64;
-                if offs[1] - offs[0] != want {
-                    return Err(bad(format!(
-                        "tensor `{name}`: {dtype} {shape:?} needs {want} bytes but data_offsets span {}",
-                        offs[1] - offs[0]
-                    )));
-                }
-            }
-            tensors.insert(
-                name,
-                TensorEntry {
-                    dtype: dtype.to_string(),
-                    shape,
-                    start: data_start + offs[0],
-                    end: data_start + offs[1],
-                },
-            );
-        }
-        if let Some((name, e)) = tensors
-            .iter()
-            .filter(|(_, e)| e.end > file_len)
-            .min_by_key(|(_, e)| e.end)
-        {
-            return Err(VqError::Truncated {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                needed: e.end,
-                file_len,
-            });
-        }
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            tensors,
-        })
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The raw little-endian bytes of tensor `name` (which must be in [`Self::tensors`]).
-    ///
-    /// # Errors
-    /// [`VqError::Io`].
-    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>, VqError> {
-        let e = &self.tensors[name];
-        let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        self.file
-            .read_exact_at(&mut bytes, e.start)
-            .map_err(io_err(&self.path))?;
-        Ok(bytes)
-    }
-
+/// Look-ups of the tensors this loader requires.
+trait Entries {
     /// Look up `name`, checking its shape and that its dtype is one of `dtypes`.
     ///
     /// # Errors
     /// [`VqError::MissingTensor`], [`VqError::ShapeMismatch`], [`VqError::UnsupportedDtype`].
+    fn entry(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtypes: &'static str,
+    ) -> Result<&TensorEntry, VqError>;
+}
+
+impl Entries for SafetensorsFile {
     fn entry(
         &self,
         name: &str,
@@ -193,13 +63,13 @@ impl SafetensorsFile {
             .tensors
             .get(name)
             .ok_or_else(|| VqError::MissingTensor {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 tensor: name.to_string(),
                 expected: shape.to_vec(),
             })?;
         if e.shape != shape {
             return Err(VqError::ShapeMismatch {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 tensor: name.to_string(),
                 expected: shape.to_vec(),
                 found: e.shape.clone(),
@@ -207,7 +77,7 @@ impl SafetensorsFile {
         }
         if !dtypes.split(" or ").any(|d| d == e.dtype) {
             return Err(VqError::UnsupportedDtype {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 tensor: name.to_string(),
                 dtype: e.dtype.clone(),
                 expected: dtypes,
@@ -262,7 +132,7 @@ fn check_buffers(file: &SafetensorsFile, lfq: &Lfq) -> Result<(), VqError> {
     let n = lfq.codebook_size();
     let mismatch =
         |tensor: &str, index: usize, found: f64, expected: f64| VqError::BufferMismatch {
-            path: file.path.clone(),
+            path: file.path().to_path_buf(),
             tensor: tensor.to_string(),
             index,
             found,

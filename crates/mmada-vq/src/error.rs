@@ -158,3 +158,24 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> V
         source,
     }
 }
+
+impl From<mmada_safetensors::SafetensorsError> for VqError {
+    fn from(e: mmada_safetensors::SafetensorsError) -> Self {
+        use mmada_safetensors::SafetensorsError as E;
+        match e {
+            E::Io { path, source } => Self::Io { path, source },
+            E::NotSafetensors { path, reason } => Self::NotSafetensors { path, reason },
+            E::Truncated {
+                path,
+                tensor,
+                needed,
+                file_len,
+            } => Self::Truncated {
+                path,
+                tensor,
+                needed,
+                file_len,
+            },
+        }
+    }
+}
