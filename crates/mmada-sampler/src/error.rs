@@ -32,6 +32,37 @@ pub enum SamplerError {
         /// The logits width returned by the denoiser.
         vocab: usize,
     },
+    /// A prompt id is negative or outside the model's vocabulary (its input embedding or, when
+    /// the denoiser does not report it, its logits width).
+    #[error(
+        "prompt row {row} position {position}: id {id} is outside the model vocabulary ({}); \
+         check that the tokenizer matches the checkpoint",
+        match vocab { Some(v) => format!("ids 0..{v}"), None => "negative id".to_string() }
+    )]
+    PromptId {
+        /// Batch row of the prompt.
+        row: usize,
+        /// Position in the (left-padded) prompt.
+        position: usize,
+        /// The id.
+        id: i64,
+        /// The vocabulary size it was checked against (`None`: only the sign was checked).
+        vocab: Option<usize>,
+    },
+    /// A padded prompt position (attention mask `false`) holds the mask id, so it would be
+    /// decoded as a generated position. Upstream asserts `pad_token_id != mask_id`.
+    #[error(
+        "prompt row {row} position {position} is padding (attention_mask false) but holds the \
+         mask id {mask_id}: pad with another id (the tokenizer's pad or EOS id), never the mask id"
+    )]
+    PadIsMask {
+        /// Batch row.
+        row: usize,
+        /// Position in the prompt.
+        position: usize,
+        /// The mask id.
+        mask_id: u32,
+    },
     /// The denoiser returned logits of an unexpected shape.
     #[error("denoiser returned logits of shape {got:?}, expected [{batch}, {seq}, vocab]")]
     LogitsShape {

@@ -32,6 +32,18 @@ pub enum Remasking {
     LowConfidence,
     /// Confidence ~ `U(0, 1)` per position (upstream `'random'`).
     Random,
+    /// Confidence = `p₁ − p₂`, the gap between the two largest probabilities of
+    /// `softmax(logits)` at the position (independent of the sampled `x0`). Upstream:
+    /// Gen-Verse/dLLM-RL `sample/llada_rl_rollout.py::get_transfer_index` (`target =
+    /// 'margin_confidence'`) and Dream / Fast-dLLM `dream/model/generation_utils_block.py::
+    /// sample_tokens` (`margin_confidence`).
+    Margin,
+    /// Confidence = negative entropy `Σ_v p_v · ln(p_v + 1e-10)` of `softmax(logits)` (≤ 0; a
+    /// peaked distribution is the most confident). Upstream: Dream / Fast-dLLM
+    /// `dream/model/generation_utils_block.py::sample_tokens` (`neg_entropy`). dLLM-RL's
+    /// `'neg_entropy'` target computes `−Σ p ln(p + 1e-10)` (the entropy itself, despite its
+    /// comment), which would commit the *least* certain positions first; the Dream sign is used.
+    Entropy,
 }
 
 fn default_128() -> usize {
@@ -88,6 +100,36 @@ pub struct GenerateConfig {
     /// instead of the logits dtype (LLaDA `generate.py` since 2025-06; default `false`).
     #[serde(default)]
     pub confidence_f64: bool,
+    /// Ids that may be sampled: the logits are cut to the first `sample_vocab` entries and the
+    /// logit of `mask_id` is set to `-inf` before sampling and before the confidence softmax, so
+    /// no generated id lies outside the tokenizer (LLaDA's head has 126464 rows for 126349
+    /// tokenizer ids; MMaDA's head also covers the image codes) or equals the mask id. Set it
+    /// to the tokenizer's length. `None` (default) = the whole head, as upstream (which can
+    /// sample the mask id or an id without a token). Must be `<=` the logits width and
+    /// `>= 1`; prompt ids are not restricted by it (an mmu prompt holds image codes above the
+    /// text vocabulary).
+    #[serde(default)]
+    pub sample_vocab: Option<usize>,
+    /// Confidence-threshold parallel decoding (Fast-dLLM `llada/generate.py::
+    /// get_transfer_index` with `threshold`; dLLM-RL `remasking_strategy:
+    /// low_confidence_dynamic` with `dynamic_threshold`, upstream value 0.9 / 0.95): at every
+    /// step each row commits **every** masked position of the current window whose confidence
+    /// (per [`GenerateConfig::remasking`]) is `>= threshold`, and at least the most confident
+    /// one. A block is decoded until it has no mask left, so `steps` is ignored (it is still
+    /// validated) and the number of model calls adapts to the model's certainty: a threshold
+    /// above every possible confidence (`> 1` for `low_confidence`) commits one token per step
+    /// (`gen_length` calls), a low one many per step. `None` (default) = the upstream
+    /// `get_num_transfer_tokens` schedule.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// Stop after a block once **every** row's block ends (its last position) in `eos_id` or
+    /// `eot_id` (MMaDA `models/modeling_mmada.py::mmu_generate_fast`, spec §4.2, which checks
+    /// its `eot_token` only; both ids are checked here, LLaDA pads answers with EOS after the
+    /// EOT). The blocks after it are not decoded: they stay `mask_id`, as upstream, and cost no
+    /// model call ([`GenerateOutput::nfe`], [`GenerateOutput::blocks`]). Needs `eos_id` or
+    /// `eot_id`. Default `false` (every block is decoded, as `generate.py`).
+    #[serde(default)]
+    pub early_stop: bool,
 }
 
 impl GenerateConfig {
@@ -107,6 +149,9 @@ impl GenerateConfig {
             eos_id: None,
             eot_id: None,
             confidence_f64: false,
+            sample_vocab: None,
+            threshold: None,
+            early_stop: false,
         }
     }
 
@@ -175,6 +220,26 @@ impl GenerateConfig {
                 "confidence_eos_eot_inf = true needs eot_id",
             ));
         }
+        if self.early_stop && self.eos_id.is_none() && self.eot_id.is_none() {
+            return Err(SamplerError::config(
+                "early_stop",
+                "early_stop = true needs eos_id or eot_id (the ids a finished block ends in)",
+            ));
+        }
+        if self.sample_vocab == Some(0) {
+            return Err(SamplerError::config(
+                "sample_vocab",
+                "must be >= 1 (the tokenizer's length), or unset for the whole head",
+            ));
+        }
+        if let Some(t) = self.threshold
+            && !t.is_finite()
+        {
+            return Err(SamplerError::config(
+                "threshold",
+                format!("must be finite, got {t}"),
+            ));
+        }
         Ok(())
     }
 
@@ -196,13 +261,15 @@ pub struct GenerateTrace {
     pub batch: usize,
     /// Canvas length `Lp + G`.
     pub seq_len: usize,
-    /// `steps + 1` canvases, each `[B, Lp + G]` row-major: the canvas fed to the model at step
-    /// `s` (`s = 0..steps`), then the final output (the fixture's `x_per_step`).
+    /// `nfe + 1` canvases (`steps + 1` with the default schedule and no early stop), each
+    /// `[B, Lp + G]` row-major: the canvas fed to the model at step `s`, then the final output
+    /// (the fixture's `x_per_step`).
     pub canvases: Vec<Vec<i64>>,
-    /// `[B, Lp + G]` row-major: the global step (`0..steps`) at which each position was
-    /// unmasked, `-1` for positions never unmasked by the sampler (the prompt).
+    /// `[B, Lp + G]` row-major: the global step (`0..nfe`) at which each position was
+    /// unmasked, `-1` for positions never unmasked by the sampler (the prompt, and the blocks
+    /// skipped by an early stop).
     pub unmask_step: Vec<i64>,
-    /// `[steps][B]`: the number of tokens committed per row at each step.
+    /// `[nfe][B]`: the number of tokens committed per row at each step.
     pub transfers: Vec<Vec<usize>>,
 }
 
@@ -210,10 +277,15 @@ pub struct GenerateTrace {
 #[derive(Debug, Clone)]
 pub struct GenerateOutput<B: Backend> {
     /// The full canvas `[B, Lp + G]` (prompt followed by the generated ids), as upstream returns
-    /// it; decode `ids[:, Lp..]`.
+    /// it; decode `ids[:, Lp..]`. After an early stop the undecoded blocks hold `mask_id`.
     pub ids: Tensor<B, 2, Int>,
     /// Number of function (denoiser) evaluations. With CFG each evaluation runs a `2B` batch.
     pub nfe: usize,
+    /// Number of blocks decoded (`gen_length / block_length` unless
+    /// [`GenerateConfig::early_stop`] ended the call sooner).
+    pub blocks: usize,
+    /// Wall time of the call, seconds.
+    pub seconds: f64,
     /// Per-step trace when requested.
     pub trace: Option<GenerateTrace>,
 }
@@ -226,12 +298,22 @@ pub struct GenerateOutput<B: Backend> {
 ///   HF LLaDA semantics; spec §4.1 step 1). `None` = full attention.
 /// * `rng`: uniform draws for the Gumbel noise (`temperature > 0`, `[B, window, vocab]` f64 per
 ///   step, only for the positions that can be unmasked) and for `random` remasking
-///   (`[B, window]`). Unused when greedy with `low_confidence`.
+///   (`[B, window]`). Unused when greedy with a deterministic ranking.
 /// * `record_trace`: also return every intermediate canvas ([`GenerateTrace`]).
 ///
 /// The denoiser returns logits `[B', Lp + G, vocab]` (`B' = 2B` with CFG). Returns the final
 /// canvas `[B, Lp + G]`. Ties in the top-k selection go to the lower position (torch's order for
 /// ties is unspecified).
+///
+/// # Errors
+/// [`SamplerError::InvalidConfig`] ([`GenerateConfig::validate`]);
+/// [`SamplerError::Shape`] for an empty batch or a mask of another shape than the prompt;
+/// [`SamplerError::PadIsMask`] when a padded prompt position (mask `false`) holds `mask_id`
+/// (upstream asserts `pad_token_id != mask_id`: such padding would be decoded);
+/// [`SamplerError::PromptId`] for a negative prompt id or one outside the logits width;
+/// [`SamplerError::IdOutOfVocab`] for `mask_id`, `eos_id`, `eot_id` outside the logits
+/// ([`SamplerError::InvalidConfig`] for a `sample_vocab` wider than them);
+/// [`SamplerError::LogitsShape`], [`SamplerError::RandomnessLength`], [`SamplerError::Data`].
 pub fn generate<B, D>(
     model: &D,
     prompt: Tensor<B, 2, Int>,
@@ -244,6 +326,7 @@ where
     B: Backend,
     D: Denoiser<B> + ?Sized,
 {
+    let t0 = std::time::Instant::now();
     config.validate()?;
     let [b, lp] = prompt.dims();
     if b == 0 {
@@ -260,6 +343,7 @@ where
 
     // x = [prompt | MASK × G]
     let prompt_host = host::ints(prompt)?;
+    check_prompt_ids(&prompt_host, lp, None)?;
     let mut x = vec![mask; b * l];
     for r in 0..b {
         x[r * l..r * l + lp].copy_from_slice(&prompt_host[r * lp..(r + 1) * lp]);
@@ -279,6 +363,13 @@ where
                 });
             }
             let mh = host::bools(m)?;
+            if let Some(i) = (0..b * lp).find(|&i| !mh[i] && prompt_host[i] == mask) {
+                return Err(SamplerError::PadIsMask {
+                    row: i / lp,
+                    position: i % lp,
+                    mask_id: config.mask_id,
+                });
+            }
             let mut ext = vec![true; b * l];
             for r in 0..b {
                 ext[r * l..r * l + lp].copy_from_slice(&mh[r * lp..(r + 1) * lp]);
@@ -300,15 +391,22 @@ where
     let num_blocks = config.num_blocks();
     let spb = config.steps_per_block();
     let bl = config.block_length;
+    let stop_ids: Vec<i64> = [config.eos_id, config.eot_id]
+        .into_iter()
+        .flatten()
+        .map(i64::from)
+        .collect();
     let mut canvases = Vec::new();
     let mut transfers = Vec::new();
     let mut unmask_step = vec![-1i64; b * l];
     let mut nfe = 0usize;
     let mut global_step = 0i64;
+    let mut blocks = 0usize;
 
     for blk in 0..num_blocks {
         let bs = lp + blk * bl;
         let be = bs + bl;
+        blocks += 1;
         // get_num_transfer_tokens on the block's masks at the start of the block: [B][S_b]
         let per_row: Vec<Vec<usize>> = (0..b)
             .map(|r| {
@@ -319,9 +417,16 @@ where
                 get_num_transfer_tokens(n, spb)
             })
             .collect();
-        for j in 0..spb {
-            // [B]: tokens to commit per row at this step
-            let counts: Vec<usize> = per_row.iter().map(|s| s[j]).collect();
+        // Threshold mode: the block is decoded until it has no mask left; every step commits
+        // at least one masked position per row that has one, so `be` steps always suffice
+        // (the bound only matters for a head that can predict the mask id itself).
+        let max_steps = if config.threshold.is_some() { be } else { spb };
+        for j in 0..max_steps {
+            if config.threshold.is_some()
+                && (0..b).all(|r| x[r * l + bs..r * l + be].iter().all(|&t| t != mask))
+            {
+                break;
+            }
             if record_trace {
                 canvases.push(x.clone());
             }
@@ -347,11 +452,16 @@ where
                 &device,
             )?;
             nfe += 1;
+            if nfe == 1 {
+                // Without Denoiser::input_vocab the ids are checked against the logits width.
+                let vocab = logits.dims()[2];
+                check_prompt_ids(&prompt_host, lp, Some(vocab))?;
+                check_id("mask_id", config.mask_id, vocab)?;
+            }
             let (x0, conf) = predict(logits, b, w, config, rng, &device)?;
 
             let mut step_transfers = Vec::with_capacity(b);
             for r in 0..b {
-                let k = counts[r];
                 // confidence = where(mask_index, x0_p, -inf)
                 let row_conf: Vec<f64> = (0..w)
                     .map(|p| {
@@ -362,6 +472,10 @@ where
                         }
                     })
                     .collect();
+                let k = match config.threshold {
+                    None => per_row[r][j],
+                    Some(t) => threshold_count(&row_conf, &x[r * l + ws..r * l + be], mask, t),
+                };
                 let mut n_done = 0;
                 for p in host::top_k(&row_conf, k) {
                     let pos = r * l + ws + p;
@@ -377,6 +491,13 @@ where
             transfers.push(step_transfers);
             global_step += 1;
         }
+        // mmu_generate_fast: stop once every row's block ends in a stop id.
+        if config.early_stop
+            && blk + 1 < num_blocks
+            && (0..b).all(|r| stop_ids.contains(&x[r * l + be - 1]))
+        {
+            break;
+        }
     }
     if record_trace {
         canvases.push(x.clone());
@@ -384,6 +505,8 @@ where
     Ok(GenerateOutput {
         ids: host::int_tensor(&x, b, l, &device),
         nfe,
+        blocks,
+        seconds: t0.elapsed().as_secs_f64(),
         trace: record_trace.then_some(GenerateTrace {
             batch: b,
             seq_len: l,
@@ -392,6 +515,38 @@ where
             transfers,
         }),
     })
+}
+
+/// Threshold mode (Fast-dLLM `get_transfer_index` with `threshold`; dLLM-RL
+/// `low_confidence_dynamic`): the number of masked positions of a row's window whose confidence
+/// is `>= threshold`, at least 1 when the window has a mask, 0 otherwise. `row_conf` is `-inf`
+/// at unmasked positions; `window` holds the row's canvas over the same positions.
+fn threshold_count(row_conf: &[f64], window: &[i64], mask: i64, threshold: f64) -> usize {
+    let masked = window.iter().filter(|&&t| t == mask).count();
+    if masked == 0 {
+        return 0;
+    }
+    let above = window
+        .iter()
+        .zip(row_conf)
+        .filter(|&(&t, &c)| t == mask && c >= threshold)
+        .count();
+    above.max(1)
+}
+
+/// Prompt ids must be `>= 0` and, when the width is known, `< vocab`.
+fn check_prompt_ids(ids: &[i64], lp: usize, vocab: Option<usize>) -> Result<(), SamplerError> {
+    for (i, &t) in ids.iter().enumerate() {
+        if t < 0 || vocab.is_some_and(|v| t as u64 >= v as u64) {
+            return Err(SamplerError::PromptId {
+                row: i / lp.max(1),
+                position: i % lp.max(1),
+                id: t,
+                vocab,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One denoiser call on the canvas (with CFG when `cfg_scale > 0`), returning the logits of the
@@ -475,8 +630,30 @@ fn predict<B: Backend>(
     rng: &mut dyn UniformSource,
     device: &B::Device,
 ) -> Result<(Vec<i64>, Vec<f64>), SamplerError> {
-    let vocab = logits.dims()[2];
+    let width = logits.dims()[2];
     let mut logits = logits;
+    let vocab = match config.sample_vocab {
+        None => width,
+        Some(n) if n > width => {
+            return Err(SamplerError::config(
+                "sample_vocab",
+                format!(
+                    "sample_vocab {n} is wider than the model's logits ({width}); set it to the \
+                     tokenizer's length"
+                ),
+            ));
+        }
+        Some(n) => {
+            if n < width {
+                logits = logits.narrow(2, 0, n);
+            }
+            let m = config.mask_id as usize;
+            if m < n {
+                logits = logits.slice_fill([0..b, 0..w, m..m + 1], f32::NEG_INFINITY);
+            }
+            n
+        }
+    };
     if config.logits_eos_inf {
         let eos = check_id("eos_id", config.eos_id.unwrap_or_default(), vocab)?;
         logits = logits.slice_fill([0..b, 0..w, eos..eos + 1], f32::NEG_INFINITY);
@@ -497,18 +674,36 @@ fn predict<B: Backend>(
         let gumbel = u.log().neg().powf_scalar(config.temperature);
         (logits.clone().cast(FloatDType::F64).exp() / gumbel).argmax(2)
     }; // [B, w, 1]
+    // The clean probabilities of the confidence rankings (EOT zeroed by confidence_eos_eot_inf).
+    let probs = |logits: Tensor<B, 3>| -> Result<Tensor<B, 3>, SamplerError> {
+        let mut clean = logits;
+        if config.confidence_eos_eot_inf {
+            let eot = check_id("eot_id", config.eot_id.unwrap_or_default(), vocab)?;
+            clean = clean.slice_fill([0..b, 0..w, eot..eot + 1], f32::NEG_INFINITY);
+        }
+        if config.confidence_f64 {
+            clean = clean.cast(FloatDType::F64);
+        }
+        Ok(softmax(clean, 2))
+    };
     let conf = match config.remasking {
-        Remasking::LowConfidence => {
-            let mut clean = logits;
-            if config.confidence_eos_eot_inf {
-                let eot = check_id("eot_id", config.eot_id.unwrap_or_default(), vocab)?;
-                clean = clean.slice_fill([0..b, 0..w, eot..eot + 1], f32::NEG_INFINITY);
+        Remasking::LowConfidence => host::floats(probs(logits)?.gather(2, x0.clone()))?,
+        Remasking::Margin => {
+            let p = probs(logits)?;
+            if vocab < 2 {
+                // a single id: p₁ = 1, no runner-up
+                host::floats(p)?
+            } else {
+                let top2 = p.topk(2, 2); // [B, w, 2]
+                let p1 = top2.clone().narrow(2, 0, 1);
+                let p2 = top2.narrow(2, 1, 1);
+                host::floats(p1 - p2)?
             }
-            if config.confidence_f64 {
-                clean = clean.cast(FloatDType::F64);
-            }
-            let p = softmax(clean, 2).gather(2, x0.clone());
-            host::floats(p)?
+        }
+        Remasking::Entropy => {
+            let p = probs(logits)?;
+            let plogp = p.clone() * p.add_scalar(1e-10).log();
+            host::floats(plogp.sum_dim(2))?
         }
         Remasking::Random => {
             let v = rng.uniform_f64(b * w);

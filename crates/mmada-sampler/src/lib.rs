@@ -24,6 +24,8 @@ pub mod loglik;
 pub mod maskgit;
 #[cfg(test)]
 mod mock_tests;
+#[cfg(test)]
+mod model_tests;
 pub mod rng;
 pub mod schedule;
 

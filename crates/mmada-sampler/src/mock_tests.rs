@@ -283,3 +283,352 @@ fn wrong_mask_shape_is_a_typed_error() {
         "{e}"
     );
 }
+
+/// Logits `ln p` of a probability vector (zeros become a very negative logit).
+fn log_probs(p: &[f32]) -> Vec<f32> {
+    p.iter()
+        .map(|&x| if x > 0.0 { x.ln() } else { -40.0 })
+        .collect()
+}
+
+/// Position 1: `p = [.5, .45, .05/6 …]` (the larger p[x0], a small margin, low entropy);
+/// position 2: `p = [.4, .6/7 …]` (a smaller p[x0], a large margin, high entropy).
+fn two_shapes(_: &[i64], i: usize) -> Vec<f32> {
+    if i == 1 {
+        let mut p = vec![0.05 / 6.0; V];
+        p[0] = 0.5;
+        p[1] = 0.45;
+        log_probs(&p)
+    } else {
+        let mut p = vec![0.6 / 7.0; V];
+        p[0] = 0.4;
+        log_probs(&p)
+    }
+}
+
+fn unmask_order(
+    m: &FnDenoiser<impl Fn(&[i64], usize) -> Vec<f32>>,
+    c: &GenerateConfig,
+) -> Vec<i64> {
+    generate(m, prompt(&[&[1]]), None, c, &mut NoRng, true)
+        .unwrap()
+        .trace
+        .unwrap()
+        .unmask_step
+}
+
+#[test]
+fn margin_ranks_by_the_gap_between_the_top_two() {
+    let m = FnDenoiser::new(two_shapes);
+    let mut c = cfg(2, 2, 2);
+    // low_confidence: p[x0] = .5 at position 1 beats .4 at position 2
+    assert_eq!(unmask_order(&m, &c), vec![-1, 0, 1]);
+    // margin: .5 - .45 = .05 at position 1 loses to .4 - .086 = .314 at position 2
+    c.remasking = Remasking::Margin;
+    assert_eq!(unmask_order(&m, &c), vec![-1, 1, 0]);
+    c.confidence_f64 = true;
+    assert_eq!(unmask_order(&m, &c), vec![-1, 1, 0]);
+}
+
+#[test]
+fn entropy_ranks_the_most_peaked_distribution_first() {
+    // position 1: p = [.6, .4, 0 …] (H = 0.67); position 2: p = [.7, .3/7 …] (H = 1.19)
+    let m = FnDenoiser::new(|_: &[i64], i: usize| {
+        let mut p = vec![0.0; V];
+        if i == 1 {
+            p[0] = 0.6;
+            p[1] = 0.4;
+        } else {
+            p = vec![0.3 / 7.0; V];
+            p[2] = 0.7;
+        }
+        log_probs(&p)
+    });
+    let mut c = cfg(2, 2, 2);
+    assert_eq!(unmask_order(&m, &c), vec![-1, 1, 0]); // p[x0]: .7 > .6
+    c.remasking = Remasking::Entropy;
+    assert_eq!(unmask_order(&m, &c), vec![-1, 0, 1]); // -H: -0.67 > -1.19
+    let out = generate(&m, prompt(&[&[1]]), None, &c, &mut NoRng, false).unwrap();
+    assert_eq!(host::ints(out.ids).unwrap(), vec![1, 0, 2]);
+    // the two-shapes mock: entropy agrees with low_confidence there (position 1 is peaked)
+    let m2 = FnDenoiser::new(two_shapes);
+    assert_eq!(unmask_order(&m2, &c), vec![-1, 0, 1]);
+}
+
+#[test]
+fn threshold_above_one_commits_one_token_per_step() {
+    // p[x0] grows with the position and stays < 1 in f32
+    let m = FnDenoiser::new(|_, i| one_hot(i % 5, 1.0 + 0.5 * i as f32));
+    let mut c = cfg(2, 8, 4); // the schedule would need 2 calls
+    c.threshold = Some(1.5);
+    let out = generate(&m, prompt(&[&[1, 2], &[3, 4]]), None, &c, &mut NoRng, true).unwrap();
+    let t = out.trace.unwrap();
+    assert_eq!(out.nfe, 8);
+    assert_eq!(t.transfers, vec![vec![1, 1]; 8]);
+    assert_eq!(t.canvases.len(), 9);
+    // most confident (= rightmost) first inside each block
+    assert_eq!(&t.unmask_step[..10], &[-1, -1, 3, 2, 1, 0, 7, 6, 5, 4]);
+    // same ids as the schedule at one token per step
+    let mut s = cfg(8, 8, 4);
+    let sched = generate(&m, prompt(&[&[1, 2], &[3, 4]]), None, &s, &mut NoRng, true).unwrap();
+    assert_eq!(sched.trace.unwrap().canvases.last(), t.canvases.last());
+    s.threshold = Some(1.0); // p < 1 everywhere in the f32 softmax of these logits
+    assert_eq!(
+        generate(&m, prompt(&[&[1, 2]]), None, &s, &mut NoRng, false)
+            .unwrap()
+            .nfe,
+        8
+    );
+}
+
+#[test]
+fn low_threshold_commits_every_confident_position_at_once() {
+    // positions 1..=3 are confident (p ≈ 0.9999), positions 4..=6 are flat (p = 1/8)
+    let m = FnDenoiser::new(|_, i| {
+        if i <= 3 {
+            one_hot(2, 12.0)
+        } else {
+            vec![0.0; V]
+        }
+    });
+    let mut c = cfg(6, 6, 6);
+    c.threshold = Some(0.9);
+    let out = generate(&m, prompt(&[&[1]]), None, &c, &mut NoRng, true).unwrap();
+    let t = out.trace.unwrap();
+    // step 0: the 3 confident positions; then one flat position per step (at least one)
+    assert_eq!(t.transfers, vec![vec![3], vec![1], vec![1], vec![1]]);
+    assert_eq!(out.nfe, 4);
+    assert_eq!(t.unmask_step, vec![-1, 0, 0, 0, 1, 2, 3]);
+    // a threshold below every confidence decodes each block in one call
+    c.threshold = Some(0.0);
+    let fast = generate(&m, prompt(&[&[1]]), None, &c, &mut NoRng, false).unwrap();
+    assert_eq!(fast.nfe, 1);
+    let mut blocks = cfg(6, 6, 2);
+    blocks.threshold = Some(0.0);
+    let fast = generate(&m, prompt(&[&[1]]), None, &blocks, &mut NoRng, false).unwrap();
+    assert_eq!((fast.nfe, fast.blocks), (3, 3));
+    // the schedule would have used 6 calls
+    assert_eq!(
+        generate(&m, prompt(&[&[1]]), None, &cfg(6, 6, 6), &mut NoRng, false)
+            .unwrap()
+            .nfe,
+        6
+    );
+}
+
+#[test]
+fn early_stop_skips_the_blocks_after_every_row_ended() {
+    const EOS: i64 = 5;
+    const EOT: i64 = 6;
+    // row whose prompt starts with 1: block ends in EOS; with 2: in EOT; with 3: in token 4
+    let m = FnDenoiser::new(|ids: &[i64], i| {
+        let end = match ids[0] {
+            1 => EOS,
+            2 => EOT,
+            _ => 4,
+        };
+        // odd positions (block ends with blocks of 2 after a 1-token prompt) predict `end`
+        if i % 2 == 0 {
+            one_hot(end as usize, 9.0)
+        } else {
+            one_hot(3, 5.0)
+        }
+    });
+    let mut c = cfg(6, 6, 2);
+    c.eos_id = Some(EOS as u32);
+    c.eot_id = Some(EOT as u32);
+    let full = generate(&m, prompt(&[&[1], &[2]]), None, &c, &mut NoRng, false).unwrap();
+    assert_eq!((full.nfe, full.blocks), (6, 3));
+    c.early_stop = true;
+    let out = generate(&m, prompt(&[&[1], &[2]]), None, &c, &mut NoRng, true).unwrap();
+    assert_eq!((out.nfe, out.blocks), (2, 1));
+    // the skipped blocks stay masked (upstream mmu_generate_fast)
+    assert_eq!(
+        host::ints(out.ids).unwrap(),
+        vec![
+            1, 3, EOS, MASK, MASK, MASK, MASK, 2, 3, EOT, MASK, MASK, MASK, MASK
+        ]
+    );
+    assert_eq!(out.trace.unwrap().canvases.len(), 3);
+    // one row that does not end in EOS/EOT keeps every block running
+    let mixed = generate(&m, prompt(&[&[1], &[3]]), None, &c, &mut NoRng, false).unwrap();
+    assert_eq!((mixed.nfe, mixed.blocks), (6, 3));
+    // with only eot_id, a block ending in EOS does not stop
+    c.eos_id = None;
+    let eot_only = generate(&m, prompt(&[&[1], &[2]]), None, &c, &mut NoRng, false).unwrap();
+    assert_eq!(eot_only.nfe, 6);
+    // needs a stop id
+    c.eot_id = None;
+    assert!(matches!(
+        c.validate(),
+        Err(crate::SamplerError::InvalidConfig {
+            field: "early_stop",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn sample_vocab_keeps_ids_inside_the_tokenizer_and_off_the_mask() {
+    // head of 8 ids, tokenizer of 6, mask id 3 inside it; the mask and ids 6, 7 have the
+    // largest logits
+    let m = FnDenoiser::new(|_, _| {
+        let mut v = vec![0.0; V];
+        v[2] = 1.0;
+        v[3] = 4.0;
+        v[6] = 5.0;
+        v[7] = 6.0;
+        v
+    });
+    // one step: every position keeps its own sample (with more steps low-confidence
+    // remasking would commit only the most probable id)
+    let mut c = GenerateConfig {
+        steps: 1,
+        gen_length: 32,
+        block_length: 32,
+        temperature: 2.0,
+        ..GenerateConfig::new(3)
+    };
+    let wide = generate(
+        &m,
+        prompt(&[&[1]]),
+        None,
+        &c,
+        &mut crate::SeededRng::new(1),
+        false,
+    )
+    .unwrap();
+    let ids = host::ints(wide.ids).unwrap();
+    assert!(ids[1..].iter().any(|&t| t >= 6), "{ids:?}");
+    c.sample_vocab = Some(6);
+    for seed in 0..4 {
+        let out = generate(
+            &m,
+            prompt(&[&[1]]),
+            None,
+            &c,
+            &mut crate::SeededRng::new(seed),
+            false,
+        )
+        .unwrap();
+        let ids = host::ints(out.ids).unwrap();
+        assert!(ids[1..].iter().all(|&t| t < 6 && t != 3), "{ids:?}");
+        let distinct: std::collections::BTreeSet<i64> = ids[1..].iter().copied().collect();
+        assert!(distinct.len() >= 3, "temperature 2 should spread: {ids:?}");
+    }
+    // greedy: argmax inside the allowed ids
+    c.temperature = 0.0;
+    let greedy = generate(&m, prompt(&[&[1]]), None, &c, &mut NoRng, false).unwrap();
+    assert!(host::ints(greedy.ids).unwrap()[1..].iter().all(|&t| t == 2));
+    // wider than the head
+    c.sample_vocab = Some(9);
+    assert!(matches!(
+        generate(&m, prompt(&[&[1]]), None, &c, &mut NoRng, false),
+        Err(crate::SamplerError::InvalidConfig {
+            field: "sample_vocab",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn padding_with_the_mask_id_is_a_typed_error() {
+    let m = FnDenoiser::new(|_, _| vec![0.0; V]);
+    let keep =
+        host::bool_tensor2::<Cpu>(vec![false, true, true, true], [2, 2], &Default::default());
+    let e = generate(
+        &m,
+        prompt(&[&[MASK, 1], &[2, 1]]),
+        Some(keep.clone()),
+        &cfg(2, 2, 2),
+        &mut NoRng,
+        false,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        crate::SamplerError::PadIsMask {
+            row: 0,
+            position: 0,
+            mask_id: MASK as u32
+        }
+    );
+    assert!(e.to_string().contains("pad"), "{e}");
+    assert!(m.calls.borrow().is_empty());
+    // a real pad id is fine
+    generate(
+        &m,
+        prompt(&[&[0, 1], &[2, 1]]),
+        Some(keep),
+        &cfg(2, 2, 2),
+        &mut NoRng,
+        false,
+    )
+    .unwrap();
+}
+
+#[test]
+fn prompt_and_special_ids_outside_the_vocabulary_are_typed_errors() {
+    let m = FnDenoiser::new(|_, _| vec![0.0; V]);
+    let e = generate(
+        &m,
+        prompt(&[&[1, 9]]),
+        None,
+        &cfg(2, 2, 2),
+        &mut NoRng,
+        false,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        crate::SamplerError::PromptId {
+            row: 0,
+            position: 1,
+            id: 9,
+            vocab: Some(V)
+        }
+    );
+    let e = generate(
+        &m,
+        prompt(&[&[1], &[-2]]),
+        None,
+        &cfg(2, 2, 2),
+        &mut NoRng,
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            crate::SamplerError::PromptId {
+                row: 1,
+                position: 0,
+                id: -2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut c = cfg(2, 2, 2);
+    c.mask_id = 8;
+    let e = generate(&m, prompt(&[&[1]]), None, &c, &mut NoRng, false).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            crate::SamplerError::IdOutOfVocab {
+                what: "mask_id",
+                id: 8,
+                vocab: V
+            }
+        ),
+        "{e}"
+    );
+    let mut c = cfg(2, 2, 2);
+    c.logits_eos_inf = true;
+    c.eos_id = Some(20);
+    let e = generate(&m, prompt(&[&[1]]), None, &c, &mut NoRng, false).unwrap_err();
+    assert!(
+        matches!(e, crate::SamplerError::IdOutOfVocab { what: "eos_id", .. }),
+        "{e}"
+    );
+}
