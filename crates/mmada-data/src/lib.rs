@@ -43,7 +43,7 @@ pub use example::{Example, ImageRef, Message, Role, Task};
 pub use image::{ImageCoder, Pixels, Preprocess, ResizeMode};
 pub use layout::{IGNORE_ID, LayoutKind, Sample, TextSplit};
 pub use manifest::{Format, Manifest, OnError, Source};
-pub use mixture::{Mixture, MixtureCursor, MixtureSource, Pick};
+pub use mixture::{Mixing, Mixture, MixtureCursor, MixtureSource, Pick};
 pub use mmada_model::tokens::TokenLayout;
 pub use pipeline::{LayoutConfig, LengthStats, layout_example, render_sample};
 pub use reader::{ExampleStream, ReadStats};

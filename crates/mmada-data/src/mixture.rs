@@ -9,6 +9,10 @@
 //!
 //! The RNG is SplitMix64 (stable, no dependency), so orders never change with a `rand`
 //! upgrade (architecture doc "Randomness": each consumer derives its own RNG).
+//!
+//! Two ways to choose sources ([`Mixing`]): per row (every pick draws its own source, the
+//! default) or per batch (MMaDA stage 2.2, spec §3.4: one source per micro-step for the whole
+//! sub-batch, drawn with `(seed, stream, batch number)`), through [`Mixture::take_batch`].
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +36,19 @@ pub fn hash_words(words: &[u64]) -> u64 {
 /// Uniform `f64` in `[0, 1)` from a hash.
 fn unit(h: u64) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// How a mixture chooses sources for the rows of a batch ([`Mixture::take_batch`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mixing {
+    /// Every row draws its own source by weight.
+    #[default]
+    PerRow,
+    /// One source per batch (micro-step), drawn by weight, for every row of the batch: the
+    /// stage-2.2 sampling of upstream `train_mmada_stage4.py` (spec §3.4), e.g. the mmu stream
+    /// between mmu-CoT / VQA / CLEVR / Geo170K ∝ 3.5 : 5.5 : 0.5 : 0.5.
+    PerBatch,
 }
 
 /// One member of a mixture.
@@ -75,6 +92,11 @@ pub struct MixtureCursor {
     pub step: u64,
     /// Examples drawn so far from each source (over all ranks).
     pub drawn: Vec<u64>,
+    /// Batches taken so far ([`Mixture::take_batch`]); the source of batch `b` under
+    /// [`Mixing::PerBatch`] is a function of `(seed, stream, b)`. Absent in cursors written
+    /// before per-batch mixing existed (read as 0).
+    #[serde(default)]
+    pub batches: u64,
 }
 
 /// A seeded weighted mixture over sources, for one rank.
@@ -88,6 +110,7 @@ pub struct Mixture {
     world: u64,
     cursor: MixtureCursor,
     perm_cache: Vec<Option<(u64, Vec<u64>)>>,
+    mixing: Mixing,
 }
 
 impl Mixture {
@@ -137,10 +160,23 @@ impl Mixture {
                 seed,
                 step: 0,
                 drawn: vec![0; n],
+                batches: 0,
             },
             perm_cache: vec![None; n],
             sources,
+            mixing: Mixing::PerRow,
         })
+    }
+
+    /// The same mixture choosing sources per row or per batch in [`Mixture::take_batch`].
+    pub fn with_mixing(mut self, mixing: Mixing) -> Self {
+        self.mixing = mixing;
+        self
+    }
+
+    /// How [`Mixture::take_batch`] chooses sources.
+    pub fn mixing(&self) -> Mixing {
+        self.mixing
     }
 
     /// The sources.
@@ -169,7 +205,26 @@ impl Mixture {
     }
 
     fn choose_source(&self, step: u64) -> usize {
-        let u = unit(hash_words(&[self.seed, 0x004D_4958, self.stream, step]));
+        self.by_weight(unit(hash_words(&[
+            self.seed,
+            0x004D_4958,
+            self.stream,
+            step,
+        ])))
+    }
+
+    /// The source of batch `batch` under [`Mixing::PerBatch`] (independent of the rank, so
+    /// every rank's shard of a global batch comes from the same source).
+    pub fn batch_source(&self, batch: u64) -> usize {
+        self.by_weight(unit(hash_words(&[
+            self.seed,
+            0x4241_5443,
+            self.stream,
+            batch,
+        ])))
+    }
+
+    fn by_weight(&self, u: f64) -> usize {
         self.cumulative
             .iter()
             .position(|&c| u < c)
@@ -224,5 +279,39 @@ impl Mixture {
     /// `n` picks.
     pub fn take_picks(&mut self, n: usize) -> Vec<Pick> {
         (0..n).map(|_| self.next_pick()).collect()
+    }
+
+    /// The `n` rows of this rank for the next batch (one micro-step of the stream), as the
+    /// mixing mode says: [`Mixing::PerRow`] is [`Mixture::take_picks`]; [`Mixing::PerBatch`]
+    /// draws one source for the batch with [`Mixture::batch_source`] and takes every row of
+    /// the global batch from it: the next `n · world` global picks, of which this rank keeps
+    /// the `n` with `g ≡ rank (mod world)`. Every call counts as one batch, also with `n = 0`,
+    /// so batch `b` is the `b`-th micro-step whatever the row counts.
+    pub fn take_batch(&mut self, n: usize) -> Vec<Pick> {
+        let b = self.cursor.batches;
+        self.cursor.batches += 1;
+        match self.mixing {
+            Mixing::PerRow => self.take_picks(n),
+            Mixing::PerBatch => {
+                let s = self.batch_source(b);
+                let mut out = Vec::with_capacity(n);
+                for _ in 0..n as u64 * self.world {
+                    let g = self.cursor.step;
+                    let k = self.cursor.drawn[s];
+                    self.cursor.drawn[s] += 1;
+                    self.cursor.step += 1;
+                    if g % self.world == self.rank {
+                        let (index, epoch) = self.index_in_source(s, k);
+                        out.push(Pick {
+                            step: g,
+                            source: s,
+                            index,
+                            epoch,
+                        });
+                    }
+                }
+                out
+            }
+        }
     }
 }

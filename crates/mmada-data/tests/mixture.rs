@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use mmada_data::{Mixture, MixtureSource, Pick};
+use mmada_data::{Mixing, Mixture, MixtureSource, Pick};
 
 fn sources() -> Vec<MixtureSource> {
     // Stage-2.2 mmu-stream style weights 3.5 : 5.5 : 0.5 : 0.5.
@@ -96,4 +96,98 @@ fn bad_mixtures_are_errors() {
     let mut s = sources();
     s[0].weight = 0.0;
     assert!(Mixture::new(s, 1, 0, 0, 1).is_err());
+}
+
+fn per_batch(seed: u64, rank: u64, world: u64) -> Mixture {
+    Mixture::new(sources(), seed, 2, rank, world)
+        .unwrap()
+        .with_mixing(Mixing::PerBatch)
+}
+
+#[test]
+fn per_batch_mixing_draws_one_source_per_batch_by_weight() {
+    let mut m = per_batch(10086, 0, 1);
+    assert_eq!(m.mixing(), Mixing::PerBatch);
+    let batches = 20_000;
+    let mut counts = [0usize; 4];
+    for _ in 0..batches {
+        let rows = m.take_batch(3);
+        assert_eq!(rows.len(), 3);
+        let s = rows[0].source;
+        assert!(
+            rows.iter().all(|p| p.source == s),
+            "a batch mixes sources: {rows:?}"
+        );
+        counts[s] += 1;
+    }
+    // 3.5 : 5.5 : 0.5 : 0.5 → 35 %, 55 %, 5 %, 5 %; binomial sd ≤ 0.36 % at 20 000 batches
+    let expected = [0.35, 0.55, 0.05, 0.05];
+    for (s, (&c, e)) in counts.iter().zip(expected).enumerate() {
+        let f = c as f64 / batches as f64;
+        println!("per-batch mixing: source {s} in {f:.4} of the batches (weight share {e})");
+        assert!((f - e).abs() < 0.012, "source {s}: frequency {f} vs {e}");
+    }
+    // the cursor counts batches and rows
+    assert_eq!(m.cursor().batches, batches as u64);
+    assert_eq!(m.cursor().drawn.iter().sum::<u64>(), 3 * batches as u64);
+}
+
+#[test]
+fn per_batch_mixing_is_a_function_of_seed_and_batch_and_resumes() {
+    let mut m = per_batch(5, 0, 1);
+    let seq: Vec<usize> = (0..200).map(|_| m.take_batch(2)[0].source).collect();
+    // the choice of batch b is batch_source(b), whatever the row counts were
+    let fresh = per_batch(5, 0, 1);
+    let direct: Vec<usize> = (0..200).map(|b| fresh.batch_source(b)).collect();
+    assert_eq!(seq, direct);
+    let mut rows_vary = per_batch(5, 0, 1);
+    let varied: Vec<Option<usize>> = (0..200)
+        .map(|b| rows_vary.take_batch(b % 3).first().map(|p| p.source))
+        .collect();
+    for (b, v) in varied.iter().enumerate() {
+        if let Some(s) = v {
+            assert_eq!(*s, direct[b], "batch {b}");
+        }
+    }
+    // another seed gives another sequence
+    let other = per_batch(6, 0, 1);
+    assert_ne!(
+        direct,
+        (0..200).map(|b| other.batch_source(b)).collect::<Vec<_>>()
+    );
+    // resume from a cursor continues with the same sources and rows
+    let mut a = per_batch(5, 0, 1);
+    for _ in 0..57 {
+        a.take_batch(4);
+    }
+    let json = serde_json::to_string(a.cursor()).unwrap();
+    let rest: Vec<Vec<Pick>> = (0..100).map(|_| a.take_batch(4)).collect();
+    let mut b = per_batch(5, 0, 1);
+    b.resume(serde_json::from_str(&json).unwrap()).unwrap();
+    let again: Vec<Vec<Pick>> = (0..100).map(|_| b.take_batch(4)).collect();
+    assert_eq!(rest, again);
+    // a cursor from before per-batch mixing (no `batches`) still reads
+    let old: mmada_data::MixtureCursor =
+        serde_json::from_str(r#"{"seed":1,"step":3,"drawn":[1,1,1,0]}"#).unwrap();
+    assert_eq!(old.batches, 0);
+}
+
+#[test]
+fn per_batch_mixing_shards_one_global_batch_across_ranks() {
+    let mut one = per_batch(9, 0, 1);
+    let mut r0 = per_batch(9, 0, 2);
+    let mut r1 = per_batch(9, 1, 2);
+    for _ in 0..50 {
+        let all = one.take_batch(4);
+        let (a, b) = (r0.take_batch(2), r1.take_batch(2));
+        let s = all[0].source;
+        assert!(a.iter().chain(&b).all(|p| p.source == s));
+        let mut merged: Vec<Pick> = a.into_iter().chain(b).collect();
+        merged.sort_by_key(|p| p.step);
+        assert_eq!(merged, all);
+    }
+    // per-row mixing through take_batch is take_picks
+    let mut rows = Mixture::new(sources(), 4, 1, 0, 1).unwrap();
+    let via_batches: Vec<Pick> = (0..10).flat_map(|_| rows.take_batch(5)).collect();
+    assert_eq!(via_batches, picks(4, 0, 1, 50));
 }
