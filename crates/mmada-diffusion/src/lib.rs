@@ -5,6 +5,8 @@
 //! * [`noise`]: `t ~ U(0,1)`, `p_mask = (1 − ε)·t + ε`, independent masking with prompt
 //!   protection (LLaDA GUIDELINES.md `forward_process`, spec §3.1–3.2), and MaskGIT image
 //!   masking (`training/utils.py::mask_or_random_replace_tokens`, spec §3.3).
+//! * [`schedule`]: the MaskGIT mask-ratio schedules (cosine, linear, powK, sigmoid) shared by
+//!   t2i training and the sampler.
 //! * [`loss`]: token cross-entropy with per-token weights, from which every upstream loss is
 //!   built: pretraining `Σ CE/p / (B·L)`, SFT `Σ CE/(p·answer_len) / B`, the MaskGIT t2i mean,
 //!   and MMaDA's unified `forward_process` over `[t2i | lm | mmu]` rows.
@@ -15,12 +17,16 @@
 pub mod grpo;
 pub mod loss;
 pub mod noise;
+pub mod schedule;
 
 pub use loss::{
     T2iAttention, UnifiedBatch, UnifiedLoss, pretrain_loss, sft_loss, unified_loss,
     weighted_token_ce,
 };
-pub use noise::{ImageMaskDraw, MaskDraw, Noised, forward_process, image_mask, p_mask};
+pub use noise::{
+    ImageMaskDraw, MaskDraw, Noised, forward_process, image_mask, image_mask_with, p_mask,
+};
+pub use schedule::MaskSchedule;
 
 /// Errors from inconsistent inputs (lengths that do not match the batch shape).
 #[derive(Debug, thiserror::Error)]

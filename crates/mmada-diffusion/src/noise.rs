@@ -2,6 +2,7 @@
 
 use rand::{Rng, RngExt};
 
+use crate::schedule::MaskSchedule;
 use crate::{DiffusionError, check_len};
 
 /// `ε` of LLaDA's forward process: `p_mask ∈ [ε, 1]`.
@@ -105,15 +106,37 @@ impl ImageMaskDraw {
     }
 }
 
-/// MaskGIT image mask (`training/utils.py::mask_or_random_replace_tokens`, cosine schedule,
-/// spec §3.3): `mask_prob = max(cos(π/2·τ), min_masking_rate)`,
-/// `n = max(round(N·mask_prob), 1)`; the `n` positions with the smallest scores are masked.
+/// MaskGIT image mask with the default cosine schedule: [`image_mask_with`] and
+/// [`MaskSchedule::Cosine`].
+///
+/// # Errors
+/// As [`image_mask_with`].
+pub fn image_mask(
+    draw: &ImageMaskDraw,
+    min_masking_rate: f32,
+) -> Result<Vec<bool>, DiffusionError> {
+    image_mask_with(draw, &MaskSchedule::Cosine, min_masking_rate)
+}
+
+/// The image mask ratio of one t2i row (`training/utils.py::mask_or_random_replace_tokens`,
+/// spec §3.3): `mask_prob = max(γ(τ), min_masking_rate)` with `γ` the configured
+/// `mask_schedule` evaluated in f32 on `τ` (upstream `mask_schedule(torch.rand(B))`).
+pub fn image_mask_prob(tau: f32, schedule: &MaskSchedule, min_masking_rate: f32) -> f32 {
+    schedule.mask_ratio(f64::from(tau)).max(min_masking_rate)
+}
+
+/// MaskGIT image mask (`training/utils.py::mask_or_random_replace_tokens`, spec §3.3):
+/// `mask_prob = max(γ(τ), min_masking_rate)` ([`image_mask_prob`]),
+/// `n = clamp(round(N·mask_prob), 1, N)`; the `n` positions with the smallest scores are
+/// masked (upstream: the first `n` of `torch.rand(N).argsort()`).
 /// Returns `[n_image_tokens]`, `true` = masked.
 ///
 /// # Errors
-/// [`DiffusionError::Range`] for `min_masking_rate` outside `[0, 1]`.
-pub fn image_mask(
+/// [`DiffusionError::Range`] for `min_masking_rate` outside `[0, 1]` or invalid schedule
+/// parameters.
+pub fn image_mask_with(
     draw: &ImageMaskDraw,
+    schedule: &MaskSchedule,
     min_masking_rate: f32,
 ) -> Result<Vec<bool>, DiffusionError> {
     if !(0.0..=1.0).contains(&min_masking_rate) {
@@ -123,11 +146,11 @@ pub fn image_mask(
             why: "must be in [0, 1]",
         });
     }
+    schedule.check()?;
     let n_tokens = draw.scores.len();
-    let prob = (std::f32::consts::FRAC_PI_2 * draw.tau)
-        .cos()
-        .max(min_masking_rate);
-    let n = ((n_tokens as f32 * prob).round() as usize).clamp(1, n_tokens.max(1));
+    let prob = image_mask_prob(draw.tau, schedule, min_masking_rate);
+    // torch: (seq_len * mask_prob).round().clamp(min=1), in f32 (round half to even)
+    let n = ((n_tokens as f32 * prob).round_ties_even().max(1.0) as usize).min(n_tokens.max(1));
     // rank of each position by score (argsort of argsort), stable on ties
     let mut order: Vec<usize> = (0..n_tokens).collect();
     order.sort_by(|&a, &b| draw.scores[a].total_cmp(&draw.scores[b]));
@@ -192,5 +215,74 @@ mod tests {
         assert!(m[0] && scores[0] == 0.0);
         let m = image_mask(&ImageMaskDraw { tau: 1.0, scores }, 0.5).unwrap();
         assert_eq!(m.iter().filter(|x| **x).count(), 8);
+    }
+
+    #[test]
+    fn image_mask_counts_follow_each_schedule() {
+        // n = clamp(round(N · max(γ(τ), min)), 1, N) for every schedule, vs the formulas.
+        let n_tok = 64usize;
+        let scores: Vec<f32> = (0..n_tok).map(|i| ((i * 37) % n_tok) as f32).collect();
+        let cases: [(MaskSchedule, fn(f64) -> f64); 4] = [
+            (MaskSchedule::Cosine, |t| {
+                (t * std::f64::consts::PI * 0.5).cos()
+            }),
+            (MaskSchedule::Linear, |t| (1.0 - t).clamp(1e-6, 1.0)),
+            (MaskSchedule::Pow(2.0), |t| (1.0 - t * t).clamp(1e-6, 1.0)),
+            (MaskSchedule::SIGMOID, |t| {
+                let s = |x: f64| 1.0 / (1.0 + (-x).exp());
+                ((s(3.0) - s(t * 6.0 - 3.0)) / (s(3.0) - s(-3.0))).clamp(1e-6, 1.0)
+            }),
+        ];
+        for (sched, formula) in cases {
+            for tau in [0.0f32, 0.1, 0.3, 0.5, 0.77, 0.9, 1.0] {
+                for min in [0.0f32, 0.25] {
+                    let want_p = formula(f64::from(tau)).max(f64::from(min));
+                    let got_p = image_mask_prob(tau, &sched, min);
+                    assert!(
+                        (f64::from(got_p) - want_p).abs() < 1e-6,
+                        "{sched:?} τ={tau}: {got_p} vs {want_p}"
+                    );
+                    let m = image_mask_with(
+                        &ImageMaskDraw {
+                            tau,
+                            scores: scores.clone(),
+                        },
+                        &sched,
+                        min,
+                    )
+                    .unwrap();
+                    let want_n =
+                        ((n_tok as f32 * got_p).round_ties_even().max(1.0) as usize).min(n_tok);
+                    assert_eq!(
+                        m.iter().filter(|x| **x).count(),
+                        want_n,
+                        "{sched:?} τ={tau} min={min}"
+                    );
+                    // the masked positions are the want_n lowest scores
+                    for (i, &mi) in m.iter().enumerate() {
+                        assert_eq!(mi, (scores[i] as usize) < want_n, "{sched:?} τ={tau} i={i}");
+                    }
+                }
+            }
+        }
+        // linear at τ = 0.25 masks exactly 48 of 64; pow2 at τ = 0.5 masks 48 (1 − 0.25).
+        let d = |tau| ImageMaskDraw {
+            tau,
+            scores: scores.clone(),
+        };
+        let count = |m: Vec<bool>| m.iter().filter(|x| **x).count();
+        assert_eq!(
+            count(image_mask_with(&d(0.25), &MaskSchedule::Linear, 0.0).unwrap()),
+            48
+        );
+        assert_eq!(
+            count(image_mask_with(&d(0.5), &MaskSchedule::Pow(2.0), 0.0).unwrap()),
+            48
+        );
+        assert_eq!(
+            count(image_mask_with(&d(0.5), &MaskSchedule::SIGMOID, 0.0).unwrap()),
+            32
+        );
+        assert!(image_mask_with(&d(0.5), &MaskSchedule::Pow(0.0), 0.0).is_err());
     }
 }
