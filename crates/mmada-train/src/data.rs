@@ -8,19 +8,22 @@
 
 use std::path::{Path, PathBuf};
 
+use mmada_data::layout::t2i_layout;
 use mmada_data::manifest::Manifest;
 use mmada_data::reader::ExampleStream;
 use mmada_data::{
-    LayoutKind, Mixture, MixtureCursor, MixtureSource, Sample, TextTokenizer, collate,
+    CodeCache, Example, ImageCoder, ImageRef, ImageTokenizer, LayoutKind, Mixture, MixtureCursor,
+    MixtureSource, Pixels, Preprocess, Sample, TextTokenizer, TokenLayout, TokenizeStats, collate,
     layout_example,
 };
-use mmada_diffusion::noise::{ImageMaskDraw, MaskDraw, forward_process, image_mask};
-use mmada_diffusion::{DiffusionError, UnifiedBatch};
-use rand::SeedableRng;
+use mmada_diffusion::noise::{ImageMaskDraw, MaskDraw, forward_process, image_mask_with};
+use mmada_diffusion::{DiffusionError, MaskSchedule, UnifiedBatch};
 use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::recipe::{SftRecipe, SourceSpec, StreamSection};
+use crate::pretok::CodeTable;
+use crate::recipe::{ImageTokenizerSection, SftRecipe, SourceSpec, StreamSection};
 
 /// Purposes for [`derive_seed`].
 pub mod purpose {
@@ -30,13 +33,215 @@ pub mod purpose {
     pub const IMAGE_MASK: u64 = 2;
     /// Masking of held-out evaluation rows.
     pub const EVAL_MASK: u64 = 3;
+    /// Caption dropout (condition dropout for CFG) of a t2i row.
+    pub const CAPTION_DROPOUT: u64 = 4;
     /// Mixture order of a stream (plus the stream index).
     pub const MIXTURE: u64 = 16;
 }
 
+/// Examples read per image-encoding batch while loading.
+const IMAGE_CHUNK: usize = 16;
+
 /// A seed for one consumer: SplitMix64 over `(seed, purpose, step, index)`.
 pub fn derive_seed(seed: u64, purpose: u64, step: u64, index: u64) -> u64 {
     mmada_data::mixture::hash_words(&[seed, purpose, step, index])
+}
+
+/// Whether the caption of t2i row `row` (index within optimizer step `step`) is dropped:
+/// one uniform from the RNG seeded by `derive_seed(seed, CAPTION_DROPOUT, step, row)` is
+/// `< prob` (upstream: `random.random() < cond_dropout_prob` per caption, spec §2.4 c).
+/// Independent of the mask draws, of accumulation splits and of the rank.
+pub fn caption_dropped(seed: u64, step: u64, row: u64, prob: f32) -> bool {
+    if prob <= 0.0 {
+        return false;
+    }
+    let mut rng = StdRng::seed_from_u64(derive_seed(seed, purpose::CAPTION_DROPOUT, step, row));
+    rng.random::<f32>() < prob
+}
+
+/// A t2i sample with its caption replaced by the empty (null) prompt `<|t2i|> <BOS> <EOS>`,
+/// same image codes, same length: the unconditional row of condition dropout (upstream
+/// `t2i_prompt` with `''`). `p` is `max_seq_length`.
+///
+/// # Errors
+/// When `s` is not a t2i sample or its image block is inconsistent.
+pub fn drop_caption(
+    s: &Sample,
+    p: usize,
+    t: &TokenLayout,
+) -> Result<Sample, mmada_data::DataError> {
+    let codes: Vec<u32> = s
+        .ids
+        .iter()
+        .zip(&s.prompt_mask)
+        .filter(|(_, prompt)| !**prompt)
+        .map(|(&id, _)| {
+            t.image_code(id)
+                .ok_or_else(|| mmada_data::DataError::Layout {
+                    layout: "t2i",
+                    message: format!(
+                        "caption dropout: id {id} in the image block is no image token"
+                    ),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    t2i_layout(&[], &codes, p, true, t)
+}
+
+/// An [`ImageCoder`] borrowed by several [`ImageTokenizer`]s (one per preprocessing).
+struct CoderRef<'a>(&'a dyn ImageCoder);
+
+impl ImageCoder for CoderRef<'_> {
+    fn id(&self) -> String {
+        self.0.id()
+    }
+    fn encode(
+        &self,
+        images: &[Pixels],
+    ) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error + Send + Sync>> {
+        self.0.encode(images)
+    }
+}
+
+/// Turns the images of one stream's examples into codes: pre-tokenized tables first
+/// ([`CodeTable`], `image_tokenizer.codes`), then the cached [`ImageTokenizer`]; an image
+/// that neither can answer is an error naming the row and the fix.
+struct StreamImages<'a> {
+    stream: &'static str,
+    preprocess: Preprocess,
+    tables: &'a [CodeTable],
+    coder_id: Option<String>,
+    tokenizer: Option<ImageTokenizer<CoderRef<'a>>>,
+    from_tables: u64,
+}
+
+impl<'a> StreamImages<'a> {
+    fn new(
+        stream: &'static str,
+        section: Option<&ImageTokenizerSection>,
+        tables: &'a [CodeTable],
+        coder: Option<&'a dyn ImageCoder>,
+        cache: Option<&CodeCache>,
+    ) -> Self {
+        let preprocess = Preprocess {
+            resolution: section.map_or(512, |s| s.resolution),
+            mode: section.map_or_else(Default::default, |s| {
+                if stream == "mmu" {
+                    s.mmu_mode
+                } else {
+                    s.t2i_mode
+                }
+            }),
+        };
+        let tokenizer = coder.map(|c| {
+            let t = ImageTokenizer::new(CoderRef(c), preprocess);
+            match cache {
+                Some(cache) => t.with_cache(cache.clone()),
+                None => t,
+            }
+        });
+        StreamImages {
+            stream,
+            preprocess,
+            tables,
+            coder_id: coder.map(|c| c.id()),
+            tokenizer,
+            from_tables: 0,
+        }
+    }
+
+    fn tokenize(&mut self, examples: &mut [Example]) -> Result<(), TrainDataError> {
+        for table in self.tables {
+            self.from_tables +=
+                table.fill(examples, &self.preprocess, self.coder_id.as_deref())? as u64;
+        }
+        match &mut self.tokenizer {
+            Some(t) => t.tokenize(examples)?,
+            None => {
+                if let Some(ex) = examples
+                    .iter()
+                    .find(|e| matches!(e.image, Some(ImageRef::Path(_) | ImageRef::Bytes(_))))
+                {
+                    return Err(TrainDataError::NoImageTokenizer {
+                        stream: self.stream,
+                        at: ex.source.to_string(),
+                        tables: self.tables.len(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> ImageStats {
+        let t = self
+            .tokenizer
+            .as_ref()
+            .map(|t| t.stats())
+            .unwrap_or_default();
+        ImageStats {
+            encoded: t.encoded,
+            cache_hits: t.cache_hits,
+            from_tables: self.from_tables,
+        }
+    }
+}
+
+/// The image coder of `data.image_tokenizer.checkpoint` (a MAGVIT-v2 folder, relative to
+/// `base` when relative, or a Hugging Face repo id), on `device`; `None` when the recipe
+/// configures no checkpoint.
+///
+/// # Errors
+/// [`TrainDataError::Vq`] naming the folder / file / tensor when loading fails.
+pub fn load_image_coder<B: burn::tensor::backend::Backend>(
+    recipe: &SftRecipe,
+    base: &Path,
+    device: &B::Device,
+) -> Result<Option<mmada_vq::VqCoder<B>>, TrainDataError> {
+    let Some(spec) = recipe
+        .data
+        .image_tokenizer
+        .as_ref()
+        .and_then(|s| s.checkpoint.as_deref())
+    else {
+        return Ok(None);
+    };
+    let local = resolve(base, Path::new(spec));
+    let spec = if local.is_dir() {
+        local.to_string_lossy().into_owned()
+    } else {
+        spec.to_string()
+    };
+    Ok(Some(mmada_vq::VqCoder::load(&spec, device)?))
+}
+
+/// How the images of a run's rows got their codes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStats {
+    /// Images run through the MAGVIT-v2 encoder.
+    pub encoded: u64,
+    /// Images answered by the on-disk code cache.
+    pub cache_hits: u64,
+    /// Images answered by pre-tokenized code tables (`image_tokenizer.codes`).
+    pub from_tables: u64,
+}
+
+impl ImageStats {
+    fn add(&mut self, o: ImageStats) {
+        self.encoded += o.encoded;
+        self.cache_hits += o.cache_hits;
+        self.from_tables += o.from_tables;
+    }
+}
+
+impl From<TokenizeStats> for ImageStats {
+    fn from(t: TokenizeStats) -> Self {
+        ImageStats {
+            encoded: t.encoded,
+            cache_hits: t.cache_hits,
+            from_tables: 0,
+        }
+    }
 }
 
 /// Error building the training data.
@@ -48,6 +253,24 @@ pub enum TrainDataError {
     /// The noising inputs were inconsistent.
     #[error(transparent)]
     Diffusion(#[from] DiffusionError),
+    /// A row has an image file but no image tokenizer is configured.
+    #[error(
+        "{at}: a {stream} row has an image file but no image tokenizer is configured (and the {tables} pre-tokenized code table(s) lack it): set `data.image_tokenizer.checkpoint` to a MAGVIT-v2 folder or `showlab/magvitv2`, or list a `mmada-train data pretokenize` output under `data.image_tokenizer.codes`"
+    )]
+    NoImageTokenizer {
+        /// Stream.
+        stream: &'static str,
+        /// Manifest / file / line of the row.
+        at: String,
+        /// Code tables searched.
+        tables: usize,
+    },
+    /// The image tokenizer checkpoint could not be loaded.
+    #[error("data.image_tokenizer.checkpoint: {0}")]
+    Vq(#[from] mmada_vq::VqError),
+    /// A pre-tokenized code table is unreadable or inconsistent.
+    #[error(transparent)]
+    Codes(#[from] crate::pretok::PretokError),
     /// A source yielded no usable example.
     #[error("data.{stream}.sources[{index}] ({name}): no usable examples{why}")]
     Empty {
@@ -103,10 +326,14 @@ pub struct TrainData {
     seed: u64,
     eps: f32,
     min_masking_rate: f32,
+    mask_schedule: MaskSchedule,
+    cond_dropout_prob: f32,
     lm_answer_normalised: bool,
     t2i_text_len: usize,
     /// Per-source counts.
     pub report: Vec<SourceReport>,
+    /// How image rows got their codes (encoder, cache, code tables).
+    pub images: ImageStats,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -145,6 +372,41 @@ impl TrainData {
         rank: u64,
         world: u64,
     ) -> Result<Self, TrainDataError> {
+        Self::load_with_images(recipe, tokenizer, base, rank, world, None)
+    }
+
+    /// [`TrainData::load`] with an image coder (normally `mmada_vq::VqCoder` of
+    /// `data.image_tokenizer.checkpoint`): the images of mmu / t2i rows are encoded once
+    /// when the data is loaded (each image once per run; with `data.image_tokenizer.cache_dir`
+    /// once ever, later runs read the on-disk cache), after looking them up in the
+    /// pre-tokenized tables of `data.image_tokenizer.codes`.
+    ///
+    /// # Errors
+    /// As [`TrainData::load`]; [`TrainDataError::NoImageTokenizer`] when a row has an image
+    /// file and neither a coder nor a code table answers it; image decode / coder errors
+    /// naming the row.
+    pub fn load_with_images(
+        recipe: &SftRecipe,
+        tokenizer: TextTokenizer,
+        base: &Path,
+        rank: u64,
+        world: u64,
+        coder: Option<&dyn ImageCoder>,
+    ) -> Result<Self, TrainDataError> {
+        let section = recipe.data.image_tokenizer.as_ref();
+        let tables = match section {
+            Some(s) => s
+                .codes
+                .iter()
+                .map(|p| CodeTable::read(&resolve(base, p)))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => vec![],
+        };
+        let cache = match section.and_then(|s| s.cache_dir.as_ref()) {
+            Some(d) => Some(CodeCache::open(&resolve(base, d))?),
+            None => None,
+        };
+        let mut image_stats = ImageStats::default();
         let data_root = recipe.data.data_root.as_ref().map(|r| resolve(base, r));
         let layout = &recipe.data.layout;
         let mut streams = vec![];
@@ -161,6 +423,13 @@ impl TrainData {
             }
             let mut sources = vec![];
             let mut mix = vec![];
+            let mut images = StreamImages::new(
+                name,
+                recipe.data.image_tokenizer.as_ref(),
+                &tables,
+                coder,
+                cache.as_ref(),
+            );
             for (i, spec) in section.sources.iter().enumerate() {
                 let manifest = load_manifest(spec, base)?;
                 let mname = manifest.name.clone();
@@ -171,21 +440,40 @@ impl TrainData {
                     stream: name.into(),
                     ..Default::default()
                 };
-                for ex in stream.by_ref() {
-                    let ex = ex?;
-                    let s = layout_example(&ex, &tokenizer, layout, false)?;
-                    if s.truncated {
-                        if recipe.data.filter_overlong {
-                            rep.filtered_overlong += 1;
-                            continue;
+                // Examples are read in chunks so images are encoded in batches.
+                let want = spec.max_examples.map(|m| m + recipe.data.eval_examples);
+                let mut done = false;
+                while !done {
+                    let mut chunk = vec![];
+                    for ex in stream.by_ref() {
+                        chunk.push(ex?);
+                        if chunk.len() == IMAGE_CHUNK {
+                            break;
                         }
-                        rep.truncated += 1;
                     }
-                    samples.push(s);
-                    if let Some(max) = spec.max_examples
-                        && samples.len() >= max + recipe.data.eval_examples
-                    {
+                    if chunk.len() < IMAGE_CHUNK {
+                        done = true;
+                    }
+                    if want.is_some_and(|w| samples.len() >= w) {
                         break;
+                    }
+                    if chunk.iter().any(|e| e.image.is_some()) {
+                        images.tokenize(&mut chunk)?;
+                    }
+                    for ex in &chunk {
+                        let s = layout_example(ex, &tokenizer, layout, false)?;
+                        if s.truncated {
+                            if recipe.data.filter_overlong {
+                                rep.filtered_overlong += 1;
+                                continue;
+                            }
+                            rep.truncated += 1;
+                        }
+                        samples.push(s);
+                        if want.is_some_and(|w| samples.len() >= w) {
+                            done = true;
+                            break;
+                        }
                     }
                 }
                 rep.skipped = stream.stats().skipped_records;
@@ -221,6 +509,7 @@ impl TrainData {
                 sources.push(samples);
                 report.push(rep);
             }
+            image_stats.add(images.stats());
             let mixture = Mixture::new(
                 mix,
                 derive_seed(recipe.run.seed, purpose::MIXTURE, 0, si as u64),
@@ -242,9 +531,12 @@ impl TrainData {
             seed: recipe.run.seed,
             eps: recipe.loss.eps,
             min_masking_rate: recipe.loss.min_masking_rate,
+            mask_schedule: recipe.loss.mask_schedule,
+            cond_dropout_prob: recipe.loss.cond_dropout_prob,
             lm_answer_normalised: recipe.loss.lm_answer_normalised,
             t2i_text_len: layout.max_seq_length,
             report,
+            images: image_stats,
         })
     }
 
@@ -343,6 +635,21 @@ impl TrainData {
                 }
             }
         }
+        // condition dropout of t2i captions (rows 0..counts[0]), seeded per (step, row)
+        let mut captions_dropped = 0;
+        if purpose_id != purpose::EVAL_MASK {
+            for (r, s) in all.iter_mut().enumerate().take(counts[0]) {
+                if caption_dropped(
+                    self.seed,
+                    step,
+                    first_row + r as u64,
+                    self.cond_dropout_prob,
+                ) {
+                    *s = drop_caption(s, self.t2i_text_len, t)?;
+                    captions_dropped += 1;
+                }
+            }
+        }
         let seq = all.iter().map(Sample::len).max().unwrap_or(0);
         let batch = collate(all, Some(seq), t)?;
         let mask_id = i64::from(t.mask_id);
@@ -352,7 +659,10 @@ impl TrainData {
         );
         let (mut t2i_masks, mut p_lm, mut p_mmu, mut ans_lm, mut ans_mmu) =
             (vec![], vec![], vec![], vec![], vec![]);
-        let mut stats = NoiseStats::default();
+        let mut stats = NoiseStats {
+            t2i_captions_dropped: captions_dropped,
+            ..Default::default()
+        };
         let offset = t.image_code_offset;
         let codebook = t.codebook_size;
         for r in 0..batch.batch_size {
@@ -370,7 +680,7 @@ impl TrainData {
                     let m = if image_pos.is_empty() {
                         vec![]
                     } else {
-                        image_mask(&draw, self.min_masking_rate)?
+                        image_mask_with(&draw, &self.mask_schedule, self.min_masking_rate)?
                     };
                     let mut row_ids = x0.clone();
                     let mut row_labels = batch.labels[r * seq..(r + 1) * seq].to_vec();
@@ -447,6 +757,8 @@ pub struct NoiseStats {
     pub t2i_image_tokens: usize,
     /// Tokens in the batch (rows × seq).
     pub tokens: usize,
+    /// t2i rows whose caption was replaced by the empty prompt (condition dropout).
+    pub t2i_captions_dropped: usize,
 }
 
 impl NoiseStats {
@@ -459,6 +771,7 @@ impl NoiseStats {
         self.t2i_masked += o.t2i_masked;
         self.t2i_image_tokens += o.t2i_image_tokens;
         self.tokens += o.tokens;
+        self.t2i_captions_dropped += o.t2i_captions_dropped;
     }
 
     /// Mean `p_mask` over text rows (upstream `avg_masking_rate` is the mean mask ratio).

@@ -1,5 +1,6 @@
 //! `mmada-train data inspect` and `mmada-train data check`: thin terminal wrappers over
-//! `mmada_data::inspect`.
+//! `mmada_data::inspect`; `mmada-train data pretokenize`: image codes of manifests into a
+//! parquet table (`mmada_train::pretok`).
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use mmada_data::inspect::{ScanOptions, Summary, check_manifest, scan_manifest};
 use mmada_data::manifest::Manifest;
-use mmada_data::{LayoutConfig, TextTokenizer};
+use mmada_data::{LayoutConfig, ResizeMode, TextTokenizer};
 use mmada_train::recipe::{SftRecipe, SourceSpec};
 
 #[derive(Subcommand, Debug)]
@@ -54,6 +55,51 @@ pub enum DataCommand {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Encode the images of mmu / t2i manifests with MAGVIT-v2 once (CPU), into a parquet table
+    /// (one row per distinct image and preprocessing: source, file_hash, resolution, mode,
+    /// coder, codes) that training reads through `data.image_tokenizer.codes`:
+    /// mmada-train data pretokenize --manifest data_manifests/clevr.yaml --out clevr_codes.parquet
+    Pretokenize {
+        /// Manifest YAML (repeatable).
+        #[arg(long, required = true)]
+        manifest: Vec<PathBuf>,
+        /// Output parquet file.
+        #[arg(long)]
+        out: PathBuf,
+        /// MAGVIT-v2 folder or Hugging Face repo id.
+        #[arg(long, default_value = mmada_vq::HF_REPO)]
+        vq_checkpoint: String,
+        /// Square side `R` (codes per image `(R/16)²`).
+        #[arg(long, default_value_t = 512)]
+        resolution: u32,
+        /// Preprocessing of t2i manifests: center-crop (upstream `image_transform`) or squash.
+        #[arg(long, value_enum, default_value = "center-crop")]
+        t2i_mode: Mode,
+        /// Preprocessing of mmu manifests (stage 2.x: squash).
+        #[arg(long, value_enum, default_value = "squash")]
+        mmu_mode: Mode,
+        /// Root for the manifests' relative source and image paths (default: current dir).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
+    },
+}
+
+/// CLI spelling of [`ResizeMode`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Mode {
+    /// Shorter side to `R`, centre crop.
+    CenterCrop,
+    /// Straight to `R × R`.
+    Squash,
+}
+
+impl From<Mode> for ResizeMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::CenterCrop => ResizeMode::CenterCrop,
+            Mode::Squash => ResizeMode::Squash,
+        }
+    }
 }
 
 fn tokenizer(path: &Path) -> Result<TextTokenizer> {
@@ -107,6 +153,46 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             Ok(())
         }
         DataCommand::Check { recipe, overrides } => check(&recipe, &overrides),
+        DataCommand::Pretokenize {
+            manifest,
+            out,
+            vq_checkpoint,
+            resolution,
+            t2i_mode,
+            mmu_mode,
+            data_root,
+        } => {
+            if resolution == 0 || resolution % 16 != 0 {
+                bail!("--resolution {resolution}: must be a positive multiple of 16");
+            }
+            let mut manifests = vec![];
+            for path in &manifest {
+                let m = Manifest::from_file(path)?;
+                let p = mmada_train::pretok::preprocess_for(
+                    Some(m.task),
+                    resolution,
+                    t2i_mode.into(),
+                    mmu_mode.into(),
+                );
+                manifests.push((m, p));
+            }
+            let coder = mmada_vq::VqCoder::<mmada_model::backend::Cpu>::load(
+                &vq_checkpoint,
+                &Default::default(),
+            )
+            .with_context(|| format!("loading the image tokenizer {vq_checkpoint}"))?;
+            let t0 = std::time::Instant::now();
+            let n =
+                mmada_train::pretok::pretokenize(&manifests, data_root.as_deref(), &coder, &out)?;
+            tracing::info!(
+                rows = n,
+                seconds = t0.elapsed().as_secs_f64(),
+                out = %out.display(),
+                "pretokenized"
+            );
+            println!("{n} image(s) → {}", out.display());
+            Ok(())
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! * [`data`]: manifests → samples → seeded mixtures → noised `[t2i | lm | mmu]` batches.
 //! * [`optim`]: AdamW (PyTorch semantics), global-norm clipping, accumulation, named state.
 //! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
+//! * [`pretok`]: pre-tokenized image code tables (parquet) of `data pretokenize`.
 //! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
 //! * [`sft`]: the SFT loop ([`sft::run_sft`]).
 //! * [`unigrpo`]: the UniGRPO loop ([`unigrpo::run_unigrpo`], spec §5).
@@ -13,6 +14,7 @@
 
 pub mod data;
 pub mod optim;
+pub mod pretok;
 pub mod recipe;
 pub mod run_dir;
 pub mod schedule;

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use mmada_data::LayoutConfig;
 use mmada_data::manifest::Manifest;
-use mmada_diffusion::T2iAttention;
+use mmada_data::ResizeMode;
+use mmada_diffusion::{MaskSchedule, T2iAttention};
 use serde::{Deserialize, Serialize};
 use serde_norway::Value;
 
@@ -166,6 +167,52 @@ pub struct DataSection {
     /// Held-out evaluation: this many examples of each lm source are kept out of training.
     #[serde(default)]
     pub eval_examples: usize,
+    /// The image tokenizer for mmu / t2i rows whose images are files or bytes.
+    #[serde(default)]
+    pub image_tokenizer: Option<ImageTokenizerSection>,
+}
+
+/// `data.image_tokenizer:` — MAGVIT-v2 (spec §2.3) for the images of mmu / t2i rows
+/// (upstream `model.vq_model`, `dataset.preprocessing.resolution`, `image_transform` /
+/// `image_transform_squash`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageTokenizerSection {
+    /// A MAGVIT-v2 folder (`config.json` + `pytorch_model.safetensors`) or a Hugging Face
+    /// repo id (`showlab/magvitv2`). Optional when `codes` answers every image.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// Square side `R` images are brought to (256 in stages 1.1/1.2, 512 later); codes per
+    /// image `(R/16)²`.
+    #[serde(default = "default_resolution")]
+    pub resolution: u32,
+    /// t2i images: `center_crop` (upstream `image_transform`) or `squash`.
+    #[serde(default)]
+    pub t2i_mode: ResizeMode,
+    /// mmu images: `squash` (upstream stage 2.x `image_transform_squash`) or `center_crop`.
+    #[serde(default = "squash")]
+    pub mmu_mode: ResizeMode,
+    /// On-disk code cache (keyed by file hash, preprocessing and tokenizer weights), shared
+    /// by runs; none when absent.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Pre-tokenized code tables from `mmada-train data pretokenize` (parquet), looked up
+    /// before encoding.
+    #[serde(default)]
+    pub codes: Vec<PathBuf>,
+}
+
+impl Default for ImageTokenizerSection {
+    fn default() -> Self {
+        serde_norway::from_str("{}").expect("defaults")
+    }
+}
+
+fn default_resolution() -> u32 {
+    512
+}
+fn squash() -> ResizeMode {
+    ResizeMode::Squash
 }
 
 /// `loss:` — coefficients and upstream options (spec §3.3).
@@ -190,9 +237,21 @@ pub struct LossSection {
     /// t2i attention: `upstream_soft_bias` (current upstream code), `full`, `hard`.
     #[serde(default)]
     pub t2i_attention: T2iAttentionName,
-    /// Minimum image masking rate.
+    /// Minimum image masking rate (upstream `training.min_masking_rate`).
     #[serde(default)]
     pub min_masking_rate: f32,
+    /// t2i mask-ratio schedule `γ(τ)` (upstream `mask_schedule.schedule`): `cosine`,
+    /// `linear`, `powK` (e.g. `pow2`), `sigmoid`, or `{sigmoid: {start, end, tau, clip_min}}`.
+    #[serde(default)]
+    pub mask_schedule: MaskSchedule,
+    /// Probability that a t2i caption is replaced by the empty prompt (upstream
+    /// `training.cond_dropout_prob`, 0.1 in every config).
+    #[serde(default = "cond_dropout")]
+    pub cond_dropout_prob: f32,
+}
+
+fn cond_dropout() -> f32 {
+    0.1
 }
 
 fn one_f32() -> f32 {
@@ -552,6 +611,25 @@ impl SftRecipe {
         }
         if !(0.0..=1.0).contains(&self.schedule.min_lr_scale) {
             return Err(err("schedule.min_lr_scale", "must be in [0, 1]".into()));
+        }
+        for (key, v) in [
+            ("loss.min_masking_rate", self.loss.min_masking_rate),
+            ("loss.cond_dropout_prob", self.loss.cond_dropout_prob),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(err(key, format!("{v}: must be in [0, 1]")));
+            }
+        }
+        if let Some(it) = &self.data.image_tokenizer
+            && (it.resolution == 0 || it.resolution % 16 != 0)
+        {
+            return Err(err(
+                "data.image_tokenizer.resolution",
+                format!(
+                    "{}: must be a positive multiple of 16 (MAGVIT-v2 downsamples by 16; upstream 256 or 512)",
+                    it.resolution
+                ),
+            ));
         }
         if self.optimizer.lr.is_nan() || self.optimizer.lr <= 0.0 {
             return Err(err("optimizer.lr", "must be positive".into()));

@@ -351,7 +351,10 @@ pub fn run_sft<B: AutodiffBackend>(
             (cfg, model, None)
         }
     };
-    let mut data = TrainData::load(recipe, tok, base, 0, 1)?;
+    // images of mmu / t2i rows: encoded once here (data.image_tokenizer)
+    let coder = crate::data::load_image_coder::<B>(recipe, base, device)?;
+    let coder = coder.as_ref().map(|c| c as &dyn mmada_data::ImageCoder);
+    let mut data = TrainData::load_with_images(recipe, tok, base, 0, 1, coder)?;
     let mut optim = optim::adamw::<B>(&recipe.optimizer);
     let mut state = match state {
         Some(s) => {
