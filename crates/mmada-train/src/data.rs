@@ -516,7 +516,8 @@ impl TrainData {
                 si as u64,
                 rank,
                 world,
-            )?;
+            )?
+            .with_mixing(section.mixing);
             streams.push(Stream {
                 name,
                 batch_size: section.batch_size,
@@ -593,7 +594,8 @@ impl TrainData {
         for s in &mut self.streams {
             // micro-batch `fraction.0` of `fraction.1`: an equal share of the stream's rows
             let n = s.batch_size / fraction.1 + usize::from(fraction.0 < s.batch_size % fraction.1);
-            let picks = s.mixture.take_picks(n);
+            // one batch of the stream per micro-step (`mixing: per_batch` draws its source)
+            let picks = s.mixture.take_batch(n);
             let rows = picks
                 .iter()
                 .map(|p| s.sources[p.source][p.index as usize].clone())

@@ -140,6 +140,11 @@ pub struct StreamSection {
     /// Datasets mixed by weight.
     #[serde(default)]
     pub sources: Vec<SourceSpec>,
+    /// `per_row` (default: every row draws its source by weight) or `per_batch` (one source
+    /// per micro-step for the whole sub-batch, upstream stage 2.2 `*_in_mmu_coeff` /
+    /// `*_in_lm_coeff` sampling, spec §3.4); seeded from the run seed, resumable.
+    #[serde(default)]
+    pub mixing: mmada_data::Mixing,
 }
 
 /// `data:` — streams, layouts and held-out evaluation.
@@ -375,6 +380,33 @@ pub struct TrainSection {
     /// Evaluate the held-out loss every this many steps (0 = never).
     #[serde(default)]
     pub eval_every: u64,
+    /// Mixed precision, named as accelerate's `mixed_precision` (upstream
+    /// `training.mixed_precision`, spec §3.5): `no` (compute in `model.dtype`) or `bf16`
+    /// (f32 master weights and AdamW state, bf16 forward/backward, f32 loss; needs
+    /// `model.dtype: f32`).
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
+}
+
+/// Recipe values of `train.mixed_precision` (accelerate's spelling).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// Compute in the parameter dtype.
+    #[default]
+    No,
+    /// bf16 compute over f32 master parameters.
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The compute dtype to give `LladaModel::with_compute_dtype`.
+    pub fn compute_dtype(self) -> Option<burn::tensor::FloatDType> {
+        match self {
+            MixedPrecision::No => None,
+            MixedPrecision::Bf16 => Some(burn::tensor::FloatDType::BF16),
+        }
+    }
 }
 
 fn one_u64() -> u64 {
@@ -588,6 +620,15 @@ impl SftRecipe {
                 format!("`{}`: expected f32 or bf16", self.model.dtype),
             ));
         }
+        if self.train.mixed_precision == MixedPrecision::Bf16 && self.model.dtype != "f32" {
+            return Err(err(
+                "train.mixed_precision",
+                format!(
+                    "`bf16` keeps f32 master weights, but model.dtype is `{}`: set model.dtype: f32 (or mixed_precision: no for pure {} training)",
+                    self.model.dtype, self.model.dtype
+                ),
+            ));
+        }
         if !["f32", "bf16"].contains(&self.checkpoint.model_dtype.as_str()) {
             return Err(err(
                 "checkpoint.model_dtype",
@@ -765,5 +806,67 @@ train: {max_steps: 3}
             .unwrap_err()
             .to_string();
         assert!(e.contains("`train.device`"), "{e}");
+    }
+
+    #[test]
+    fn stream_mixing_values_are_checked() {
+        let r = SftRecipe::parse(MINIMAL, "r.yaml", &[]).unwrap();
+        assert_eq!(r.data.lm.mixing, mmada_data::Mixing::PerRow);
+        let r = SftRecipe::parse(MINIMAL, "r.yaml", &["data.lm.mixing=per_batch".into()])
+            .unwrap();
+        assert_eq!(r.data.lm.mixing, mmada_data::Mixing::PerBatch);
+        assert!(r.to_yaml().contains("mixing: per_batch"), "{}", r.to_yaml());
+        let e = SftRecipe::parse(MINIMAL, "r.yaml", &["data.lm.mixing=per_step".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`data.lm.mixing`") && e.contains("`per_row`") && e.contains("`per_batch`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mixed_precision_values_are_checked() {
+        let r = SftRecipe::parse(MINIMAL, "r.yaml", &[]).unwrap();
+        assert_eq!(r.train.mixed_precision, MixedPrecision::No);
+        assert_eq!(r.train.mixed_precision.compute_dtype(), None);
+        let r =
+            SftRecipe::parse(MINIMAL, "r.yaml", &["train.mixed_precision=bf16".into()]).unwrap();
+        assert_eq!(r.train.mixed_precision, MixedPrecision::Bf16);
+        assert_eq!(
+            r.train.mixed_precision.compute_dtype(),
+            Some(burn::tensor::FloatDType::BF16)
+        );
+        assert!(
+            r.to_yaml().contains("mixed_precision: bf16"),
+            "{}",
+            r.to_yaml()
+        );
+        let r = SftRecipe::parse(MINIMAL, "r.yaml", &["train.mixed_precision=no".into()]).unwrap();
+        assert_eq!(r.train.mixed_precision, MixedPrecision::No);
+        let e = SftRecipe::parse(MINIMAL, "r.yaml", &["train.mixed_precision=fp16".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`train.mixed_precision`")
+                && e.contains("fp16")
+                && e.contains("`no`")
+                && e.contains("`bf16`"),
+            "{e}"
+        );
+        let e = SftRecipe::parse(
+            MINIMAL,
+            "r.yaml",
+            &[
+                "train.mixed_precision=bf16".into(),
+                "model.dtype=bf16".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`train.mixed_precision`") && e.contains("model.dtype: f32"),
+            "{e}"
+        );
     }
 }

@@ -351,6 +351,9 @@ pub fn run_sft<B: AutodiffBackend>(
             (cfg, model, None)
         }
     };
+    // train.mixed_precision: bf16 compute over the f32 master weights (not saved: the
+    // checkpoint holds the parameters in checkpoint.model_dtype)
+    let model = model.with_compute_dtype(recipe.train.mixed_precision.compute_dtype());
     // images of mmu / t2i rows: encoded once here (data.image_tokenizer)
     let coder = crate::data::load_image_coder::<B>(recipe, base, device)?;
     let coder = coder.as_ref().map(|c| c as &dyn mmada_data::ImageCoder);

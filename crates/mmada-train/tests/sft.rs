@@ -321,3 +321,115 @@ fn wandb_offline_mode_spools_the_metric_rows_for_a_later_sync() {
         "{state}"
     );
 }
+
+/// The dtype of every tensor of a saved `model.safetensors`.
+fn saved_dtypes(ckpt: &Path) -> Vec<safetensors::Dtype> {
+    let bytes = std::fs::read(ckpt.join("model/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(_, t)| t.dtype()).collect()
+}
+
+fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn bf16_mixed_precision_trains_f32_master_weights_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_run = arith_recipe(tmp.path(), "f32", "");
+    let mixed = with(
+        &f32_run,
+        &[
+            "train.mixed_precision=bf16",
+            "run.name=mixed",
+            "checkpoint.every=1",
+            "checkpoint.keep_last=0",
+        ],
+    );
+    let straight = run(&mixed, None, None);
+    let reference = run(&f32_run, None, None);
+    assert_eq!(straight.losses.len(), 6);
+    // the same trajectory as f32 up to bf16 rounding, but not the f32 numbers
+    let mut worst = 0f32;
+    for (a, b) in straight.losses.iter().zip(&reference.losses) {
+        worst = worst.max(((a - b) / b).abs());
+    }
+    println!(
+        "bf16-mixed losses {:?} vs f32 {:?}: worst relative difference {worst:e}",
+        straight.losses, reference.losses
+    );
+    assert!(worst < 5e-2, "bf16-mixed loss off the f32 loss by {worst}");
+    assert!(
+        worst > 0.0,
+        "bf16-mixed losses equal the f32 ones: no bf16 compute"
+    );
+
+    // one step changes the f32 master weights; checkpoints hold f32 (checkpoint.model_dtype)
+    let ckdir = straight.run_dir.join("checkpoints");
+    let tok = mmada_train::sft::load_tokenizer(&mixed, Path::new("/")).unwrap();
+    let cfg = mmada_train::sft::model_config(&mixed, &tok, Path::new("/")).unwrap();
+    let init = mmada_model::init::init_model::<Cpu>(
+        &cfg,
+        mmada_train::data::derive_seed(mixed.run.seed, 0, 0, 0),
+        &Default::default(),
+        FloatDType::F32,
+    );
+    let w0: Vec<(String, Vec<f32>)> = init
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_data().to_vec::<f32>().unwrap()))
+        .collect();
+    // (step 1 runs at LR 0: linear warmup from 0 over 2 steps)
+    let w1 = weights(&ckdir.join("step-000001"));
+    let w2 = weights(&ckdir.join("step-000002"));
+    assert_eq!(max_abs_diff(&w0, &w1), 0.0, "LR 0 step changed the weights");
+    let moved = max_abs_diff(&w1, &w2);
+    println!("bf16-mixed: one step moved the f32 weights by up to {moved:e}");
+    assert!(moved > 1e-4, "one bf16-mixed step did not change the weights");
+    assert!(
+        saved_dtypes(&ckdir.join("step-000002"))
+            .iter()
+            .all(|d| *d == safetensors::Dtype::F32)
+    );
+    // the f32 master weights are not the f32 run's weights (bf16 compute), but close
+    let d = max_abs_diff(
+        &weights(straight.last_checkpoint.as_ref().unwrap()),
+        &weights(reference.last_checkpoint.as_ref().unwrap()),
+    );
+    println!("bf16-mixed vs f32 weights after 6 steps: max |Δw| = {d:e}");
+    assert!(d > 0.0 && d < 5e-2, "max |Δw| = {d}");
+
+    // resume is exact in bf16-mixed too
+    let split = with(&mixed, &["run.name=mixed-split"]);
+    let first = run(&split, None, Some(3));
+    assert_eq!(first.final_step, 3);
+    let second = run(&split, Some(Resume::Latest), None);
+    assert_eq!(second.losses, straight.losses, "resumed trajectory differs");
+    assert!(
+        weights(second.last_checkpoint.as_ref().unwrap())
+            == weights(straight.last_checkpoint.as_ref().unwrap()),
+        "final weights differ after resume"
+    );
+
+    // checkpoint.model_dtype: bf16 saves bf16 tensors from the f32 master weights
+    let small = run(
+        &with(
+            &mixed,
+            &[
+                "run.name=mixed-bf16-ckpt",
+                "train.max_steps=1",
+                "checkpoint.model_dtype=bf16",
+            ],
+        ),
+        None,
+        None,
+    );
+    assert!(
+        saved_dtypes(small.last_checkpoint.as_ref().unwrap())
+            .iter()
+            .all(|d| *d == safetensors::Dtype::BF16)
+    );
+}
