@@ -1,7 +1,9 @@
 //! `mmada-infer`: inspect, run and evaluate LLaDA / MMaDA checkpoints.
 //!
 //! * `inspect`: config, tensor groups and verification of a checkpoint ([`inspect`]).
-//! * `generate`: chat-templated text generation with the LLaDA block sampler.
+//! * `generate`: chat-templated text generation with the LLaDA block sampler; `--mode t2i`
+//!   writes PNG images (MaskGIT sampler + MAGVIT-v2), `--mode mmu --image PATH` answers about
+//!   an image ([`image`]).
 //! * `eval`: GSM8K / MATH-500 accuracy with the answer extraction of `mmada-rewards`.
 //! * `loglik`: Monte-Carlo log-likelihood of an answer given a prompt.
 //!
@@ -9,6 +11,7 @@
 
 mod engine;
 mod eval;
+mod image;
 mod inspect;
 mod options;
 
@@ -25,6 +28,7 @@ use mmada_model::backend::DeviceSpec;
 use mmada_sampler::{LoglikConfig, SeededRng, StratifiedMasks};
 
 use crate::engine::Engine;
+use crate::image::{ImageArgs, ModeArg};
 use crate::options::{
     EvalArgs, FileConfig, GenerateArgs, LoglikArgs, ModelArgs, SamplingArgs, TemplateArg,
     require_checkpoint,
@@ -58,7 +62,9 @@ enum Command {
         json: bool,
     },
     /// Generate text for one or more prompts (chat template of the checkpoint, LLaDA block
-    /// sampler). Prints the decoded answers; NFE and tokens/s are logged.
+    /// sampler). Prints the decoded answers; NFE and tokens/s are logged. `--mode t2i`
+    /// generates one image per prompt into `--out DIR` (PNGs + codes.jsonl); `--mode mmu
+    /// --image PATH` answers the prompts about an image.
     Generate {
         /// YAML config file (sections model, sampling, generate).
         #[arg(long)]
@@ -69,6 +75,8 @@ enum Command {
         sampling: SamplingArgs,
         #[command(flatten, next_help_heading = "Prompts and output")]
         generate: GenerateArgs,
+        #[command(flatten, next_help_heading = "Images (--mode t2i | mmu)")]
+        image: ImageArgs,
     },
     /// Evaluate on GSM8K or MATH-500: prompts, batched generation, answer extraction
     /// (mmada-rewards), accuracy; per-item JSONL with --out.
@@ -170,21 +178,39 @@ fn collect_prompts(g: &GenerateArgs) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
+fn run_t2i<B: Backend>(
+    device: &B::Device,
+    m: &ModelArgs,
+    g: &GenerateArgs,
+    a: &ImageArgs,
+) -> Result<()> {
+    let prompts = collect_prompts(g)?;
+    let engine = load::<B>(device, m, TemplateArg::None)?;
+    image::run_t2i(&engine, m, g, a, &prompts)
+}
+
 fn run_generate<B: Backend>(
     device: &B::Device,
     m: &ModelArgs,
     s: &SamplingArgs,
     g: &GenerateArgs,
+    a: &ImageArgs,
 ) -> Result<()> {
     let prompts = collect_prompts(g)?;
     let engine = load::<B>(device, m, TemplateArg::Auto)?;
     let config = s.to_config(engine.tok.layout());
     config.validate().context("sampling settings")?;
     tracing::info!(?config, "sampler");
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| engine.prompt_ids(p))
-        .collect::<Result<_>>()?;
+    let (image_codes, ids) = if a.mode() == ModeArg::Mmu {
+        let (codes, ids) = image::mmu_prompts(&engine, a, &prompts)?;
+        (Some(codes), ids)
+    } else {
+        let ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| engine.prompt_ids(p))
+            .collect::<Result<_>>()?;
+        (None, ids)
+    };
     let t0 = Instant::now();
     let gens = engine.generate_all(
         &ids,
@@ -222,7 +248,7 @@ fn run_generate<B: Backend>(
         }
         writeln!(so, "{}", gen_.text)?;
         if let Some(w) = out.as_mut() {
-            let rec = serde_json::json!({
+            let mut rec = serde_json::json!({
                 "index": i,
                 "prompt": p,
                 "output": gen_.text,
@@ -231,6 +257,10 @@ fn run_generate<B: Backend>(
                 "seconds": gen_.seconds,
                 "batch": gen_.batch,
             });
+            if let Some(codes) = &image_codes {
+                rec["image"] = serde_json::json!(a.image);
+                rec["image_codes"] = serde_json::json!(codes);
+            }
             writeln!(w, "{rec}")?;
         }
     }
@@ -325,15 +355,25 @@ fn main() -> Result<ExitCode> {
             model,
             sampling,
             generate,
+            image,
         } => {
             let f = FileConfig::load(config.as_deref())?;
             let model = model.or(f.model);
             let sampling = sampling.or(f.sampling);
             let generate = generate.or(f.generate);
-            on_device!(
-                device_of(&model)?,
-                run_generate(&model, &sampling, &generate)
-            )?;
+            match image.mode() {
+                ModeArg::T2i => on_device!(device_of(&model)?, run_t2i(&model, &generate, &image))?,
+                mode => {
+                    ensure!(
+                        mode == ModeArg::Mmu || image.image.is_none(),
+                        "--image is only used with --mode mmu"
+                    );
+                    on_device!(
+                        device_of(&model)?,
+                        run_generate(&model, &sampling, &generate, &image)
+                    )?
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval {
