@@ -15,6 +15,9 @@
 //! 3. Old-policy (and optionally reference) log-probs on the batch without gradient
 //!    ([`GrpoBatch::logprobs`] on the old model's logits).
 //! 4. [`unigrpo_loss`] on the current model's logits → policy loss, KL loss, total, stats.
+//!
+//! The d1 one-step estimator replaces step 2 by [`noise_d1`] (completion fully masked, prompt
+//! tokens masked with probability `p_mask_prompt`); steps 3 and 4 are the same.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
@@ -314,6 +317,52 @@ pub fn noise_completion(
         loss_mask[i] = m && !is_tail;
     }
     Ok(NoisedRow { noisy, loss_mask })
+}
+
+/// The d1 one-step estimator's noising of one `[prompt | completion]` row (d1
+/// `diffu-grpo/diffu_grpo_trainer.py`, `DiffuGRPOTrainer.forward_process`): every completion
+/// position is masked; prompt position `i` is masked when `prompt_u[i] < p_mask_prompt`
+/// (d1 `torch.rand((b, l)) < p_mask_prompt`, default 0.15). Every completion position is
+/// scored (one forward pass gives all per-token log-probs, `_get_per_token_logps`) except
+/// tail pads (see [`TailPad`]; d1 scores through the first EOS, TRL's `completion_mask`,
+/// which is `post_num: 1`). Masked prompt positions are never scored.
+///
+/// `ids`: `[L]`; `prompt_u`: `[prompt_len]` uniforms in `[0, 1)`.
+///
+/// # Errors
+/// [`DiffusionError::Range`] when `prompt_len > L` or `p_mask_prompt` is outside `[0, 1]`;
+/// [`DiffusionError::Length`] when `prompt_u` is not `[prompt_len]`.
+pub fn noise_d1(
+    ids: &[i64],
+    prompt_len: usize,
+    prompt_u: &[f32],
+    p_mask_prompt: f32,
+    mask_id: i64,
+    tail: Option<TailPad>,
+) -> Result<NoisedRow, DiffusionError> {
+    if !(0.0..=1.0).contains(&p_mask_prompt) {
+        return Err(DiffusionError::Range {
+            what: "p_mask_prompt",
+            value: p_mask_prompt.to_string(),
+            why: "a probability must lie in [0, 1]",
+        });
+    }
+    if prompt_len > ids.len() {
+        return Err(DiffusionError::Range {
+            what: "prompt_len",
+            value: prompt_len.to_string(),
+            why: "the prompt is longer than the row",
+        });
+    }
+    check_len("prompt_u", prompt_u.len(), prompt_len)?;
+    let all = vec![true; ids.len() - prompt_len];
+    let mut row = noise_completion(ids, prompt_len, &all, mask_id, tail)?;
+    for (i, &u) in prompt_u.iter().enumerate() {
+        if u < p_mask_prompt {
+            row.noisy[i] = mask_id;
+        }
+    }
+    Ok(row)
 }
 
 /// A batch of noised rows for the UniGRPO loss (host side, row-major).
@@ -660,6 +709,81 @@ pub fn unigrpo_loss<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Deterministic uniforms in [0, 1) (SplitMix64), seeded.
+    fn uniforms(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn d1_noise_masks_the_whole_completion_and_prompt_at_the_rate() {
+        const MASK: i64 = 99;
+        const EOS: i64 = 7;
+        let lp = 40;
+        // completion: 5 tokens, EOS, then EOS pads (row length 40 + 12)
+        let mut ids: Vec<i64> = (10..10 + lp as i64).collect();
+        ids.extend([1, 2, 3, 4, 5, EOS, EOS, EOS, EOS, EOS, EOS, EOS]);
+        let tail = Some(TailPad {
+            pad_id: EOS,
+            post_num: 1,
+        });
+        let (mut masked, mut total) = (0usize, 0usize);
+        for row in 0..500u64 {
+            let u = uniforms(row, lp);
+            let r = noise_d1(&ids, lp, &u, 0.15, MASK, tail).unwrap();
+            // completion: every position masked in the input
+            assert!(r.noisy[lp..].iter().all(|&x| x == MASK));
+            // scored: the 5 tokens and the first EOS (TRL completion_mask), never the prompt
+            let scored: Vec<usize> = (0..ids.len()).filter(|&i| r.loss_mask[i]).collect();
+            assert_eq!(scored, (lp..lp + 6).collect::<Vec<_>>());
+            // prompt: masked exactly where u < p, otherwise intact
+            for i in 0..lp {
+                let m = r.noisy[i] == MASK;
+                assert_eq!(m, u[i] < 0.15, "row {row} pos {i}");
+                if !m {
+                    assert_eq!(r.noisy[i], ids[i]);
+                }
+                masked += usize::from(m);
+            }
+            total += lp;
+            // seeded: the same uniforms give the same row
+            assert_eq!(
+                r,
+                noise_d1(&ids, lp, &uniforms(row, lp), 0.15, MASK, tail).unwrap()
+            );
+        }
+        let rate = masked as f64 / total as f64;
+        // 20 000 Bernoulli(0.15) draws: std 0.0025
+        assert!((rate - 0.15).abs() < 0.01, "prompt mask rate {rate}");
+        // p = 0: the prompt stays intact; post_num 0: the EOS is not scored
+        let r = noise_d1(&ids, lp, &uniforms(1, lp), 0.0, MASK, None).unwrap();
+        assert_eq!(&r.noisy[..lp], &ids[..lp]);
+        assert_eq!(r.n_masked(), 12);
+        let r0 = noise_d1(
+            &ids,
+            lp,
+            &uniforms(1, lp),
+            0.0,
+            MASK,
+            Some(TailPad {
+                pad_id: EOS,
+                post_num: 0,
+            }),
+        )
+        .unwrap();
+        assert_eq!(r0.n_masked(), 5);
+        assert!(noise_d1(&ids, lp, &uniforms(1, lp - 1), 0.15, MASK, tail).is_err());
+        assert!(noise_d1(&ids, lp, &uniforms(1, lp), 1.5, MASK, tail).is_err());
+    }
 
     fn opts(scale: ScaleRewards) -> AdvantageOptions {
         AdvantageOptions {

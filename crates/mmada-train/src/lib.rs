@@ -10,6 +10,7 @@
 //! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
 //! * [`sft`]: the SFT loop ([`sft::run_sft`]).
 //! * [`unigrpo`]: the UniGRPO loop ([`unigrpo::run_unigrpo`], spec §5).
+//! * [`wandb_log`]: the wandb path both trainers share (`logging.wandb`, resume state, preempting).
 //! * [`init_checkpoint`]: a freshly initialised model as a Hugging Face checkpoint.
 
 pub mod data;
@@ -21,6 +22,7 @@ pub mod schedule;
 pub mod sft;
 pub mod synth;
 pub mod unigrpo;
+pub mod wandb_log;
 
 use std::path::Path;
 

@@ -173,6 +173,7 @@ fn sft(
         stop: Some(stop.clone()),
         stop_after: None,
         base_dir: std::env::current_dir()?,
+        wandb_endpoint: None,
     };
     let bar = ProgressBar::new(recipe.train.max_steps);
     bar.set_style(
@@ -267,6 +268,7 @@ fn unigrpo(
         stop: Some(stop),
         stop_after: None,
         base_dir: std::env::current_dir()?,
+        wandb_endpoint: None,
     };
     let bar = ProgressBar::new(recipe.train.max_steps);
     bar.set_style(

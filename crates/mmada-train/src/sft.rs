@@ -85,6 +85,8 @@ pub struct SftOptions {
     pub stop_after: Option<u64>,
     /// Folder that relative recipe paths are resolved against.
     pub base_dir: PathBuf,
+    /// wandb server + key instead of `WANDB_BASE_URL` / `WANDB_API_KEY` (tests).
+    pub wandb_endpoint: Option<mmada_wandb::Endpoint>,
 }
 
 /// What one optimizer step did (for progress bars and tests).
@@ -385,25 +387,14 @@ pub fn run_sft<B: AutodiffBackend>(
         &run.root().join("config.resolved.yaml"),
         recipe.to_yaml().as_bytes(),
     )?;
-    let mut wandb = match &recipe.logging.wandb {
-        None => mmada_wandb::WandbRun::disabled(),
-        Some(w) => {
-            let resume = state.extra.get("wandb").and_then(|v| {
-                serde_json::from_value::<mmada_wandb::WandbResumeState>(v.clone()).ok()
-            });
-            let init = mmada_wandb::RunInit {
-                run_config: serde_json::to_value(recipe).expect("recipe serialises"),
-                resume,
-                endpoint: None,
-            };
-            // WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY / WANDB_RUN_ID override the recipe
-            let mut w = w.clone();
-            w.apply_env()
-                .map_err(|e| TrainError::Other(format!("logging.wandb: {e}")))?;
-            mmada_wandb::WandbRun::start(&w, run.root(), init)
-                .map_err(|e| TrainError::Other(format!("logging.wandb: {e}")))?
-        }
-    };
+    let mut wandb = crate::wandb_log::TrainerWandb::start(
+        recipe.logging.wandb.as_ref(),
+        serde_json::to_value(recipe).expect("recipe serialises"),
+        run.root(),
+        &state,
+        resume_dir.is_some(),
+        opts.wandb_endpoint.clone(),
+    )?;
     let metrics_path = run.metrics_path();
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -526,9 +517,7 @@ pub fn run_sft<B: AutodiffBackend>(
             }
             writeln!(metrics, "{row}")
                 .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?;
-            if let serde_json::Value::Object(map) = row {
-                wandb.log_map(state.step, map);
-            }
+            wandb.log_row(state.step, &row);
         }
         on_step(&report);
         // a signal, or the run stopped from the wandb UI
@@ -538,26 +527,22 @@ pub fn run_sft<B: AutodiffBackend>(
         let periodic = recipe.checkpoint.every > 0 && state.step % recipe.checkpoint.every == 0;
         let last = state.step == recipe.train.max_steps;
         if periodic || last || stop_requested || stop_after {
-            if let Some(ws) = wandb.resume_state() {
-                state.extra.insert(
-                    "wandb".into(),
-                    serde_json::to_value(ws).expect("serialises"),
-                );
-            }
+            wandb.record(&mut state);
             outcome.last_checkpoint = Some(ctx.save(&data, &model, &optim, &state)?);
         }
         if stop_requested || stop_after {
             outcome.interrupted = stop_requested;
             if stop_requested {
-                wandb.mark_preempting();
+                wandb.preempting();
             }
             break;
         }
     }
-    if let Some(l) = state.losses.last() {
-        wandb.summary("final_loss", f64::from(*l));
-    }
-    let _ = wandb.finish(i32::from(outcome.interrupted));
+    let final_loss = state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
+    wandb.finish(
+        &[("final_loss", final_loss)],
+        i32::from(outcome.interrupted),
+    );
     outcome.final_step = state.step;
     outcome.losses = state.losses;
     Ok(outcome)

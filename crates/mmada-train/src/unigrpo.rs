@@ -12,6 +12,15 @@
 //!    log-probs when `kl_reference: reference_model`), without graph;
 //! 5. μ optimizer updates, update `n` on the rows of iteration `n` (the same masks for old
 //!    and new policy).
+//!
+//! `grpo.estimator: d1` replaces step 3 by the d1 one-step estimator (d1
+//! `diffu-grpo/diffu_grpo_trainer.py`: completion fully masked, prompt tokens masked with
+//! probability `p_mask_prompt`, [`mmada_diffusion::grpo::noise_d1`]).
+//!
+//! Metrics go to `metrics.jsonl` and, with `logging.wandb`, to wandb through the path SFT uses
+//! ([`crate::wandb_log`]); the step time is split into `time/rollout_s`, `time/logprob_s`
+//! (old-policy / reference forward passes) and `time/backward_s` (μ training forward +
+//! backward + optimizer steps), with `time/update_s` = noising + log-probs + updates.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,7 +36,7 @@ use mmada_data::manifest::Manifest;
 use mmada_data::{ChatTemplate, Example, ExampleStream, TextTokenizer};
 use mmada_diffusion::grpo::{
     AdvantageOptions, GrpoBatch, GrpoLossConfig, LossNorm, MaskRatioSchedule, ScaleRewards,
-    TailPad, completion_mask, group_advantages, noise_completion, unigrpo_loss,
+    TailPad, completion_mask, group_advantages, noise_completion, noise_d1, unigrpo_loss,
 };
 use mmada_model::checkpoint::{DiskDtype, SaveOptions};
 use mmada_model::{Attention, LladaModel, ModelConfig, load_checkpoint, save_checkpoint};
@@ -41,8 +50,8 @@ use serde_norway::Value;
 use crate::data::derive_seed;
 use crate::optim::{self, AdamWOptim};
 use crate::recipe::{
-    CheckpointSection, ModelSection, OptimizerSection, RecipeError, RunConfig, ScheduleSection,
-    TokenizerSection, apply_overrides, from_tree,
+    CheckpointSection, LoggingSection, ModelSection, OptimizerSection, RecipeError, RunConfig,
+    ScheduleSection, TokenizerSection, apply_overrides, from_tree,
 };
 use crate::run_dir::{RunDir, TrainerState, read_state, write_atomic};
 use crate::schedule::Schedule;
@@ -151,6 +160,22 @@ pub struct GrpoSection {
     pub sync_ref_model_steps: u64,
     /// Completion length = sampler `gen_length` (TRL `max_completion_length`).
     pub max_completion_length: usize,
+    /// Log-prob estimator: `structured` (default; UniGRPO structured noising of the
+    /// completion with `mask_ratio`) or `d1` (d1 `diffu_grpo_trainer.py`: completion fully
+    /// masked, prompt tokens masked with probability `p_mask_prompt`, one forward pass; the
+    /// first EOS is scored as in TRL's `completion_mask`, so `post_num` is at least 1).
+    #[serde(default = "default_estimator")]
+    pub estimator: String,
+    /// Prompt masking probability of `estimator: d1` (d1 default 0.15).
+    #[serde(default = "default_p_mask_prompt")]
+    pub p_mask_prompt: f32,
+}
+
+fn default_estimator() -> String {
+    "structured".into()
+}
+fn default_p_mask_prompt() -> f32 {
+    0.15
 }
 
 fn one() -> usize {
@@ -236,6 +261,10 @@ pub struct UniGrpoRecipe {
     /// Checkpoints.
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    /// Metrics besides `metrics.jsonl`: `wandb:` (see `mmada_wandb::WandbConfig`), the same
+    /// section and code path as SFT ([`crate::wandb_log`]).
+    #[serde(default)]
+    pub logging: LoggingSection,
 }
 
 fn one_of(key: &str, v: &str, valid: &[&str]) -> Result<(), (String, String)> {
@@ -352,6 +381,16 @@ impl UniGrpoRecipe {
             &g.mask_ratio,
             &["uniform_spaced", "uniform"],
         )?;
+        one_of("grpo.estimator", &g.estimator, &["structured", "d1"])?;
+        if !(0.0..1.0).contains(&g.p_mask_prompt) {
+            return err(
+                "grpo.p_mask_prompt",
+                format!(
+                    "{} is invalid: need 0 <= p_mask_prompt < 1 (d1 uses 0.15)",
+                    g.p_mask_prompt
+                ),
+            );
+        }
         one_of(
             "grpo.kl_reference",
             &g.kl_reference,
@@ -479,6 +518,8 @@ pub struct UniGrpoOptions {
     pub stop_after: Option<u64>,
     /// Folder relative recipe paths are resolved against.
     pub base_dir: PathBuf,
+    /// wandb server + key instead of `WANDB_BASE_URL` / `WANDB_API_KEY` (tests).
+    pub wandb_endpoint: Option<mmada_wandb::Endpoint>,
 }
 
 /// What one RL step did.
@@ -500,8 +541,12 @@ pub struct GrpoStepReport {
     pub frac_reward_zero_std: f32,
     /// Rollout seconds.
     pub rollout_s: f64,
-    /// Update seconds (old log-probs + μ updates).
+    /// Update seconds (noising + old/reference log-probs + μ updates).
     pub update_s: f64,
+    /// Old-policy and reference log-prob seconds (forward passes without graph).
+    pub logprob_s: f64,
+    /// Training forward + backward + optimizer seconds of the μ updates.
+    pub backward_s: f64,
     /// The full metrics row written to `metrics.jsonl`.
     pub metrics: serde_json::Value,
 }
@@ -738,6 +783,14 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         &run.root().join("config.resolved.yaml"),
         recipe.to_yaml().as_bytes(),
     )?;
+    let mut wandb = crate::wandb_log::TrainerWandb::start(
+        recipe.logging.wandb.as_ref(),
+        serde_json::to_value(recipe).expect("recipe serialises"),
+        run.root(),
+        &state,
+        resume_dir.is_some(),
+        opts.wandb_endpoint.clone(),
+    )?;
     let metrics_path = run.metrics_path();
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -757,9 +810,15 @@ pub fn run_unigrpo<B: AutodiffBackend>(
     let loss_cfg = recipe.loss_config();
     let eos = i64::from(layout.eos_id);
     let mask_id = i64::from(layout.mask_id);
+    let d1 = recipe.grpo.estimator == "d1";
     let tail = TailPad {
         pad_id: eos,
-        post_num: recipe.grpo.post_num,
+        // d1 scores through the first EOS (TRL completion_mask)
+        post_num: if d1 {
+            recipe.grpo.post_num.max(1)
+        } else {
+            recipe.grpo.post_num
+        },
     };
     let gen_len = recipe.grpo.max_completion_length;
     let mut outcome = UniGrpoOutcome {
@@ -853,26 +912,44 @@ pub fn run_unigrpo<B: AutodiffBackend>(
                 ))
             })
             .collect();
-        let ratios: Vec<Vec<f32>> = noise_rngs
-            .iter_mut()
-            .map(|rng| {
-                let u: Vec<f32> = (0..mask_sched.draws_needed(mu))
-                    .map(|_| rng.random::<f32>())
-                    .collect();
-                mask_sched.ratios(mu, &u)
-            })
-            .collect::<Result<_, _>>()?;
+        let ratios: Vec<Vec<f32>> = if d1 {
+            vec![vec![1.0; mu]; rollouts.len()]
+        } else {
+            noise_rngs
+                .iter_mut()
+                .map(|rng| {
+                    let u: Vec<f32> = (0..mask_sched.draws_needed(mu))
+                        .map(|_| rng.random::<f32>())
+                        .collect();
+                    mask_sched.ratios(mu, &u)
+                })
+                .collect::<Result<_, _>>()?
+        };
         for (n, iter_batches) in batches.iter_mut().enumerate() {
             for grp in 0..prompts_per_step {
                 let lp = rollouts[grp * g].prompt_ids.len();
                 let mut b = GrpoBatch::new(lp + gen_len);
                 for i in grp * g..(grp + 1) * g {
-                    let u: Vec<f32> = (0..gen_len)
-                        .map(|_| noise_rngs[i].random::<f32>())
-                        .collect();
-                    let m = completion_mask(ratios[i][n], &u);
+                    let row = if d1 {
+                        // d1: a fresh prompt mask per inner iteration (d1's per-iteration
+                        // mask seeds), the completion fully masked
+                        let u: Vec<f32> = (0..lp).map(|_| noise_rngs[i].random::<f32>()).collect();
+                        noise_d1(
+                            &rollouts[i].row,
+                            lp,
+                            &u,
+                            recipe.grpo.p_mask_prompt,
+                            mask_id,
+                            Some(tail),
+                        )?
+                    } else {
+                        let u: Vec<f32> = (0..gen_len)
+                            .map(|_| noise_rngs[i].random::<f32>())
+                            .collect();
+                        let m = completion_mask(ratios[i][n], &u);
+                        noise_completion(&rollouts[i].row, lp, &m, mask_id, Some(tail))?
+                    };
                     ratios_all.push(ratios[i][n]);
-                    let row = noise_completion(&rollouts[i].row, lp, &m, mask_id, Some(tail))?;
                     b.push(row, &rollouts[i].row, adv.advantages[i], i)?;
                 }
                 iter_batches.push(b);
@@ -880,6 +957,7 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         }
 
         // 4. Old-policy (and reference) log-probs, without graph.
+        let t_lp = Instant::now();
         let old_model = model.valid();
         let logp_of =
             |m: &LladaModel<B::InnerBackend>, b: &GrpoBatch| -> Result<Vec<f32>, TrainError> {
@@ -909,8 +987,10 @@ pub fn run_unigrpo<B: AutodiffBackend>(
             ref_lp.push(r);
         }
         drop(old_model);
+        let logprob_s = t_lp.elapsed().as_secs_f64();
 
         // 5. μ updates.
+        let t_bwd = Instant::now();
         let (mut l_sum, mut p_sum, mut k_sum, mut kl_sum) = (0f32, 0f32, 0f32, 0f32);
         let (mut clip_low, mut clip_high, mut clip_region, mut gn_sum) = (0f32, 0f32, 0f32, 0f32);
         let mut rows_trained = 0usize;
@@ -950,6 +1030,7 @@ pub fn run_unigrpo<B: AutodiffBackend>(
             lr = schedule.lr(step * mu as u64 + n as u64);
             model = optim::step(&mut optim, model, grads, lr);
         }
+        let backward_s = t_bwd.elapsed().as_secs_f64();
         let update_s = t_upd.elapsed().as_secs_f64();
         state.step += 1;
         ran += 1;
@@ -995,6 +1076,8 @@ pub fn run_unigrpo<B: AutodiffBackend>(
             "mask_ratio/mean": ratios_all.iter().sum::<f32>() / ratios_all.len().max(1) as f32,
             "time/rollout_s": rollout_s,
             "time/update_s": update_s,
+            "time/logprob_s": logprob_s,
+            "time/backward_s": backward_s,
             "rollout_tokens_per_s": gen_tokens as f64 / rollout_s.max(1e-9),
         });
         for (k, name) in breakdown.names.iter().enumerate() {
@@ -1022,6 +1105,7 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         {
             writeln!(metrics, "{row}")
                 .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?;
+            wandb.log_row(state.step, &row);
         }
         let report = GrpoStepReport {
             step: state.step,
@@ -1033,17 +1117,22 @@ pub fn run_unigrpo<B: AutodiffBackend>(
             frac_reward_zero_std: adv.frac_zero_std(),
             rollout_s,
             update_s,
+            logprob_s,
+            backward_s,
             metrics: row,
         };
         outcome.rewards.push(mean_reward);
         on_step(&report);
 
-        let stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        // a signal, or the run stopped from the wandb UI
+        let stop_requested =
+            opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) || wandb.stop_requested();
         let stop_after = opts.stop_after.is_some_and(|n| ran >= n);
         let periodic =
             recipe.checkpoint.every > 0 && state.step.is_multiple_of(recipe.checkpoint.every);
         let last = state.step == recipe.train.max_steps;
         if periodic || last || stop_requested || stop_after {
+            wandb.record(&mut state);
             outcome.last_checkpoint = Some(save(
                 recipe,
                 &run,
@@ -1057,9 +1146,18 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         }
         if stop_requested || stop_after {
             outcome.interrupted = stop_requested;
+            if stop_requested {
+                wandb.preempting();
+            }
             break;
         }
     }
+    let final_loss = state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
+    let final_reward = outcome.rewards.last().map_or(f64::NAN, |r| f64::from(*r));
+    wandb.finish(
+        &[("final_loss", final_loss), ("final_reward", final_reward)],
+        i32::from(outcome.interrupted),
+    );
     outcome.final_step = state.step;
     outcome.losses = state.losses;
     Ok(outcome)

@@ -58,6 +58,7 @@ fn run(recipe: &SftRecipe, resume: Option<Resume>, stop_after: Option<u64>) -> S
         stop: None,
         stop_after,
         base_dir: PathBuf::from("/"),
+        wandb_endpoint: None,
     };
     run_sft::<CpuAutodiff>(recipe, &Default::default(), &opts, &mut |_| {}).unwrap()
 }
@@ -140,6 +141,7 @@ fn resume_is_bit_identical_and_survives_a_crash_mid_checkpoint() {
         stop: None,
         stop_after: None,
         base_dir: PathBuf::from("/"),
+        wandb_endpoint: None,
     };
     let err = run_sft::<CpuAutodiff>(&split, &Default::default(), &opts, &mut |_| {})
         .unwrap_err()
@@ -388,7 +390,10 @@ fn bf16_mixed_precision_trains_f32_master_weights_and_resumes_exactly() {
     assert_eq!(max_abs_diff(&w0, &w1), 0.0, "LR 0 step changed the weights");
     let moved = max_abs_diff(&w1, &w2);
     println!("bf16-mixed: one step moved the f32 weights by up to {moved:e}");
-    assert!(moved > 1e-4, "one bf16-mixed step did not change the weights");
+    assert!(
+        moved > 1e-4,
+        "one bf16-mixed step did not change the weights"
+    );
     assert!(
         saved_dtypes(&ckdir.join("step-000002"))
             .iter()

@@ -11,6 +11,10 @@
 //!   wandb run at the same history offset.
 //! - [`sync`]: replays `RUN_DIR/wandb-spool.jsonl` (offline runs, outages) to the server; what
 //!   `mmada-train wandb-sync RUN_DIR` calls.
+//! - [`query_resume_status`]: `RunResumeStatus`, the server's view of an existing run (history
+//!   line count and tail, summary, runtime) as a [`WandbResumeState`], for a trainer that resumes
+//!   without a saved one.
+//! - `testing` (feature `test-support`): a loopback fake server and helpers for tests.
 //! - [`MetricsLog`]: the local `RUN_DIR/metrics.jsonl`, independent of wandb.
 //!
 //! The API key comes from `WANDB_API_KEY` or `~/.netrc` only ([`Endpoint::from_env`]); it is
@@ -23,17 +27,22 @@ mod config;
 mod error;
 mod metrics_log;
 mod protocol;
+mod resume_status;
 mod run;
 mod spool;
 mod sync;
 mod transport;
 mod worker;
 
+#[cfg(feature = "test-support")]
+pub mod testing;
+
 pub use auth::{ApiKey, DEFAULT_BASE_URL, Endpoint};
 pub use config::{WandbConfig, WandbMode};
 pub use error::WandbError;
 pub use metrics_log::{METRICS_FILE, MetricsLog};
 pub use protocol::{encode_config, generate_run_id};
+pub use resume_status::query_resume_status;
 pub use run::{FinishReport, RunInit, WandbResumeState, WandbRun};
 pub use spool::SPOOL_FILE;
 pub use sync::{SyncOptions, SyncReport, SyncedRun, sync};

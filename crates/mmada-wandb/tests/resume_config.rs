@@ -257,3 +257,80 @@ fn metrics_log_writes_one_object_per_step_and_trims_on_resume() {
     let steps: Vec<u64> = read().iter().map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, vec![0, 1, 2]);
 }
+
+#[test]
+fn run_resume_status_reports_where_an_existing_run_stands() {
+    let server = FakeServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WandbConfig {
+        entity: Some("probe-entity".into()),
+        run_id: Some("status-probe".into()),
+        ..fast_config("probe-project")
+    };
+    let ep = endpoint(&server.url());
+    // unknown run → None (a fresh run is created)
+    assert_eq!(
+        mmada_wandb::query_resume_status(&ep, &cfg, "status-probe", None).unwrap(),
+        None
+    );
+    let mut run = WandbRun::start(
+        &cfg,
+        dir.path(),
+        RunInit {
+            endpoint: Some(ep.clone()),
+            ..RunInit::default()
+        },
+    )
+    .unwrap();
+    for i in 1..=5u64 {
+        run.log(i, &[("loss", i as f64)]);
+    }
+    run.summary("best_loss", 1.0);
+    assert!(run.finish(0).delivered);
+
+    let n0 = server.requests().len();
+    let s = mmada_wandb::query_resume_status(&ep, &cfg, "status-probe", None)
+        .unwrap()
+        .unwrap();
+    let q = &server.requests()[n0];
+    assert_eq!(q.kind(), "RunResumeStatus");
+    assert_eq!(
+        q.body["variables"],
+        json!({"project": "probe-project", "entity": "probe-entity", "name": "status-probe"})
+    );
+    assert_eq!(s.run_id, "status-probe");
+    assert_eq!(s.storage_id.as_deref(), Some("storage-status-probe"));
+    assert_eq!(s.history_lines, 5);
+    assert_eq!(s.summary["best_loss"], 1.0);
+    assert_eq!(s.summary["loss"], 5.0);
+    assert!(s.runtime_secs > 0.0);
+    // resuming the step-3 checkpoint: rows of steps 4 and 5 are overwritten
+    let s3 = mmada_wandb::query_resume_status(&ep, &cfg, "status-probe", Some(3))
+        .unwrap()
+        .unwrap();
+    assert_eq!(s3.history_lines, 3);
+    // the state resumes the run there: steps 4.. land at lines 3..
+    let mut run = WandbRun::start(
+        &cfg,
+        dir.path(),
+        RunInit {
+            endpoint: Some(ep.clone()),
+            resume: Some(s3),
+            ..RunInit::default()
+        },
+    )
+    .unwrap();
+    run.log(4, &[("loss", 40.0)]);
+    assert!(run.finish(0).delivered);
+    let h = server.history("status-probe");
+    assert_eq!(h.len(), 5);
+    assert_eq!(h[3]["loss"], 40.0);
+    assert_eq!(
+        h[4]["_step"], 5,
+        "the old step-5 line stays until re-logged"
+    );
+    // a server that refuses → a clear error, not a guess
+    let refused = endpoint(&refused_url());
+    let e = mmada_wandb::query_resume_status(&refused, &cfg, "status-probe", None).unwrap_err();
+    assert!(e.to_string().contains("RunResumeStatus"), "{e}");
+}
