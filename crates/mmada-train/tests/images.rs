@@ -375,3 +375,82 @@ fn pretokenized_table_round_trip_replaces_the_encoder() {
         "{err}"
     );
 }
+
+#[test]
+fn pretokenize_cli_writes_a_table_training_can_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    recipe(tmp.path(), &[]); // writes the PNGs, jsonl files and tokenizer
+    let data = tmp.path().join("data");
+    let manifest = data.join("t2i.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name: tiny_t2i\ntask: t2i\nsource: {{path: \"{}\"}}\nformat: jsonl\nfields: {{image: image, caption: caption}}\nlicense: MIT\nsplit: train\n",
+            data.join("t2i.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("t2i_codes.parquet");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mmada-train"))
+        .args(["data", "pretokenize", "--manifest"])
+        .arg(&manifest)
+        .arg("--out")
+        .arg(&out)
+        .arg("--vq-checkpoint")
+        .arg(vq_weights())
+        .args(["--resolution", "32"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("4 image(s)"), "{stdout}");
+    let rows = read_table(&out).unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(
+        rows.iter()
+            .all(|x| x.mode == mmada_data::ResizeMode::CenterCrop)
+    );
+    // The t2i stream reads its codes from the table: only the 4 mmu images are encoded.
+    let with_table = recipe(
+        tmp.path(),
+        &[
+            "data.image_tokenizer.cache_dir=null",
+            &format!("data.image_tokenizer.codes=[\"{}\"]", out.display()),
+        ],
+    );
+    let coder = load_image_coder::<Cpu>(&with_table, Path::new("/"), &Default::default())
+        .unwrap()
+        .unwrap();
+    let d = TrainData::load_with_images(
+        &with_table,
+        tok(&with_table),
+        Path::new("/"),
+        0,
+        1,
+        Some(&coder),
+    )
+    .unwrap();
+    assert_eq!(
+        d.images,
+        ImageStats {
+            encoded: 4,
+            cache_hits: 0,
+            from_tables: 4
+        }
+    );
+    // A bad resolution is refused before any work.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mmada-train"))
+        .args(["data", "pretokenize", "--manifest"])
+        .arg(&manifest)
+        .arg("--out")
+        .arg(&out)
+        .args(["--resolution", "30"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 16"));
+}
