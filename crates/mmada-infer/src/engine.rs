@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use mmada_data::{ChatTemplate, Message, Role, TextTokenizer};
-use mmada_model::{Attention, Denoiser, FloatDType, LladaModel, ModelConfig, ModelType};
+use mmada_model::{FloatDType, LladaModel, ModelConfig, ModelType};
 use mmada_sampler::{GenerateConfig, SeededRng};
 
 use crate::options::TemplateArg;
@@ -25,35 +25,6 @@ pub struct Engine<B: Backend> {
     pub template: Option<ChatTemplate>,
     /// Where the model lives.
     pub device: B::Device,
-}
-
-/// The model restricted to the tokenizer's ids: logits are cut to the tokenizer's width and
-/// the mask id gets `-inf`, so sampled ids are always real, non-mask tokens even when the
-/// output head is wider than the tokenizer (LLaDA: 126464 vs 126349; MMaDA: image codes).
-pub struct TextOnly<'a, B: Backend> {
-    model: &'a LladaModel<B>,
-    width: usize,
-    mask_id: usize,
-}
-
-impl<B: Backend> Denoiser<B> for TextOnly<'_, B> {
-    fn logits(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
-        let logits = self.model.forward(ids, attention);
-        let [b, l, v] = logits.dims();
-        let logits = if self.width < v {
-            logits.narrow(2, 0, self.width)
-        } else {
-            logits
-        };
-        if self.mask_id < self.width {
-            logits.slice_fill(
-                [0..b, 0..l, self.mask_id..self.mask_id + 1],
-                f32::NEG_INFINITY,
-            )
-        } else {
-            logits
-        }
-    }
 }
 
 /// One generated answer.
@@ -218,19 +189,14 @@ impl<B: Backend> Engine<B> {
         Ok(ids)
     }
 
-    /// The denoiser used for sampling: the model, restricted to the tokenizer's ids unless
-    /// `full_vocab`.
-    pub fn denoiser(&self, full_vocab: bool) -> TextOnly<'_, B> {
-        let v = self.cfg.embedding_size;
-        TextOnly {
-            model: &self.model,
-            width: if full_vocab { v } else { self.tok.len().min(v) },
-            mask_id: if full_vocab {
-                usize::MAX
-            } else {
-                self.tok.layout().mask_id as usize
-            },
-        }
+    /// `config` with the vocabulary restriction of the sampler set: sampled ids stay inside
+    /// the tokenizer and off the mask id ([`GenerateConfig::sample_vocab`] = the tokenizer's
+    /// length) unless `full_vocab`, which samples over the model's whole output head (LLaDA:
+    /// 126464 rows for 126349 tokenizer ids; MMaDA: the image codes too).
+    pub fn sampler_config(&self, config: &GenerateConfig, full_vocab: bool) -> GenerateConfig {
+        let mut c = config.clone();
+        c.sample_vocab = (!full_vocab).then(|| self.tok.len().min(self.cfg.embedding_size));
+        c
     }
 
     /// Decodes generated ids: cut at the first EOS / EOT, special tokens dropped, trimmed.
@@ -287,10 +253,10 @@ impl<B: Backend> Engine<B> {
         let mut rng = SeededRng::new(seed);
         let t0 = Instant::now();
         let out = mmada_sampler::generate(
-            &self.denoiser(full_vocab),
+            &self.model,
             prompt,
             mask,
-            config,
+            &self.sampler_config(config, full_vocab),
             &mut rng,
             false,
         )

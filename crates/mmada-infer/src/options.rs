@@ -51,6 +51,10 @@ pub enum RemaskingArg {
     LowConfidence,
     /// Commit positions in random order.
     Random,
+    /// Commit the largest top-1 − top-2 probability gaps first (dLLM-RL `margin_confidence`).
+    Margin,
+    /// Commit the lowest-entropy predictions first (Dream / Fast-dLLM `neg_entropy`).
+    Entropy,
 }
 
 impl From<RemaskingArg> for Remasking {
@@ -58,6 +62,8 @@ impl From<RemaskingArg> for Remasking {
         match r {
             RemaskingArg::LowConfidence => Remasking::LowConfidence,
             RemaskingArg::Random => Remasking::Random,
+            RemaskingArg::Margin => Remasking::Margin,
+            RemaskingArg::Entropy => Remasking::Entropy,
         }
     }
 }
@@ -176,7 +182,17 @@ pub struct SamplingArgs {
     /// Confidence softmax in float64 (MMaDA `mmu_generate`) [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub confidence_f64: Option<bool>,
-    /// Sample over the model's whole output head. By default ids are restricted to the
+    /// Fast parallel decoding (Fast-dLLM / dLLM-RL `low_confidence_dynamic`): each step
+    /// commits every masked position of the current block whose confidence is >= THRESHOLD
+    /// (at least one), until the block is done; --steps is then ignored. 0.9 is the
+    /// Fast-dLLM value [default: off = the fixed per-step schedule].
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// Stop once every answer's current block ends in EOS / EOT (MMaDA
+    /// `mmu_generate_fast`); the remaining blocks are not decoded (fewer NFE) [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub early_stop: Option<bool>,
+    /// Sample over the model's whole output head. By default the sampler restricts ids to the
     /// tokenizer's vocabulary without the mask token [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub full_vocab: Option<bool>,
@@ -200,6 +216,8 @@ impl SamplingArgs {
             logits_eos_inf: self.logits_eos_inf.or(other.logits_eos_inf),
             confidence_eos_eot_inf: self.confidence_eos_eot_inf.or(other.confidence_eos_eot_inf),
             confidence_f64: self.confidence_f64.or(other.confidence_f64),
+            threshold: self.threshold.or(other.threshold),
+            early_stop: self.early_stop.or(other.early_stop),
             full_vocab: self.full_vocab.or(other.full_vocab),
             batch_size: self.batch_size.or(other.batch_size),
         }
@@ -218,6 +236,8 @@ impl SamplingArgs {
             logits_eos_inf: self.logits_eos_inf.unwrap_or(false),
             confidence_eos_eot_inf: self.confidence_eos_eot_inf.unwrap_or(false),
             confidence_f64: self.confidence_f64.unwrap_or(false),
+            threshold: self.threshold,
+            early_stop: self.early_stop.unwrap_or(false),
             ..GenerateConfig::from_layout(layout)
         }
     }
@@ -420,5 +440,34 @@ mod tests {
         let d = SamplingArgs::default().to_config(&mmada_model::TokenLayout::llada());
         assert_eq!((d.gen_length, d.steps, d.block_length), (128, 128, 32));
         assert_eq!(d.temperature, 0.0);
+        assert_eq!((d.threshold, d.early_stop), (None, false));
+    }
+
+    #[test]
+    fn fast_decoding_options_from_file_and_command_line() {
+        let c = FileConfig::from_yaml(
+            "sampling: {remasking: margin, threshold: 0.9, early_stop: true}\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let g = c.sampling.to_config(&mmada_model::TokenLayout::llada());
+        assert_eq!(g.remasking, Remasking::Margin);
+        assert_eq!(g.threshold, Some(0.9));
+        assert!(g.early_stop);
+        g.validate().unwrap();
+        let cli = SamplingArgs {
+            remasking: Some(RemaskingArg::Entropy),
+            threshold: Some(0.5),
+            ..Default::default()
+        };
+        let g = cli
+            .or(c.sampling)
+            .to_config(&mmada_model::TokenLayout::llada());
+        assert_eq!(
+            (g.remasking, g.threshold, g.early_stop),
+            (Remasking::Entropy, Some(0.5), true)
+        );
+        let bad = FileConfig::from_yaml("sampling: {remasking: margn}\n", "t.yaml").unwrap_err();
+        assert!(format!("{bad:#}").contains("margn"), "{bad:#}");
     }
 }

@@ -450,3 +450,63 @@ fn loglik_matches_library() {
     ]);
     assert!(!r.ok && r.stderr.contains("mc_num"), "{}", r.stderr);
 }
+
+/// The fast-decoding options reach the sampler: `--threshold 0` decodes each block in one
+/// model call (NFE 2 for 2 blocks instead of 8 steps) with the same ids as the library call;
+/// `--remasking margin|entropy` and `--early-stop` are accepted; `--help` lists them.
+#[test]
+fn threshold_and_rankings_from_the_command_line() {
+    let (tmp, dir) = common::checkpoint(1);
+    let d = dir.to_str().unwrap();
+    let out = tmp.path().join("fast.jsonl");
+    let base = [
+        "generate",
+        "--checkpoint",
+        d,
+        "--gen-length",
+        "16",
+        "--steps",
+        "8",
+        "--block-length",
+        "8",
+        "--prompt",
+        PROMPTS[0],
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--threshold", "0", "--out", out.to_str().unwrap()]);
+    let r = run(&args);
+    assert!(r.ok, "{}", r.stderr);
+    let recs = jsonl(&out);
+    assert_eq!(recs[0]["nfe"], 2, "{}", r.stderr);
+
+    let (model, tok) = load(&dir);
+    let mut cfg = GenerateConfig::from_layout(tok.layout());
+    (cfg.gen_length, cfg.steps, cfg.block_length) = (16, 8, 8);
+    cfg.threshold = Some(0.0);
+    cfg.sample_vocab = Some(tok.len());
+    let ids = prompt_ids(&tok, PROMPTS[0]);
+    let n = ids.len();
+    let prompt =
+        Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [1, n]), &Default::default());
+    let o =
+        mmada_sampler::generate(&model, prompt, None, &cfg, &mut SeededRng::new(0), false).unwrap();
+    assert_eq!(o.nfe, 2);
+    let canvas: Vec<i64> = o.ids.into_data().convert::<i64>().into_vec().unwrap();
+    assert_eq!(ids_of(&recs[0]), canvas[n..].to_vec());
+
+    for extra in [
+        ["--remasking", "margin"],
+        ["--remasking", "entropy"],
+        ["--early-stop", "true"],
+    ] {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        let r = run(&args);
+        assert!(r.ok, "{extra:?}: {}", r.stderr);
+        assert!(r.stderr.contains("nfe="), "{}", r.stderr);
+    }
+    let help = run(&["generate", "--help"]);
+    for flag in ["--threshold", "--early-stop", "margin", "entropy"] {
+        assert!(help.stdout.contains(flag), "{flag} missing from --help");
+    }
+}
