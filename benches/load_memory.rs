@@ -8,11 +8,14 @@
 //! Run: `cargo bench --bench load_memory`.
 
 use std::path::Path;
-use std::process::Command;
 
 use mmada_model::backend::Cpu;
 use mmada_model::checkpoint::{DiskDtype, SaveOptions};
 use mmada_model::{FloatDType, ModelConfig, load_checkpoint, save_checkpoint};
+
+#[path = "common/rss.rs"]
+mod rss;
+use rss::vm_hwm_kb;
 
 fn config() -> ModelConfig {
     // per layer 4·1024² + 3·1024·2816 = 12.9M; ×38 + 2·32000·1024 ≈ 556M params ≈ 1.11 GB bf16
@@ -26,14 +29,6 @@ fn config() -> ModelConfig {
         embedding_size: 32_000,
         ..ModelConfig::tiny()
     }
-}
-
-fn vm_hwm_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
 }
 
 fn child(dir: &Path, dtype: &str) {
@@ -50,12 +45,11 @@ fn child(dir: &Path, dtype: &str) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--child") {
-        child(Path::new(&args[i + 1]), &args[i + 2]);
+    if let Some(args) = rss::child_args("--child") {
+        child(Path::new(&args[0]), &args[1]);
         return;
     }
-    if args.iter().any(|a| a == "--list") {
+    if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` probes with --list
     }
     let cfg = config();
@@ -84,18 +78,8 @@ fn main() {
         size as f64 / 1e9
     );
     for dtype in ["bf16", "f32"] {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args(["--child", dir.to_str().unwrap(), dtype])
-            .output()
-            .expect("child");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut it = text.split_whitespace().map(|x| x.parse::<u64>().unwrap());
-        let (before, after) = (it.next().unwrap(), it.next().unwrap());
+        let text = rss::run_child("--child", &[dir.to_str().unwrap(), dtype]);
+        let (before, after) = rss::parse_before_after(&text);
         println!(
             "load into {dtype}: peak RSS {:.3} GB (process baseline {:.3} GB) → peak / file size = {:.3}",
             after as f64 * 1024.0 / 1e9,

@@ -2,24 +2,32 @@
 //! (d_model 256, 4 layers, 4 heads, mlp 688, vocab 58 560) at batch 4 × 256 on the CPU
 //! backend (Flex); the backward benches use the LLaDA pretraining loss with about half the
 //! tokens masked, as training computes it. Throughput is reported in tokens/s (criterion "elements").
+//! The training step runs in f32 and in bf16 mixed precision (f32 master weights and AdamW
+//! state, bf16 compute: `LladaModel::with_compute_dtype`), side by side.
+//!
+//! Before the timings, the peak resident memory of the training step is measured in a fresh
+//! child process per precision (model + AdamW, 3 steps): `VmHWM` after vs before the steps.
 //!
 //! Reference: the official PyTorch code on the same 2-core machine takes about 2.4 s for
 //! forward+backward+AdamW at this size.
 //!
-//! Run: `cargo bench --bench model`.
+//! Run: `cargo bench --bench model` (`-- adamw` for the training steps only).
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use mmada_diffusion::noise::DEFAULT_EPS;
 use mmada_diffusion::{MaskDraw, forward_process, pretrain_loss};
 use mmada_model::backend::Cpu;
 use mmada_model::init::init_model;
 use mmada_model::{Attention, FloatDType, LladaModel, ModelConfig};
 use rand::SeedableRng;
+
+#[path = "common/rss.rs"]
+mod rss;
 
 const BATCH: usize = 4;
 const SEQ: usize = 256;
@@ -75,7 +83,6 @@ fn benches(c: &mut Criterion) {
         b.iter(|| model.forward(x.clone(), &Attention::Full).into_data());
     });
 
-    type Ad = Autodiff<Cpu>;
     let model = init_model::<Ad>(&cfg, 0, &dev, FloatDType::F32);
     g.bench_function("forward_backward", |b| {
         b.iter(|| {
@@ -84,23 +91,84 @@ fn benches(c: &mut Criterion) {
         });
     });
 
-    let mut model = Some(model);
-    let mut opt = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init::<Ad, LladaModel<Ad>>();
-    g.bench_function("forward_backward_adamw", |b| {
-        b.iter(|| {
-            let m = model.take().expect("model");
-            let grads = GradientsParams::from_grads(loss(&m, &cfg, &dev).backward(), &m);
-            let m = opt.step(1e-4, m, grads);
-            // force the update to be computed
-            let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
-            model = Some(m);
-        });
-    });
+    for (name, compute) in [
+        ("forward_backward_adamw", None),
+        ("forward_backward_adamw_bf16_mixed", Some(FloatDType::BF16)),
+    ] {
+        let mut trainer = Trainer::new(&cfg, compute);
+        g.bench_function(name, |b| b.iter(|| trainer.step(&cfg)));
+    }
     g.finish();
 }
 
+type Ad = Autodiff<Cpu>;
+
+/// A model (f32 master parameters, optional compute dtype) and its AdamW state.
+struct Trainer {
+    model: Option<LladaModel<Ad>>,
+    opt: burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, LladaModel<Ad>, Ad>,
+}
+
+impl Trainer {
+    fn new(cfg: &ModelConfig, compute: Option<FloatDType>) -> Self {
+        let model = init_model::<Ad>(cfg, 0, &Default::default(), FloatDType::F32)
+            .with_compute_dtype(compute);
+        let opt = AdamWConfig::new()
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.01)
+            .init::<Ad, LladaModel<Ad>>();
+        Trainer {
+            model: Some(model),
+            opt,
+        }
+    }
+
+    /// One forward + backward + AdamW step.
+    fn step(&mut self, cfg: &ModelConfig) {
+        let dev = Default::default();
+        let m = self.model.take().expect("model");
+        let grads = GradientsParams::from_grads(loss(&m, cfg, &dev).backward(), &m);
+        let m = self.opt.step(1e-4, m, grads);
+        // force the update to be computed
+        let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
+        self.model = Some(m);
+    }
+}
+
+/// Child process: build the trainer, run 3 steps, print VmHWM before and after (kB).
+fn rss_child(precision: &str) {
+    let cfg = bench_config();
+    let compute = (precision == "bf16-mixed").then_some(FloatDType::BF16);
+    let mut trainer = Trainer::new(&cfg, compute);
+    let before = rss::vm_hwm_kb();
+    for _ in 0..3 {
+        trainer.step(&cfg);
+    }
+    println!("{before} {}", rss::vm_hwm_kb());
+}
+
+fn report_peak_rss() {
+    for precision in ["f32", "bf16-mixed"] {
+        let (before, after) = rss::parse_before_after(&rss::run_child("--rss-child", &[precision]));
+        println!(
+            "training step d256 l4 b4x256 {precision}: peak RSS {:.0} MB over 3 steps (model alone before them: {:.0} MB; AdamW state is created by the first step)",
+            after as f64 * 1024.0 / 1e6,
+            before as f64 * 1024.0 / 1e6,
+        );
+    }
+}
+
 criterion_group!(model_benches, benches);
-criterion_main!(model_benches);
+
+fn main() {
+    if let Some(args) = rss::child_args("--rss-child") {
+        rss_child(&args[0]);
+        return;
+    }
+    // `cargo test --benches` probes with --list: no measurements then
+    if !std::env::args().any(|a| a == "--list") {
+        report_peak_rss();
+    }
+    model_benches();
+    Criterion::default().configure_from_args().final_summary();
+}
