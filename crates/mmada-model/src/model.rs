@@ -333,6 +333,13 @@ pub trait Denoiser<B: Backend> {
     /// `ids`: `[batch, seq]` → logits `[batch, seq, vocab]`. The logit at position `i`
     /// predicts the token at `i` (no shift).
     fn logits(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3>;
+
+    /// Number of input ids the network accepts (its embedding rows), when known, so that
+    /// samplers reject an out-of-range prompt id with a typed error instead of an index panic
+    /// inside the embedding. Default `None` (unknown).
+    fn input_vocab(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl<B: Backend> LladaModel<B> {
@@ -532,6 +539,10 @@ impl<B: Backend> ParamRef<'_, B> {
 impl<B: Backend> Denoiser<B> for LladaModel<B> {
     fn logits(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
         self.forward(ids, attention)
+    }
+
+    fn input_vocab(&self) -> Option<usize> {
+        Some(self.wte.weight.val().dims()[0])
     }
 }
 

@@ -343,7 +343,10 @@ where
 
     // x = [prompt | MASK × G]
     let prompt_host = host::ints(prompt)?;
-    check_prompt_ids(&prompt_host, lp, None)?;
+    check_prompt_ids(&prompt_host, lp, model.input_vocab())?;
+    if let Some(v) = model.input_vocab() {
+        check_id("mask_id", config.mask_id, v)?;
+    }
     let mut x = vec![mask; b * l];
     for r in 0..b {
         x[r * l..r * l + lp].copy_from_slice(&prompt_host[r * lp..(r + 1) * lp]);
@@ -453,7 +456,7 @@ where
             )?;
             nfe += 1;
             if nfe == 1 {
-                // Without Denoiser::input_vocab the ids are checked against the logits width.
+                // Denoisers without `input_vocab`: the ids are checked against the logits width.
                 let vocab = logits.dims()[2];
                 check_prompt_ids(&prompt_host, lp, Some(vocab))?;
                 check_id("mask_id", config.mask_id, vocab)?;

@@ -147,3 +147,37 @@ fn temperature_two_on_a_wide_head_stays_inside_the_tokenizer() {
         seen.len()
     );
 }
+
+#[test]
+fn out_of_vocabulary_prompt_ids_are_typed_errors_before_any_forward() {
+    let (cfg, model) = tiny_model();
+    let c = GenerateConfig {
+        steps: 4,
+        gen_length: 4,
+        block_length: 4,
+        ..GenerateConfig::new(MASK)
+    };
+    let (p, m) = left_padded(&[vec![5, cfg.embedding_size as i64], vec![7]]);
+    let e = generate(&model, p, m, &c, &mut SeededRng::new(0), false).unwrap_err();
+    assert_eq!(
+        e,
+        crate::SamplerError::PromptId {
+            row: 0,
+            position: 1,
+            id: cfg.embedding_size as i64,
+            vocab: Some(cfg.embedding_size)
+        }
+    );
+    assert!(e.to_string().contains("tokenizer"), "{e}");
+    let mut bad = c.clone();
+    bad.mask_id = 1000;
+    let (p, m) = left_padded(&[vec![5]]);
+    assert!(matches!(
+        generate(&model, p, m, &bad, &mut SeededRng::new(0), false),
+        Err(crate::SamplerError::IdOutOfVocab {
+            what: "mask_id",
+            id: 1000,
+            vocab: 384
+        })
+    ));
+}
