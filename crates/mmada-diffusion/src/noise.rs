@@ -222,7 +222,8 @@ mod tests {
         // n = clamp(round(N · max(γ(τ), min)), 1, N) for every schedule, vs the formulas.
         let n_tok = 64usize;
         let scores: Vec<f32> = (0..n_tok).map(|i| ((i * 37) % n_tok) as f32).collect();
-        let cases: [(MaskSchedule, fn(f64) -> f64); 4] = [
+        type Case = (MaskSchedule, fn(f64) -> f64);
+        let cases: [Case; 4] = [
             (MaskSchedule::Cosine, |t| {
                 (t * std::f64::consts::PI * 0.5).cos()
             }),

@@ -87,7 +87,7 @@ impl ImageArgs {
     fn resolution(&self) -> Result<u32> {
         let r = self.resolution.unwrap_or(512);
         ensure!(
-            r > 0 && r % 16 == 0,
+            r > 0 && r.is_multiple_of(16),
             "--resolution {r}: must be a positive multiple of 16 (MAGVIT-v2 downsamples by 16)"
         );
         Ok(r)

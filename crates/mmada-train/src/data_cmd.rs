@@ -162,7 +162,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             mmu_mode,
             data_root,
         } => {
-            if resolution == 0 || resolution % 16 != 0 {
+            if resolution == 0 || !resolution.is_multiple_of(16) {
                 bail!("--resolution {resolution}: must be a positive multiple of 16");
             }
             let mut manifests = vec![];

@@ -478,11 +478,7 @@ pub fn pretokenize_recipe(
     coder: &dyn ImageCoder,
     out: &Path,
 ) -> Result<usize, PretokError> {
-    let it = recipe
-        .data
-        .image_tokenizer
-        .clone()
-        .unwrap_or_else(|| crate::recipe::ImageTokenizerSection::default());
+    let it = recipe.data.image_tokenizer.clone().unwrap_or_default();
     let rel = |p: &Path| {
         if p.is_absolute() {
             p.to_path_buf()

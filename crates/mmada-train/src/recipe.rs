@@ -662,7 +662,7 @@ impl SftRecipe {
             }
         }
         if let Some(it) = &self.data.image_tokenizer
-            && (it.resolution == 0 || it.resolution % 16 != 0)
+            && (it.resolution == 0 || !it.resolution.is_multiple_of(16))
         {
             return Err(err(
                 "data.image_tokenizer.resolution",
