@@ -20,7 +20,7 @@ use crate::SamplerError;
 use crate::generate::check_logits;
 use crate::host;
 use crate::rng::{SeededRng, UniformSource, gumbel_from_uniform_f32};
-use crate::schedule::MaskSchedule;
+use crate::schedule::{MaskSchedule, ValidateSchedule};
 
 fn default_timesteps() -> usize {
     18
