@@ -9,11 +9,13 @@
 //! * [`pretok`]: pre-tokenized image code tables (parquet) of `data pretokenize`.
 //! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
 //! * [`sft`]: the SFT loop ([`sft::run_sft`]).
+//! * [`dist`]: data parallelism (one thread per device, several nodes) over burn-collective.
 //! * [`unigrpo`]: the UniGRPO loop ([`unigrpo::run_unigrpo`], spec §5).
 //! * [`wandb_log`]: the wandb path both trainers share (`logging.wandb`, resume state, preempting).
 //! * [`init_checkpoint`]: a freshly initialised model as a Hugging Face checkpoint.
 
 pub mod data;
+pub mod dist;
 pub mod optim;
 pub mod pretok;
 pub mod recipe;

@@ -11,7 +11,7 @@ use mmada_model::ModelConfig;
 use mmada_model::backend::DeviceSpec;
 use mmada_model::checkpoint::{DiskDtype, SaveOptions};
 use mmada_train::recipe::SftRecipe;
-use mmada_train::sft::{Resume, SftOptions, StepReport, run_sft};
+use mmada_train::sft::{Resume, SftOptions, StepReport, run_sft, run_sft_dp};
 
 mod data_cmd;
 
@@ -45,6 +45,8 @@ enum Command {
         /// Resume: `latest` (the run directory's newest checkpoint) or a checkpoint directory.
         #[arg(long)]
         resume: Option<String>,
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// UniGRPO reinforcement learning (spec §5) with pluggable rewards from a recipe
     /// (e.g. recipes/quickstart_unigrpo.yaml, recipes/unigrpo_gsm8k.yaml).
@@ -61,6 +63,13 @@ enum Command {
         /// Resume: `latest` or a checkpoint directory.
         #[arg(long)]
         resume: Option<String>,
+    },
+    /// Run burn-collective's global orchestrator for multi-node training (node rank 0 starts
+    /// one in-process unless given --external-orchestrator).
+    Orchestrator {
+        /// Port to listen on (all interfaces).
+        #[arg(long, default_value_t = 29500)]
+        port: u16,
     },
     /// Replay metrics that could not reach wandb (offline runs, outages) from
     /// RUN_DIR/wandb-spool.jsonl. Uses WANDB_API_KEY (or ~/.netrc) and WANDB_BASE_URL.
@@ -119,6 +128,55 @@ enum Command {
     },
 }
 
+/// Data-parallel flags (one process per node, one worker thread per device of `train.device`,
+/// e.g. `cuda:0,1,2,3`). Unset flags fall back to WORLD_SIZE / NNODES, RANK / NODE_RANK,
+/// MASTER_ADDR + MASTER_PORT and NODE_ADDR (counted in nodes, not devices).
+#[derive(clap::Args, Debug, Clone)]
+struct DistArgs {
+    /// Number of nodes (processes).
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// This node's rank in 0..nodes.
+    #[arg(long)]
+    node_rank: Option<usize>,
+    /// Global orchestrator HOST:PORT (node rank 0 hosts it).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// This node's host name or IP as the other nodes reach it (default: the coordinator host).
+    #[arg(long)]
+    node_host: Option<String>,
+    /// Port of this node's tensor service (default: coordinator port + 1 + node rank).
+    #[arg(long)]
+    data_port: Option<u16>,
+    /// Do not start the orchestrator on node rank 0 (one runs elsewhere: `mmada-train orchestrator`).
+    #[arg(long)]
+    external_orchestrator: bool,
+    /// Seconds a collective call may wait for the other ranks before every rank aborts.
+    #[arg(long, default_value_t = 600)]
+    collective_timeout: u64,
+    /// Compare replica parameter hashes every N optimizer steps (0: start and end only).
+    #[arg(long, default_value_t = 50)]
+    check_every: u64,
+}
+
+impl DistArgs {
+    fn config(&self) -> Result<mmada_train::dist::DistConfig> {
+        let cfg = mmada_train::dist::DistConfig {
+            nodes: self.nodes.unwrap_or(1),
+            node_rank: self.node_rank.unwrap_or(0),
+            coordinator: self.coordinator.clone(),
+            node_host: self.node_host.clone(),
+            data_port: self.data_port,
+            host_orchestrator: !self.external_orchestrator,
+            timeout: std::time::Duration::from_secs(self.collective_timeout.max(1)),
+            check_every: self.check_every,
+        }
+        .with_env(self.nodes.is_some(), self.node_rank.is_some())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
 fn parse_disk_dtype(s: &str) -> Result<DiskDtype> {
     match s.to_ascii_lowercase().as_str() {
         "bf16" | "bfloat16" => Ok(DiskDtype::BF16),
@@ -160,6 +218,7 @@ fn sft(
     overrides: Vec<String>,
     print_config: bool,
     resume: Option<String>,
+    dist: DistArgs,
 ) -> Result<()> {
     let recipe = SftRecipe::load(&recipe_path, &overrides)?;
     if print_config {
@@ -167,6 +226,7 @@ fn sft(
         return Ok(());
     }
     let device: DeviceSpec = recipe.train.device.parse()?;
+    let dist = dist.config()?;
     let stop = install_stop_handler()?;
     let opts = SftOptions {
         resume: resume.map(parse_resume),
@@ -205,22 +265,43 @@ fn sft(
         }
     };
     tracing::info!(recipe = %recipe_path.display(), device = %device, "starting SFT run `{}`", recipe.run.name);
+    let world = device.world_size() * dist.nodes;
+    let rows = [&recipe.data.t2i, &recipe.data.lm, &recipe.data.mmu]
+        .iter()
+        .map(|s| s.batch_size)
+        .sum::<usize>();
+    tracing::info!(
+        "global batch {} rows = {rows} per device × {} devices × {} nodes × {} accumulation (node rank {})",
+        rows * world * recipe.train.grad_accum as usize,
+        device.world_size(),
+        dist.nodes,
+        recipe.train.grad_accum,
+        dist.node_rank
+    );
     let outcome = match device {
-        DeviceSpec::Cpu => run_sft::<mmada_model::backend::CpuAutodiff>(
+        DeviceSpec::Cpu if dist.nodes == 1 => run_sft::<mmada_model::backend::CpuAutodiff>(
             &recipe,
             &Default::default(),
             &opts,
             &mut on_step,
         )?,
+        DeviceSpec::Cpu => run_sft_dp::<mmada_model::backend::CpuAutodiff>(
+            &recipe,
+            &[Default::default()],
+            &dist,
+            &opts,
+            &mut on_step,
+        )?,
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(ref ids) => {
-            if ids.len() > 1 {
-                bail!(
-                    "train.device {device}: data parallelism over several GPUs is not implemented yet; use one device"
-                );
-            }
-            let dev = device.cuda_devices().remove(0);
-            run_sft::<mmada_model::backend::CudaAutodiff>(&recipe, &dev, &opts, &mut on_step)?
+        DeviceSpec::Cuda(_) => {
+            let devs = device.cuda_devices();
+            run_sft_dp::<mmada_model::backend::CudaAutodiff>(
+                &recipe,
+                &devs,
+                &dist,
+                &opts,
+                &mut on_step,
+            )?
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => bail!(
@@ -333,6 +414,13 @@ fn unigrpo(
     Ok(())
 }
 
+fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime of the orchestrator")
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -354,7 +442,12 @@ fn main() -> Result<()> {
             overrides,
             print_config,
             resume,
-        } => sft(recipe, overrides, print_config, resume)?,
+            dist,
+        } => sft(recipe, overrides, print_config, resume, dist)?,
+        Command::Orchestrator { port } => {
+            tracing::info!(port, "global orchestrator listening (Ctrl-C stops it)");
+            tokio_runtime()?.block_on(burn_collective::start_global_orchestrator(port));
+        }
         Command::WandbSync { run_dir } => {
             let endpoint = mmada_wandb::Endpoint::from_env(None)?;
             let report =

@@ -19,6 +19,7 @@ use mmada_model::{LladaModel, ModelConfig, load_checkpoint, save_checkpoint};
 use serde_json::json;
 
 use crate::data::{TrainData, derive_seed, purpose};
+use crate::dist::{DistConfig, Worker};
 use crate::optim::{self, AdamWOptim};
 use crate::recipe::SftRecipe;
 use crate::run_dir::{RunDir, TrainerState, read_state, write_atomic};
@@ -59,6 +60,9 @@ pub enum TrainError {
         /// What differs and how to fix it.
         message: String,
     },
+    /// Data-parallel machinery (collective timeout, diverged replicas, bad flags).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     /// Anything else, with its context.
     #[error("{0}")]
     Other(String),
@@ -314,6 +318,51 @@ pub fn run_sft<B: AutodiffBackend>(
     opts: &SftOptions,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<SftOutcome, TrainError> {
+    sft_worker(recipe, Worker::<B>::single(device.clone()), opts, on_step)
+}
+
+/// Data-parallel SFT (see [`crate::dist`]): one worker thread per device of `devices` on this
+/// node (`dist` says how many nodes and which one this is). The recipe's batch sizes are per
+/// device; the global batch is `batch_size × world × grad_accum`. Every rank trains on its
+/// shard of the same global batch, gradients are averaged before the step, replicas are
+/// compared every `dist.check_every` steps; rank 0 writes checkpoints, `metrics.jsonl` and
+/// wandb, with losses averaged over ranks. Returns this node's local rank 0 outcome (the
+/// checkpoint paths only on global rank 0). `on_step` runs on the calling thread (local rank 0).
+///
+/// With one device and one node this is [`run_sft`].
+///
+/// # Errors
+/// [`TrainError`]; [`TrainError::Dist`] for timeouts (a dead rank), diverged replicas, bad flags.
+pub fn run_sft_dp<B>(
+    recipe: &SftRecipe,
+    devices: &[B::Device],
+    dist: &DistConfig,
+    opts: &SftOptions,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<SftOutcome, TrainError>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: burn::tensor::backend::Backend<Device = B::Device>,
+{
+    crate::dist::launch::<B, _, TrainError>(
+        devices,
+        devices,
+        dist,
+        |w| sft_worker(recipe, w, opts, on_step),
+        |w| sft_worker(recipe, w, opts, &mut |_| {}),
+    )
+}
+
+/// The SFT loop of one data-parallel rank (or the only one).
+fn sft_worker<B: AutodiffBackend>(
+    recipe: &SftRecipe,
+    mut worker: Worker<B>,
+    opts: &SftOptions,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<SftOutcome, TrainError> {
+    let device = &worker.device.clone();
+    let (rank, world) = (worker.rank(), worker.world());
+    let lead = rank == 0;
     let base = &opts.base_dir;
     let tok = load_tokenizer(recipe, base)?;
     let run = RunDir::create(&resolve(base, &recipe.run.output_dir).join(&recipe.run.name))?;
@@ -356,10 +405,17 @@ pub fn run_sft<B: AutodiffBackend>(
     // train.mixed_precision: bf16 compute over the f32 master weights (not saved: the
     // checkpoint holds the parameters in checkpoint.model_dtype)
     let model = model.with_compute_dtype(recipe.train.mixed_precision.compute_dtype());
+    // every rank draws the same global micro-batches (per-device batch × world) and keeps
+    // its shard after noising (crate::dist)
     // images of mmu / t2i rows: encoded once here (data.image_tokenizer)
     let coder = crate::data::load_image_coder::<B>(recipe, base, device)?;
     let coder = coder.as_ref().map(|c| c as &dyn mmada_data::ImageCoder);
-    let mut data = TrainData::load_with_images(recipe, tok, base, 0, 1, coder)?;
+    let mut data = if world > 1 {
+        let global = crate::dist::global_batch_recipe(recipe, world);
+        TrainData::load_with_images(&global, tok, base, 0, 1, coder)?
+    } else {
+        TrainData::load_with_images(recipe, tok, base, 0, 1, coder)?
+    };
     let mut optim = optim::adamw::<B>(&recipe.optimizer);
     let mut state = match state {
         Some(s) => {
@@ -383,10 +439,15 @@ pub fn run_sft<B: AutodiffBackend>(
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
     };
-    write_atomic(
-        &run.root().join("config.resolved.yaml"),
-        recipe.to_yaml().as_bytes(),
-    )?;
+    if world > 1 {
+        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step)?;
+    }
+    if lead {
+        write_atomic(
+            &run.root().join("config.resolved.yaml"),
+            recipe.to_yaml().as_bytes(),
+        )?;
+    }
     let mut wandb = crate::wandb_log::TrainerWandb::start(
         recipe.logging.wandb.as_ref(),
         serde_json::to_value(recipe).expect("recipe serialises"),
@@ -396,11 +457,17 @@ pub fn run_sft<B: AutodiffBackend>(
         opts.wandb_endpoint.clone(),
     )?;
     let metrics_path = run.metrics_path();
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?;
+    let mut metrics = if lead {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?,
+        )
+    } else {
+        None
+    };
 
     let ctx = Ctx::<B> {
         recipe,
@@ -449,7 +516,12 @@ pub fn run_sft<B: AutodiffBackend>(
             let (batch, st) = data.noise(&rows, step, first_row, purpose::MASK)?;
             first_row += n_rows as u64;
             stats.add(&st);
-            let losses = unified_loss(&model, &batch, t2i_att, device)?;
+            let losses = if world > 1 {
+                let (shard, scale) = crate::dist::shard_batch(&batch, rank, world);
+                scale.apply(unified_loss(&model, &shard, t2i_att, device)?)
+            } else {
+                unified_loss(&model, &batch, t2i_att, device)?
+            };
             let total = losses.total(
                 recipe.loss.t2i_coeff,
                 recipe.loss.lm_coeff,
@@ -466,10 +538,28 @@ pub fn run_sft<B: AutodiffBackend>(
             });
         }
         let mut grads = acc.expect("at least one micro-batch");
+        if world > 1 {
+            grads = worker.reducer.mean_grads(&model, grads)?;
+        }
         let grad_norm = optim::clip_global_norm(&model, &mut grads, recipe.optimizer.max_grad_norm);
         model = optim::step(&mut optim, model, grads, lr);
         state.step += 1;
         ran += 1;
+        // a signal, or the run stopped from the wandb UI (any rank's request stops every rank)
+        let mut stop_requested =
+            opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) || wandb.stop_requested();
+        if world > 1 {
+            let m = crate::dist::mean_metrics::<B>(
+                worker.reducer.as_mut(),
+                [l_total, l_t2i, l_lm, l_mmu],
+                stop_requested,
+            )?;
+            [l_total, l_t2i, l_lm, l_mmu] = m.0;
+            stop_requested = m.1;
+            if worker.check_every > 0 && state.step % worker.check_every == 0 {
+                crate::dist::check_replicas(worker.reducer.as_mut(), &model, state.step)?;
+            }
+        }
         state.losses.push(l_total);
         state.data = data.cursor();
         let secs = t0.elapsed().as_secs_f64();
@@ -483,11 +573,13 @@ pub fn run_sft<B: AutodiffBackend>(
             lr,
             grad_norm,
             tokens_per_sec: stats.tokens as f64 / secs,
-            samples_per_sec: first_row as f64 / secs,
+            // per device (upstream `samples/sec/gpu`); tokens_per_sec is the global throughput
+            samples_per_sec: first_row as f64 / secs / world as f64,
             avg_masking_rate: stats.avg_masking_rate(),
             eval_loss: None,
         };
-        if recipe.train.eval_every > 0
+        if lead
+            && recipe.train.eval_every > 0
             && (state.step % recipe.train.eval_every == 0 || state.step == recipe.train.max_steps)
         {
             report.eval_loss = ctx.eval_loss(&data, &model)?;
@@ -495,7 +587,9 @@ pub fn run_sft<B: AutodiffBackend>(
                 outcome.eval_losses.push((state.step, e));
             }
         }
-        if state.step % recipe.train.log_every == 0 || state.step == recipe.train.max_steps {
+        if let Some(metrics) = metrics.as_mut()
+            && (state.step % recipe.train.log_every == 0 || state.step == recipe.train.max_steps)
+        {
             let mut row = json!({
                 "step": state.step,
                 "loss": report.loss,
@@ -520,13 +614,10 @@ pub fn run_sft<B: AutodiffBackend>(
             wandb.log_row(state.step, &row);
         }
         on_step(&report);
-        // a signal, or the run stopped from the wandb UI
-        let stop_requested =
-            opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) || wandb.stop_requested();
         let stop_after = opts.stop_after.is_some_and(|n| ran >= n);
         let periodic = recipe.checkpoint.every > 0 && state.step % recipe.checkpoint.every == 0;
         let last = state.step == recipe.train.max_steps;
-        if periodic || last || stop_requested || stop_after {
+        if lead && (periodic || last || stop_requested || stop_after) {
             wandb.record(&mut state);
             outcome.last_checkpoint = Some(ctx.save(&data, &model, &optim, &state)?);
         }
@@ -537,6 +628,10 @@ pub fn run_sft<B: AutodiffBackend>(
             }
             break;
         }
+    }
+    if world > 1 {
+        crate::dist::check_replicas(worker.reducer.as_mut(), &model, state.step)?;
+        worker.reducer.finish()?;
     }
     let final_loss = state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
     wandb.finish(

@@ -1,0 +1,1050 @@
+//! Data parallelism: one worker thread per device, each with a model replica, on one or
+//! several nodes, through burn's collective layer (burn-collective 0.21).
+//!
+//! # Model
+//! * **Ranks.** A node runs one process with one worker thread per local device. Global rank
+//!   `node_rank · local_devices + local_rank`, world size `nodes · local_devices` (every node
+//!   must have the same number of devices; checked at start). The collective peer id is the
+//!   global rank.
+//! * **Batches.** A recipe's `batch_size` is *per device*; the global batch is
+//!   `batch_size × world × grad_accum` (printed at start by the binary). Every rank draws the
+//!   same *global* micro-batch from the 1-rank mixture (identical cursors on every rank, so
+//!   checkpoints and resume do not depend on the rank) and noises it whole — the noise of row
+//!   `i` depends only on `(seed, step, i)` — then keeps its shard ([`shard_batch`]): row `i`
+//!   of every stream goes to rank `i mod world`, which are the rows
+//!   `Mixture::new(.., rank, world)` yields when the micro-batch is a multiple of the world.
+//!   Noising the whole micro-batch on every rank costs host time only (no forward pass); it
+//!   gives every shard the global padded length (the SFT loss trains on the EOS padding, so the
+//!   padded length changes the loss) and the global normalisers below.
+//! * **Loss normalisation.** The SFT losses normalise per batch: lm / mmu by their row count,
+//!   t2i by the number of masked image tokens. The shard loss of stream `s` is multiplied by
+//!   `world · local_norm_s / global_norm_s` ([`ShardScale`]), so the *mean* over ranks of the
+//!   shard gradients is exactly the gradient of the 1-device loss on the whole global batch
+//!   (up to float summation order): "2 devices × batch b" trains like "1 device × batch 2b".
+//! * **Reduction.** Gradients are averaged with an all-reduce (`ReduceOperation::Mean`) through
+//!   the [`GradReducer`] trait before clipping and the optimizer step, so every replica applies
+//!   the same update. The collective implementation ([`CollectiveReducer`]) reduces one
+//!   flattened bucket of gradients per call, in the order of `LladaModel::params` (names, not
+//!   `ParamId`s, which differ between processes). [`SingleDevice`] is the 1-device identity.
+//! * **Bit-identical replicas.** [`check_replicas`] gathers a hash of every parameter's bytes
+//!   from every rank at start, every `check_every` steps and at the end; a mismatch is
+//!   [`DistError::Diverged`].
+//! * **Bounded failure.** Every collective call runs on a communication thread and is
+//!   awaited with a deadline (`timeout`); local workers share an abort flag, so one failing
+//!   worker stops its node's other workers at once, and a dead node (process killed) makes
+//!   the other nodes fail with [`DistError::Timeout`] after at most `timeout`.
+//! * **Multi-node.** `nodes > 1` registers with burn-collective's global orchestrator
+//!   (websocket) at `coordinator`; node rank 0 hosts it ([`start_orchestrator`]) unless told
+//!   otherwise. Every node serves its tensors on `data_port` (default: coordinator port + 1 +
+//!   node rank). Rank 0 alone writes checkpoints, `metrics.jsonl` and wandb; the other ranks
+//!   read the same run directory to resume (a shared file system, as on Slurm clusters).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::collective::{
+    AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective,
+    register, reset_collective,
+};
+use burn::module::ParamId;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorPrimitive};
+use mmada_diffusion::{UnifiedBatch, UnifiedLoss};
+use mmada_model::LladaModel;
+use mmada_model::model::ParamRef;
+
+/// An error of the data-parallel machinery.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// The distributed options are inconsistent.
+    #[error("data parallelism: {0}")]
+    Config(String),
+    /// A collective call did not complete in time: a peer died, hangs, or is much slower.
+    #[error(
+        "rank {rank}: `{what}` did not complete within {secs} s: another rank has died, hangs or is far behind; aborting (raise --collective-timeout if checkpoints or evaluation take longer)"
+    )]
+    Timeout {
+        /// Global rank reporting.
+        rank: usize,
+        /// The collective operation.
+        what: String,
+        /// The deadline in seconds.
+        secs: u64,
+    },
+    /// burn-collective returned an error.
+    #[error("rank {rank}: `{what}` failed in burn-collective: {message}")]
+    Collective {
+        /// Global rank reporting.
+        rank: usize,
+        /// The collective operation.
+        what: String,
+        /// burn's error.
+        message: String,
+    },
+    /// Another worker of this node failed first; this one stopped.
+    #[error("rank {rank}: stopped because another worker of this node failed")]
+    Aborted {
+        /// Global rank reporting.
+        rank: usize,
+    },
+    /// Replicas are no longer identical.
+    #[error(
+        "replicas diverged at step {step}: parameter hashes per rank {hashes:?} (rank 0 = {reference:#018x}); this is a bug or a faulty device, not a tolerance issue"
+    )]
+    Diverged {
+        /// Optimizer step of the check.
+        step: u64,
+        /// Hash of every rank.
+        hashes: Vec<String>,
+        /// Rank 0's hash.
+        reference: u64,
+    },
+    /// A worker thread panicked.
+    #[error("rank {rank}: worker thread panicked: {message}")]
+    Panicked {
+        /// Global rank of the worker.
+        rank: usize,
+        /// The panic message.
+        message: String,
+    },
+}
+
+/// Where this process sits in the data-parallel job, and how to reach the others.
+#[derive(Debug, Clone)]
+pub struct DistConfig {
+    /// Number of nodes (processes, one per node; `WORLD_SIZE` in the launcher scripts).
+    pub nodes: usize,
+    /// This node's rank in `0..nodes` (`RANK` / `NODE_RANK`).
+    pub node_rank: usize,
+    /// The global orchestrator, `HOST:PORT` (`MASTER_ADDR:MASTER_PORT`); needed when `nodes > 1`.
+    pub coordinator: Option<String>,
+    /// This node's host name or IP as the other nodes reach it (`127.0.0.1` on one machine).
+    pub node_host: Option<String>,
+    /// Port of this node's tensor data service (default: coordinator port + 1 + node rank).
+    pub data_port: Option<u16>,
+    /// Node rank 0 starts the global orchestrator in-process (default true).
+    pub host_orchestrator: bool,
+    /// Deadline of one collective call (registration gets 4×).
+    pub timeout: Duration,
+    /// Compare replica parameter hashes every this many optimizer steps (0: only at start and end).
+    pub check_every: u64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            nodes: 1,
+            node_rank: 0,
+            coordinator: None,
+            node_host: None,
+            data_port: None,
+            host_orchestrator: true,
+            timeout: Duration::from_secs(600),
+            check_every: 50,
+        }
+    }
+}
+
+impl DistConfig {
+    /// Check the options; returns `(coordinator host, coordinator port)` when multi-node.
+    ///
+    /// # Errors
+    /// [`DistError::Config`] naming the flag to fix.
+    pub fn validate(&self) -> Result<Option<(String, u16)>, DistError> {
+        if self.nodes == 0 {
+            return Err(DistError::Config("--nodes must be at least 1".into()));
+        }
+        if self.node_rank >= self.nodes {
+            return Err(DistError::Config(format!(
+                "--node-rank {} is not in 0..{} (--nodes {})",
+                self.node_rank, self.nodes, self.nodes
+            )));
+        }
+        if self.nodes == 1 {
+            return Ok(None);
+        }
+        let c = self.coordinator.as_deref().ok_or_else(|| {
+            DistError::Config(format!(
+                "--nodes {} needs --coordinator HOST:PORT (or MASTER_ADDR and MASTER_PORT)",
+                self.nodes
+            ))
+        })?;
+        let c = c.trim_start_matches("ws://").trim_start_matches("http://");
+        let (host, port) = c
+            .rsplit_once(':')
+            .ok_or_else(|| DistError::Config(format!("--coordinator `{c}`: expected HOST:PORT")))?;
+        let port: u16 = port.parse().map_err(|_| {
+            DistError::Config(format!(
+                "--coordinator `{c}`: `{port}` is not a port number"
+            ))
+        })?;
+        Ok(Some((host.to_string(), port)))
+    }
+
+    /// Fill unset fields from the usual launcher variables: `WORLD_SIZE` / `NNODES` (nodes),
+    /// `RANK` / `NODE_RANK` (node rank), `MASTER_ADDR` + `MASTER_PORT` (coordinator),
+    /// `NODE_ADDR` (this node's host). One process per node: these count nodes, not devices.
+    ///
+    /// # Errors
+    /// [`DistError::Config`] when a variable is not a number.
+    pub fn with_env(
+        mut self,
+        explicit_nodes: bool,
+        explicit_rank: bool,
+    ) -> Result<Self, DistError> {
+        let num = |names: &[&str]| -> Result<Option<usize>, DistError> {
+            for n in names {
+                if let Ok(v) = std::env::var(n) {
+                    return v.trim().parse().map(Some).map_err(|_| {
+                        DistError::Config(format!("environment {n}=`{v}` is not a number"))
+                    });
+                }
+            }
+            Ok(None)
+        };
+        if !explicit_nodes && let Some(n) = num(&["NNODES", "WORLD_SIZE"])? {
+            self.nodes = n;
+        }
+        if !explicit_rank && let Some(r) = num(&["NODE_RANK", "RANK"])? {
+            self.node_rank = r;
+        }
+        if self.coordinator.is_none()
+            && let (Ok(a), Ok(p)) = (std::env::var("MASTER_ADDR"), std::env::var("MASTER_PORT"))
+        {
+            self.coordinator = Some(format!("{a}:{p}"));
+        }
+        if self.node_host.is_none()
+            && let Ok(h) = std::env::var("NODE_ADDR")
+        {
+            self.node_host = Some(h);
+        }
+        Ok(self)
+    }
+}
+
+/// Averages gradients (and small metric vectors) over all data-parallel ranks.
+///
+/// Implementations: [`SingleDevice`] (world 1, identity) and [`CollectiveReducer`]
+/// (burn-collective: local threads, and nodes through the global orchestrator; runs on Flex
+/// and Cuda).
+pub trait GradReducer<B: AutodiffBackend>: Send {
+    /// Global rank of this worker.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// Replace every gradient by its mean over all ranks. Parameters are taken in the order of
+    /// `LladaModel::params`; a parameter without a gradient counts as zeros.
+    ///
+    /// # Errors
+    /// [`DistError`] on timeout, abort or a collective failure.
+    fn mean_grads(
+        &mut self,
+        model: &LladaModel<B>,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams, DistError>;
+    /// Element-wise sum of `values` over all ranks (same length everywhere). Exact for integers
+    /// up to 2^24.
+    ///
+    /// # Errors
+    /// As [`GradReducer::mean_grads`].
+    fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError>;
+    /// Leave the collective (end of a run).
+    ///
+    /// # Errors
+    /// As [`GradReducer::mean_grads`].
+    fn finish(&mut self) -> Result<(), DistError>;
+}
+
+/// The reducer of a 1-device run: identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleDevice;
+
+impl<B: AutodiffBackend> GradReducer<B> for SingleDevice {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn mean_grads(
+        &mut self,
+        _model: &LladaModel<B>,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams, DistError> {
+        Ok(grads)
+    }
+    fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError> {
+        Ok(values.to_vec())
+    }
+    fn finish(&mut self) -> Result<(), DistError> {
+        Ok(())
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs collective calls on a dedicated thread so that the caller can wait with a deadline
+/// and an abort flag (burn-collective's calls block without a timeout).
+struct CommThread {
+    tx: Option<mpsc::Sender<Job>>,
+    rank: usize,
+    abort: Arc<AtomicBool>,
+    poisoned: bool,
+}
+
+impl CommThread {
+    fn new(rank: usize, abort: Arc<AtomicBool>) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(format!("mmada-comm-{rank}"))
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("spawning the communication thread");
+        CommThread {
+            tx: Some(tx),
+            rank,
+            abort,
+            poisoned: false,
+        }
+    }
+
+    fn call<R: Send + 'static>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, DistError> {
+        if self.poisoned || self.abort.load(Ordering::SeqCst) {
+            return Err(DistError::Aborted { rank: self.rank });
+        }
+        let (rtx, rrx) = mpsc::channel();
+        let sent = self.tx.as_ref().is_some_and(|tx| {
+            tx.send(Box::new(move || {
+                let _ = rtx.send(f());
+            }))
+            .is_ok()
+        });
+        if !sent {
+            self.poisoned = true;
+            return Err(DistError::Aborted { rank: self.rank });
+        }
+        let start = Instant::now();
+        loop {
+            match rrx.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) => return Ok(r),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.poisoned = true;
+                    return Err(DistError::Collective {
+                        rank: self.rank,
+                        what: what.into(),
+                        message: "the communication thread died (panic inside burn-collective)"
+                            .into(),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.abort.load(Ordering::SeqCst) {
+                        self.poisoned = true;
+                        return Err(DistError::Aborted { rank: self.rank });
+                    }
+                    if start.elapsed() >= timeout {
+                        // the stuck call keeps the thread; this reducer is unusable from now on
+                        self.poisoned = true;
+                        self.abort.store(true, Ordering::SeqCst);
+                        return Err(DistError::Timeout {
+                            rank: self.rank,
+                            what: what.into(),
+                            secs: timeout.as_secs(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for CommThread {
+    fn drop(&mut self) {
+        // closing the channel ends the thread once its current job (if any) returns
+        self.tx.take();
+    }
+}
+
+/// Gradients are reduced in buckets of at most this many elements (one collective call each).
+const BUCKET_ELEMS: usize = 64 << 20;
+
+/// [`GradReducer`] over burn-collective. Register and reduce with the inner backend (burn
+/// notes): the gradients are `B::InnerBackend` tensors.
+pub struct CollectiveReducer<B: AutodiffBackend> {
+    comm: CommThread,
+    peer: PeerId,
+    rank: usize,
+    world: usize,
+    device: burn::tensor::Device<B::InnerBackend>,
+    timeout: Duration,
+}
+
+fn collective_err(
+    rank: usize,
+    what: &str,
+) -> impl Fn(burn::collective::CollectiveError) -> DistError {
+    let what = what.to_string();
+    move |e| DistError::Collective {
+        rank,
+        what: what.clone(),
+        message: format!("{e:?}"),
+    }
+}
+
+impl<B: AutodiffBackend> CollectiveReducer<B> {
+    /// Register global rank `rank` of `world` (this node has `config`'s `num_devices` local
+    /// peers) and wait until every peer registered (deadline `4 × timeout`).
+    ///
+    /// # Errors
+    /// [`DistError`] when registration fails or times out.
+    pub fn register(
+        rank: usize,
+        world: usize,
+        device: burn::tensor::Device<B::InnerBackend>,
+        config: CollectiveConfig,
+        timeout: Duration,
+        abort: Arc<AtomicBool>,
+    ) -> Result<Self, DistError> {
+        let mut comm = CommThread::new(rank, abort);
+        let peer = PeerId(rank as u32);
+        let dev = device.clone();
+        comm.call("register", timeout * 4, move || {
+            register::<B::InnerBackend>(peer, dev, config)
+        })?
+        .map_err(collective_err(rank, "register"))?;
+        Ok(CollectiveReducer {
+            comm,
+            peer,
+            rank,
+            world,
+            device,
+            timeout,
+        })
+    }
+
+    fn all_reduce_flat(
+        &mut self,
+        what: &str,
+        t: Tensor<B::InnerBackend, 1>,
+        op: ReduceOperation,
+    ) -> Result<Tensor<B::InnerBackend, 1>, DistError> {
+        let peer = self.peer;
+        let prim = t.into_primitive().tensor();
+        let out = self
+            .comm
+            .call(what, self.timeout, move || {
+                all_reduce::<B::InnerBackend>(peer, prim, op)
+            })?
+            .map_err(collective_err(self.rank, what))?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+}
+
+enum Slot {
+    M2(ParamId, [usize; 2]),
+    V1(ParamId, usize),
+}
+
+impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn mean_grads(
+        &mut self,
+        model: &LladaModel<B>,
+        mut grads: GradientsParams,
+    ) -> Result<GradientsParams, DistError> {
+        type I<B> = <B as AutodiffBackend>::InnerBackend;
+        let slots: Vec<Slot> = model
+            .params()
+            .into_iter()
+            .map(|(_, p)| match p {
+                ParamRef::Linear(w) | ParamRef::Matrix(w) => Slot::M2(w.id, w.val().dims()),
+                ParamRef::Vector(w) => Slot::V1(w.id, w.val().dims()[0]),
+            })
+            .collect();
+        let mut out = GradientsParams::new();
+        let mut start = 0;
+        let mut bucket = 0;
+        while start < slots.len() {
+            // one bucket: consecutive parameters up to BUCKET_ELEMS elements (at least one)
+            let mut end = start;
+            let mut elems = 0;
+            while end < slots.len() {
+                let n = match &slots[end] {
+                    Slot::M2(_, [a, b]) => a * b,
+                    Slot::V1(_, n) => *n,
+                };
+                if end > start && elems + n > BUCKET_ELEMS {
+                    break;
+                }
+                elems += n;
+                end += 1;
+            }
+            let flat: Vec<Tensor<I<B>, 1>> = slots[start..end]
+                .iter()
+                .map(|s| match s {
+                    Slot::M2(id, [a, b]) => grads
+                        .remove::<I<B>, 2>(*id)
+                        .unwrap_or_else(|| Tensor::zeros([*a, *b], &self.device))
+                        .reshape([a * b]),
+                    Slot::V1(id, n) => grads
+                        .remove::<I<B>, 1>(*id)
+                        .unwrap_or_else(|| Tensor::zeros([*n], &self.device)),
+                })
+                .collect();
+            let flat = Tensor::cat(flat, 0);
+            let reduced = self.all_reduce_flat(
+                &format!("gradient all-reduce (bucket {bucket})"),
+                flat,
+                ReduceOperation::Mean,
+            )?;
+            let mut off = 0;
+            for s in &slots[start..end] {
+                match s {
+                    Slot::M2(id, [a, b]) => {
+                        let g = reduced.clone().slice(off..off + a * b).reshape([*a, *b]);
+                        out.register(*id, g);
+                        off += a * b;
+                    }
+                    Slot::V1(id, n) => {
+                        out.register(*id, reduced.clone().slice(off..off + n));
+                        off += n;
+                    }
+                }
+            }
+            start = end;
+            bucket += 1;
+        }
+        Ok(out)
+    }
+
+    fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError> {
+        let t = Tensor::<B::InnerBackend, 1>::from_floats(values, &self.device);
+        let r = self.all_reduce_flat("metric all-reduce", t, ReduceOperation::Sum)?;
+        r.into_data()
+            .to_vec::<f32>()
+            .map_err(|e| DistError::Collective {
+                rank: self.rank,
+                what: "metric all-reduce".into(),
+                message: format!("{e:?}"),
+            })
+    }
+
+    fn finish(&mut self) -> Result<(), DistError> {
+        let peer = self.peer;
+        self.comm
+            .call("finish", self.timeout, move || {
+                finish_collective::<B::InnerBackend>(peer)
+            })?
+            .map_err(collective_err(self.rank, "finish"))
+    }
+}
+
+/// Hash (SipHash with fixed keys) of every parameter's bytes, in `LladaModel::params` order.
+/// Identical replicas give identical hashes; any differing bit changes it.
+pub fn param_hash<B: Backend>(model: &LladaModel<B>) -> u64 {
+    let mut h = DefaultHasher::new();
+    for (name, p) in model.params() {
+        h.write(name.as_bytes());
+        let data = match p {
+            ParamRef::Linear(w) | ParamRef::Matrix(w) => w.val().into_data(),
+            ParamRef::Vector(w) => w.val().into_data(),
+        };
+        h.write(data.as_bytes());
+    }
+    h.finish()
+}
+
+/// Gather every rank's [`param_hash`] (an all-gather through a sum: rank `r` fills slots
+/// `4r..4r+4` with its hash in 16-bit pieces, exact in f32) and compare.
+///
+/// # Errors
+/// [`DistError::Diverged`] when any rank differs from rank 0; collective errors.
+pub fn check_replicas<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    model: &LladaModel<B>,
+    step: u64,
+) -> Result<(), DistError> {
+    let world = reducer.world();
+    if world == 1 {
+        return Ok(());
+    }
+    let mine = param_hash(model);
+    let mut v = vec![0f32; 4 * world];
+    for k in 0..4 {
+        v[4 * reducer.rank() + k] = ((mine >> (16 * k)) & 0xffff) as f32;
+    }
+    let all = reducer.sum(&v)?;
+    let hashes: Vec<u64> = (0..world)
+        .map(|r| (0..4).fold(0u64, |h, k| h | ((all[4 * r + k] as u64) << (16 * k))))
+        .collect();
+    if hashes.iter().any(|h| *h != hashes[0]) {
+        return Err(DistError::Diverged {
+            step,
+            hashes: hashes.iter().map(|h| format!("{h:#018x}")).collect(),
+            reference: hashes[0],
+        });
+    }
+    Ok(())
+}
+
+/// Per-stream multipliers that turn a shard's SFT losses into its share of the global loss
+/// (see the module docs): `world · local / global` of rows (lm, mmu) or masked image tokens
+/// (t2i); 0 when the global count is 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShardScale {
+    /// t2i multiplier.
+    pub t2i: f32,
+    /// lm multiplier.
+    pub lm: f32,
+    /// mmu multiplier.
+    pub mmu: f32,
+}
+
+impl ShardScale {
+    /// Scale the three stream losses.
+    pub fn apply<B: Backend>(&self, l: UnifiedLoss<B>) -> UnifiedLoss<B> {
+        UnifiedLoss {
+            t2i: l.t2i * self.t2i,
+            lm: l.lm * self.lm,
+            mmu: l.mmu * self.mmu,
+        }
+    }
+}
+
+/// Image tokens that the t2i loss averages over (labels ≠ −100 after the text prefix, as
+/// `mmada_diffusion::unified_loss` counts them).
+fn t2i_targets(b: &UnifiedBatch, rows: impl Iterator<Item = usize>) -> usize {
+    let l = b.seq;
+    rows.map(|r| {
+        ((b.max_seq_length + 1)..l)
+            .filter(|&i| b.labels[r * l + i] != -100)
+            .count()
+    })
+    .sum()
+}
+
+/// Rank `rank`'s shard of a noised global micro-batch: row `i` of every stream (`t2i | lm |
+/// mmu`, in batch order) goes to rank `i mod world`; sequence length, masks and per-row values
+/// are kept as noised for the whole batch. Returns the shard and its [`ShardScale`].
+///
+/// # Panics
+/// When `rank >= world`.
+pub fn shard_batch(b: &UnifiedBatch, rank: usize, world: usize) -> (UnifiedBatch, ShardScale) {
+    assert!(rank < world, "rank {rank} not in 0..{world}");
+    let l = b.seq;
+    let pick = |n: usize| (0..n).filter(|i| i % world == rank).collect::<Vec<usize>>();
+    let (t2i, lm, mmu) = (pick(b.n_t2i), pick(b.n_lm), pick(b.n_mmu));
+    let rows: Vec<usize> = t2i
+        .iter()
+        .copied()
+        .chain(lm.iter().map(|i| b.n_t2i + i))
+        .chain(mmu.iter().map(|i| b.n_t2i + b.n_lm + i))
+        .collect();
+    let take_rows = |v: &[i64]| -> Vec<i64> {
+        rows.iter()
+            .flat_map(|&r| v[r * l..(r + 1) * l].iter().copied())
+            .collect()
+    };
+    fn per_row<T: Copy>(v: &[T], idx: &[usize], l: usize) -> Vec<T> {
+        idx.iter()
+            .flat_map(|&r| v[r * l..(r + 1) * l].iter().copied())
+            .collect()
+    }
+    let shard = UnifiedBatch {
+        ids: take_rows(&b.ids),
+        labels: take_rows(&b.labels),
+        seq: l,
+        n_t2i: t2i.len(),
+        n_lm: lm.len(),
+        n_mmu: mmu.len(),
+        max_seq_length: b.max_seq_length,
+        t2i_masks: per_row(&b.t2i_masks, &t2i, l),
+        p_mask_lm: per_row(&b.p_mask_lm, &lm, l),
+        p_mask_mmu: per_row(&b.p_mask_mmu, &mmu, l),
+        answer_lengths_lm: b.answer_lengths_lm.as_ref().map(|a| per_row(a, &lm, l)),
+        answer_lengths_mmu: per_row(&b.answer_lengths_mmu, &mmu, l),
+        mask_id: b.mask_id,
+    };
+    let ratio = |local: usize, global: usize| {
+        if global == 0 {
+            0.0
+        } else {
+            (world * local) as f32 / global as f32
+        }
+    };
+    let scale = ShardScale {
+        t2i: ratio(
+            t2i_targets(b, t2i.iter().copied()),
+            t2i_targets(b, 0..b.n_t2i),
+        ),
+        lm: ratio(lm.len(), b.n_lm),
+        mmu: ratio(mmu.len(), b.n_mmu),
+    };
+    (shard, scale)
+}
+
+/// The recipe every rank draws its data with: each stream's `batch_size` (per device)
+/// multiplied by `world`, so that one draw is the global micro-batch.
+pub fn global_batch_recipe(
+    recipe: &crate::recipe::SftRecipe,
+    world: usize,
+) -> crate::recipe::SftRecipe {
+    let mut r = recipe.clone();
+    for s in [&mut r.data.t2i, &mut r.data.lm, &mut r.data.mmu] {
+        s.batch_size *= world;
+    }
+    r
+}
+
+/// Start-of-run checks: every node has the same number of devices, every rank starts (or
+/// resumes) at the same step, and the replicas are identical.
+///
+/// # Errors
+/// [`DistError::Config`] naming the mismatch; [`DistError::Diverged`].
+pub fn check_start<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    model: &LladaModel<B>,
+    step: u64,
+) -> Result<(), DistError> {
+    let world = reducer.world();
+    let v = reducer.sum(&[1.0, step as f32])?;
+    if v[0] as usize != world {
+        return Err(DistError::Config(format!(
+            "{} ranks joined but this node expected {world}: every node must use the same number of devices",
+            v[0]
+        )));
+    }
+    if v[1] != (step * world as u64) as f32 {
+        return Err(DistError::Config(format!(
+            "ranks start from different steps (this rank: {step}, mean {}): every node must see the same run directory (shared file system) and the same --resume",
+            v[1] / world as f32
+        )));
+    }
+    check_replicas(reducer, model, step)
+}
+
+/// Mean of per-rank step losses and "any rank asked to stop", in one collective call.
+///
+/// # Errors
+/// Collective errors.
+pub fn mean_metrics<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    losses: [f32; 4],
+    stop: bool,
+) -> Result<([f32; 4], bool), DistError> {
+    let w = reducer.world() as f32;
+    let mut v = losses.to_vec();
+    v.push(f32::from(u8::from(stop)));
+    let r = reducer.sum(&v)?;
+    Ok(([r[0] / w, r[1] / w, r[2] / w, r[3] / w], r[4] > 0.0))
+}
+
+/// One worker's place in the job: the values a training loop needs.
+pub struct Worker<B: AutodiffBackend> {
+    /// The device of this replica.
+    pub device: B::Device,
+    /// Gradient / metric averaging.
+    pub reducer: Box<dyn GradReducer<B>>,
+    /// Replica hash check period (0: start and end only).
+    pub check_every: u64,
+}
+
+impl<B: AutodiffBackend> Worker<B> {
+    /// A 1-device worker.
+    pub fn single(device: B::Device) -> Self {
+        Worker {
+            device,
+            reducer: Box::new(SingleDevice),
+            check_every: 0,
+        }
+    }
+
+    /// Global rank.
+    pub fn rank(&self) -> usize {
+        self.reducer.rank()
+    }
+
+    /// World size.
+    pub fn world(&self) -> usize {
+        self.reducer.world()
+    }
+}
+
+/// One collective session per process at a time (burn-collective keeps one server per
+/// backend type in a global).
+static SESSION: Mutex<()> = Mutex::new(());
+
+/// Start burn-collective's global orchestrator on `port` (all interfaces) in a background
+/// thread with its own tokio runtime. It lives until the process exits.
+///
+/// # Errors
+/// [`DistError::Config`] when the runtime cannot be built.
+pub fn start_orchestrator(port: u16) -> Result<(), DistError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| DistError::Config(format!("starting the orchestrator runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("mmada-orchestrator".into())
+        .spawn(move || rt.block_on(burn_collective::start_global_orchestrator(port)))
+        .map_err(|e| DistError::Config(format!("starting the orchestrator thread: {e}")))?;
+    Ok(())
+}
+
+/// Run one worker per device of this node and return rank 0's (local rank 0's) result.
+///
+/// Local rank 0 runs `first` on the calling thread (it may hold non-`Send` callbacks, e.g. a
+/// progress bar); the other local ranks run `rest` on scoped threads. With one device on one
+/// node no collective is set up and `first` gets a [`SingleDevice`] worker. When any worker
+/// fails, the node's abort flag stops the others; the first non-abort error is returned.
+///
+/// # Errors
+/// `E` from a worker, or [`DistError`] (converted) from the setup.
+pub fn launch<B, T, E>(
+    devices: &[B::Device],
+    inner_devices: &[burn::tensor::Device<B::InnerBackend>],
+    cfg: &DistConfig,
+    first: impl FnOnce(Worker<B>) -> Result<T, E>,
+    rest: impl Fn(Worker<B>) -> Result<T, E> + Sync,
+) -> Result<T, E>
+where
+    B: AutodiffBackend,
+    E: From<DistError> + std::fmt::Display + Send,
+    T: Send,
+{
+    let coord = cfg.validate()?;
+    let local = devices.len();
+    if local == 0 || inner_devices.len() != local {
+        return Err(DistError::Config("no device given".into()).into());
+    }
+    if cfg.nodes == 1 && local == 1 {
+        return first(Worker::single(devices[0].clone()));
+    }
+    let _guard = SESSION.lock().unwrap_or_else(|p| p.into_inner());
+    reset_collective::<B::InnerBackend>();
+    let world = cfg.nodes * local;
+    let mut config = CollectiveConfig::default()
+        .with_num_devices(local)
+        .with_local_all_reduce_strategy(AllReduceStrategy::Tree(2));
+    if let Some((host, port)) = &coord {
+        let node_host = cfg.node_host.clone().unwrap_or_else(|| host.clone());
+        let data_port = cfg
+            .data_port
+            .unwrap_or(port.wrapping_add(1 + cfg.node_rank as u16));
+        if cfg.node_rank == 0 && cfg.host_orchestrator {
+            start_orchestrator(*port)?;
+        }
+        let parse = |s: String| -> Result<burn_communication::Address, DistError> {
+            s.parse()
+                .map_err(|e| DistError::Config(format!("address `{s}`: {e}")))
+        };
+        config = config
+            .with_num_nodes(cfg.nodes as u32)
+            .with_global_address(parse(format!("ws://{host}:{port}"))?)
+            .with_node_address(parse(format!("ws://{node_host}:{data_port}"))?)
+            .with_data_service_port(data_port)
+            .with_global_all_reduce_strategy(AllReduceStrategy::Ring);
+    }
+    let abort = Arc::new(AtomicBool::new(false));
+    let make = |i: usize| -> Result<Worker<B>, DistError> {
+        let rank = cfg.node_rank * local + i;
+        let r = CollectiveReducer::<B>::register(
+            rank,
+            world,
+            inner_devices[i].clone(),
+            config.clone(),
+            cfg.timeout,
+            abort.clone(),
+        )?;
+        Ok(Worker {
+            device: devices[i].clone(),
+            reducer: Box::new(r),
+            check_every: cfg.check_every,
+        })
+    };
+    let guard_abort = |r: Result<T, E>| {
+        if r.is_err() {
+            abort.store(true, Ordering::SeqCst);
+        }
+        r
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (1..local)
+            .map(|i| {
+                let (make, rest, guard_abort) = (&make, &rest, &guard_abort);
+                s.spawn(move || {
+                    guard_abort(match make(i) {
+                        Ok(w) => rest(w),
+                        Err(e) => Err(e.into()),
+                    })
+                })
+            })
+            .collect();
+        let r0 = guard_abort(match make(0) {
+            Ok(w) => first(w),
+            Err(e) => Err(e.into()),
+        });
+        let mut errors: Vec<E> = vec![];
+        for (i, h) in handles.into_iter().enumerate() {
+            match h.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(p) => {
+                    abort.store(true, Ordering::SeqCst);
+                    let message = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    errors.push(
+                        DistError::Panicked {
+                            rank: cfg.node_rank * local + i + 1,
+                            message,
+                        }
+                        .into(),
+                    );
+                }
+            }
+        }
+        match r0 {
+            Ok(t) if errors.is_empty() => Ok(t),
+            Ok(_) => Err(pick_error(errors)),
+            Err(e) => {
+                errors.insert(0, e);
+                Err(pick_error(errors))
+            }
+        }
+    })
+}
+
+/// The root cause among worker errors: the first that is not "stopped because another
+/// worker failed".
+fn pick_error<E: std::fmt::Display>(mut errors: Vec<E>) -> E {
+    let i = errors
+        .iter()
+        .position(|e| {
+            !e.to_string()
+                .contains("because another worker of this node failed")
+        })
+        .unwrap_or(0);
+    errors.swap_remove(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> UnifiedBatch {
+        // 1 t2i row, 3 lm rows, seq 4, prefix length 1
+        let l = 4;
+        let rows = 4;
+        UnifiedBatch {
+            ids: (0..(rows * l) as i64).collect(),
+            labels: vec![
+                -100, -100, 5, 6, // t2i: 2 image targets
+                1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4,
+            ],
+            seq: l,
+            n_t2i: 1,
+            n_lm: 3,
+            n_mmu: 0,
+            max_seq_length: 1,
+            t2i_masks: vec![true; l],
+            p_mask_lm: (0..3 * l).map(|i| i as f32).collect(),
+            p_mask_mmu: vec![],
+            answer_lengths_lm: Some((0..3 * l).map(|i| 100.0 + i as f32).collect()),
+            answer_lengths_mmu: vec![],
+            mask_id: 99,
+        }
+    }
+
+    #[test]
+    fn shards_are_disjoint_strided_and_rescaled() {
+        let b = batch();
+        let (s0, k0) = shard_batch(&b, 0, 2);
+        let (s1, k1) = shard_batch(&b, 1, 2);
+        // rank 0: t2i row 0, lm rows 0 and 2; rank 1: lm row 1
+        assert_eq!((s0.n_t2i, s0.n_lm, s1.n_t2i, s1.n_lm), (1, 2, 0, 1));
+        assert_eq!(s0.ids[..4], [0, 1, 2, 3]);
+        assert_eq!(s0.ids[4..8], [4, 5, 6, 7]);
+        assert_eq!(s0.ids[8..12], [12, 13, 14, 15]);
+        assert_eq!(s1.ids, vec![8, 9, 10, 11]);
+        assert_eq!(s1.p_mask_lm, vec![4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(s1.answer_lengths_lm.as_ref().unwrap()[0], 104.0);
+        // lm: 2·2/3 and 2·1/3 (mean over ranks = 1), t2i: all targets on rank 0
+        assert_eq!(k0.lm, 4.0 / 3.0);
+        assert_eq!(k1.lm, 2.0 / 3.0);
+        assert_eq!((k0.t2i, k1.t2i), (2.0, 0.0));
+        assert_eq!(k0.mmu, 0.0);
+        // world 1 keeps everything, scale 1
+        let (s, k) = shard_batch(&b, 0, 1);
+        assert_eq!(
+            (&s.ids, &s.labels, &s.p_mask_lm),
+            (&b.ids, &b.labels, &b.p_mask_lm)
+        );
+        assert_eq!(
+            k,
+            ShardScale {
+                t2i: 1.0,
+                lm: 1.0,
+                mmu: 0.0
+            }
+        );
+    }
+
+    #[test]
+    fn config_errors_name_the_flag() {
+        let c = DistConfig {
+            nodes: 2,
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--coordinator")
+        );
+        let c = DistConfig {
+            nodes: 2,
+            node_rank: 2,
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--node-rank 2")
+        );
+        let c = DistConfig {
+            nodes: 2,
+            coordinator: Some("10.0.0.1:29500".into()),
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap(), Some(("10.0.0.1".into(), 29500)));
+        let c = DistConfig {
+            nodes: 2,
+            coordinator: Some("10.0.0.1".into()),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("HOST:PORT"));
+    }
+}
