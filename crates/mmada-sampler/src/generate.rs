@@ -476,7 +476,7 @@ where
                     })
                     .collect();
                 let k = match config.threshold {
-                    None => per_row[r][j],
+                    None => per_row[r].get(j).copied().unwrap_or(0),
                     Some(t) => threshold_count(&row_conf, &x[r * l + ws..r * l + be], mask, t),
                 };
                 let mut n_done = 0;
