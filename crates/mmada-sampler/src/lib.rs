@@ -5,8 +5,10 @@
 //! ([`SamplerError`]) and nothing is printed.
 //!
 //! * [`generate`](mod@generate): LLaDA semi-autoregressive block sampler (spec §4.1; upstream
-//!   ML-GSAI/LLaDA `generate.py::generate`) with low-confidence / random remasking, f64 Gumbel
-//!   temperature, classifier-free guidance, key-padding attention and the EOS/EOT options.
+//!   ML-GSAI/LLaDA `generate.py::generate`) with low-confidence / random / margin / negative-
+//!   entropy rankings, f64 Gumbel temperature, classifier-free guidance, key-padding attention,
+//!   the EOS/EOT options, the Fast-dLLM confidence-threshold parallel decoding, the
+//!   `mmu_generate_fast` early stop and a restriction of sampled ids to the tokenizer.
 //! * [`maskgit`]: MMaDA text-to-image MaskGIT sampler (spec §4.3; upstream
 //!   `MMadaModelLM.t2i_generate`) with MUSE-style CFG and injectable randomness.
 //! * [`loglik`]: LLaDA Monte-Carlo conditional log-likelihood (spec §4.4; upstream
