@@ -2,7 +2,8 @@
 //! `training/utils.py::mask_or_random_replace_tokens`) and sampling (`t2i_generate`,
 //! `mmada-sampler` re-exports this type).
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::DiffusionError;
 
@@ -14,11 +15,11 @@ use crate::DiffusionError;
 /// upstream (which calls them on `torch.tensor(ratio)`), because `floor(N · γ(r))` is sensitive to
 /// the last bit (e.g. `γ(2/3) = cos(π/3)` is `0.49999997` in f32, so `16 · γ` floors to 7).
 ///
-/// Serde form: the upstream names `"cosine"`, `"linear"`, `"pow2"` (`"powK"`, any float
+/// Serde form (written as the upstream name whenever one exists, so YAML / JSON round-trip
+/// without format-specific enum tags): the upstream names `"cosine"`, `"linear"`, `"pow2"` (`"powK"`, any float
 /// `K`), `"sigmoid"` (upstream default parameters), or the explicit forms `{"pow": 2.0}`,
 /// `{"sigmoid": {"start": -3, "end": 3, "tau": 1, "clip_min": 1e-6}}`.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum MaskSchedule {
     /// `cos(r·π/2)` (upstream `cosine_schedule`, the default).
     #[default]
@@ -160,6 +161,42 @@ impl std::str::FromStr for MaskSchedule {
     }
 }
 
+impl Serialize for MaskSchedule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            MaskSchedule::Cosine => s.serialize_str("cosine"),
+            MaskSchedule::Linear => s.serialize_str("linear"),
+            MaskSchedule::Pow(k) => s.serialize_str(&format!("pow{k}")),
+            sig if sig == MaskSchedule::SIGMOID => s.serialize_str("sigmoid"),
+            MaskSchedule::Sigmoid {
+                start,
+                end,
+                tau,
+                clip_min,
+            } => {
+                #[derive(Serialize)]
+                struct Params {
+                    start: f64,
+                    end: f64,
+                    tau: f64,
+                    clip_min: f64,
+                }
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry(
+                    "sigmoid",
+                    &Params {
+                        start,
+                        end,
+                        tau,
+                        clip_min,
+                    },
+                )?;
+                m.end()
+            }
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for MaskSchedule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = match Form::deserialize(d)? {
@@ -248,11 +285,27 @@ mod tests {
         assert_eq!(p, MaskSchedule::Pow(3.0));
         let p: MaskSchedule = serde_json::from_str("\"sigmoid\"").unwrap();
         assert_eq!(p, MaskSchedule::SIGMOID);
-        // serialisation round-trips through the explicit form
+        // serialisation writes the upstream names and round-trips
+        assert_eq!(
+            serde_json::to_string(&MaskSchedule::Pow(2.0)).unwrap(),
+            "\"pow2\""
+        );
+        assert_eq!(
+            serde_json::to_string(&MaskSchedule::SIGMOID).unwrap(),
+            "\"sigmoid\""
+        );
+        let custom = MaskSchedule::Sigmoid {
+            start: -2.0,
+            end: 4.0,
+            tau: 0.5,
+            clip_min: 1e-4,
+        };
         for s in [
             MaskSchedule::Cosine,
+            MaskSchedule::Linear,
             MaskSchedule::Pow(2.5),
             MaskSchedule::SIGMOID,
+            custom,
         ] {
             let j = serde_json::to_string(&s).unwrap();
             assert_eq!(serde_json::from_str::<MaskSchedule>(&j).unwrap(), s, "{j}");

@@ -454,3 +454,62 @@ fn pretokenize_cli_writes_a_table_training_can_read() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 16"));
 }
+
+#[test]
+fn recipe_image_keys_are_typed_and_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe(tmp.path(), &[]);
+    assert_eq!(
+        r.loss.mask_schedule,
+        mmada_diffusion::MaskSchedule::Pow(2.0)
+    );
+    let it = r.data.image_tokenizer.as_ref().unwrap();
+    assert_eq!(it.resolution, 32);
+    assert_eq!(it.t2i_mode, mmada_data::ResizeMode::CenterCrop);
+    assert_eq!(
+        it.mmu_mode,
+        mmada_data::ResizeMode::Squash,
+        "stage 2.x default"
+    );
+    let yaml = r.to_yaml();
+    let err = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        SftRecipe::parse(&yaml, "r.yaml", &sets)
+            .err()
+            .expect("must be rejected")
+            .to_string()
+    };
+    let e = err(&["loss.cond_dropout_prob=1.5"]);
+    assert!(
+        e.contains("loss.cond_dropout_prob") && e.contains("[0, 1]"),
+        "{e}"
+    );
+    let e = err(&["loss.min_masking_rate=-0.1"]);
+    assert!(e.contains("loss.min_masking_rate"), "{e}");
+    let e = err(&["data.image_tokenizer.resolution=30"]);
+    assert!(
+        e.contains("data.image_tokenizer.resolution") && e.contains("16"),
+        "{e}"
+    );
+    let e = err(&["loss.mask_schedule=cosinus"]);
+    assert!(
+        e.contains("loss.mask_schedule") && e.contains("powK"),
+        "{e}"
+    );
+    let e = err(&["data.image_tokenizer.mmu_mode=stretch"]);
+    assert!(e.contains("data.image_tokenizer.mmu_mode"), "{e}");
+    let e = err(&["data.image_tokenizer.chekpoint=x"]);
+    assert!(e.contains("chekpoint"), "{e}");
+    let ok = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        SftRecipe::parse(&yaml, "r.yaml", &sets).unwrap()
+    };
+    assert_eq!(
+        ok(&["loss.mask_schedule=sigmoid"]).loss.mask_schedule,
+        mmada_diffusion::MaskSchedule::SIGMOID
+    );
+    assert_eq!(
+        ok(&["loss.mask_schedule=linear"]).loss.mask_schedule,
+        mmada_diffusion::MaskSchedule::Linear
+    );
+}
