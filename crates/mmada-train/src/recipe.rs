@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use mmada_data::LayoutConfig;
-use mmada_data::manifest::Manifest;
 use mmada_data::ResizeMode;
+use mmada_data::manifest::Manifest;
 use mmada_diffusion::{MaskSchedule, T2iAttention};
 use serde::{Deserialize, Serialize};
 use serde_norway::Value;
@@ -812,8 +812,7 @@ train: {max_steps: 3}
     fn stream_mixing_values_are_checked() {
         let r = SftRecipe::parse(MINIMAL, "r.yaml", &[]).unwrap();
         assert_eq!(r.data.lm.mixing, mmada_data::Mixing::PerRow);
-        let r = SftRecipe::parse(MINIMAL, "r.yaml", &["data.lm.mixing=per_batch".into()])
-            .unwrap();
+        let r = SftRecipe::parse(MINIMAL, "r.yaml", &["data.lm.mixing=per_batch".into()]).unwrap();
         assert_eq!(r.data.lm.mixing, mmada_data::Mixing::PerBatch);
         assert!(r.to_yaml().contains("mixing: per_batch"), "{}", r.to_yaml());
         let e = SftRecipe::parse(MINIMAL, "r.yaml", &["data.lm.mixing=per_step".into()])
