@@ -475,8 +475,7 @@ fn recipe_image_keys_are_typed_and_checked() {
     let err = |sets: &[&str]| {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         SftRecipe::parse(&yaml, "r.yaml", &sets)
-            .err()
-            .expect("must be rejected")
+            .expect_err("must be rejected")
             .to_string()
     };
     let e = err(&["loss.cond_dropout_prob=1.5"]);
