@@ -382,3 +382,49 @@ fn killing_one_process_ends_the_other_with_a_clear_error() {
         "no clear error:\n{log0}"
     );
 }
+
+#[test]
+fn data_parallel_stop_and_resume_continue_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dist = DistConfig {
+        check_every: 1,
+        timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let devices = [Default::default(), Default::default()];
+    let dp = |recipe: &SftRecipe, o: SftOptions| {
+        run_sft_dp::<CpuAutodiff>(recipe, &devices, &dist, &o, &mut |_| {}).unwrap()
+    };
+    let straight = dp(&arith_recipe(tmp.path(), "straight", 2, 4), opts());
+    let split = arith_recipe(tmp.path(), "split", 2, 4);
+    let first = dp(
+        &split,
+        SftOptions {
+            stop_after: Some(2),
+            ..opts()
+        },
+    );
+    assert_eq!(first.final_step, 2);
+    // every rank resumes from the checkpoint rank 0 wrote (checked collectively at start)
+    let second = dp(
+        &split,
+        SftOptions {
+            resume: Some(mmada_train::sft::Resume::Latest),
+            ..opts()
+        },
+    );
+    assert_eq!(second.final_step, 4);
+    assert_eq!(
+        second.losses, straight.losses,
+        "resumed loss trajectory differs"
+    );
+    let (a, b) = (
+        weights(straight.last_checkpoint.as_ref().unwrap()),
+        weights(second.last_checkpoint.as_ref().unwrap()),
+    );
+    assert_eq!(
+        max_abs_diff(&a, &b),
+        0.0,
+        "weights differ after a data-parallel resume"
+    );
+}
