@@ -123,7 +123,8 @@ pub struct DistConfig {
     pub node_rank: usize,
     /// The global orchestrator, `HOST:PORT` (`MASTER_ADDR:MASTER_PORT`); needed when `nodes > 1`.
     pub coordinator: Option<String>,
-    /// This node's host name or IP as the other nodes reach it (`127.0.0.1` on one machine).
+    /// This node's host name or IP as the other nodes reach it (`127.0.0.1` on one machine;
+    /// required on node ranks > 0 unless the coordinator is on the loopback interface).
     pub node_host: Option<String>,
     /// Port of this node's tensor data service (default: coordinator port + 1 + node rank).
     pub data_port: Option<u16>,
@@ -183,6 +184,13 @@ impl DistConfig {
                 "--coordinator `{c}`: `{port}` is not a port number"
             ))
         })?;
+        let local = matches!(host, "127.0.0.1" | "localhost" | "::1" | "[::1]");
+        if self.node_host.is_none() && self.node_rank != 0 && !local {
+            return Err(DistError::Config(format!(
+                "node rank {}: give --node-host (or NODE_ADDR), the name or IP under which the other nodes reach this one; only node rank 0 may default to the coordinator host `{host}`",
+                self.node_rank
+            )));
+        }
         Ok(Some((host.to_string(), port)))
     }
 
@@ -1040,6 +1048,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.validate().unwrap(), Some(("10.0.0.1".into(), 29500)));
+        let c = DistConfig { node_rank: 1, ..c };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--node-host")
+        );
+        let c = DistConfig {
+            node_host: Some("10.0.0.2".into()),
+            ..c
+        };
+        assert!(c.validate().is_ok());
         let c = DistConfig {
             nodes: 2,
             coordinator: Some("10.0.0.1".into()),
