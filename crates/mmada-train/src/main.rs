@@ -458,7 +458,7 @@ fn main() -> Result<()> {
         Command::Synth { out, n, seed } => {
             mmada_train::synth::write_arithmetic(&out, n, seed)
                 .with_context(|| format!("writing {}", out.display()))?;
-            tracing::info!(out = %out.display(), examples = n, "wrote arith.jsonl and tokenizer.json");
+            tracing::info!(out = %out.display(), examples = n, "wrote arith.jsonl, arith_test.jsonl (held out) and tokenizer.json");
         }
         Command::Config { preset } => {
             let cfg = ModelConfig::preset(&preset)?;
