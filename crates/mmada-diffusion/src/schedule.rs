@@ -89,6 +89,16 @@ impl MaskSchedule {
                     why: "needs finite start != end and a finite non-zero tau",
                 })
             }
+            // `clamp(clip_min, 1)` in `ratio` needs clip_min <= 1 and not NaN
+            MaskSchedule::Sigmoid { clip_min, .. }
+                if !(clip_min.is_finite() && clip_min <= 1.0) =>
+            {
+                Err(DiffusionError::Range {
+                    what: "mask schedule sigmoid clip_min",
+                    value: clip_min.to_string(),
+                    why: "must be finite and <= 1",
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -253,6 +263,16 @@ mod tests {
         assert!((s.mask_ratio(0.5) - 0.5).abs() < 1e-6);
         assert_eq!(s.mask_ratio(1.0), 1e-6);
         assert!(MaskSchedule::Pow(0.0).check().is_err());
+        // a clip_min above 1 or NaN would make `clamp` panic: rejected up front
+        for clip_min in [1.5, f64::NAN] {
+            let bad = MaskSchedule::Sigmoid {
+                start: -3.0,
+                end: 3.0,
+                tau: 1.0,
+                clip_min,
+            };
+            assert!(bad.check().is_err(), "clip_min {clip_min}");
+        }
     }
 
     #[test]

@@ -118,8 +118,9 @@ pub struct GenerateConfig {
     /// one. A block is decoded until it has no mask left, so `steps` is ignored (it is still
     /// validated) and the number of model calls adapts to the model's certainty: a threshold
     /// above every possible confidence (`> 1` for `low_confidence`) commits one token per step
-    /// (`gen_length` calls), a low one many per step. `None` (default) = the upstream
-    /// `get_num_transfer_tokens` schedule.
+    /// (`gen_length` calls), a low one many per step. Confidences are computed in f64 in this
+    /// mode (as Fast-dLLM), whatever [`GenerateConfig::confidence_f64`] says. `None` (default) =
+    /// the upstream `get_num_transfer_tokens` schedule.
     #[serde(default)]
     pub threshold: Option<f64>,
     /// Stop after a block once **every** row's block ends (its last position) in `eos_id` or
@@ -684,7 +685,9 @@ fn predict<B: Backend>(
             let eot = check_id("eot_id", config.eot_id.unwrap_or_default(), vocab)?;
             clean = clean.slice_fill([0..b, 0..w, eot..eot + 1], f32::NEG_INFINITY);
         }
-        if config.confidence_f64 {
+        // threshold mode compares confidences with a threshold: f64 as Fast-dLLM
+        // (`F.softmax(logits.to(torch.float64))` in get_transfer_index)
+        if config.confidence_f64 || config.threshold.is_some() {
             clean = clean.cast(FloatDType::F64);
         }
         Ok(softmax(clean, 2))

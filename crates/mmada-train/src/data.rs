@@ -444,14 +444,18 @@ impl TrainData {
                 let want = spec.max_examples.map(|m| m + recipe.data.eval_examples);
                 let mut done = false;
                 while !done {
+                    // never read (and encode) more examples than are still wanted
+                    let cap = want.map_or(IMAGE_CHUNK, |w| {
+                        IMAGE_CHUNK.min(w.saturating_sub(samples.len()).max(1))
+                    });
                     let mut chunk = vec![];
                     for ex in stream.by_ref() {
                         chunk.push(ex?);
-                        if chunk.len() == IMAGE_CHUNK {
+                        if chunk.len() == cap {
                             break;
                         }
                     }
-                    if chunk.len() < IMAGE_CHUNK {
+                    if chunk.len() < cap {
                         done = true;
                     }
                     if want.is_some_and(|w| samples.len() >= w) {
@@ -587,15 +591,15 @@ impl TrainData {
         Ok(())
     }
 
-    /// The next `rows` samples of every stream, `rows[k]` for stream k in `[t2i, lm, mmu]`
-    /// order (only enabled streams).
-    pub fn next_rows(&mut self, fraction: (usize, usize)) -> Vec<(&'static str, Vec<Sample>)> {
+    /// The rows of the next micro-batch: `batch_size` samples of every enabled stream, in
+    /// `[t2i, lm, mmu]` order. As upstream `batch_size_t2i` / `_lm` / `_mmu`, a stream's
+    /// `batch_size` is rows per forward pass (per micro-batch); gradient accumulation
+    /// multiplies it (an optimizer step sees `batch_size × grad_accum` rows per device).
+    pub fn next_rows(&mut self) -> Vec<(&'static str, Vec<Sample>)> {
         let mut out = vec![];
         for s in &mut self.streams {
-            // micro-batch `fraction.0` of `fraction.1`: an equal share of the stream's rows
-            let n = s.batch_size / fraction.1 + usize::from(fraction.0 < s.batch_size % fraction.1);
             // one batch of the stream per micro-step (`mixing: per_batch` draws its source)
-            let picks = s.mixture.take_batch(n);
+            let picks = s.mixture.take_batch(s.batch_size);
             let rows = picks
                 .iter()
                 .map(|p| s.sources[p.source][p.index as usize].clone())

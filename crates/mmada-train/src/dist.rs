@@ -261,6 +261,14 @@ pub trait GradReducer<B: AutodiffBackend>: Send {
     /// # Errors
     /// As [`GradReducer::mean_grads`].
     fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError>;
+    /// Wait until every rank arrives, with a deadline of [`IO_BARRIER_FACTOR`] × the
+    /// per-call timeout: called by every rank after a step on which rank 0 alone evaluated or
+    /// wrote a checkpoint (an 8B checkpoint with optimizer state is ~100 GB), so the others do
+    /// not time out in their next gradient all-reduce while it does.
+    ///
+    /// # Errors
+    /// As [`GradReducer::mean_grads`].
+    fn barrier(&mut self) -> Result<(), DistError>;
     /// Leave the collective (end of a run).
     ///
     /// # Errors
@@ -289,10 +297,17 @@ impl<B: AutodiffBackend> GradReducer<B> for SingleDevice {
     fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError> {
         Ok(values.to_vec())
     }
+    fn barrier(&mut self) -> Result<(), DistError> {
+        Ok(())
+    }
     fn finish(&mut self) -> Result<(), DistError> {
         Ok(())
     }
 }
+
+/// The deadline of [`GradReducer::barrier`] (after rank 0's evaluation or checkpoint write)
+/// in units of the per-call collective timeout: 6 × the default 600 s = 1 h.
+pub const IO_BARRIER_FACTOR: u32 = 6;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -448,11 +463,47 @@ impl<B: AutodiffBackend> CollectiveReducer<B> {
         t: Tensor<B::InnerBackend, 1>,
         op: ReduceOperation,
     ) -> Result<Tensor<B::InnerBackend, 1>, DistError> {
+        let timeout = self.timeout;
+        self.all_reduce_within(what, t, op, timeout)
+    }
+
+    /// Sum of a few values over all ranks. Padded with zeros to at least `world` elements:
+    /// burn-collective's global ring all-reduce splits the tensor into one slice per node and
+    /// refuses a shorter one (`RingReduceImpossible`).
+    fn sum_within(
+        &mut self,
+        what: &str,
+        values: &[f32],
+        timeout: Duration,
+    ) -> Result<Vec<f32>, DistError> {
+        let mut padded = values.to_vec();
+        padded.resize(values.len().max(self.world), 0.0);
+        let t = Tensor::<B::InnerBackend, 1>::from_floats(padded.as_slice(), &self.device);
+        let r = self.all_reduce_within(what, t, ReduceOperation::Sum, timeout)?;
+        let mut out = r
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| DistError::Collective {
+                rank: self.rank,
+                what: what.into(),
+                message: format!("{e:?}"),
+            })?;
+        out.truncate(values.len());
+        Ok(out)
+    }
+
+    fn all_reduce_within(
+        &mut self,
+        what: &str,
+        t: Tensor<B::InnerBackend, 1>,
+        op: ReduceOperation,
+        timeout: Duration,
+    ) -> Result<Tensor<B::InnerBackend, 1>, DistError> {
         let peer = self.peer;
         let prim = t.into_primitive().tensor();
         let out = self
             .comm
-            .call(what, self.timeout, move || {
+            .call(what, timeout, move || {
                 all_reduce::<B::InnerBackend>(peer, prim, op)
             })?
             .map_err(collective_err(self.rank, what))?;
@@ -543,16 +594,18 @@ impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
         Ok(out)
     }
 
+    fn barrier(&mut self) -> Result<(), DistError> {
+        let timeout = self.timeout * IO_BARRIER_FACTOR;
+        self.sum_within(
+            "barrier after rank 0's checkpoint / evaluation",
+            &[0.0],
+            timeout,
+        )?;
+        Ok(())
+    }
     fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError> {
-        let t = Tensor::<B::InnerBackend, 1>::from_floats(values, &self.device);
-        let r = self.all_reduce_flat("metric all-reduce", t, ReduceOperation::Sum)?;
-        r.into_data()
-            .to_vec::<f32>()
-            .map_err(|e| DistError::Collective {
-                rank: self.rank,
-                what: "metric all-reduce".into(),
-                message: format!("{e:?}"),
-            })
+        let timeout = self.timeout;
+        self.sum_within("metric all-reduce", values, timeout)
     }
 
     fn finish(&mut self) -> Result<(), DistError> {
@@ -733,17 +786,20 @@ pub fn check_start<B: AutodiffBackend>(
     step: u64,
 ) -> Result<(), DistError> {
     let world = reducer.world();
-    let v = reducer.sum(&[1.0, step as f32])?;
+    // the step in 12-bit pieces, so the f32 sums stay exact (world < 4096) for any step; when
+    // the ranks' steps differ, the rank with the smallest one sees a sum above its own × world
+    let (hi, lo) = (step >> 12, step & 0xfff);
+    let v = reducer.sum(&[1.0, hi as f32, lo as f32])?;
     if v[0] as usize != world {
         return Err(DistError::Config(format!(
             "{} ranks joined but this node expected {world}: every node must use the same number of devices",
             v[0]
         )));
     }
-    if v[1] != (step * world as u64) as f32 {
+    if v[1] != (hi * world as u64) as f32 || v[2] != (lo * world as u64) as f32 {
         return Err(DistError::Config(format!(
             "ranks start from different steps (this rank: {step}, mean {}): every node must see the same run directory (shared file system) and the same --resume",
-            v[1] / world as f32
+            (v[1] * 4096.0 + v[2]) / world as f32
         )));
     }
     check_replicas(reducer, model, step)

@@ -368,7 +368,8 @@ impl Default for ScheduleSection {
 pub struct TrainSection {
     /// Optimizer steps.
     pub max_steps: u64,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step (upstream `gradient_accumulation_steps`); each
+    /// micro-batch holds every stream's `batch_size` rows.
     #[serde(default = "one_u64")]
     pub grad_accum: u64,
     /// `cpu`, `cuda:0`, … (see `mmada_model::backend::DeviceSpec`).

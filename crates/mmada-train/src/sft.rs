@@ -448,8 +448,9 @@ fn sft_worker<B: AutodiffBackend>(
             recipe.to_yaml().as_bytes(),
         )?;
     }
+    // only rank 0 talks to wandb (other ranks would open runs of their own)
     let mut wandb = crate::wandb_log::TrainerWandb::start(
-        recipe.logging.wandb.as_ref(),
+        recipe.logging.wandb.as_ref().filter(|_| lead),
         serde_json::to_value(recipe).expect("recipe serialises"),
         run.root(),
         &state,
@@ -501,8 +502,8 @@ fn sft_worker<B: AutodiffBackend>(
         let mut stats = crate::data::NoiseStats::default();
         let mut first_row = 0u64;
         let mut present = [false; 3];
-        for micro in 0..accum {
-            let rows = data.next_rows((micro, accum));
+        for _ in 0..accum {
+            let rows = data.next_rows();
             let n_rows: usize = rows.iter().map(|(_, r)| r.len()).sum();
             for (name, r) in &rows {
                 if !r.is_empty() {
@@ -578,10 +579,9 @@ fn sft_worker<B: AutodiffBackend>(
             avg_masking_rate: stats.avg_masking_rate(),
             eval_loss: None,
         };
-        if lead
-            && recipe.train.eval_every > 0
-            && (state.step % recipe.train.eval_every == 0 || state.step == recipe.train.max_steps)
-        {
+        let eval_due = recipe.train.eval_every > 0
+            && (state.step % recipe.train.eval_every == 0 || state.step == recipe.train.max_steps);
+        if lead && eval_due {
             report.eval_loss = ctx.eval_loss(&data, &model)?;
             if let Some(e) = report.eval_loss {
                 outcome.eval_losses.push((state.step, e));
@@ -617,9 +617,14 @@ fn sft_worker<B: AutodiffBackend>(
         let stop_after = opts.stop_after.is_some_and(|n| ran >= n);
         let periodic = recipe.checkpoint.every > 0 && state.step % recipe.checkpoint.every == 0;
         let last = state.step == recipe.train.max_steps;
-        if lead && (periodic || last || stop_requested || stop_after) {
+        let save_due = periodic || last || stop_requested || stop_after;
+        if lead && save_due {
             wandb.record(&mut state);
             outcome.last_checkpoint = Some(ctx.save(&data, &model, &optim, &state)?);
+        }
+        if world > 1 && (eval_due || save_due) {
+            // the other ranks waited for rank 0's evaluation / checkpoint: a long deadline
+            worker.reducer.barrier()?;
         }
         if stop_requested || stop_after {
             outcome.interrupted = stop_requested;

@@ -174,7 +174,7 @@ fn sft_over_png_rows_trains_and_the_second_load_hits_the_cache() {
     assert_eq!(d2.images.cache_hits, 8);
     // Two epochs of batches (4 rows per stream, 2 per step) never call the coder again.
     for step in 0..4 {
-        let rows = d2.next_rows((0, 1));
+        let rows = d2.next_rows();
         let (b, _) = d2
             .noise(&rows, step, 0, mmada_train::data::purpose::MASK)
             .unwrap();
@@ -260,7 +260,7 @@ fn caption_dropout_rate_and_determinism() {
     let mut d =
         TrainData::load_with_images(&r, tok(&r), Path::new("/"), 0, 1, Some(&coder)).unwrap();
     let t = *d.tokenizer().layout();
-    let rows = d.next_rows((0, 1));
+    let rows = d.next_rows();
     let t2i_rows = &rows.iter().find(|(n, _)| *n == "t2i").unwrap().1;
     let (b, st) = d
         .noise(&rows, 0, 0, mmada_train::data::purpose::MASK)
@@ -287,7 +287,7 @@ fn caption_dropout_rate_and_determinism() {
     let r0 = recipe(tmp.path(), &["loss.cond_dropout_prob=0.0"]);
     let mut d0 =
         TrainData::load_with_images(&r0, tok(&r0), Path::new("/"), 0, 1, Some(&coder)).unwrap();
-    let rows = d0.next_rows((0, 1));
+    let rows = d0.next_rows();
     let (_, st) = d0
         .noise(&rows, 0, 0, mmada_train::data::purpose::MASK)
         .unwrap();
@@ -337,7 +337,7 @@ fn pretokenized_table_round_trip_replaces_the_encoder() {
     );
     let mut de =
         TrainData::load_with_images(&r, tok(&r), Path::new("/"), 0, 1, Some(&coder)).unwrap();
-    let (a, b) = (dt.next_rows((0, 1)), de.next_rows((0, 1)));
+    let (a, b) = (dt.next_rows(), de.next_rows());
     for ((na, ra), (nb, rb)) in a.iter().zip(&b) {
         assert_eq!(na, nb);
         for (x, y) in ra.iter().zip(rb) {

@@ -23,7 +23,7 @@ data:
   layout: {{max_seq_length: 32, max_lm_len: 40}}
   filter_overlong: false
   lm:
-    batch_size: 4
+    batch_size: 2
     mixing: {mixing}
     sources:
       - weight: 3.0
@@ -59,11 +59,11 @@ fn load(recipe: &SftRecipe) -> TrainData {
     TrainData::load(recipe, tok, Path::new("/"), 0, 1).unwrap()
 }
 
-/// The kinds of the rows of each of `n` micro-steps (2 micro-batches of 2 rows per step).
+/// The kinds of the rows of each of `n` micro-batches (2 rows each).
 fn kinds(data: &mut TrainData, n: usize) -> Vec<Vec<LayoutKind>> {
     (0..n)
-        .map(|i| {
-            let rows = data.next_rows((i % 2, 2));
+        .map(|_| {
+            let rows = data.next_rows();
             rows[0].1.iter().map(|s| s.kind).collect()
         })
         .collect()
@@ -92,10 +92,10 @@ fn per_batch_mixing_gives_one_source_per_micro_batch_and_resumes() {
     let mut a = load(&r);
     let _ = kinds(&mut a, 37);
     let cursor = a.cursor();
-    let rest: Vec<_> = (0..20).map(|i| a.next_rows((i % 2, 2))).collect();
+    let rest: Vec<_> = (0..20).map(|_| a.next_rows()).collect();
     let mut b = load(&r);
     b.resume(&cursor).unwrap();
-    let again: Vec<_> = (0..20).map(|i| b.next_rows((i % 2, 2))).collect();
+    let again: Vec<_> = (0..20).map(|_| b.next_rows()).collect();
     assert_eq!(rest, again);
 
     // per_row (the default) mixes sources within micro-batches

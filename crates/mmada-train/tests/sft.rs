@@ -80,7 +80,12 @@ fn gradient_accumulation_equals_the_big_batch() {
     let acc = run(
         &with(
             &base,
-            &["train.max_steps=2", "train.grad_accum=2", "run.name=acc"],
+            &[
+                "train.max_steps=2",
+                "train.grad_accum=2",
+                "data.lm.batch_size=2",
+                "run.name=acc",
+            ],
         ),
         None,
         None,
