@@ -142,7 +142,9 @@ struct DistArgs {
     /// Global orchestrator HOST:PORT (node rank 0 hosts it).
     #[arg(long)]
     coordinator: Option<String>,
-    /// This node's host name or IP as the other nodes reach it (default: the coordinator host).
+    /// This node's host name or IP as the other nodes reach it (or `NODE_ADDR`); required on
+    /// node ranks > 0 unless the coordinator is on loopback (default there and on rank 0: the
+    /// coordinator host).
     #[arg(long)]
     node_host: Option<String>,
     /// Port of this node's tensor service (default: coordinator port + 1 + node rank).
