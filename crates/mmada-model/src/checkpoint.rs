@@ -70,28 +70,10 @@ pub enum CheckpointError {
         /// The directory.
         dir: PathBuf,
     },
-    /// The file is not a valid safetensors file.
-    #[error("{path}: not a valid safetensors file: {reason}")]
-    NotSafetensors {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A tensor's data extends past the end of the file.
-    #[error(
-        "{path}: file is truncated: tensor `{tensor}` needs bytes up to {needed} but the file has {file_len} (re-download the file)"
-    )]
-    Truncated {
-        /// The file.
-        path: PathBuf,
-        /// The first tensor that does not fit.
-        tensor: String,
-        /// Bytes needed.
-        needed: u64,
-        /// Actual file length.
-        file_len: u64,
-    },
+    /// The file is not a valid safetensors file, or is truncated (names the file and the
+    /// first tensor past its end), or reading it failed.
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
     /// The shard index is malformed or inconsistent with the shards.
     #[error("{path}: invalid shard index: {reason}")]
     BadIndex {
@@ -226,28 +208,6 @@ impl DiskDtype {
 }
 
 pub use mmada_safetensors::{SafetensorsError, SafetensorsFile, TensorEntry};
-
-impl From<SafetensorsError> for CheckpointError {
-    fn from(e: SafetensorsError) -> Self {
-        match e {
-            SafetensorsError::Io { path, source } => Self::Io { path, source },
-            SafetensorsError::NotSafetensors { path, reason } => {
-                Self::NotSafetensors { path, reason }
-            }
-            SafetensorsError::Truncated {
-                path,
-                tensor,
-                needed,
-                file_len,
-            } => Self::Truncated {
-                path,
-                tensor,
-                needed,
-                file_len,
-            },
-        }
-    }
-}
 
 /// Read tensor `name` of `file` (which must be in its header) and convert it to `dtype`
 /// (row-major, torch layout).

@@ -34,28 +34,10 @@ pub enum VqError {
         /// The directory.
         dir: PathBuf,
     },
-    /// The file is not a valid safetensors file.
-    #[error("{path}: not a valid safetensors file: {reason}")]
-    NotSafetensors {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A tensor's data extends past the end of the file.
-    #[error(
-        "{path}: file is truncated: tensor `{tensor}` needs bytes up to {needed} but the file has {file_len} (re-download the file)"
-    )]
-    Truncated {
-        /// The file.
-        path: PathBuf,
-        /// The first tensor that does not fit.
-        tensor: String,
-        /// Bytes needed.
-        needed: u64,
-        /// Actual file length.
-        file_len: u64,
-    },
+    /// The file is not a valid safetensors file, or is truncated (names the file and the
+    /// first tensor past its end), or reading it failed.
+    #[error(transparent)]
+    Safetensors(#[from] mmada_safetensors::SafetensorsError),
     /// A tensor the architecture requires is absent.
     #[error(
         "{path}: missing tensor `{tensor}` (expected shape {expected:?}); does the config match the weights?"
@@ -156,26 +138,5 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> V
     move |source| VqError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-impl From<mmada_safetensors::SafetensorsError> for VqError {
-    fn from(e: mmada_safetensors::SafetensorsError) -> Self {
-        use mmada_safetensors::SafetensorsError as E;
-        match e {
-            E::Io { path, source } => Self::Io { path, source },
-            E::NotSafetensors { path, reason } => Self::NotSafetensors { path, reason },
-            E::Truncated {
-                path,
-                tensor,
-                needed,
-                file_len,
-            } => Self::Truncated {
-                path,
-                tensor,
-                needed,
-                file_len,
-            },
-        }
     }
 }

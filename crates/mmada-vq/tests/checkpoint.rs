@@ -257,7 +257,13 @@ fn truncated_file_is_reported() {
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     let cfg = MagvitConfig::from_dir(tmp.path()).unwrap();
     let e = load_weights::<Cpu>(&path, &cfg, &Default::default()).unwrap_err();
-    assert!(matches!(e, VqError::Truncated { .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            VqError::Safetensors(mmada_safetensors::SafetensorsError::Truncated { .. })
+        ),
+        "{e}"
+    );
 }
 
 #[test]
