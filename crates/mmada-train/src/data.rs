@@ -6,7 +6,7 @@
 //! batch into accumulation micro-batches, or sharding across ranks gives the same rows and
 //! the same masks.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use mmada_data::layout::t2i_layout;
 use mmada_data::manifest::Manifest;
@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::pretok::CodeTable;
 use crate::recipe::{ImageTokenizerSection, SftRecipe, SourceSpec, StreamSection};
+use crate::run_dir::resolve;
 
 /// Purposes for [`derive_seed`].
 pub mod purpose {
@@ -334,14 +335,6 @@ pub struct TrainData {
     pub report: Vec<SourceReport>,
     /// How image rows got their codes (encoder, cache, code tables).
     pub images: ImageStats,
-}
-
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
 }
 
 fn load_manifest(spec: &SourceSpec, base: &Path) -> Result<Manifest, TrainDataError> {

@@ -10,6 +10,7 @@ use mmada_data::inspect::{ScanOptions, Summary, check_manifest, scan_manifest};
 use mmada_data::manifest::Manifest;
 use mmada_data::{LayoutConfig, ResizeMode, TextTokenizer};
 use mmada_train::recipe::{SftRecipe, SourceSpec};
+use mmada_train::run_dir::resolve;
 
 #[derive(Subcommand, Debug)]
 pub enum DataCommand {
@@ -110,14 +111,6 @@ fn tokenizer(path: &Path) -> Result<TextTokenizer> {
     };
     TextTokenizer::from_file_with_mmada_tokens(&file)
         .with_context(|| format!("loading tokenizer {}", file.display()))
-}
-
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
 }
 
 /// Runs a `data` subcommand.

@@ -20,6 +20,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DataCursor;
 
+/// `p` relative to `base` (recipe paths are relative to the recipe's folder or the working
+/// directory); an absolute `p` is kept.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
 /// Error in the run directory.
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {

@@ -22,7 +22,7 @@ use crate::data::{TrainData, derive_seed, purpose};
 use crate::dist::{DistConfig, Worker};
 use crate::optim::{self, AdamWOptim};
 use crate::recipe::SftRecipe;
-use crate::run_dir::{RunDir, TrainerState, read_state, write_atomic};
+use crate::run_dir::{RunDir, TrainerState, read_state, resolve, write_atomic};
 use crate::schedule::Schedule;
 
 /// Any error of a training run, with the context that names its source.
@@ -75,6 +75,33 @@ pub enum Resume {
     Latest,
     /// A checkpoint directory (`…/checkpoints/step-000100`).
     Path(PathBuf),
+}
+
+/// The checkpoint a run continues from: `None` for a fresh start (refused when `run` already
+/// holds checkpoints, so nothing is overwritten), the `latest` one, or a given path (relative
+/// to `base`).
+///
+/// # Errors
+/// [`TrainError::Other`] for a fresh start over checkpoints; [`TrainError`] from the run
+/// directory when `latest` is missing.
+pub(crate) fn resume_dir(
+    run: &RunDir,
+    resume: Option<&Resume>,
+    base: &Path,
+) -> Result<Option<PathBuf>, TrainError> {
+    match resume {
+        None => {
+            if !run.list_checkpoints()?.is_empty() {
+                return Err(TrainError::Other(format!(
+                    "{} already holds checkpoints: resume with --resume latest, or start a new run with --set run.name=NEW (nothing was overwritten)",
+                    run.root().display()
+                )));
+            }
+            Ok(None)
+        }
+        Some(Resume::Latest) => Ok(Some(run.latest()?)),
+        Some(Resume::Path(p)) => Ok(Some(resolve(base, p))),
+    }
 }
 
 /// Run options outside the recipe.
@@ -137,14 +164,6 @@ pub struct SftOutcome {
     pub last_checkpoint: Option<PathBuf>,
     /// Whether a stop request ended the run early.
     pub interrupted: bool,
-}
-
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
 }
 
 /// Load the recipe's tokenizer (file or directory), adding the MMaDA tokens if asked.
@@ -366,19 +385,7 @@ fn sft_worker<B: AutodiffBackend>(
     let base = &opts.base_dir;
     let tok = load_tokenizer(recipe, base)?;
     let run = RunDir::create(&resolve(base, &recipe.run.output_dir).join(&recipe.run.name))?;
-    let resume_dir = match &opts.resume {
-        None => {
-            if !run.list_checkpoints()?.is_empty() {
-                return Err(TrainError::Other(format!(
-                    "{} already holds checkpoints: resume with --resume latest, or start a new run with --set run.name=NEW (nothing was overwritten)",
-                    run.root().display()
-                )));
-            }
-            None
-        }
-        Some(Resume::Latest) => Some(run.latest()?),
-        Some(Resume::Path(p)) => Some(resolve(base, p)),
-    };
+    let resume_dir = resume_dir(&run, opts.resume.as_ref(), base)?;
     let dtype = float_dtype(&recipe.model.dtype);
     let (cfg, model, state) = match &resume_dir {
         Some(dir) => {

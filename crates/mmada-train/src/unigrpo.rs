@@ -53,9 +53,9 @@ use crate::recipe::{
     CheckpointSection, LoggingSection, ModelSection, OptimizerSection, RecipeError, RunConfig,
     ScheduleSection, TokenizerSection, apply_overrides, from_tree,
 };
-use crate::run_dir::{RunDir, TrainerState, read_state, write_atomic};
+use crate::run_dir::{RunDir, TrainerState, read_state, resolve, write_atomic};
 use crate::schedule::Schedule;
-use crate::sft::{Resume, TrainError};
+use crate::sft::{Resume, TrainError, resume_dir};
 
 /// Seed purposes of the UniGRPO streams (see [`derive_seed`]).
 pub mod purpose {
@@ -499,14 +499,6 @@ impl UniGrpoRecipe {
     }
 }
 
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
-}
-
 /// Run options outside the recipe.
 #[derive(Debug, Clone, Default)]
 pub struct UniGrpoOptions {
@@ -735,19 +727,7 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         .map_err(|e| TrainError::Other(e.to_string()))?;
     let examples = load_prompts(recipe, base)?;
     let run = RunDir::create(&resolve(base, &recipe.run.output_dir).join(&recipe.run.name))?;
-    let resume_dir = match &opts.resume {
-        None => {
-            if !run.list_checkpoints()?.is_empty() {
-                return Err(TrainError::Other(format!(
-                    "{} already holds checkpoints: resume with --resume latest, or start a new run with --set run.name=NEW (nothing was overwritten)",
-                    run.root().display()
-                )));
-            }
-            None
-        }
-        Some(Resume::Latest) => Some(run.latest()?),
-        Some(Resume::Path(p)) => Some(resolve(base, p)),
-    };
+    let resume_dir = resume_dir(&run, opts.resume.as_ref(), base)?;
     let dtype = float_dtype(&recipe.model.dtype);
     let use_ref = recipe.grpo.kl_reference == "reference_model" && recipe.grpo.beta > 0.0;
     let (cfg, mut model, mut state, mut reference) = match &resume_dir {
