@@ -106,9 +106,10 @@ enum Command {
 /// Runs `$f::<Backend>(&device, args…)` on the device named by `$spec`.
 macro_rules! on_device {
     ($spec:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
-        let spec: DeviceSpec = $spec;
+        let spec: DeviceSpec = $spec.resolve()?;
         match spec {
-            DeviceSpec::Cpu => {
+            DeviceSpec::Cpu(n) => {
+                ensure!(n == 1, "device {spec}: mmada-infer runs on one device; give `cpu`");
                 $f::<mmada_model::backend::Cpu>(&Default::default(), $($arg),*)
             }
             #[cfg(feature = "cuda")]
@@ -117,8 +118,10 @@ macro_rules! on_device {
                 let device = spec.cuda_devices().remove(0);
                 $f::<mmada_model::backend::Cuda>(&device, $($arg),*)
             }
+            #[cfg(feature = "cuda")]
+            DeviceSpec::CudaAll => anyhow::bail!("device {spec}: mmada-infer runs on one device"),
             #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Cuda(_) => anyhow::bail!(
+            DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => anyhow::bail!(
                 "device {spec}: this binary was built without the `cuda` feature \
                  (cargo build --release -p mmada-infer --features cuda)"
             ),

@@ -16,19 +16,25 @@ pub type Cuda = burn::backend::Cuda;
 #[cfg(feature = "cuda")]
 pub type CudaAutodiff = burn::backend::Autodiff<Cuda>;
 
-/// Where to run, as written in a recipe or on the command line: `cpu`, `cuda`, `cuda:0`,
-/// `cuda:0,1,2,3` (several devices = data parallelism over them).
+/// Where to run, as written in a recipe or on the command line: `cpu`, `cpu:N` (N worker
+/// threads on the CPU backend: data parallelism for tests and small runs), `cuda` (= `cuda:0`),
+/// `cuda:N`, `cuda:0,1,2,3` or `cuda:all` (several devices = data parallelism over them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSpec {
-    /// The CPU (`Flex`).
-    Cpu,
+    /// The CPU (`Flex`) with this many data-parallel workers (1 for `cpu`).
+    Cpu(usize),
     /// One or more CUDA devices by ordinal.
     Cuda(Vec<usize>),
+    /// Every CUDA device of the machine (`cuda:all`); [`DeviceSpec::resolve`] turns it into
+    /// [`DeviceSpec::Cuda`] with the ordinals the driver reports.
+    CudaAll,
 }
 
-/// A device string that does not parse.
+/// A device string that does not parse, or `cuda:all` on a machine without a CUDA device.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid device `{0}`: expected `cpu`, `cuda`, `cuda:N` or `cuda:N,M,…` (e.g. `cuda:0,1`)")]
+#[error(
+    "invalid device `{0}`: expected `cpu`, `cpu:N`, `cuda`, `cuda:N`, `cuda:N,M,…` or `cuda:all` (e.g. `cuda:0,1`)"
+)]
 pub struct DeviceSpecError(pub String);
 
 impl FromStr for DeviceSpec {
@@ -37,12 +43,21 @@ impl FromStr for DeviceSpec {
         let err = || DeviceSpecError(s.to_string());
         let t = s.trim().to_ascii_lowercase();
         if t == "cpu" {
-            return Ok(DeviceSpec::Cpu);
+            return Ok(DeviceSpec::Cpu(1));
+        }
+        if let Some(n) = t.strip_prefix("cpu:") {
+            return match n.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(DeviceSpec::Cpu(n)),
+                _ => Err(err()),
+            };
         }
         if t == "cuda" || t == "gpu" {
             return Ok(DeviceSpec::Cuda(vec![0]));
         }
         let rest = t.strip_prefix("cuda:").ok_or_else(err)?;
+        if rest.trim() == "all" {
+            return Ok(DeviceSpec::CudaAll);
+        }
         let ids: Vec<usize> = rest
             .split(',')
             .map(|x| x.trim().parse::<usize>().map_err(|_| err()))
@@ -60,11 +75,13 @@ impl FromStr for DeviceSpec {
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cpu(1) => write!(f, "cpu"),
+            DeviceSpec::Cpu(n) => write!(f, "cpu:{n}"),
             DeviceSpec::Cuda(ids) => {
                 let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
                 write!(f, "cuda:{}", ids.join(","))
             }
+            DeviceSpec::CudaAll => write!(f, "cuda:all"),
         }
     }
 }
@@ -73,24 +90,49 @@ impl DeviceSpec {
     /// Whether this build can run on the device (`cuda` needs the `cuda` feature).
     pub fn is_available_in_build(&self) -> bool {
         match self {
-            DeviceSpec::Cpu => true,
-            DeviceSpec::Cuda(_) => cfg!(feature = "cuda"),
+            DeviceSpec::Cpu(_) => true,
+            DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => cfg!(feature = "cuda"),
         }
     }
 
-    /// Number of devices (data-parallel world size on this node).
+    /// `cuda:all` → `cuda:0,1,…,N-1` with the number of devices the CUDA driver reports
+    /// (feature `cuda`); every other spec unchanged. Without the `cuda` feature `cuda:all`
+    /// stays as it is (the binaries then refuse every CUDA spec).
+    ///
+    /// # Errors
+    /// [`DeviceSpecError`] when the driver reports no device.
+    pub fn resolve(self) -> Result<Self, DeviceSpecError> {
+        match self {
+            #[cfg(feature = "cuda")]
+            DeviceSpec::CudaAll => {
+                use burn::tensor::backend::Backend;
+                let n = <Cuda as Backend>::device_count(0);
+                if n == 0 {
+                    return Err(DeviceSpecError(
+                        "cuda:all (the CUDA driver reports no device)".into(),
+                    ));
+                }
+                Ok(DeviceSpec::Cuda((0..n).collect()))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Number of devices (data-parallel world size on this node); 0 for an unresolved
+    /// `cuda:all` (call [`DeviceSpec::resolve`] first).
     pub fn world_size(&self) -> usize {
         match self {
-            DeviceSpec::Cpu => 1,
+            DeviceSpec::Cpu(n) => *n,
             DeviceSpec::Cuda(ids) => ids.len(),
+            DeviceSpec::CudaAll => 0,
         }
     }
 
-    /// The burn CUDA devices.
+    /// The burn CUDA devices (empty for CPU specs and an unresolved `cuda:all`).
     #[cfg(feature = "cuda")]
     pub fn cuda_devices(&self) -> Vec<burn::backend::cuda::CudaDevice> {
         match self {
-            DeviceSpec::Cpu => Vec::new(),
+            DeviceSpec::Cpu(_) | DeviceSpec::CudaAll => Vec::new(),
             DeviceSpec::Cuda(ids) => ids
                 .iter()
                 .map(|&i| burn::backend::cuda::CudaDevice::new(i))
@@ -105,7 +147,16 @@ mod tests {
 
     #[test]
     fn parses_device_strings() {
-        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu(1));
+        assert_eq!("cpu:2".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu(2));
+        assert_eq!("cpu:2".parse::<DeviceSpec>().unwrap().to_string(), "cpu:2");
+        assert_eq!("cpu:1".parse::<DeviceSpec>().unwrap().to_string(), "cpu");
+        assert_eq!(
+            "CUDA:all".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::CudaAll
+        );
+        assert_eq!(DeviceSpec::CudaAll.to_string(), "cuda:all");
+        assert_eq!("cpu:3".parse::<DeviceSpec>().unwrap().world_size(), 3);
         assert_eq!(
             "cuda".parse::<DeviceSpec>().unwrap(),
             DeviceSpec::Cuda(vec![0])
@@ -122,7 +173,10 @@ mod tests {
             "cuda:0,1".parse::<DeviceSpec>().unwrap().to_string(),
             "cuda:0,1"
         );
-        for bad in ["", "tpu", "cuda:", "cuda:x", "cuda:0,0", "cuda:-1"] {
+        for bad in [
+            "", "tpu", "cuda:", "cuda:x", "cuda:0,0", "cuda:-1", "cpu:0", "cpu:x", "cpu:",
+            "cuda:al",
+        ] {
             let e = bad.parse::<DeviceSpec>().unwrap_err().to_string();
             assert!(e.contains(&format!("`{bad}`")), "{e}");
         }

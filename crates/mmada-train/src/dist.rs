@@ -821,6 +821,37 @@ pub fn mean_metrics<B: AutodiffBackend>(
     Ok(([r[0] / w, r[1] / w, r[2] / w, r[3] / w], r[4] > 0.0))
 }
 
+/// All-gather of per-item rows through one sum: every rank writes the rows of the items it
+/// owns (`width` values each) at their global indices of a zero `[n_items, width]` table, and
+/// the element-wise sum over ranks is the full table on every rank (exact: `x + 0 = x`, so
+/// each item must be owned by exactly one rank). Used by UniGRPO to gather rewards and
+/// completion lengths of the prompt groups that other ranks rolled out.
+///
+/// # Errors
+/// [`DistError::Config`] when a row has the wrong width or an index is out of range;
+/// collective errors.
+pub fn gather_rows<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    n_items: usize,
+    width: usize,
+    rows: &[(usize, Vec<f32>)],
+) -> Result<Vec<f32>, DistError> {
+    let mut table = vec![0f32; n_items * width];
+    for (i, row) in rows {
+        if *i >= n_items || row.len() != width {
+            return Err(DistError::Config(format!(
+                "gather_rows: item {i} with {} values does not fit a [{n_items}, {width}] table",
+                row.len()
+            )));
+        }
+        table[i * width..(i + 1) * width].copy_from_slice(row);
+    }
+    if reducer.world() == 1 || table.is_empty() {
+        return Ok(table);
+    }
+    reducer.sum(&table)
+}
+
 /// One worker's place in the job: the values a training loop needs.
 pub struct Worker<B: AutodiffBackend> {
     /// The device of this replica.

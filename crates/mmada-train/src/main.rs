@@ -19,9 +19,7 @@ mod data_cmd;
 #[command(
     name = "mmada-train",
     version,
-    about = "Train masked-diffusion multimodal language models (LLaDA / MMaDA)",
-    after_help = "Planned subcommands (not in this release yet):\n  \
-        unigrpo   UniGRPO policy-gradient RL with pluggable rewards: mmada-train unigrpo --recipe recipes/unigrpo_gsm8k.yaml"
+    about = "Train masked-diffusion multimodal language models (LLaDA / MMaDA)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -63,6 +61,8 @@ enum Command {
         /// Resume: `latest` or a checkpoint directory.
         #[arg(long)]
         resume: Option<String>,
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// Run burn-collective's global orchestrator for multi-node training (node rank 0 starts
     /// one in-process unless given --external-orchestrator).
@@ -227,7 +227,7 @@ fn sft(
         print!("{}", recipe.to_yaml());
         return Ok(());
     }
-    let device: DeviceSpec = recipe.train.device.parse()?;
+    let device: DeviceSpec = recipe.train.device.parse::<DeviceSpec>()?.resolve()?;
     let dist = dist.config()?;
     let stop = install_stop_handler()?;
     let opts = SftOptions {
@@ -281,15 +281,15 @@ fn sft(
         dist.node_rank
     );
     let outcome = match device {
-        DeviceSpec::Cpu if dist.nodes == 1 => run_sft::<mmada_model::backend::CpuAutodiff>(
+        DeviceSpec::Cpu(1) if dist.nodes == 1 => run_sft::<mmada_model::backend::CpuAutodiff>(
             &recipe,
             &Default::default(),
             &opts,
             &mut on_step,
         )?,
-        DeviceSpec::Cpu => run_sft_dp::<mmada_model::backend::CpuAutodiff>(
+        DeviceSpec::Cpu(n) => run_sft_dp::<mmada_model::backend::CpuAutodiff>(
             &recipe,
-            &[Default::default()],
+            &vec![Default::default(); n],
             &dist,
             &opts,
             &mut on_step,
@@ -305,8 +305,10 @@ fn sft(
                 &mut on_step,
             )?
         }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::CudaAll => bail!("train.device {device}: not resolved"),
         #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => bail!(
+        DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => bail!(
             "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
         ),
     };
@@ -337,14 +339,18 @@ fn unigrpo(
     overrides: Vec<String>,
     print_config: bool,
     resume: Option<String>,
+    dist: DistArgs,
 ) -> Result<()> {
-    use mmada_train::unigrpo::{GrpoStepReport, UniGrpoOptions, UniGrpoRecipe, run_unigrpo};
+    use mmada_train::unigrpo::{
+        GrpoStepReport, UniGrpoOptions, UniGrpoRecipe, run_unigrpo, run_unigrpo_dp,
+    };
     let recipe = UniGrpoRecipe::load(&recipe_path, &overrides)?;
     if print_config {
         print!("{}", recipe.to_yaml());
         return Ok(());
     }
-    let device: DeviceSpec = recipe.train.device.parse()?;
+    let device: DeviceSpec = recipe.train.device.parse::<DeviceSpec>()?.resolve()?;
+    let dist = dist.config()?;
     let stop = install_stop_handler()?;
     let opts = UniGrpoOptions {
         resume: resume.map(parse_resume),
@@ -376,23 +382,51 @@ fn unigrpo(
         bar.suspend(|| tracing::info!(step = r.step, "{msg}"));
     };
     tracing::info!(recipe = %recipe_path.display(), device = %device, "starting UniGRPO run `{}`", recipe.run.name);
+    let world = device.world_size() * dist.nodes;
+    let groups = recipe.grpo.generation_batch_size / recipe.grpo.num_generations;
+    tracing::info!(
+        "{} completions per step = {groups} prompts × G {} over {world} rank(s) ({} device(s) × {} node(s), node rank {}): prompt groups k ≡ rank (mod {world})",
+        recipe.grpo.generation_batch_size,
+        recipe.grpo.num_generations,
+        device.world_size(),
+        dist.nodes,
+        dist.node_rank
+    );
+    if !groups.is_multiple_of(world) {
+        tracing::warn!(
+            "{groups} prompt groups per step do not split evenly over {world} ranks: some ranks idle for one group (use a grpo.generation_batch_size that is a multiple of {})",
+            recipe.grpo.num_generations * world
+        );
+    }
     let outcome = match device {
-        DeviceSpec::Cpu => run_unigrpo::<mmada_model::backend::CpuAutodiff>(
+        DeviceSpec::Cpu(1) if dist.nodes == 1 => run_unigrpo::<mmada_model::backend::CpuAutodiff>(
             &recipe,
             &Default::default(),
             &opts,
             &mut on_step,
         )?,
+        DeviceSpec::Cpu(n) => run_unigrpo_dp::<mmada_model::backend::CpuAutodiff>(
+            &recipe,
+            &vec![Default::default(); n],
+            &dist,
+            &opts,
+            &mut on_step,
+        )?,
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(ref ids) => {
-            if ids.len() > 1 {
-                bail!("train.device {device}: UniGRPO runs on one device; give cuda:N");
-            }
-            let dev = device.cuda_devices().remove(0);
-            run_unigrpo::<mmada_model::backend::CudaAutodiff>(&recipe, &dev, &opts, &mut on_step)?
+        DeviceSpec::Cuda(_) => {
+            let devs = device.cuda_devices();
+            run_unigrpo_dp::<mmada_model::backend::CudaAutodiff>(
+                &recipe,
+                &devs,
+                &dist,
+                &opts,
+                &mut on_step,
+            )?
         }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::CudaAll => bail!("train.device {device}: not resolved"),
         #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => bail!(
+        DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => bail!(
             "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
         ),
     };
@@ -438,7 +472,8 @@ fn main() -> Result<()> {
             overrides,
             print_config,
             resume,
-        } => unigrpo(recipe, overrides, print_config, resume)?,
+            dist,
+        } => unigrpo(recipe, overrides, print_config, resume, dist)?,
         Command::Sft {
             recipe,
             overrides,

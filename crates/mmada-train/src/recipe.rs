@@ -372,7 +372,8 @@ pub struct TrainSection {
     /// micro-batch holds every stream's `batch_size` rows.
     #[serde(default = "one_u64")]
     pub grad_accum: u64,
-    /// `cpu`, `cuda:0`, … (see `mmada_model::backend::DeviceSpec`).
+    /// `cpu`, `cpu:N`, `cuda:0`, `cuda:0,1,2,3`, `cuda:all` (several = data parallelism; see
+    /// `mmada_model::backend::DeviceSpec`).
     #[serde(default = "cpu")]
     pub device: String,
     /// Write a metrics row every this many steps.

@@ -48,6 +48,7 @@ use serde_json::json;
 use serde_norway::Value;
 
 use crate::data::derive_seed;
+use crate::dist::{DistConfig, Worker};
 use crate::optim::{self, AdamWOptim};
 use crate::recipe::{
     CheckpointSection, LoggingSection, ModelSection, OptimizerSection, RecipeError, RunConfig,
@@ -218,7 +219,8 @@ pub struct GrpoTrainSection {
     /// Log every N steps (default 1).
     #[serde(default = "one_u64")]
     pub log_every: u64,
-    /// `cpu` or `cuda[:N]` (the binary picks the backend).
+    /// `cpu`, `cpu:N`, `cuda:N`, `cuda:0,1,2,3` or `cuda:all` (several devices = data
+    /// parallelism, see [`run_unigrpo_dp`]; see `mmada_model::backend::DeviceSpec`).
     #[serde(default = "default_device")]
     pub device: String,
 }
@@ -422,6 +424,13 @@ impl UniGrpoRecipe {
         }
         if self.train.max_steps == 0 {
             return err("train.max_steps", "must be at least 1".into());
+        }
+        if let Err(e) = self
+            .train
+            .device
+            .parse::<mmada_model::backend::DeviceSpec>()
+        {
+            return err("train.device", e.to_string());
         }
         if self.reward_funcs.is_empty() {
             return err(
@@ -692,6 +701,8 @@ fn initial_model<B: Backend>(
 
 /// One rolled-out completion.
 struct Rollout {
+    /// Global completion index in the step (`slot · G + r`), the same on any number of ranks.
+    index: usize,
     prompt_ids: Vec<i64>,
     /// `[prompt | completion up to EOS | EOS …]`, length `Lp + max_completion_length`.
     row: Vec<i64>,
@@ -718,6 +729,70 @@ pub fn run_unigrpo<B: AutodiffBackend>(
     opts: &UniGrpoOptions,
     on_step: &mut dyn FnMut(&GrpoStepReport),
 ) -> Result<UniGrpoOutcome, TrainError> {
+    unigrpo_worker(recipe, Worker::<B>::single(device.clone()), opts, on_step)
+}
+
+/// Data-parallel UniGRPO (see [`crate::dist`] for ranks, reducers and launch): one worker
+/// thread per device of `devices` on this node, `dist` says how many nodes and which one this
+/// is.
+///
+/// * **Rollouts.** `grpo.generation_batch_size` is the *global* number of completions per
+///   step (TRL's meaning). Prompt group `k` (slot `k` of the step, its `G` completions) is
+///   rolled out, scored and noised by rank `k mod world`, so a group never straddles devices;
+///   with `generation_batch_size / G` a multiple of the world every rank gets the same number
+///   of groups (otherwise some ranks idle for one group).
+/// * **Advantages.** Rewards (totals and per-function scores) and completion lengths are then
+///   all-gathered ([`crate::dist::gather_rows`]) so every rank computes the advantages of the
+///   whole batch, which keeps `scale_rewards: batch` exact, and rank 0 logs global metrics.
+/// * **Updates.** Each rank's group losses are scaled by `world / non-empty groups of the whole
+///   step` (the number of non-empty groups is summed over ranks), so the mean all-reduce of
+///   the gradients is exactly the 1-device gradient; clipping and the AdamW step follow on
+///   identical gradients, so the replicas stay identical (checked every `dist.check_every`
+///   steps).
+/// * Every seed is indexed by the global prompt slot / completion index, so a run on `N`
+///   devices samples, noises and trains exactly like the same recipe on 1 device (up to
+///   float summation order).
+///
+/// Rank 0 alone writes `metrics.jsonl`, wandb and checkpoints (the others wait at a barrier);
+/// every rank resumes from the same checkpoint (a shared run directory). Returns local rank
+/// 0's outcome.
+///
+/// # Errors
+/// [`TrainError`]; [`TrainError::Dist`] for timeouts (a dead rank), diverged replicas, bad flags.
+pub fn run_unigrpo_dp<B>(
+    recipe: &UniGrpoRecipe,
+    devices: &[B::Device],
+    dist: &DistConfig,
+    opts: &UniGrpoOptions,
+    on_step: &mut dyn FnMut(&GrpoStepReport),
+) -> Result<UniGrpoOutcome, TrainError>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: Backend<Device = B::Device>,
+{
+    crate::dist::launch::<B, _, TrainError>(
+        devices,
+        devices,
+        dist,
+        |w| unigrpo_worker(recipe, w, opts, on_step),
+        |w| unigrpo_worker(recipe, w, opts, &mut |_| {}),
+    )
+}
+
+/// Per-completion values gathered over ranks: total reward, completion length, terminated,
+/// then for every reward function its score and whether it applied.
+const GATHER_FIXED: usize = 3;
+
+/// The UniGRPO loop of one data-parallel rank (or the only one).
+fn unigrpo_worker<B: AutodiffBackend>(
+    recipe: &UniGrpoRecipe,
+    mut worker: Worker<B>,
+    opts: &UniGrpoOptions,
+    on_step: &mut dyn FnMut(&GrpoStepReport),
+) -> Result<UniGrpoOutcome, TrainError> {
+    let device = &worker.device.clone();
+    let (rank, world) = (worker.rank(), worker.world());
+    let lead = rank == 0;
     let base = &opts.base_dir;
     let tok = load_tokenizer(&recipe.tokenizer, base)?;
     let layout = *tok.layout();
@@ -759,12 +834,18 @@ pub fn run_unigrpo<B: AutodiffBackend>(
     if let Some(dir) = &resume_dir {
         optim = optim::load_state(optim, &model, &dir.join("optimizer.safetensors"))?;
     }
-    write_atomic(
-        &run.root().join("config.resolved.yaml"),
-        recipe.to_yaml().as_bytes(),
-    )?;
+    if world > 1 {
+        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step)?;
+    }
+    if lead {
+        write_atomic(
+            &run.root().join("config.resolved.yaml"),
+            recipe.to_yaml().as_bytes(),
+        )?;
+    }
+    // only rank 0 talks to wandb (other ranks would open runs of their own)
     let mut wandb = crate::wandb_log::TrainerWandb::start(
-        recipe.logging.wandb.as_ref(),
+        recipe.logging.wandb.as_ref().filter(|_| lead),
         serde_json::to_value(recipe).expect("recipe serialises"),
         run.root(),
         &state,
@@ -772,15 +853,22 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         opts.wandb_endpoint.clone(),
     )?;
     let metrics_path = run.metrics_path();
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?;
+    let mut metrics = if lead {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?,
+        )
+    } else {
+        None
+    };
 
     let g = recipe.grpo.num_generations;
     let mu = recipe.grpo.num_iterations;
     let prompts_per_step = recipe.grpo.generation_batch_size / g;
+    let n_completions = prompts_per_step * g;
     let schedule = Schedule::new(
         &recipe.schedule,
         recipe.optimizer.lr,
@@ -801,6 +889,10 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         },
     };
     let gen_len = recipe.grpo.max_completion_length;
+    // this rank's prompt groups (slots of the step): k ≡ rank (mod world)
+    let my_groups: Vec<usize> = (0..prompts_per_step)
+        .filter(|k| k % world == rank)
+        .collect();
     let mut outcome = UniGrpoOutcome {
         run_dir: run.root().to_path_buf(),
         final_step: state.step,
@@ -812,19 +904,18 @@ pub fn run_unigrpo<B: AutodiffBackend>(
     let mut ran = 0u64;
     while state.step < recipe.train.max_steps {
         let step = state.step;
-        let mut cursor = state
+        let cursor = state
             .extra
             .get("prompt_cursor")
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0) as usize;
 
-        // 1. Rollouts (no graph).
+        // 1. Rollouts of this rank's groups (no graph).
         let t_roll = Instant::now();
         let policy = model.valid();
-        let mut rollouts: Vec<Rollout> = Vec::with_capacity(prompts_per_step * g);
-        for slot in 0..prompts_per_step {
-            let ex = &examples[cursor % examples.len()];
-            cursor += 1;
+        let mut rollouts: Vec<Rollout> = Vec::with_capacity(my_groups.len() * g);
+        for &slot in &my_groups {
+            let ex = &examples[(cursor + slot) % examples.len()];
             let text = prompt_text(recipe, ex);
             let mut ids: Vec<i64> = vec![i64::from(layout.bos_id)];
             ids.extend(tok.encode(&text)?.into_iter().map(i64::from));
@@ -855,6 +946,7 @@ pub fn run_unigrpo<B: AutodiffBackend>(
                 let cids: Vec<u32> = comp[..clen].iter().map(|&x| x as u32).collect();
                 let completion = tok.decode(&cids)?;
                 rollouts.push(Rollout {
+                    index: slot * g + r,
                     prompt_ids: ids.clone(),
                     row,
                     completion_len: clen,
@@ -869,26 +961,67 @@ pub fn run_unigrpo<B: AutodiffBackend>(
                 });
             }
         }
+        drop(policy);
         let rollout_s = t_roll.elapsed().as_secs_f64();
 
-        // 2. Rewards and advantages.
+        // 2. Rewards of this rank's completions, gathered over ranks; advantages of the
+        // whole batch (identical on every rank).
         let inputs: Vec<RewardInput> = rollouts.iter().map(|r| r.input.clone()).collect();
-        let breakdown = rewards
+        let local = rewards
             .score(&inputs)
             .map_err(|e| TrainError::Other(format!("reward_funcs: {e}")))?;
+        let n_rewards = local.names.len();
+        let width = GATHER_FIXED + 2 * n_rewards;
+        let rows: Vec<(usize, Vec<f32>)> = rollouts
+            .iter()
+            .enumerate()
+            .map(|(j, r)| {
+                let mut v = vec![
+                    local.total[j],
+                    r.completion_len as f32,
+                    f32::from(u8::from(r.terminated)),
+                ];
+                for k in 0..n_rewards {
+                    let s = local.per_reward[k][j];
+                    v.push(s.unwrap_or(0.0));
+                    v.push(f32::from(u8::from(s.is_some())));
+                }
+                (r.index, v)
+            })
+            .collect();
+        let table = crate::dist::gather_rows(worker.reducer.as_mut(), n_completions, width, &rows)?;
+        let at = |i: usize, c: usize| table[i * width + c];
+        let breakdown = mmada_rewards::RewardBreakdown {
+            names: local.names.clone(),
+            weights: local.weights.clone(),
+            per_reward: (0..n_rewards)
+                .map(|k| {
+                    (0..n_completions)
+                        .map(|i| {
+                            let c = GATHER_FIXED + 2 * k;
+                            (at(i, c + 1) > 0.5).then(|| at(i, c))
+                        })
+                        .collect()
+                })
+                .collect(),
+            total: (0..n_completions).map(|i| at(i, 0)).collect(),
+        };
+        let lens: Vec<f32> = (0..n_completions).map(|i| at(i, 1)).collect();
+        let terminated: Vec<bool> = (0..n_completions).map(|i| at(i, 2) > 0.5).collect();
         let adv = group_advantages(&breakdown.total, g, recipe.advantage_options())?;
 
-        // 3. Noised batches per (iteration, prompt group).
+        // 3. Noised batches per (iteration, prompt group of this rank).
         let t_upd = Instant::now();
         let mut batches: Vec<Vec<GrpoBatch>> = vec![Vec::new(); mu];
         let mut ratios_all = vec![];
-        let mut noise_rngs: Vec<rand::rngs::StdRng> = (0..rollouts.len())
-            .map(|i| {
+        let mut noise_rngs: Vec<rand::rngs::StdRng> = rollouts
+            .iter()
+            .map(|r| {
                 rand::rngs::StdRng::seed_from_u64(derive_seed(
                     recipe.run.seed,
                     purpose::NOISE,
                     step,
-                    i as u64,
+                    r.index as u64,
                 ))
             })
             .collect();
@@ -906,16 +1039,17 @@ pub fn run_unigrpo<B: AutodiffBackend>(
                 .collect::<Result<_, _>>()?
         };
         for (n, iter_batches) in batches.iter_mut().enumerate() {
-            for grp in 0..prompts_per_step {
+            for grp in 0..my_groups.len() {
                 let lp = rollouts[grp * g].prompt_ids.len();
                 let mut b = GrpoBatch::new(lp + gen_len);
-                for i in grp * g..(grp + 1) * g {
+                for j in grp * g..(grp + 1) * g {
+                    let r = &rollouts[j];
                     let row = if d1 {
                         // d1: a fresh prompt mask per inner iteration (d1's per-iteration
                         // mask seeds), the completion fully masked
-                        let u: Vec<f32> = (0..lp).map(|_| noise_rngs[i].random::<f32>()).collect();
+                        let u: Vec<f32> = (0..lp).map(|_| noise_rngs[j].random::<f32>()).collect();
                         noise_d1(
-                            &rollouts[i].row,
+                            &r.row,
                             lp,
                             &u,
                             recipe.grpo.p_mask_prompt,
@@ -924,17 +1058,32 @@ pub fn run_unigrpo<B: AutodiffBackend>(
                         )?
                     } else {
                         let u: Vec<f32> = (0..gen_len)
-                            .map(|_| noise_rngs[i].random::<f32>())
+                            .map(|_| noise_rngs[j].random::<f32>())
                             .collect();
-                        let m = completion_mask(ratios[i][n], &u);
-                        noise_completion(&rollouts[i].row, lp, &m, mask_id, Some(tail))?
+                        let m = completion_mask(ratios[j][n], &u);
+                        noise_completion(&r.row, lp, &m, mask_id, Some(tail))?
                     };
-                    ratios_all.push(ratios[i][n]);
-                    b.push(row, &rollouts[i].row, adv.advantages[i], i)?;
+                    ratios_all.push(ratios[j][n]);
+                    b.push(row, &r.row, adv.advantages[r.index], r.index)?;
                 }
                 iter_batches.push(b);
             }
         }
+        // non-empty groups of every iteration over the whole step (the 1-device divisor)
+        let nonempty_local: Vec<f32> = batches
+            .iter()
+            .map(|bs| bs.iter().filter(|b| b.rows() > 0).count() as f32)
+            .collect();
+        let nonempty: Vec<usize> = if world > 1 {
+            worker
+                .reducer
+                .sum(&nonempty_local)?
+                .into_iter()
+                .map(|x| x.round() as usize)
+                .collect()
+        } else {
+            nonempty_local.iter().map(|&x| x as usize).collect()
+        };
 
         // 4. Old-policy (and reference) log-probs, without graph.
         let t_lp = Instant::now();
@@ -971,13 +1120,12 @@ pub fn run_unigrpo<B: AutodiffBackend>(
 
         // 5. μ updates.
         let t_bwd = Instant::now();
-        let (mut l_sum, mut p_sum, mut k_sum, mut kl_sum) = (0f32, 0f32, 0f32, 0f32);
-        let (mut clip_low, mut clip_high, mut clip_region, mut gn_sum) = (0f32, 0f32, 0f32, 0f32);
-        let mut rows_trained = 0usize;
+        // [loss, policy loss, kl loss, kl, clip low, clip high, clip region, rows] of this rank
+        let mut sums = [0f32; 8];
+        let mut gn_sum = 0f32;
         let mut lr = 0.0;
         for n in 0..mu {
-            let nonempty = batches[n].iter().filter(|b| b.rows() > 0).count();
-            if nonempty == 0 {
+            if nonempty[n] == 0 {
                 continue;
             }
             let mut acc: Option<GradientsParams> = None;
@@ -988,23 +1136,28 @@ pub fn run_unigrpo<B: AutodiffBackend>(
                 let logits = model.forward(b.input::<B>(device), &Attention::Full);
                 let out =
                     unigrpo_loss(logits, b, &old_lp[n][k], ref_lp[n][k].as_deref(), &loss_cfg)?;
-                let scale = 1.0 / (nonempty as f32 * mu as f32);
-                l_sum += out.loss.clone().into_scalar().elem::<f32>() * scale;
-                p_sum += out.policy_loss.clone().into_scalar().elem::<f32>() * scale;
-                k_sum += out.kl_loss.clone().into_scalar().elem::<f32>() * scale;
-                kl_sum += out.stats.kl_mean * scale;
-                clip_low += out.stats.clip_low * scale;
-                clip_high += out.stats.clip_high * scale;
-                clip_region += out.stats.clip_region * scale;
-                rows_trained += out.stats.rows;
-                let loss = out.loss / nonempty as f32;
+                let scale = 1.0 / (nonempty[n] as f32 * mu as f32);
+                sums[0] += out.loss.clone().into_scalar().elem::<f32>() * scale;
+                sums[1] += out.policy_loss.clone().into_scalar().elem::<f32>() * scale;
+                sums[2] += out.kl_loss.clone().into_scalar().elem::<f32>() * scale;
+                sums[3] += out.stats.kl_mean * scale;
+                sums[4] += out.stats.clip_low * scale;
+                sums[5] += out.stats.clip_high * scale;
+                sums[6] += out.stats.clip_region * scale;
+                sums[7] += out.stats.rows as f32;
+                // × world: the mean over ranks of the shard gradients is the 1-device sum
+                let loss = out.loss * (world as f32 / nonempty[n] as f32);
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 acc = Some(match acc {
                     None => grads,
                     Some(a) => optim::add_grads(&model, a, grads),
                 });
             }
-            let mut grads = acc.expect("a non-empty batch");
+            // a rank whose groups are all empty this iteration contributes zeros
+            let mut grads = acc.unwrap_or_else(GradientsParams::new);
+            if world > 1 {
+                grads = worker.reducer.mean_grads(&model, grads)?;
+            }
             gn_sum += optim::clip_global_norm(&model, &mut grads, recipe.optimizer.max_grad_norm)
                 / mu as f32;
             lr = schedule.lr(step * mu as u64 + n as u64);
@@ -1020,19 +1173,47 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         {
             reference = Some(model.valid());
         }
+        // a signal, or the run stopped from the wandb UI (any rank's request stops every rank)
+        let mut stop_requested =
+            opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) || wandb.stop_requested();
+        let mut ratio_sum = [ratios_all.iter().sum::<f32>(), ratios_all.len() as f32];
+        if world > 1 {
+            let mut v = sums.to_vec();
+            v.extend_from_slice(&ratio_sum);
+            v.push(f32::from(u8::from(stop_requested)));
+            let r = worker.reducer.sum(&v)?;
+            sums.copy_from_slice(&r[..8]);
+            ratio_sum = [r[8], r[9]];
+            stop_requested = r[10] > 0.0;
+            if worker.check_every > 0 && state.step.is_multiple_of(worker.check_every) {
+                crate::dist::check_replicas(worker.reducer.as_mut(), &model, state.step)?;
+            }
+        }
+        let [
+            l_sum,
+            p_sum,
+            k_sum,
+            kl_sum,
+            clip_low,
+            clip_high,
+            clip_region,
+            rows_trained,
+        ] = sums;
         state.losses.push(l_sum);
-        state.extra.insert("prompt_cursor".into(), json!(cursor));
+        state
+            .extra
+            .insert("prompt_cursor".into(), json!(cursor + prompts_per_step));
 
-        // Metrics (TRL names).
+        // Metrics (TRL names), over the whole step.
         let total = &breakdown.total;
         let mean_reward = total.iter().sum::<f32>() / total.len() as f32;
-        let lens: Vec<f32> = rollouts.iter().map(|r| r.completion_len as f32).collect();
-        let term: Vec<f32> = rollouts
+        let term: Vec<f32> = lens
             .iter()
-            .filter(|r| r.terminated)
-            .map(|r| r.completion_len as f32)
+            .zip(&terminated)
+            .filter(|(_, t)| **t)
+            .map(|(l, _)| *l)
             .collect();
-        let gen_tokens: usize = rollouts.len() * gen_len;
+        let gen_tokens: usize = n_completions * gen_len;
         let mut row = json!({
             "step": state.step,
             "reward": mean_reward,
@@ -1052,12 +1233,13 @@ pub fn run_unigrpo<B: AutodiffBackend>(
             "completions/max_length": lens.iter().cloned().fold(0.0, f32::max),
             "completions/mean_terminated_length": if term.is_empty() { 0.0 } else { term.iter().sum::<f32>() / term.len() as f32 },
             "completions/clipped_ratio": 1.0 - term.len() as f32 / lens.len() as f32,
-            "num_train_rows": rows_trained,
-            "mask_ratio/mean": ratios_all.iter().sum::<f32>() / ratios_all.len().max(1) as f32,
+            "num_train_rows": rows_trained.round() as usize,
+            "mask_ratio/mean": ratio_sum[0] / ratio_sum[1].max(1.0),
             "time/rollout_s": rollout_s,
             "time/update_s": update_s,
             "time/logprob_s": logprob_s,
             "time/backward_s": backward_s,
+            // all ranks roll out at the same time: global tokens over rank 0's rollout time
             "rollout_tokens_per_s": gen_tokens as f64 / rollout_s.max(1e-9),
         });
         for (k, name) in breakdown.names.iter().enumerate() {
@@ -1075,13 +1257,17 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         let inapplicable = breakdown.inapplicable();
         if !inapplicable.is_empty() {
             row["rewards_inapplicable"] = json!(inapplicable);
-            tracing::warn!(
-                "step {}: reward(s) {:?} returned None for every completion (check their fields/params)",
-                state.step,
-                inapplicable
-            );
+            if lead {
+                tracing::warn!(
+                    "step {}: reward(s) {:?} returned None for every completion (check their fields/params)",
+                    state.step,
+                    inapplicable
+                );
+            }
         }
-        if state.step.is_multiple_of(recipe.train.log_every) || state.step == recipe.train.max_steps
+        if let Some(metrics) = metrics.as_mut()
+            && (state.step.is_multiple_of(recipe.train.log_every)
+                || state.step == recipe.train.max_steps)
         {
             writeln!(metrics, "{row}")
                 .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?;
@@ -1104,14 +1290,12 @@ pub fn run_unigrpo<B: AutodiffBackend>(
         outcome.rewards.push(mean_reward);
         on_step(&report);
 
-        // a signal, or the run stopped from the wandb UI
-        let stop_requested =
-            opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) || wandb.stop_requested();
         let stop_after = opts.stop_after.is_some_and(|n| ran >= n);
         let periodic =
             recipe.checkpoint.every > 0 && state.step.is_multiple_of(recipe.checkpoint.every);
         let last = state.step == recipe.train.max_steps;
-        if periodic || last || stop_requested || stop_after {
+        let save_due = periodic || last || stop_requested || stop_after;
+        if lead && save_due {
             wandb.record(&mut state);
             outcome.last_checkpoint = Some(save(
                 recipe,
@@ -1124,6 +1308,10 @@ pub fn run_unigrpo<B: AutodiffBackend>(
                 &state,
             )?);
         }
+        if world > 1 && save_due {
+            // the other ranks waited for rank 0's checkpoint: a long deadline
+            worker.reducer.barrier()?;
+        }
         if stop_requested || stop_after {
             outcome.interrupted = stop_requested;
             if stop_requested {
@@ -1131,6 +1319,10 @@ pub fn run_unigrpo<B: AutodiffBackend>(
             }
             break;
         }
+    }
+    if world > 1 {
+        crate::dist::check_replicas(worker.reducer.as_mut(), &model, state.step)?;
+        worker.reducer.finish()?;
     }
     let final_loss = state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
     let final_reward = outcome.rewards.last().map_or(f64::NAN, |r| f64::from(*r));

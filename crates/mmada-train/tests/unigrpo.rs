@@ -431,3 +431,167 @@ fn d1_estimator_short_run() {
         "{e}"
     );
 }
+
+/// Largest |Δ| over every tensor of two checkpoints' model.safetensors (same names, shapes).
+fn max_weight_diff(a: &std::path::Path, b: &std::path::Path) -> f32 {
+    use safetensors::SafeTensors;
+    let (ba, bb) = (
+        std::fs::read(a.join("model/model.safetensors")).unwrap(),
+        std::fs::read(b.join("model/model.safetensors")).unwrap(),
+    );
+    let (ta, tb) = (
+        SafeTensors::deserialize(&ba).unwrap(),
+        SafeTensors::deserialize(&bb).unwrap(),
+    );
+    let f32s = |d: &[u8]| -> Vec<f32> {
+        d.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let mut worst = 0f32;
+    for name in ta.names() {
+        let (x, y) = (ta.tensor(name).unwrap(), tb.tensor(name).unwrap());
+        assert_eq!(x.shape(), y.shape(), "{name}");
+        for (p, q) in f32s(x.data()).iter().zip(f32s(y.data())) {
+            worst = worst.max((p - q).abs());
+        }
+    }
+    worst
+}
+
+/// Data parallelism (issue 9): the same recipe on 2 Flex workers (threads, burn-collective's
+/// local all-reduce) trains like 1 device. Prompt group k is rolled out on rank k mod 2,
+/// rewards are gathered, each rank's loss is scaled by world / non-empty groups, gradients
+/// are mean-reduced. Two cases: 4 groups (2 per rank, μ = 2, reference-model KL) and 3 groups
+/// (rank 1 has one, `scale_rewards: batch`, which needs the gathered rewards of the other
+/// rank). Per step: identical rewards and completion statistics, losses within 1e-5 relative;
+/// final weights within 1e-5 (atol), while training moved them by far more.
+///
+/// The rewards (a digit anywhere, shortness in characters) split the groups, so step 1 has a
+/// real policy gradient (norm > 1e-3; with the recipe's own rewards a random model gets equal
+/// rewards, the gradient is rounding noise of norm ~5e-7, and AdamW's m/√v turned that noise
+/// into 8e-6 of difference on one element). A wrong gradient scale would not show in the
+/// weights (Adam is scale-invariant), so `grad_norm` (before clipping) is compared at 1e-5
+/// relative.
+#[test]
+fn two_flex_devices_equal_one_device() {
+    use mmada_train::dist::DistConfig;
+    use mmada_train::unigrpo::run_unigrpo_dp;
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Default::default();
+    let cases: [(&str, &[&str]); 2] = [
+        (
+            "even",
+            &[
+                "grpo.generation_batch_size=8",
+                "train.max_steps=3",
+                "checkpoint.every=1",
+                // sample text characters only (ids 0..99 of the character tokenizer)
+                "rollout.sample_vocab=99",
+                r#"reward_funcs=[{kind: regex, params: {pattern: "[0-9]"}}, {kind: length, params: {min: 0, max: 0, margin: 8, unit: chars}}]"#,
+            ],
+        ),
+        (
+            "odd",
+            &[
+                "grpo.generation_batch_size=6",
+                "grpo.scale_rewards=batch",
+                "grpo.num_iterations=1",
+                "train.max_steps=3",
+                "checkpoint.every=1",
+                // sample text characters only (ids 0..99 of the character tokenizer)
+                "rollout.sample_vocab=99",
+                r#"reward_funcs=[{kind: regex, params: {pattern: "[0-9]"}}, {kind: length, params: {min: 0, max: 0, margin: 8, unit: chars}}]"#,
+            ],
+        ),
+    ];
+    for (case, sets) in cases {
+        let one = arith_recipe(tmp.path(), &format!("{case}_1"), sets);
+        let a = run_unigrpo::<CpuAutodiff>(&one, &dev, &UniGrpoOptions::default(), &mut |_| {})
+            .unwrap();
+        let two = arith_recipe(tmp.path(), &format!("{case}_2"), sets);
+        let dist = DistConfig {
+            check_every: 1,
+            timeout: std::time::Duration::from_secs(120),
+            ..Default::default()
+        };
+        let mut steps = vec![];
+        let b = run_unigrpo_dp::<CpuAutodiff>(
+            &two,
+            &[Default::default(), Default::default()],
+            &dist,
+            &UniGrpoOptions::default(),
+            &mut |r| steps.push(r.step),
+        )
+        .unwrap();
+        assert_eq!(
+            steps,
+            vec![1, 2, 3],
+            "{case}: on_step once per step on rank 0"
+        );
+        assert_eq!(a.rewards, b.rewards, "{case}: rewards per step");
+        for (s, (x, y)) in a.losses.iter().zip(&b.losses).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1e-3),
+                "{case} step {}: loss {x} (1 device) vs {y} (2 devices)",
+                s + 1
+            );
+        }
+        let (ra, rb) = (metric_rows(&a.run_dir), metric_rows(&b.run_dir));
+        assert_eq!(ra.len(), 3, "{case}: one metrics row per step");
+        assert_eq!(rb.len(), 3, "{case}: rank 0 alone writes metrics.jsonl");
+        // a real policy gradient (the regex reward splits groups), not rounding noise
+        let g1 = ra[0]["grad_norm"].as_f64().unwrap();
+        let zero_std = ra[0]["frac_reward_zero_std"].as_f64().unwrap();
+        assert!(
+            g1 > 1e-3 && zero_std < 1.0,
+            "{case}: step 1 grad_norm {g1}, zero-std groups {zero_std}: {}",
+            ra[0]
+        );
+        for (x, y) in ra.iter().zip(&rb) {
+            for k in [
+                "reward",
+                "reward_std",
+                "frac_reward_zero_std",
+                "completions/mean_length",
+                "completions/clipped_ratio",
+                "num_train_rows",
+                "mask_ratio/mean",
+                "rewards/regex/mean",
+                "rewards/length/std",
+            ] {
+                let (p, q) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+                assert!(
+                    (p - q).abs() <= 1e-6 * p.abs().max(1.0),
+                    "{case} {k}: {p} vs {q}"
+                );
+            }
+            for k in ["loss", "kl", "policy_loss", "grad_norm"] {
+                let (p, q) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+                assert!(
+                    (p - q).abs() <= 1e-5 * p.abs().max(1e-3),
+                    "{case} {k}: {p} vs {q}"
+                );
+            }
+        }
+        let (ca, cb) = (
+            a.last_checkpoint.clone().unwrap(),
+            b.last_checkpoint.clone().unwrap(),
+        );
+        let diff = max_weight_diff(&ca, &cb);
+        assert!(
+            diff <= 1e-5,
+            "{case}: max |Δw| {diff} between 1 and 2 devices"
+        );
+        // the test can fail: training moved the weights far beyond the tolerance
+        let moved = max_weight_diff(&ca, &ca.parent().unwrap().join("step-000001"));
+        assert!(
+            moved > 1e-4,
+            "{case}: weights moved only {moved} over 2 steps"
+        );
+        eprintln!(
+            "{case}: max |Δw| 1 vs 2 devices {diff:e}, moved {moved:e} from step 1 to 3; step-1 grad_norm {g1}, rewards {:?}",
+            a.rewards
+        );
+    }
+}
