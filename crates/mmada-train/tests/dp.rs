@@ -428,3 +428,44 @@ fn data_parallel_stop_and_resume_continue_exactly() {
         "weights differ after a data-parallel resume"
     );
 }
+
+/// `train.device: cpu:2` through the binary: one process, 2 CPU workers with batch 2 each =
+/// 1 device with batch 4 (3 steps), and the start-up line prints the global batch.
+#[test]
+fn cli_cpu2_equals_one_device_with_the_doubled_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = single(&arith_recipe(tmp.path(), "one", 4, 3));
+    let mut recipe = arith_recipe(tmp.path(), "threads", 2, 3);
+    recipe.train.device = "cpu:2".into();
+    let path = tmp.path().join("threads.yaml");
+    std::fs::write(&path, recipe.to_yaml()).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mmada-train"))
+        .args(["sft", "--recipe"])
+        .arg(&path)
+        .args(["--check-every", "1"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, log) = wait_output(child, Duration::from_secs(600), "cpu:2 run");
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("global batch 4 rows = 2 per device × 2 devices × 1 nodes"),
+        "{log}"
+    );
+    let run_dir = tmp.path().join("runs/threads");
+    let losses = metrics_losses(&run_dir);
+    assert_eq!(losses.len(), 3);
+    for (a, b) in one.losses.iter().zip(&losses) {
+        assert!(
+            ((a - b) / a).abs() < 1e-5,
+            "loss {a} (1 × 4) vs {b} (cpu:2 × 2)"
+        );
+    }
+    let worst = max_abs_diff(
+        &weights(one.last_checkpoint.as_ref().unwrap()),
+        &weights(&run_dir.join("checkpoints/step-000003")),
+    );
+    assert!(worst < 1e-5, "weights differ by {worst}");
+}

@@ -595,3 +595,183 @@ fn two_flex_devices_equal_one_device() {
         );
     }
 }
+
+/// The 2-rank test recipe (rewards that split groups; see above), 4 groups per step.
+fn dp_recipe(dir: &std::path::Path, name: &str, extra: &[&str]) -> UniGrpoRecipe {
+    let mut sets = vec![
+        "grpo.generation_batch_size=8",
+        "train.max_steps=3",
+        "rollout.sample_vocab=99",
+        r#"reward_funcs=[{kind: regex, params: {pattern: "[0-9]"}}, {kind: length, params: {min: 0, max: 0, margin: 8, unit: chars}}]"#,
+    ];
+    sets.extend_from_slice(extra);
+    arith_recipe(dir, name, &sets)
+}
+
+/// Data-parallel UniGRPO stopped after 2 steps and resumed on 2 workers continues exactly
+/// like a straight 2-worker run (rank 0 writes the checkpoint, every rank loads it).
+#[test]
+fn data_parallel_stop_and_resume_continue_exactly() {
+    use mmada_train::dist::DistConfig;
+    use mmada_train::unigrpo::run_unigrpo_dp;
+    let tmp = tempfile::tempdir().unwrap();
+    let dist = DistConfig {
+        check_every: 1,
+        timeout: std::time::Duration::from_secs(120),
+        ..Default::default()
+    };
+    let devices = [Default::default(), Default::default()];
+    let dp = |r: &UniGrpoRecipe, o: UniGrpoOptions| {
+        run_unigrpo_dp::<CpuAutodiff>(r, &devices, &dist, &o, &mut |_| {}).unwrap()
+    };
+    let straight = dp(
+        &dp_recipe(tmp.path(), "straight", &["train.max_steps=4"]),
+        UniGrpoOptions::default(),
+    );
+    let split = dp_recipe(tmp.path(), "split", &["train.max_steps=4"]);
+    let first = dp(
+        &split,
+        UniGrpoOptions {
+            stop_after: Some(2),
+            ..Default::default()
+        },
+    );
+    assert_eq!(first.final_step, 2);
+    let second = dp(
+        &split,
+        UniGrpoOptions {
+            resume: Some(Resume::Latest),
+            ..Default::default()
+        },
+    );
+    assert_eq!(second.final_step, 4);
+    assert_eq!(second.losses, straight.losses, "resumed losses differ");
+    assert_eq!(
+        &second.rewards[..],
+        &straight.rewards[2..],
+        "resumed rewards differ"
+    );
+    assert_same_tensors(
+        &straight
+            .last_checkpoint
+            .unwrap()
+            .join("model/model.safetensors"),
+        &second
+            .last_checkpoint
+            .unwrap()
+            .join("model/model.safetensors"),
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start `mmada-train unigrpo --recipe R ARGS…`.
+fn cli(recipe: &std::path::Path, args: &[String]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mmada-train"))
+        .args(["unigrpo", "--recipe"])
+        .arg(recipe)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Wait (at most 600 s) for a child that must succeed; returns its stdout + stderr.
+fn finish(c: std::process::Child, who: &str) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let id = c.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(c.wait_with_output());
+    });
+    let out = match rx.recv_timeout(std::time::Duration::from_secs(600)) {
+        Ok(o) => o.unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &id.to_string()])
+                .status();
+            panic!("{who} did not exit within 600 s (hang)");
+        }
+    };
+    let mut log = String::from_utf8_lossy(&out.stdout).to_string();
+    log.push_str(&String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{who} failed:\n{log}");
+    log
+}
+
+/// The binary: `train.device: cpu:2` (2 worker threads in one process) and two processes on
+/// 127.0.0.1 (`--nodes 2`, burn-collective's global orchestrator in node 0, 1 CPU device
+/// each) train like 1 device: same rewards in metrics.jsonl (written once), final weights
+/// within 1e-5.
+#[test]
+fn cli_cpu2_and_two_processes_equal_one_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = run_unigrpo::<CpuAutodiff>(
+        &dp_recipe(tmp.path(), "one", &[]),
+        &Default::default(),
+        &UniGrpoOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let rewards = |run: &std::path::Path| -> Vec<f32> {
+        metric_rows(run)
+            .iter()
+            .map(|r| r["reward"].as_f64().unwrap() as f32)
+            .collect()
+    };
+    let w1 = one.last_checkpoint.clone().unwrap();
+
+    // one process, two CPU workers
+    let r = dp_recipe(tmp.path(), "threads", &["train.device=cpu:2"]);
+    let path = tmp.path().join("threads.yaml");
+    std::fs::write(&path, r.to_yaml()).unwrap();
+    let log = finish(
+        cli(&path, &["--check-every".into(), "1".into()]),
+        "cpu:2 run",
+    );
+    assert!(log.contains("over 2 rank(s)"), "{log}");
+    let run = tmp.path().join("runs/threads");
+    assert_eq!(rewards(&run), one.rewards, "cpu:2 rewards");
+    let d = max_weight_diff(&w1, &run.join("checkpoints/step-000003"));
+    assert!(d <= 1e-5, "cpu:2 vs 1 device: max |Δw| {d}");
+
+    // two processes
+    let r = dp_recipe(tmp.path(), "nodes", &[]);
+    let path = tmp.path().join("nodes.yaml");
+    std::fs::write(&path, r.to_yaml()).unwrap();
+    let coord = free_port();
+    let node = |rank: usize| {
+        cli(
+            &path,
+            &[
+                "--nodes".into(),
+                "2".into(),
+                "--node-rank".into(),
+                rank.to_string(),
+                "--coordinator".into(),
+                format!("127.0.0.1:{coord}"),
+                "--data-port".into(),
+                free_port().to_string(),
+                "--collective-timeout".into(),
+                "120".into(),
+                "--check-every".into(),
+                "1".into(),
+            ],
+        )
+    };
+    let (n0, n1) = (node(0), node(1));
+    finish(n1, "node 1");
+    finish(n0, "node 0");
+    let run = tmp.path().join("runs/nodes");
+    assert_eq!(rewards(&run), one.rewards, "2-node rewards");
+    let d2 = max_weight_diff(&w1, &run.join("checkpoints/step-000003"));
+    assert!(d2 <= 1e-5, "2 nodes vs 1 device: max |Δw| {d2}");
+    eprintln!("cpu:2 vs 1 device max |Δw| {d:e}; 2 processes vs 1 device {d2:e}");
+}
