@@ -6,7 +6,8 @@
 #   sbatch --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 scripts/launch_slurm.sh \
 #       sft --recipe recipes/mixed_cot.yaml --set train.device=cuda:0,1,2,3,4,5,6,7
 #
-# Everything after the script name is passed to `mmada-train` (sft ...). The run directory
+# Everything after the script name is passed to `mmada-train` (sft ... or unigrpo ...; both take
+# the same flags, and `train.device=cuda:all` uses every GPU of a node). The run directory
 # (run.output_dir) must be on a file system every node sees: rank 0 writes the checkpoints
 # and every rank resumes from them (--resume latest).
 #

@@ -21,6 +21,12 @@
 //!   `world · local_norm_s / global_norm_s` ([`ShardScale`]), so the *mean* over ranks of the
 //!   shard gradients is exactly the gradient of the 1-device loss on the whole global batch
 //!   (up to float summation order): "2 devices × batch b" trains like "1 device × batch 2b".
+//! * **UniGRPO** (`crate::unigrpo::run_unigrpo_dp`) shards by prompt group instead: group
+//!   `k` of a step is rolled out, scored and noised by rank `k mod world` (a group never
+//!   straddles devices), rewards and completion lengths are all-gathered ([`gather_rows`]) so
+//!   every rank computes the advantages of the whole batch, and each rank's group losses are
+//!   scaled by `world / non-empty groups of the step`; `generation_batch_size` stays the global
+//!   number of completions (TRL), so the same recipe trains the same on any number of devices.
 //! * **Reduction.** Gradients are averaged with an all-reduce (`ReduceOperation::Mean`) through
 //!   the [`GradReducer`] trait before clipping and the optimizer step, so every replica applies
 //!   the same update. The collective implementation ([`CollectiveReducer`]) reduces one
