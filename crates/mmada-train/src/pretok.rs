@@ -11,7 +11,7 @@
 //! | `resolution` | uint32 | preprocessing side `R` |
 //! | `mode` | utf8 | `center_crop` or `squash` |
 //! | `coder` | utf8 | the image tokenizer id (`magvitv2:<weights hash>`) |
-//! | `codes` | list<uint32> | `(R/16)²` codes, row-major |
+//! | `codes` | `list<uint32>` | `(R/16)²` codes, row-major |
 //!
 //! Lookups go by `(file_hash, resolution, mode)`, so a moved or renamed file still hits.
 

@@ -469,3 +469,43 @@ fn cli_cpu2_equals_one_device_with_the_doubled_batch() {
     );
     assert!(worst < 1e-5, "weights differ by {worst}");
 }
+
+/// GPU check (feature `cuda`, needs a CUDA device; `scripts/gpu_check.sh`): 2 workers that
+/// share `cuda:0` (burn-collective's local all-reduce on the CUDA backend) × batch 2 = 1
+/// worker on `cuda:0` × batch 4, 5 steps, weights within 1e-5.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda0_two_workers_equal_one_device_with_the_doubled_batch() {
+    type G = mmada_model::backend::CudaAutodiff;
+    let dev = burn::backend::cuda::CudaDevice::new(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let big = run_sft::<G>(
+        &arith_recipe(tmp.path(), "big", 4, 5),
+        &dev,
+        &opts(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let dist = DistConfig {
+        check_every: 1,
+        timeout: Duration::from_secs(300),
+        ..Default::default()
+    };
+    let dp = run_sft_dp::<G>(
+        &arith_recipe(tmp.path(), "dp", 2, 5),
+        &[dev.clone(), dev.clone()],
+        &dist,
+        &opts(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let worst = max_abs_diff(
+        &weights(big.last_checkpoint.as_ref().unwrap()),
+        &weights(dp.last_checkpoint.as_ref().unwrap()),
+    );
+    println!(
+        "cuda:0 SFT: 2 workers × 2 vs 1 × 4, 5 steps: max |Δw| = {worst:e}; losses {:?} vs {:?}",
+        big.losses, dp.losses
+    );
+    assert!(worst < 1e-5, "weights differ by {worst}");
+}

@@ -775,3 +775,45 @@ fn cli_cpu2_and_two_processes_equal_one_device() {
     assert!(d2 <= 1e-5, "2 nodes vs 1 device: max |Δw| {d2}");
     eprintln!("cpu:2 vs 1 device max |Δw| {d:e}; 2 processes vs 1 device {d2:e}");
 }
+
+/// GPU check (feature `cuda`, needs a CUDA device; `scripts/gpu_check.sh`): UniGRPO on 2
+/// workers sharing `cuda:0` = 1 worker on `cuda:0`, 3 steps, weights within 1e-5.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda0_two_workers_equal_one_device() {
+    use mmada_train::dist::DistConfig;
+    use mmada_train::unigrpo::run_unigrpo_dp;
+    type G = mmada_model::backend::CudaAutodiff;
+    let dev = burn::backend::cuda::CudaDevice::new(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let a = run_unigrpo::<G>(
+        &dp_recipe(tmp.path(), "one", &[]),
+        &dev,
+        &UniGrpoOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let dist = DistConfig {
+        check_every: 1,
+        timeout: std::time::Duration::from_secs(300),
+        ..Default::default()
+    };
+    let b = run_unigrpo_dp::<G>(
+        &dp_recipe(tmp.path(), "two", &[]),
+        &[dev.clone(), dev.clone()],
+        &dist,
+        &UniGrpoOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let diff = max_weight_diff(
+        a.last_checkpoint.as_ref().unwrap(),
+        b.last_checkpoint.as_ref().unwrap(),
+    );
+    println!(
+        "cuda:0 UniGRPO: 2 workers vs 1, 3 steps: max |Δw| = {diff:e}; rewards {:?} vs {:?}",
+        a.rewards, b.rewards
+    );
+    assert_eq!(a.rewards, b.rewards);
+    assert!(diff <= 1e-5, "weights differ by {diff}");
+}
