@@ -51,8 +51,8 @@ use crate::data::derive_seed;
 use crate::dist::{DistConfig, Worker};
 use crate::optim::{self, AdamWOptim};
 use crate::recipe::{
-    CheckpointSection, LoggingSection, ModelSection, OptimizerSection, RecipeError, RunConfig,
-    ScheduleSection, TokenizerSection, apply_overrides, from_tree,
+    CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, RecipeError,
+    RunConfig, ScheduleSection, TokenizerSection, apply_overrides, from_tree,
 };
 use crate::run_dir::{RunDir, TrainerState, read_state, resolve, write_atomic};
 use crate::schedule::Schedule;
@@ -223,6 +223,11 @@ pub struct GrpoTrainSection {
     /// parallelism, see [`run_unigrpo_dp`]; see `mmada_model::backend::DeviceSpec`).
     #[serde(default = "default_device")]
     pub device: String,
+    /// Mixed precision as in SFT (accelerate's name): `no` (default) or `bf16` (f32 master
+    /// weights and AdamW state, bf16 matmuls in rollouts, log-probs and updates; needs
+    /// `model.dtype: f32`). The reference model computes in the same precision.
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
 }
 
 fn one_u64() -> u64 {
@@ -431,6 +436,15 @@ impl UniGrpoRecipe {
             .parse::<mmada_model::backend::DeviceSpec>()
         {
             return err("train.device", e.to_string());
+        }
+        if self.train.mixed_precision == MixedPrecision::Bf16 && self.model.dtype != "f32" {
+            return err(
+                "train.mixed_precision",
+                format!(
+                    "`bf16` keeps f32 master weights, but model.dtype is `{}`: set model.dtype: f32 (or mixed_precision: no for pure {} training)",
+                    self.model.dtype, self.model.dtype
+                ),
+            );
         }
         if self.reward_funcs.is_empty() {
             return err(
@@ -830,6 +844,10 @@ fn unigrpo_worker<B: AutodiffBackend>(
             (cfg, model, state, reference)
         }
     };
+    // train.mixed_precision: bf16 compute over the f32 master weights (policy and reference)
+    let compute = recipe.train.mixed_precision.compute_dtype();
+    model = model.with_compute_dtype(compute);
+    reference = reference.map(|r| r.with_compute_dtype(compute));
     let mut optim: AdamWOptim<B> = optim::adamw::<B>(&recipe.optimizer);
     if let Some(dir) = &resume_dir {
         optim = optim::load_state(optim, &model, &dir.join("optimizer.safetensors"))?;

@@ -817,3 +817,86 @@ fn cuda0_two_workers_equal_one_device() {
     assert_eq!(a.rewards, b.rewards);
     assert!(diff <= 1e-5, "weights differ by {diff}");
 }
+
+/// `train.mixed_precision: bf16`: bf16 compute really runs (the per-step losses differ from
+/// f32), stays finite, the checkpoint keeps f32 master weights, and stop + resume continues
+/// exactly; `bf16` over `model.dtype: bf16` is a recipe error naming the key.
+#[test]
+fn bf16_mixed_precision_runs_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Default::default();
+    let o = UniGrpoOptions::default;
+    let f32_run =
+        run_unigrpo::<CpuAutodiff>(&dp_recipe(tmp.path(), "f32", &[]), &dev, &o(), &mut |_| {})
+            .unwrap();
+    let bf = ["train.mixed_precision=bf16"];
+    let straight =
+        run_unigrpo::<CpuAutodiff>(&dp_recipe(tmp.path(), "bf16", &bf), &dev, &o(), &mut |_| {})
+            .unwrap();
+    assert!(
+        straight.losses.iter().all(|l| l.is_finite()),
+        "{:?}",
+        straight.losses
+    );
+    assert_ne!(
+        straight.losses, f32_run.losses,
+        "bf16 compute did not change anything"
+    );
+    let ckpt = straight.last_checkpoint.clone().unwrap();
+    let bytes = std::fs::read(ckpt.join("model/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(
+        st.tensors()
+            .iter()
+            .all(|(_, t)| t.dtype() == safetensors::Dtype::F32),
+        "master weights are saved in f32"
+    );
+    let split = dp_recipe(tmp.path(), "bf16_split", &bf);
+    let first = run_unigrpo::<CpuAutodiff>(
+        &split,
+        &dev,
+        &UniGrpoOptions {
+            stop_after: Some(2),
+            ..o()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(first.final_step, 2);
+    let second = run_unigrpo::<CpuAutodiff>(
+        &split,
+        &dev,
+        &UniGrpoOptions {
+            resume: Some(Resume::Latest),
+            ..o()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(second.losses, straight.losses, "bf16 resume");
+    assert_same_tensors(
+        &ckpt.join("model/model.safetensors"),
+        &second
+            .last_checkpoint
+            .unwrap()
+            .join("model/model.safetensors"),
+    );
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../recipes/quickstart_unigrpo.yaml"),
+    )
+    .unwrap();
+    let e = UniGrpoRecipe::parse(
+        &text,
+        "q.yaml",
+        &[
+            "train.mixed_precision=bf16".into(),
+            "model.dtype=bf16".into(),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("train.mixed_precision") && e.contains("model.dtype: f32"),
+        "{e}"
+    );
+}
