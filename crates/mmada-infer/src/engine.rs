@@ -40,6 +40,10 @@ pub struct Generation {
     pub seconds: f64,
     /// Number of prompts in that batch.
     pub batch: usize,
+    /// Generated positions actually decoded for this prompt: `gen_length`, or fewer when
+    /// `early_stop` ended the batch before its last block (the rest are still `mask_id`).
+    /// Throughput (tokens/s) counts these.
+    pub decoded: usize,
 }
 
 fn template_for(kind: TemplateArg, dir: &Path, cfg: &ModelConfig) -> Option<ChatTemplate> {
@@ -268,7 +272,8 @@ impl<B: Backend> Engine<B> {
             .into_vec()
             .map_err(|e| anyhow::anyhow!("reading the canvas: {e:?}"))?;
         let seconds = t0.elapsed().as_secs_f64();
-        let new_tokens = b * config.gen_length;
+        let decoded = (out.blocks * config.block_length).min(config.gen_length);
+        let new_tokens = b * decoded;
         tracing::info!(
             batch = b,
             prompt_len = lp,
@@ -291,6 +296,7 @@ impl<B: Backend> Engine<B> {
                 nfe: out.nfe,
                 seconds,
                 batch: b,
+                decoded,
             });
         }
         Ok(res)

@@ -167,6 +167,7 @@ pub fn run<B: Backend>(
     };
     let mut correct = 0usize;
     let mut nfe_total = 0usize;
+    let decoded_total: usize = gens.iter().map(|g| g.decoded).sum();
     for (i, ((it, u), g)) in items.iter().zip(&user).zip(&gens).enumerate() {
         let extracted = completion_answer(&g.text);
         let ok = extracted
@@ -189,7 +190,7 @@ pub fn run<B: Backend>(
                 "nfe": g.nfe,
                 "seconds": g.seconds / g.batch as f64,
                 "batch_seconds": g.seconds,
-                "new_tokens": config.gen_length,
+                "new_tokens": g.decoded,
             });
             writeln!(w, "{rec}")?;
         }
@@ -198,7 +199,7 @@ pub fn run<B: Backend>(
         w.flush()?;
     }
     let n = items.len();
-    let new_tokens = n * config.gen_length;
+    let new_tokens: usize = decoded_total;
     let acc = correct as f64 / n as f64;
     tracing::info!(
         correct,

@@ -224,7 +224,7 @@ fn run_generate<B: Backend>(
         |_| {},
     )?;
     let secs = t0.elapsed().as_secs_f64();
-    let new_tokens = gens.len() * config.gen_length;
+    let new_tokens: usize = gens.iter().map(|g| g.decoded).sum();
     let nfe: usize = gens
         .chunks(s.batch_size.unwrap_or(1).max(1))
         .map(|c| c[0].nfe)
