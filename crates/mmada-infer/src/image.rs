@@ -22,7 +22,8 @@ use crate::engine::Engine;
 use crate::options::{GenerateArgs, ModelArgs};
 
 /// What `generate` produces.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ModeArg {
     /// Text answers (LLaDA block sampler).
     #[default]
@@ -33,8 +34,10 @@ pub enum ModeArg {
     Mmu,
 }
 
-/// Image options of `generate` (command line only).
-#[derive(Args, Debug, Clone, Default)]
+/// Image options of `generate`: on the command line or in the `image:` section of
+/// `--config FILE.yaml` (same names with underscores; the command line wins).
+#[derive(Args, Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ImageArgs {
     /// text (default), t2i (writes PNGs + codes.jsonl into --out DIR) or mmu (needs --image).
     #[arg(long, value_enum)]
@@ -70,7 +73,8 @@ pub struct ImageArgs {
 }
 
 /// CLI spelling of [`ResizeMode`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ImageModeArg {
     /// Shorter side to `R`, centre crop.
     CenterCrop,
@@ -79,6 +83,22 @@ pub enum ImageModeArg {
 }
 
 impl ImageArgs {
+    /// Fills the fields left unset here from `other` (the config file).
+    pub fn or(self, other: ImageArgs) -> ImageArgs {
+        ImageArgs {
+            mode: self.mode.or(other.mode),
+            image: self.image.or(other.image),
+            vq_checkpoint: self.vq_checkpoint.or(other.vq_checkpoint),
+            resolution: self.resolution.or(other.resolution),
+            image_mode: self.image_mode.or(other.image_mode),
+            t2i_text_len: self.t2i_text_len.or(other.t2i_text_len),
+            timesteps: self.timesteps.or(other.timesteps),
+            guidance_scale: self.guidance_scale.or(other.guidance_scale),
+            t2i_temperature: self.t2i_temperature.or(other.t2i_temperature),
+            noise_schedule: self.noise_schedule.or(other.noise_schedule),
+        }
+    }
+
     /// The generate mode (text when unset).
     pub fn mode(&self) -> ModeArg {
         self.mode.unwrap_or_default()

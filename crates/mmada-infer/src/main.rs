@@ -364,6 +364,7 @@ fn main() -> Result<ExitCode> {
             let model = model.or(f.model);
             let sampling = sampling.or(f.sampling);
             let generate = generate.or(f.generate);
+            let image = image.or(f.image);
             match image.mode() {
                 ModeArg::T2i => on_device!(device_of(&model)?, run_t2i(&model, &generate, &image))?,
                 mode => {

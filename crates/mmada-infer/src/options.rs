@@ -10,6 +10,7 @@
 //! generate: {prompt: ["What is 2 + 3?"]}
 //! eval:     {task: gsm8k, data: ../shared/data/math/gsm8k_test.jsonl, limit: 5}
 //! loglik:   {prompt: "2 + 3 =", answer: " 5", mc_num: 32}
+//! image:    {mode: t2i, vq_checkpoint: showlab/magvitv2, resolution: 256, guidance_scale: 3.5}
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -366,6 +367,8 @@ pub struct FileConfig {
     pub eval: EvalArgs,
     /// `loglik`.
     pub loglik: LoglikArgs,
+    /// Image options of `generate` (`--mode t2i | mmu`).
+    pub image: crate::image::ImageArgs,
 }
 
 impl FileConfig {
@@ -396,6 +399,33 @@ pub fn require_checkpoint(m: &ModelArgs) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_section_of_the_config_file() {
+        use crate::image::{ImageArgs, ImageModeArg, ModeArg};
+        let c = FileConfig::from_yaml(
+            "image: {mode: t2i, resolution: 256, guidance_scale: 3.5, image_mode: center-crop, noise_schedule: pow2}\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.image.mode, Some(ModeArg::T2i));
+        assert_eq!(c.image.resolution, Some(256));
+        assert_eq!(c.image.image_mode, Some(ImageModeArg::CenterCrop));
+        // the command line wins, the file fills the rest
+        let cli = ImageArgs {
+            resolution: Some(512),
+            ..Default::default()
+        };
+        let merged = cli.or(c.image);
+        assert_eq!(merged.resolution, Some(512));
+        assert_eq!(merged.guidance_scale, Some(3.5));
+        assert_eq!(merged.noise_schedule.as_deref(), Some("pow2"));
+        let e = format!(
+            "{:#}",
+            FileConfig::from_yaml("image: {resolutoin: 3}\n", "t.yaml").unwrap_err()
+        );
+        assert!(e.contains("resolutoin") && e.contains("t.yaml"), "{e}");
+    }
 
     #[test]
     fn file_config_sections_and_unknown_keys() {
