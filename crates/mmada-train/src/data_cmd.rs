@@ -9,6 +9,7 @@ use clap::Subcommand;
 use mmada_data::inspect::{ScanOptions, Summary, check_manifest, scan_manifest};
 use mmada_data::manifest::Manifest;
 use mmada_data::{LayoutConfig, ResizeMode, TextTokenizer};
+use mmada_model::backend::DeviceSpec;
 use mmada_train::recipe::{SftRecipe, SourceSpec};
 use mmada_train::run_dir::resolve;
 
@@ -82,6 +83,9 @@ pub enum DataCommand {
         /// Root for the manifests' relative source and image paths (default: current dir).
         #[arg(long)]
         data_root: Option<PathBuf>,
+        /// Device of the MAGVIT-v2 encoder: `cpu` or one GPU, `cuda:N` (feature `cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -154,6 +158,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             t2i_mode,
             mmu_mode,
             data_root,
+            device,
         } => {
             if resolution == 0 || !resolution.is_multiple_of(16) {
                 bail!("--resolution {resolution}: must be a positive multiple of 16");
@@ -169,14 +174,30 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 );
                 manifests.push((m, p));
             }
-            let coder = mmada_vq::VqCoder::<mmada_model::backend::Cpu>::load(
-                &vq_checkpoint,
-                &Default::default(),
-            )
-            .with_context(|| format!("loading the image tokenizer {vq_checkpoint}"))?;
+            let device: DeviceSpec = device.parse::<DeviceSpec>()?.resolve()?;
             let t0 = std::time::Instant::now();
-            let n =
-                mmada_train::pretok::pretokenize(&manifests, data_root.as_deref(), &coder, &out)?;
+            let n = match device {
+                DeviceSpec::Cpu(1) => pretokenize_on::<mmada_model::backend::Cpu>(
+                    &Default::default(),
+                    &vq_checkpoint,
+                    &manifests,
+                    data_root.as_deref(),
+                    &out,
+                )?,
+                #[cfg(feature = "cuda")]
+                DeviceSpec::Cuda(ref ids) if ids.len() == 1 => {
+                    pretokenize_on::<mmada_model::backend::Cuda>(
+                        &burn::backend::cuda::CudaDevice::new(ids[0]),
+                        &vq_checkpoint,
+                        &manifests,
+                        data_root.as_deref(),
+                        &out,
+                    )?
+                }
+                other => bail!(
+                    "--device {other}: pretokenize runs on one device, `cpu` or `cuda:N` (cuda needs a build with --features cuda)"
+                ),
+            };
             tracing::info!(
                 rows = n,
                 seconds = t0.elapsed().as_secs_f64(),
@@ -187,6 +208,21 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Load MAGVIT-v2 on `device` and encode the manifests' images into `out`.
+fn pretokenize_on<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    vq_checkpoint: &str,
+    manifests: &[(Manifest, mmada_data::Preprocess)],
+    data_root: Option<&Path>,
+    out: &Path,
+) -> Result<usize> {
+    let coder = mmada_vq::VqCoder::<B>::load(vq_checkpoint, device)
+        .with_context(|| format!("loading the image tokenizer {vq_checkpoint}"))?;
+    Ok(mmada_train::pretok::pretokenize(
+        manifests, data_root, &coder, out,
+    )?)
 }
 
 fn load_manifest(spec: &SourceSpec, base: &Path) -> Result<Manifest> {

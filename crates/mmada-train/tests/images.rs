@@ -398,7 +398,7 @@ fn pretokenize_cli_writes_a_table_training_can_read() {
         .arg(&out)
         .arg("--vq-checkpoint")
         .arg(vq_weights())
-        .args(["--resolution", "32"])
+        .args(["--resolution", "32", "--device", "cpu"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -453,6 +453,23 @@ fn pretokenize_cli_writes_a_table_training_can_read() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 16"));
+    // The encoder runs on one device: `--device cpu:2` is refused with the valid choices.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mmada-train"))
+        .args(["data", "pretokenize", "--manifest"])
+        .arg(&manifest)
+        .arg("--out")
+        .arg(&out)
+        .arg("--vq-checkpoint")
+        .arg(vq_weights())
+        .args(["--resolution", "32", "--device", "cpu:2"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--device cpu:2") && err.contains("cuda:N"),
+        "{err}"
+    );
 }
 
 #[test]
