@@ -11,7 +11,7 @@ use mmada_model::ModelConfig;
 use mmada_model::backend::DeviceSpec;
 use mmada_model::checkpoint::{DiskDtype, SaveOptions};
 use mmada_train::recipe::SftRecipe;
-use mmada_train::sft::{Resume, SftOptions, StepReport, run_sft, run_sft_dp};
+use mmada_train::sft::{Resume, SftOptions, StepReport, run_sft_dp};
 
 mod data_cmd;
 
@@ -203,6 +203,18 @@ fn install_stop_handler() -> Result<Arc<AtomicBool>> {
 }
 
 /// `--resume latest` or `--resume DIR`.
+/// The training progress bar: steps done / total, elapsed and ETA, and the step message.
+fn progress_bar(steps: u64) -> ProgressBar {
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("template"),
+    );
+    bar
+}
+
 fn parse_resume(r: String) -> Resume {
     if r == "latest" {
         Resume::Latest
@@ -213,6 +225,38 @@ fn parse_resume(r: String) -> Resume {
 
 fn fmt_opt(x: Option<f32>) -> String {
     x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
+}
+
+/// `$run::<Backend>(recipe, devices, dist, opts, on_step)?` on the devices of a resolved
+/// `train.device`: `cpu:N` → N Flex workers, `cuda:…` → one worker per GPU. One device on one
+/// node runs without any collective (`dist::launch`).
+macro_rules! run_on_devices {
+    ($run:ident, $device:expr, $recipe:expr, $dist:expr, $opts:expr, $on_step:expr) => {{
+        let device: DeviceSpec = $device;
+        match device {
+            DeviceSpec::Cpu(n) => $run::<mmada_model::backend::CpuAutodiff>(
+                $recipe,
+                &vec![Default::default(); n],
+                $dist,
+                $opts,
+                $on_step,
+            )?,
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(_) => $run::<mmada_model::backend::CudaAutodiff>(
+                $recipe,
+                &device.cuda_devices(),
+                $dist,
+                $opts,
+                $on_step,
+            )?,
+            #[cfg(feature = "cuda")]
+            DeviceSpec::CudaAll => bail!("train.device {device}: not resolved"),
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => bail!(
+                "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+            ),
+        }
+    }};
 }
 
 fn sft(
@@ -237,13 +281,7 @@ fn sft(
         base_dir: std::env::current_dir()?,
         wandb_endpoint: None,
     };
-    let bar = ProgressBar::new(recipe.train.max_steps);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("template"),
-    );
+    let bar = progress_bar(recipe.train.max_steps);
     let mut last_msg = std::time::Instant::now();
     let mut on_step = |r: &StepReport| {
         bar.set_position(r.step);
@@ -280,38 +318,7 @@ fn sft(
         recipe.train.grad_accum,
         dist.node_rank
     );
-    let outcome = match device {
-        DeviceSpec::Cpu(1) if dist.nodes == 1 => run_sft::<mmada_model::backend::CpuAutodiff>(
-            &recipe,
-            &Default::default(),
-            &opts,
-            &mut on_step,
-        )?,
-        DeviceSpec::Cpu(n) => run_sft_dp::<mmada_model::backend::CpuAutodiff>(
-            &recipe,
-            &vec![Default::default(); n],
-            &dist,
-            &opts,
-            &mut on_step,
-        )?,
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(_) => {
-            let devs = device.cuda_devices();
-            run_sft_dp::<mmada_model::backend::CudaAutodiff>(
-                &recipe,
-                &devs,
-                &dist,
-                &opts,
-                &mut on_step,
-            )?
-        }
-        #[cfg(feature = "cuda")]
-        DeviceSpec::CudaAll => bail!("train.device {device}: not resolved"),
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => bail!(
-            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
-        ),
-    };
+    let outcome = run_on_devices!(run_sft_dp, device, &recipe, &dist, &opts, &mut on_step);
     bar.finish();
     let first = outcome.losses.first().copied().unwrap_or(f32::NAN);
     let last = outcome.losses.last().copied().unwrap_or(f32::NAN);
@@ -341,9 +348,7 @@ fn unigrpo(
     resume: Option<String>,
     dist: DistArgs,
 ) -> Result<()> {
-    use mmada_train::unigrpo::{
-        GrpoStepReport, UniGrpoOptions, UniGrpoRecipe, run_unigrpo, run_unigrpo_dp,
-    };
+    use mmada_train::unigrpo::{GrpoStepReport, UniGrpoOptions, UniGrpoRecipe, run_unigrpo_dp};
     let recipe = UniGrpoRecipe::load(&recipe_path, &overrides)?;
     if print_config {
         print!("{}", recipe.to_yaml());
@@ -359,13 +364,7 @@ fn unigrpo(
         base_dir: std::env::current_dir()?,
         wandb_endpoint: None,
     };
-    let bar = ProgressBar::new(recipe.train.max_steps);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("template"),
-    );
+    let bar = progress_bar(recipe.train.max_steps);
     let mut on_step = |r: &GrpoStepReport| {
         bar.set_position(r.step);
         let msg = format!(
@@ -398,38 +397,7 @@ fn unigrpo(
             recipe.grpo.num_generations * world
         );
     }
-    let outcome = match device {
-        DeviceSpec::Cpu(1) if dist.nodes == 1 => run_unigrpo::<mmada_model::backend::CpuAutodiff>(
-            &recipe,
-            &Default::default(),
-            &opts,
-            &mut on_step,
-        )?,
-        DeviceSpec::Cpu(n) => run_unigrpo_dp::<mmada_model::backend::CpuAutodiff>(
-            &recipe,
-            &vec![Default::default(); n],
-            &dist,
-            &opts,
-            &mut on_step,
-        )?,
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(_) => {
-            let devs = device.cuda_devices();
-            run_unigrpo_dp::<mmada_model::backend::CudaAutodiff>(
-                &recipe,
-                &devs,
-                &dist,
-                &opts,
-                &mut on_step,
-            )?
-        }
-        #[cfg(feature = "cuda")]
-        DeviceSpec::CudaAll => bail!("train.device {device}: not resolved"),
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => bail!(
-            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
-        ),
-    };
+    let outcome = run_on_devices!(run_unigrpo_dp, device, &recipe, &dist, &opts, &mut on_step);
     bar.finish();
     tracing::info!(
         steps = outcome.final_step,
