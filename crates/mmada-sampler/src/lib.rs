@@ -12,7 +12,10 @@
 //! * [`maskgit`]: MMaDA text-to-image MaskGIT sampler (spec §4.3; upstream
 //!   `MMadaModelLM.t2i_generate`) with MUSE-style CFG and injectable randomness.
 //! * [`loglik`]: LLaDA Monte-Carlo conditional log-likelihood (spec §4.4; upstream
-//!   `get_log_likelihood.py`). Lives here until `mmada-diffusion` exists.
+//!   `get_log_likelihood.py`). architecture.md places the likelihood in `mmada-diffusion`;
+//!   it stays here because it draws its masks from the sampler's randomness sources
+//!   ([`UniformSource`], the fixtures' stratified draws) and shares its logits checks, and
+//!   `mmada-diffusion` must not depend on the sampler (the sampler uses its schedules).
 //! * [`schedule`]: `get_num_transfer_tokens` and the MaskGIT mask-ratio schedules.
 //! * [`rng`]: randomness sources ([`UniformSource`], [`SeededRng`]).
 //!
