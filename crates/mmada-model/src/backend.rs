@@ -30,24 +30,44 @@ pub enum DeviceSpec {
     CudaAll,
 }
 
-/// A device string that does not parse, or `cuda:all` on a machine without a CUDA device.
+/// The most CPU workers `cpu:N` may ask for (each is a thread with a full model replica).
+pub const MAX_CPU_WORKERS: usize = 256;
+
+/// A device string that does not parse, or `cuda:all` on a machine without a usable CUDA
+/// device.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "invalid device `{0}`: expected `cpu`, `cpu:N`, `cuda`, `cuda:N`, `cuda:N,M,…` or `cuda:all` (e.g. `cuda:0,1`)"
-)]
-pub struct DeviceSpecError(pub String);
+pub enum DeviceSpecError {
+    /// Not a device string.
+    #[error(
+        "invalid device `{0}`: expected `cpu`, `cpu:N` (1 ≤ N ≤ 256), `cuda`, `cuda:N`, `cuda:N,M,…` or `cuda:all` (e.g. `cuda:0,1`)"
+    )]
+    Invalid(String),
+    /// `cuda:all` found no device (no driver, or no device visible, e.g. an empty
+    /// `CUDA_VISIBLE_DEVICES`).
+    #[error("device `cuda:all`: {0}")]
+    NoCudaDevice(String),
+}
+
+/// A decimal number without sign or spaces inside (`usize::from_str` accepts a leading `+`).
+fn parse_index(s: &str) -> Option<usize> {
+    let s = s.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
 
 impl FromStr for DeviceSpec {
     type Err = DeviceSpecError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || DeviceSpecError(s.to_string());
+        let err = || DeviceSpecError::Invalid(s.to_string());
         let t = s.trim().to_ascii_lowercase();
         if t == "cpu" {
             return Ok(DeviceSpec::Cpu(1));
         }
         if let Some(n) = t.strip_prefix("cpu:") {
-            return match n.trim().parse::<usize>() {
-                Ok(n) if n >= 1 => Ok(DeviceSpec::Cpu(n)),
+            return match parse_index(n) {
+                Some(n) if (1..=MAX_CPU_WORKERS).contains(&n) => Ok(DeviceSpec::Cpu(n)),
                 _ => Err(err()),
             };
         }
@@ -60,7 +80,7 @@ impl FromStr for DeviceSpec {
         }
         let ids: Vec<usize> = rest
             .split(',')
-            .map(|x| x.trim().parse::<usize>().map_err(|_| err()))
+            .map(|x| parse_index(x).ok_or_else(err))
             .collect::<Result<_, _>>()?;
         let mut sorted = ids.clone();
         sorted.sort_unstable();
@@ -106,10 +126,23 @@ impl DeviceSpec {
             #[cfg(feature = "cuda")]
             DeviceSpec::CudaAll => {
                 use burn::tensor::backend::Backend;
-                let n = <Cuda as Backend>::device_count(0);
+                // cubecl creates a client on device 0 to count, and its driver loader panics
+                // when libcuda is missing or no device is visible: turn that into an error
+                let n = std::panic::catch_unwind(|| <Cuda as Backend>::device_count(0)).map_err(
+                    |p| {
+                        let why = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        DeviceSpecError::NoCudaDevice(format!(
+                            "the CUDA driver could not be used ({why}); check the driver and CUDA_VISIBLE_DEVICES"
+                        ))
+                    },
+                )?;
                 if n == 0 {
-                    return Err(DeviceSpecError(
-                        "cuda:all (the CUDA driver reports no device)".into(),
+                    return Err(DeviceSpecError::NoCudaDevice(
+                        "the CUDA driver reports no device".into(),
                     ));
                 }
                 Ok(DeviceSpec::Cuda((0..n).collect()))
@@ -157,6 +190,10 @@ mod tests {
         );
         assert_eq!(DeviceSpec::CudaAll.to_string(), "cuda:all");
         assert_eq!("cpu:3".parse::<DeviceSpec>().unwrap().world_size(), 3);
+        assert_eq!(
+            "cpu:256".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Cpu(MAX_CPU_WORKERS)
+        );
         assert_eq!(
             "cuda".parse::<DeviceSpec>().unwrap(),
             DeviceSpec::Cuda(vec![0])

@@ -252,7 +252,8 @@ pub trait GradReducer<B: AutodiffBackend>: Send {
     /// Number of ranks.
     fn world(&self) -> usize;
     /// Replace every gradient by its mean over all ranks. Parameters are taken in the order of
-    /// `LladaModel::params`; a parameter without a gradient counts as zeros.
+    /// `LladaModel::params`; a parameter without a gradient on some ranks counts as zeros
+    /// there, one without a gradient on every rank gets none (as on one device).
     ///
     /// # Errors
     /// [`DistError`] on timeout, abort or a collective failure.
@@ -266,7 +267,21 @@ pub trait GradReducer<B: AutodiffBackend>: Send {
     ///
     /// # Errors
     /// As [`GradReducer::mean_grads`].
-    fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError>;
+    fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError> {
+        self.sum_labeled("metric all-reduce", values, false)
+    }
+    /// [`GradReducer::sum`] named `what` in errors; `long` waits up to the
+    /// [`GradReducer::barrier`] deadline instead of the per-call timeout (for a call that
+    /// follows uneven work, e.g. UniGRPO's reward gather after rollouts and reward models).
+    ///
+    /// # Errors
+    /// As [`GradReducer::mean_grads`].
+    fn sum_labeled(
+        &mut self,
+        what: &'static str,
+        values: &[f32],
+        long: bool,
+    ) -> Result<Vec<f32>, DistError>;
     /// Wait until every rank arrives, with a deadline of [`IO_BARRIER_FACTOR`] × the
     /// per-call timeout: called by every rank after a step on which rank 0 alone evaluated or
     /// wrote a checkpoint (an 8B checkpoint with optimizer state is ~100 GB), so the others do
@@ -300,7 +315,12 @@ impl<B: AutodiffBackend> GradReducer<B> for SingleDevice {
     ) -> Result<GradientsParams, DistError> {
         Ok(grads)
     }
-    fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError> {
+    fn sum_labeled(
+        &mut self,
+        _what: &'static str,
+        values: &[f32],
+        _long: bool,
+    ) -> Result<Vec<f32>, DistError> {
         Ok(values.to_vec())
     }
     fn barrier(&mut self) -> Result<(), DistError> {
@@ -544,6 +564,26 @@ impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
                 ParamRef::Vector(w) => Slot::V1(w.id, w.val().dims()[0]),
             })
             .collect();
+        // parameters without a gradient on every rank stay without one (AdamW then skips them,
+        // as on one device); a gradient missing on some ranks only counts as zeros there
+        let present: Vec<f32> = slots
+            .iter()
+            .map(|s| {
+                let has = match s {
+                    Slot::M2(id, _) => grads.get::<I<B>, 2>(*id).is_some(),
+                    Slot::V1(id, _) => grads.get::<I<B>, 1>(*id).is_some(),
+                };
+                f32::from(u8::from(has))
+            })
+            .collect();
+        let timeout = self.timeout;
+        let present = self.sum_within("gradient presence all-reduce", &present, timeout)?;
+        let slots: Vec<Slot> = slots
+            .into_iter()
+            .zip(present)
+            .filter(|(_, p)| *p > 0.0)
+            .map(|(s, _)| s)
+            .collect();
         let mut out = GradientsParams::new();
         let mut start = 0;
         let mut bucket = 0;
@@ -609,19 +649,55 @@ impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
         )?;
         Ok(())
     }
-    fn sum(&mut self, values: &[f32]) -> Result<Vec<f32>, DistError> {
-        let timeout = self.timeout;
-        self.sum_within("metric all-reduce", values, timeout)
+    fn sum_labeled(
+        &mut self,
+        what: &'static str,
+        values: &[f32],
+        long: bool,
+    ) -> Result<Vec<f32>, DistError> {
+        let timeout = if long {
+            self.timeout * IO_BARRIER_FACTOR
+        } else {
+            self.timeout
+        };
+        self.sum_within(what, values, timeout)
     }
 
     fn finish(&mut self) -> Result<(), DistError> {
         let peer = self.peer;
         self.comm
-            .call("finish", self.timeout, move || {
+            .call("finish", self.timeout.min(FINISH_TIMEOUT), move || {
                 finish_collective::<B::InnerBackend>(peer)
             })?
             .map_err(collective_err(self.rank, "finish"))
     }
+}
+
+/// Deadline of leaving the collective at the end of a run.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The end of a data-parallel run on every rank: a last replica check (a collective call, so
+/// every rank has finished training and rank 0 its last checkpoint when it returns), then
+/// leave the collective. Leaving can fail without loss: the node that hosts the global
+/// orchestrator may exit before another node's unregistration reaches it (burn-collective
+/// 0.21 then panics in its websocket handler, or never answers); that is logged as a
+/// warning, not returned.
+///
+/// # Errors
+/// [`DistError::Diverged`] and the collective errors of the replica check.
+pub fn end_run<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    model: &LladaModel<B>,
+    step: u64,
+) -> Result<(), DistError> {
+    check_replicas(reducer, model, step)?;
+    if let Err(e) = reducer.finish() {
+        tracing::warn!(
+            "rank {}: leaving the collective after the run failed (nothing is lost: training and checkpoints are complete): {e}",
+            reducer.rank()
+        );
+    }
+    Ok(())
 }
 
 /// Hash (SipHash with fixed keys) of every parameter's bytes, in `LladaModel::params` order.
@@ -649,19 +725,10 @@ pub fn check_replicas<B: AutodiffBackend>(
     model: &LladaModel<B>,
     step: u64,
 ) -> Result<(), DistError> {
-    let world = reducer.world();
-    if world == 1 {
+    if reducer.world() == 1 {
         return Ok(());
     }
-    let mine = param_hash(model);
-    let mut v = vec![0f32; 4 * world];
-    for k in 0..4 {
-        v[4 * reducer.rank() + k] = ((mine >> (16 * k)) & 0xffff) as f32;
-    }
-    let all = reducer.sum(&v)?;
-    let hashes: Vec<u64> = (0..world)
-        .map(|r| (0..4).fold(0u64, |h, k| h | ((all[4 * r + k] as u64) << (16 * k))))
-        .collect();
+    let hashes = gather_u64(reducer, "replica hash check", param_hash(model))?;
     if hashes.iter().any(|h| *h != hashes[0]) {
         return Err(DistError::Diverged {
             step,
@@ -670,6 +737,35 @@ pub fn check_replicas<B: AutodiffBackend>(
         });
     }
     Ok(())
+}
+
+/// Every rank's `value` (an all-gather through a sum: rank `r` fills slots `4r..4r+4` with
+/// `value` in 16-bit pieces, exact in f32), in rank order.
+fn gather_u64<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    what: &'static str,
+    value: u64,
+) -> Result<Vec<u64>, DistError> {
+    let world = reducer.world();
+    let mut v = vec![0f32; 4 * world];
+    for k in 0..4 {
+        v[4 * reducer.rank() + k] = ((value >> (16 * k)) & 0xffff) as f32;
+    }
+    let all = reducer.sum_labeled(what, &v, false)?;
+    Ok((0..world)
+        .map(|r| (0..4).fold(0u64, |h, k| h | ((all[4 * r + k] as u64) << (16 * k))))
+        .collect())
+}
+
+/// A hash of what every rank must agree on: the resolved recipe text (without
+/// `train.device`, whose ordinals may differ between nodes) and the flags that change the
+/// sequence of collective calls (`--check-every`). SipHash with fixed keys, so equal on every
+/// process of the same build.
+pub fn config_hash(recipe_yaml_without_device: &str, check_every: u64) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(recipe_yaml_without_device.as_bytes());
+    h.write_u64(check_every);
+    h.finish()
 }
 
 /// Per-stream multipliers that turn a shard's SFT losses into its share of the global loss
@@ -782,7 +878,8 @@ pub fn global_batch_recipe(
 }
 
 /// Start-of-run checks: every node has the same number of devices, every rank starts (or
-/// resumes) at the same step, and the replicas are identical.
+/// resumes) at the same step with the same recipe and flags (`config`, see [`config_hash`]),
+/// and the replicas are identical.
 ///
 /// # Errors
 /// [`DistError::Config`] naming the mismatch; [`DistError::Diverged`].
@@ -790,6 +887,7 @@ pub fn check_start<B: AutodiffBackend>(
     reducer: &mut dyn GradReducer<B>,
     model: &LladaModel<B>,
     step: u64,
+    config: u64,
 ) -> Result<(), DistError> {
     let world = reducer.world();
     // the step in 12-bit pieces, so the f32 sums stay exact (world < 4096) for any step; when
@@ -806,6 +904,13 @@ pub fn check_start<B: AutodiffBackend>(
         return Err(DistError::Config(format!(
             "ranks start from different steps (this rank: {step}, mean {}): every node must see the same run directory (shared file system) and the same --resume",
             (v[1] * 4096.0 + v[2]) / world as f32
+        )));
+    }
+    let configs = gather_u64(reducer, "recipe check", config)?;
+    if configs.iter().any(|c| *c != configs[0]) {
+        let differ: Vec<usize> = (0..world).filter(|&r| configs[r] != configs[0]).collect();
+        return Err(DistError::Config(format!(
+            "ranks {differ:?} run a different recipe or flags than rank 0: every node must use the same recipe file, --set overrides and --check-every (only train.device may differ)"
         )));
     }
     check_replicas(reducer, model, step)
@@ -831,7 +936,8 @@ pub fn mean_metrics<B: AutodiffBackend>(
 /// owns (`width` values each) at their global indices of a zero `[n_items, width]` table, and
 /// the element-wise sum over ranks is the full table on every rank (exact: `x + 0 = x`, so
 /// each item must be owned by exactly one rank). Used by UniGRPO to gather rewards and
-/// completion lengths of the prompt groups that other ranks rolled out.
+/// completion lengths of the prompt groups that other ranks rolled out; waits up to the
+/// [`GradReducer::barrier`] deadline (the ranks arrive after uneven rollout and reward work).
 ///
 /// # Errors
 /// [`DistError::Config`] when a row has the wrong width or an index is out of range;
@@ -855,7 +961,8 @@ pub fn gather_rows<B: AutodiffBackend>(
     if reducer.world() == 1 || table.is_empty() {
         return Ok(table);
     }
-    reducer.sum(&table)
+    // after rollouts and reward models, which take uneven time per rank: the long deadline
+    reducer.sum_labeled("reward gather", &table, true)
 }
 
 /// One worker's place in the job: the values a training loop needs.
@@ -988,7 +1095,8 @@ where
         }
         r
     };
-    std::thread::scope(|s| {
+    let hosts_orchestrator = coord.is_some() && cfg.node_rank == 0 && cfg.host_orchestrator;
+    let result = std::thread::scope(|s| {
         let handles: Vec<_> = (1..local)
             .map(|i| {
                 let (make, rest, guard_abort) = (&make, &rest, &guard_abort);
@@ -1034,8 +1142,17 @@ where
                 Err(pick_error(errors))
             }
         }
-    })
+    });
+    if hosts_orchestrator && result.is_ok() {
+        // keep the in-process orchestrator up while the other nodes unregister (their
+        // `finish` reaches it just after ours; see `end_run`)
+        std::thread::sleep(ORCHESTRATOR_GRACE);
+    }
+    result
 }
+
+/// How long node rank 0 keeps its in-process orchestrator after a successful run.
+const ORCHESTRATOR_GRACE: Duration = Duration::from_secs(3);
 
 /// The root cause among worker errors: the first that is not "stopped because another
 /// worker failed".

@@ -156,7 +156,8 @@ struct DistArgs {
     /// Seconds a collective call may wait for the other ranks before every rank aborts.
     #[arg(long, default_value_t = 600)]
     collective_timeout: u64,
-    /// Compare replica parameter hashes every N optimizer steps (0: start and end only).
+    /// Compare replica parameter hashes every N steps (optimizer steps for sft, RL steps of μ
+    /// optimizer steps for unigrpo; 0: start and end only).
     #[arg(long, default_value_t = 50)]
     check_every: u64,
 }
@@ -203,6 +204,16 @@ fn install_stop_handler() -> Result<Arc<AtomicBool>> {
 }
 
 /// `--resume latest` or `--resume DIR`.
+/// `cuda…` devices need a binary built with the `cuda` feature: say so before anything runs.
+fn ensure_built_for(device: &DeviceSpec) -> Result<()> {
+    if !device.is_available_in_build() {
+        bail!(
+            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+        );
+    }
+    Ok(())
+}
+
 /// The training progress bar: steps done / total, elapsed and ETA, and the step message.
 fn progress_bar(steps: u64) -> ProgressBar {
     let bar = ProgressBar::new(steps);
@@ -272,6 +283,7 @@ fn sft(
         return Ok(());
     }
     let device: DeviceSpec = recipe.train.device.parse::<DeviceSpec>()?.resolve()?;
+    ensure_built_for(&device)?;
     let dist = dist.config()?;
     let stop = install_stop_handler()?;
     let opts = SftOptions {
@@ -355,6 +367,7 @@ fn unigrpo(
         return Ok(());
     }
     let device: DeviceSpec = recipe.train.device.parse::<DeviceSpec>()?.resolve()?;
+    ensure_built_for(&device)?;
     let dist = dist.config()?;
     let stop = install_stop_handler()?;
     let opts = UniGrpoOptions {
@@ -391,9 +404,15 @@ fn unigrpo(
         dist.nodes,
         dist.node_rank
     );
-    if !groups.is_multiple_of(world) {
+    if groups < world {
         tracing::warn!(
-            "{groups} prompt groups per step do not split evenly over {world} ranks: some ranks idle for one group (use a grpo.generation_batch_size that is a multiple of {})",
+            "only {groups} prompt group(s) per step for {world} ranks: {} rank(s) roll out nothing and idle every step (raise grpo.generation_batch_size to a multiple of {})",
+            world - groups,
+            recipe.grpo.num_generations * world
+        );
+    } else if !groups.is_multiple_of(world) {
+        tracing::warn!(
+            "{groups} prompt groups per step do not split evenly over {world} ranks: some ranks idle for one group's rollout (use a grpo.generation_batch_size that is a multiple of {})",
             recipe.grpo.num_generations * world
         );
     }

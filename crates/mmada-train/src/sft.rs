@@ -447,7 +447,10 @@ fn sft_worker<B: AutodiffBackend>(
         },
     };
     if world > 1 {
-        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step)?;
+        let mut same = recipe.clone();
+        same.train.device.clear();
+        let config = crate::dist::config_hash(&same.to_yaml(), worker.check_every);
+        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step, config)?;
     }
     if lead {
         write_atomic(
@@ -642,8 +645,7 @@ fn sft_worker<B: AutodiffBackend>(
         }
     }
     if world > 1 {
-        crate::dist::check_replicas(worker.reducer.as_mut(), &model, state.step)?;
-        worker.reducer.finish()?;
+        crate::dist::end_run(worker.reducer.as_mut(), &model, state.step)?;
     }
     let final_loss = state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
     wandb.finish(

@@ -754,7 +754,9 @@ pub fn run_unigrpo<B: AutodiffBackend>(
 ///   step (TRL's meaning). Prompt group `k` (slot `k` of the step, its `G` completions) is
 ///   rolled out, scored and noised by rank `k mod world`, so a group never straddles devices;
 ///   with `generation_batch_size / G` a multiple of the world every rank gets the same number
-///   of groups (otherwise some ranks idle for one group).
+///   of groups (otherwise some ranks idle during one group's rollout, and with fewer groups
+///   than ranks some ranks roll out nothing at all while still holding a replica and taking
+///   part in every all-reduce: correct, but wasted devices).
 /// * **Advantages.** Rewards (totals and per-function scores) and completion lengths are then
 ///   all-gathered ([`crate::dist::gather_rows`]) so every rank computes the advantages of the
 ///   whole batch, which keeps `scale_rewards: batch` exact, and rank 0 logs global metrics.
@@ -853,7 +855,10 @@ fn unigrpo_worker<B: AutodiffBackend>(
         optim = optim::load_state(optim, &model, &dir.join("optimizer.safetensors"))?;
     }
     if world > 1 {
-        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step)?;
+        let mut same = recipe.clone();
+        same.train.device.clear();
+        let config = crate::dist::config_hash(&same.to_yaml(), worker.check_every);
+        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step, config)?;
     }
     if lead {
         write_atomic(
@@ -1095,7 +1100,7 @@ fn unigrpo_worker<B: AutodiffBackend>(
         let nonempty: Vec<usize> = if world > 1 {
             worker
                 .reducer
-                .sum(&nonempty_local)?
+                .sum_labeled("non-empty group count", &nonempty_local, false)?
                 .into_iter()
                 .map(|x| x.round() as usize)
                 .collect()
@@ -1172,7 +1177,7 @@ fn unigrpo_worker<B: AutodiffBackend>(
                 });
             }
             // a rank whose groups are all empty this iteration contributes zeros
-            let mut grads = acc.unwrap_or_else(GradientsParams::new);
+            let mut grads = acc.unwrap_or_default();
             if world > 1 {
                 grads = worker.reducer.mean_grads(&model, grads)?;
             }
@@ -1199,7 +1204,7 @@ fn unigrpo_worker<B: AutodiffBackend>(
             let mut v = sums.to_vec();
             v.extend_from_slice(&ratio_sum);
             v.push(f32::from(u8::from(stop_requested)));
-            let r = worker.reducer.sum(&v)?;
+            let r = worker.reducer.sum_labeled("step metrics", &v, false)?;
             sums.copy_from_slice(&r[..8]);
             ratio_sum = [r[8], r[9]];
             stop_requested = r[10] > 0.0;
@@ -1339,8 +1344,7 @@ fn unigrpo_worker<B: AutodiffBackend>(
         }
     }
     if world > 1 {
-        crate::dist::check_replicas(worker.reducer.as_mut(), &model, state.step)?;
-        worker.reducer.finish()?;
+        crate::dist::end_run(worker.reducer.as_mut(), &model, state.step)?;
     }
     let final_loss = state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
     let final_reward = outcome.rewards.last().map_or(f64::NAN, |r| f64::from(*r));

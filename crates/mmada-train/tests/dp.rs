@@ -509,3 +509,28 @@ fn cuda0_two_workers_equal_one_device_with_the_doubled_batch() {
     );
     assert!(worst < 1e-5, "weights differ by {worst}");
 }
+
+/// Two nodes started with different recipes (here another learning rate) stop at start with
+/// an error that says so, instead of training apart or failing later in an unrelated place.
+#[test]
+fn nodes_with_different_recipes_are_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = arith_recipe(tmp.path(), "mix", 2, 3);
+    let mut b = a.clone();
+    b.optimizer.lr = 2e-3;
+    let (pa, pb) = (tmp.path().join("a.yaml"), tmp.path().join("b.yaml"));
+    std::fs::write(&pa, a.to_yaml()).unwrap();
+    std::fs::write(&pb, b.to_yaml()).unwrap();
+    let (coord, p0, p1) = (free_port(), free_port(), free_port());
+    let extra = ["--collective-timeout", "60"];
+    let n0 = node(&pa, 0, coord, p0, &extra);
+    let n1 = node(&pb, 1, coord, p1, &extra);
+    let (ok1, log1) = wait_output(n1, Duration::from_secs(300), "node 1");
+    let (ok0, log0) = wait_output(n0, Duration::from_secs(300), "node 0");
+    assert!(!ok0 && !ok1, "mismatched nodes trained:\n{log0}\n{log1}");
+    assert!(
+        log0.contains("ranks [1] run a different recipe or flags than rank 0"),
+        "{log0}"
+    );
+    assert!(metrics_losses(&tmp.path().join("runs/mix")).is_empty());
+}
