@@ -128,18 +128,12 @@ impl DeviceSpec {
                 use burn::tensor::backend::Backend;
                 // cubecl creates a client on device 0 to count, and its driver loader panics
                 // when libcuda is missing or no device is visible: turn that into an error
-                let n = std::panic::catch_unwind(|| <Cuda as Backend>::device_count(0)).map_err(
-                    |p| {
-                        let why = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default();
-                        DeviceSpecError::NoCudaDevice(format!(
-                            "the CUDA driver could not be used ({why}); check the driver and CUDA_VISIBLE_DEVICES"
-                        ))
-                    },
-                )?;
+                let n = std::panic::catch_unwind(|| <Cuda as Backend>::device_count(0))
+                    .map_err(|_| {
+                        DeviceSpecError::NoCudaDevice(
+                            "the CUDA runtime could not start on device 0 (driver library missing, or no device visible: check nvidia-smi and CUDA_VISIBLE_DEVICES; the panic above has the cause)".into(),
+                        )
+                    })?;
                 if n == 0 {
                     return Err(DeviceSpecError::NoCudaDevice(
                         "the CUDA driver reports no device".into(),

@@ -692,8 +692,15 @@ pub fn end_run<B: AutodiffBackend>(
 ) -> Result<(), DistError> {
     check_replicas(reducer, model, step)?;
     if let Err(e) = reducer.finish() {
+        let why = match &e {
+            DistError::Timeout { secs, .. } => format!("no answer within {secs} s"),
+            DistError::Aborted { .. } => {
+                "another worker of this node could not leave it either".to_string()
+            }
+            other => other.to_string(),
+        };
         tracing::warn!(
-            "rank {}: leaving the collective after the run failed (nothing is lost: training and checkpoints are complete): {e}",
+            "rank {}: leaving the collective after the run did not complete cleanly ({why}); nothing is lost: training and checkpoints are complete",
             reducer.rank()
         );
     }
@@ -757,15 +764,67 @@ fn gather_u64<B: AutodiffBackend>(
         .collect())
 }
 
-/// A hash of what every rank must agree on: the resolved recipe text (without
-/// `train.device`, whose ordinals may differ between nodes) and the flags that change the
-/// sequence of collective calls (`--check-every`). SipHash with fixed keys, so equal on every
-/// process of the same build.
-pub fn config_hash(recipe_yaml_without_device: &str, check_every: u64) -> u64 {
-    let mut h = DefaultHasher::new();
-    h.write(recipe_yaml_without_device.as_bytes());
-    h.write_u64(check_every);
-    h.finish()
+/// Keys whose string values are node-local places (files, folders, repos, URLs), left out of
+/// [`config_sections`]: nodes may mount the same data at different paths.
+const PLACE_KEYS: &[&str] = &[
+    "path",
+    "paths",
+    "output_dir",
+    "data_root",
+    "image_root",
+    "cache_dir",
+    "codes",
+    "checkpoint",
+    "manifest",
+    "hf_repo",
+    "url",
+    "device",
+];
+
+/// FNV-1a, 64 bit: a hash that is the same on every build and platform.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn strip_places(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.retain(|k, x| {
+                !(PLACE_KEYS.contains(&k.as_str())
+                    && (x.is_string()
+                        || x.as_array()
+                            .is_some_and(|a| a.iter().all(serde_json::Value::is_string))))
+            });
+            for x in m.values_mut() {
+                strip_places(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_places),
+        _ => {}
+    }
+}
+
+/// What every rank must agree on, as `(section, hash)`: each top-level section of the
+/// resolved recipe (its JSON form) without node-local places (string values of
+/// [`PLACE_KEYS`]: paths, folders, repos, URLs, `train.device`) and without `logging`
+/// (rank 0 alone logs), plus `--check-every` (it changes the sequence of collective calls).
+/// The hash is FNV-1a of the JSON text, stable across builds.
+pub fn config_sections(recipe: &serde_json::Value, check_every: u64) -> Vec<(String, u64)> {
+    let mut out = vec![];
+    if let Some(m) = recipe.as_object() {
+        for (k, v) in m {
+            if k == "logging" {
+                continue;
+            }
+            let mut v = v.clone();
+            strip_places(&mut v);
+            out.push((k.clone(), fnv1a(v.to_string().as_bytes())));
+        }
+    }
+    out.push(("--check-every".into(), check_every));
+    out
 }
 
 /// Per-stream multipliers that turn a shard's SFT losses into its share of the global loss
@@ -878,7 +937,8 @@ pub fn global_batch_recipe(
 }
 
 /// Start-of-run checks: every node has the same number of devices, every rank starts (or
-/// resumes) at the same step with the same recipe and flags (`config`, see [`config_hash`]),
+/// resumes) at the same step with the same recipe and flags (`config`, see
+/// [`config_sections`]),
 /// and the replicas are identical.
 ///
 /// # Errors
@@ -887,7 +947,7 @@ pub fn check_start<B: AutodiffBackend>(
     reducer: &mut dyn GradReducer<B>,
     model: &LladaModel<B>,
     step: u64,
-    config: u64,
+    config: &[(String, u64)],
 ) -> Result<(), DistError> {
     let world = reducer.world();
     // the step in 12-bit pieces, so the f32 sums stay exact (world < 4096) for any step; when
@@ -906,11 +966,18 @@ pub fn check_start<B: AutodiffBackend>(
             (v[1] * 4096.0 + v[2]) / world as f32
         )));
     }
-    let configs = gather_u64(reducer, "recipe check", config)?;
-    if configs.iter().any(|c| *c != configs[0]) {
-        let differ: Vec<usize> = (0..world).filter(|&r| configs[r] != configs[0]).collect();
+    let mut differ: Vec<String> = vec![];
+    for (section, hash) in config {
+        let all = gather_u64(reducer, "recipe check", *hash)?;
+        if all.iter().any(|h| h != &all[0]) {
+            let ranks: Vec<usize> = (0..world).filter(|&r| all[r] != all[0]).collect();
+            differ.push(format!("`{section}` (ranks {ranks:?} differ from rank 0)"));
+        }
+    }
+    if !differ.is_empty() {
         return Err(DistError::Config(format!(
-            "ranks {differ:?} run a different recipe or flags than rank 0: every node must use the same recipe file, --set overrides and --check-every (only train.device may differ)"
+            "the nodes run different recipes or flags: {}. Every node must use the same recipe, --set overrides and --check-every (paths, folders, logging and train.device may differ); compare `mmada-train … --print-config` on the nodes",
+            differ.join(", ")
         )));
     }
     check_replicas(reducer, model, step)
@@ -1227,6 +1294,49 @@ mod tests {
                 mmu: 0.0
             }
         );
+    }
+
+    #[test]
+    fn config_sections_ignore_places_and_logging_only() {
+        let a = serde_json::json!({
+            "run": {"name": "x", "output_dir": "/scratch/a/runs", "seed": 3},
+            "model": {"checkpoint": "/a/ckpt", "dtype": "f32"},
+            "data": {"lm": {"batch_size": 2, "sources": [{"path": "/a/d.jsonl", "weight": 1.0}]}},
+            "optimizer": {"lr": 1e-3},
+            "train": {"device": "cuda:0,1", "max_steps": 5},
+            "logging": {"wandb": {"project": "p"}},
+        });
+        let mut b = a.clone();
+        b["run"]["output_dir"] = "./runs".into();
+        b["model"]["checkpoint"] = "/b/ckpt".into();
+        b["data"]["lm"]["sources"][0]["path"] = "/b/d.jsonl".into();
+        b["train"]["device"] = "cuda:2,3".into();
+        b["logging"] = serde_json::json!({});
+        assert_eq!(config_sections(&a, 50), config_sections(&b, 50));
+        let names: Vec<String> = config_sections(&a, 50).into_iter().map(|x| x.0).collect();
+        assert_eq!(
+            names,
+            [
+                "data",
+                "model",
+                "optimizer",
+                "run",
+                "train",
+                "--check-every"
+            ]
+        );
+        let mut c = a.clone();
+        c["optimizer"]["lr"] = 2e-3.into();
+        let differ: Vec<String> = config_sections(&a, 50)
+            .into_iter()
+            .zip(config_sections(&c, 10))
+            .filter(|(x, y)| x != y)
+            .map(|(x, _)| x.0)
+            .collect();
+        assert_eq!(differ, ["optimizer", "--check-every"]);
+        let mut d = a.clone();
+        d["data"]["lm"]["batch_size"] = 4.into();
+        assert_ne!(config_sections(&a, 50)[0], config_sections(&d, 50)[0]);
     }
 
     #[test]

@@ -203,7 +203,6 @@ fn install_stop_handler() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-/// `--resume latest` or `--resume DIR`.
 /// `cuda…` devices need a binary built with the `cuda` feature: say so before anything runs.
 fn ensure_built_for(device: &DeviceSpec) -> Result<()> {
     if !device.is_available_in_build() {
@@ -226,6 +225,7 @@ fn progress_bar(steps: u64) -> ProgressBar {
     bar
 }
 
+/// `--resume latest` or `--resume DIR`.
 fn parse_resume(r: String) -> Resume {
     if r == "latest" {
         Resume::Latest
@@ -447,7 +447,8 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,burn_collective=warn".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

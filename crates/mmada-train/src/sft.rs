@@ -390,6 +390,9 @@ fn sft_worker<B: AutodiffBackend>(
     let (cfg, model, state) = match &resume_dir {
         Some(dir) => {
             let state = read_state(dir)?;
+            if lead {
+                tracing::info!("resuming from {} at step {}", dir.display(), state.step);
+            }
             let (cfg, model) = load_checkpoint::<B>(&dir.join("model"), device, dtype)?;
             (cfg, model, Some(state))
         }
@@ -447,10 +450,11 @@ fn sft_worker<B: AutodiffBackend>(
         },
     };
     if world > 1 {
-        let mut same = recipe.clone();
-        same.train.device.clear();
-        let config = crate::dist::config_hash(&same.to_yaml(), worker.check_every);
-        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step, config)?;
+        let config = crate::dist::config_sections(
+            &serde_json::to_value(recipe).expect("recipe serialises"),
+            worker.check_every,
+        );
+        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step, &config)?;
     }
     if lead {
         write_atomic(

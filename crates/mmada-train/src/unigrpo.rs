@@ -824,6 +824,9 @@ fn unigrpo_worker<B: AutodiffBackend>(
     let (cfg, mut model, mut state, mut reference) = match &resume_dir {
         Some(dir) => {
             let state = read_state(dir)?;
+            if lead {
+                tracing::info!("resuming from {} at step {}", dir.display(), state.step);
+            }
             let (cfg, model) = load_checkpoint::<B>(&dir.join("model"), device, dtype)?;
             let reference = if use_ref {
                 Some(load_checkpoint::<B::InnerBackend>(&dir.join("reference"), device, dtype)?.1)
@@ -855,10 +858,11 @@ fn unigrpo_worker<B: AutodiffBackend>(
         optim = optim::load_state(optim, &model, &dir.join("optimizer.safetensors"))?;
     }
     if world > 1 {
-        let mut same = recipe.clone();
-        same.train.device.clear();
-        let config = crate::dist::config_hash(&same.to_yaml(), worker.check_every);
-        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step, config)?;
+        let config = crate::dist::config_sections(
+            &serde_json::to_value(recipe).expect("recipe serialises"),
+            worker.check_every,
+        );
+        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step, &config)?;
     }
     if lead {
         write_atomic(

@@ -322,10 +322,15 @@ fn two_processes_on_localhost_equal_one_process() {
     let recipe = arith_recipe(tmp.path(), "two", 2, 3);
     let path = tmp.path().join("two.yaml");
     std::fs::write(&path, recipe.to_yaml()).unwrap();
+    // node 1 names the same tokenizer through another path: paths may differ between nodes
+    let mut other = recipe.clone();
+    other.tokenizer.path = tmp.path().join("data/./tokenizer.json");
+    let path1 = tmp.path().join("two_node1.yaml");
+    std::fs::write(&path1, other.to_yaml()).unwrap();
     let (coord, p0, p1) = (free_port(), free_port(), free_port());
     let extra = ["--collective-timeout", "120", "--check-every", "1"];
     let n0 = node(&path, 0, coord, p0, &extra);
-    let n1 = node(&path, 1, coord, p1, &extra);
+    let n1 = node(&path1, 1, coord, p1, &extra);
     let (ok1, log1) = wait_output(n1, Duration::from_secs(600), "node 1");
     let (ok0, log0) = wait_output(n0, Duration::from_secs(600), "node 0");
     assert!(ok0 && ok1, "node 0:\n{log0}\nnode 1:\n{log1}");
@@ -529,7 +534,9 @@ fn nodes_with_different_recipes_are_refused_at_start() {
     let (ok0, log0) = wait_output(n0, Duration::from_secs(300), "node 0");
     assert!(!ok0 && !ok1, "mismatched nodes trained:\n{log0}\n{log1}");
     assert!(
-        log0.contains("ranks [1] run a different recipe or flags than rank 0"),
+        log0.contains(
+            "the nodes run different recipes or flags: `optimizer` (ranks [1] differ from rank 0)"
+        ),
         "{log0}"
     );
     assert!(metrics_losses(&tmp.path().join("runs/mix")).is_empty());
