@@ -157,7 +157,8 @@ struct DistArgs {
     #[arg(long, default_value_t = 600)]
     collective_timeout: u64,
     /// Compare replica parameter hashes every N steps (optimizer steps for sft, RL steps of μ
-    /// optimizer steps for unigrpo; 0: start and end only).
+    /// optimizer steps for unigrpo; 0: start and end only). Each check copies every parameter
+    /// to the host and hashes it (an 8B model in f32: 32 GB per rank), so keep N large there.
     #[arg(long, default_value_t = 50)]
     check_every: u64,
 }
