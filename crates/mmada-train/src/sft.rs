@@ -104,6 +104,73 @@ pub(crate) fn resume_dir(
     }
 }
 
+/// Rank 0's outputs of a run (other ranks: wandb off, no metrics file).
+pub(crate) struct RunOutputs {
+    /// wandb (disabled off rank 0 or without `logging.wandb`).
+    pub wandb: crate::wandb_log::TrainerWandb,
+    /// `metrics.jsonl`, opened for appending on rank 0.
+    pub metrics: Option<std::fs::File>,
+    /// Its path (for errors).
+    pub metrics_path: PathBuf,
+}
+
+/// The start of a run shared by the SFT and UniGRPO loops, once model and state are loaded:
+/// with several ranks the start checks ([`crate::dist::check_start`]: world, step, recipe
+/// sections, replicas); on rank 0 `config.resolved.yaml`, wandb and `metrics.jsonl`.
+///
+/// # Errors
+/// [`TrainError::Dist`] from the start checks; I/O and wandb errors naming the file.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn begin_run<B: AutodiffBackend>(
+    worker: &mut Worker<B>,
+    model: &LladaModel<B>,
+    state: &TrainerState,
+    recipe_json: serde_json::Value,
+    recipe_yaml: &str,
+    wandb: Option<&mmada_wandb::WandbConfig>,
+    run: &RunDir,
+    resumed: bool,
+    endpoint: Option<mmada_wandb::Endpoint>,
+) -> Result<RunOutputs, TrainError> {
+    let lead = worker.rank() == 0;
+    if worker.world() > 1 {
+        let config = crate::dist::config_sections(&recipe_json, worker.check_every);
+        crate::dist::check_start::<B>(worker.reducer.as_mut(), model, state.step, &config)?;
+    }
+    if lead {
+        write_atomic(
+            &run.root().join("config.resolved.yaml"),
+            recipe_yaml.as_bytes(),
+        )?;
+    }
+    // only rank 0 talks to wandb (other ranks would open runs of their own)
+    let wandb = crate::wandb_log::TrainerWandb::start(
+        wandb.filter(|_| lead),
+        recipe_json,
+        run.root(),
+        state,
+        resumed,
+        endpoint,
+    )?;
+    let metrics_path = run.metrics_path();
+    let metrics = if lead {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?,
+        )
+    } else {
+        None
+    };
+    Ok(RunOutputs {
+        wandb,
+        metrics,
+        metrics_path,
+    })
+}
+
 /// Run options outside the recipe.
 #[derive(Debug, Clone, Default)]
 pub struct SftOptions {
@@ -449,40 +516,21 @@ fn sft_worker<B: AutodiffBackend>(
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
     };
-    if world > 1 {
-        let config = crate::dist::config_sections(
-            &serde_json::to_value(recipe).expect("recipe serialises"),
-            worker.check_every,
-        );
-        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step, &config)?;
-    }
-    if lead {
-        write_atomic(
-            &run.root().join("config.resolved.yaml"),
-            recipe.to_yaml().as_bytes(),
-        )?;
-    }
-    // only rank 0 talks to wandb (other ranks would open runs of their own)
-    let mut wandb = crate::wandb_log::TrainerWandb::start(
-        recipe.logging.wandb.as_ref().filter(|_| lead),
-        serde_json::to_value(recipe).expect("recipe serialises"),
-        run.root(),
+    let RunOutputs {
+        mut wandb,
+        mut metrics,
+        metrics_path,
+    } = begin_run(
+        &mut worker,
+        &model,
         &state,
+        serde_json::to_value(recipe).expect("recipe serialises"),
+        &recipe.to_yaml(),
+        recipe.logging.wandb.as_ref(),
+        &run,
         resume_dir.is_some(),
         opts.wandb_endpoint.clone(),
     )?;
-    let metrics_path = run.metrics_path();
-    let mut metrics = if lead {
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?,
-        )
-    } else {
-        None
-    };
 
     let ctx = Ctx::<B> {
         recipe,

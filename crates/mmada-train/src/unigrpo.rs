@@ -56,7 +56,7 @@ use crate::recipe::{
 };
 use crate::run_dir::{RunDir, TrainerState, read_state, resolve, write_atomic};
 use crate::schedule::Schedule;
-use crate::sft::{Resume, TrainError, resume_dir};
+use crate::sft::{Resume, RunOutputs, TrainError, begin_run, resume_dir};
 
 /// Seed purposes of the UniGRPO streams (see [`derive_seed`]).
 pub mod purpose {
@@ -857,40 +857,21 @@ fn unigrpo_worker<B: AutodiffBackend>(
     if let Some(dir) = &resume_dir {
         optim = optim::load_state(optim, &model, &dir.join("optimizer.safetensors"))?;
     }
-    if world > 1 {
-        let config = crate::dist::config_sections(
-            &serde_json::to_value(recipe).expect("recipe serialises"),
-            worker.check_every,
-        );
-        crate::dist::check_start::<B>(worker.reducer.as_mut(), &model, state.step, &config)?;
-    }
-    if lead {
-        write_atomic(
-            &run.root().join("config.resolved.yaml"),
-            recipe.to_yaml().as_bytes(),
-        )?;
-    }
-    // only rank 0 talks to wandb (other ranks would open runs of their own)
-    let mut wandb = crate::wandb_log::TrainerWandb::start(
-        recipe.logging.wandb.as_ref().filter(|_| lead),
-        serde_json::to_value(recipe).expect("recipe serialises"),
-        run.root(),
+    let RunOutputs {
+        mut wandb,
+        mut metrics,
+        metrics_path,
+    } = begin_run(
+        &mut worker,
+        &model,
         &state,
+        serde_json::to_value(recipe).expect("recipe serialises"),
+        &recipe.to_yaml(),
+        recipe.logging.wandb.as_ref(),
+        &run,
         resume_dir.is_some(),
         opts.wandb_endpoint.clone(),
     )?;
-    let metrics_path = run.metrics_path();
-    let mut metrics = if lead {
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(|e| TrainError::Other(format!("{}: {e}", metrics_path.display())))?,
-        )
-    } else {
-        None
-    };
 
     let g = recipe.grpo.num_generations;
     let mu = recipe.grpo.num_iterations;
