@@ -25,8 +25,10 @@ use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
 use crate::{DiffusionError, check_len};
 
-/// How group-relative advantages are scaled (TRL `GRPOConfig.scale_rewards`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How group-relative advantages are scaled (TRL `GRPOConfig.scale_rewards`; serde spells
+/// the variants `group`, `batch`, `none` as TRL does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ScaleRewards {
     /// `(r − mean_group) / (std_group + eps)` — the paper and dLLM-RL.
     #[default]
@@ -493,8 +495,10 @@ pub fn token_logprobs<B: Backend>(
     logp.gather(1, tg).reshape([n])
 }
 
-/// How per-token terms are averaged into the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How per-token terms are averaged into the loss (recipe `grpo.loss_type`: serde spells the
+/// variants `dllm_rl`, `sequence`, `token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LossNorm {
     /// dLLM-RL `rl_mmada.py`: policy term averaged over the masked tokens of each row, then
     /// over rows; KL term **summed** over the masked tokens of each row, averaged over rows.

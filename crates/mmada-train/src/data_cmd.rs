@@ -2,6 +2,7 @@
 //! `mmada_data::inspect`; `mmada-train data pretokenize`: image codes of manifests into a
 //! parquet table (`mmada_train::pretok`).
 
+use mmada_train::recipe::Recipe as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -245,7 +246,7 @@ fn check(recipe_path: &Path, overrides: &[String]) -> Result<()> {
     let recipe = SftRecipe::load(recipe_path, overrides)?;
     let base = std::env::current_dir()?;
     let data_root = recipe.data.data_root.as_ref().map(|r| resolve(&base, r));
-    let tok = match mmada_train::sft::load_tokenizer(&recipe, &base) {
+    let tok = match mmada_train::sft::load_tokenizer(&recipe.tokenizer, &base) {
         Ok(t) => Some(t),
         Err(e) => {
             println!("tokenizer: {e} — checking records without layouts");

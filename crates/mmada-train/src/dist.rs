@@ -6,27 +6,11 @@
 //!   `node_rank · local_devices + local_rank`, world size `nodes · local_devices` (every node
 //!   must have the same number of devices; checked at start). The collective peer id is the
 //!   global rank.
-//! * **Batches.** A recipe's `batch_size` is *per device*; the global batch is
-//!   `batch_size × world × grad_accum` (printed at start by the binary). Every rank draws the
-//!   same *global* micro-batch from the 1-rank mixture (identical cursors on every rank, so
-//!   checkpoints and resume do not depend on the rank) and noises it whole — the noise of row
-//!   `i` depends only on `(seed, step, i)` — then keeps its shard ([`shard_batch`]): row `i`
-//!   of every stream goes to rank `i mod world`, which are the rows
-//!   `Mixture::new(.., rank, world)` yields when the micro-batch is a multiple of the world.
-//!   Noising the whole micro-batch on every rank costs host time only (no forward pass); it
-//!   gives every shard the global padded length (the SFT loss trains on the EOS padding, so the
-//!   padded length changes the loss) and the global normalisers below.
-//! * **Loss normalisation.** The SFT losses normalise per batch: lm / mmu by their row count,
-//!   t2i by the number of masked image tokens. The shard loss of stream `s` is multiplied by
-//!   `world · local_norm_s / global_norm_s` ([`ShardScale`]), so the *mean* over ranks of the
-//!   shard gradients is exactly the gradient of the 1-device loss on the whole global batch
-//!   (up to float summation order): "2 devices × batch b" trains like "1 device × batch 2b".
-//! * **UniGRPO** (`crate::unigrpo::run_unigrpo_dp`) shards by prompt group instead: group
-//!   `k` of a step is rolled out, scored and noised by rank `k mod world` (a group never
-//!   straddles devices), rewards and completion lengths are all-gathered ([`gather_rows`]) so
-//!   every rank computes the advantages of the whole batch, and each rank's group losses are
-//!   scaled by `world / non-empty groups of the step`; `generation_batch_size` stays the global
-//!   number of completions (TRL), so the same recipe trains the same on any number of devices.
+//! * **Batches and losses** are the trainers' business ([`crate::shard`]): SFT ranks draw the
+//!   same global micro-batch and keep their rows, UniGRPO ranks own prompt groups; both scale
+//!   their shard losses so that the *mean* of the gradients over ranks is the 1-device
+//!   gradient. This module moves tensors and small vectors between ranks and knows no
+//!   trainer type.
 //! * **Reduction.** Gradients are averaged with an all-reduce (`ReduceOperation::Mean`) through
 //!   the [`GradReducer`] trait before clipping and the optimizer step, so every replica applies
 //!   the same update. The collective implementation ([`CollectiveReducer`]) reduces one
@@ -60,7 +44,6 @@ use burn::module::ParamId;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorPrimitive};
-use mmada_diffusion::{UnifiedBatch, UnifiedLoss};
 use mmada_model::LladaModel;
 use mmada_model::model::ParamRef;
 
@@ -827,115 +810,6 @@ pub fn config_sections(recipe: &serde_json::Value, check_every: u64) -> Vec<(Str
     out
 }
 
-/// Per-stream multipliers that turn a shard's SFT losses into its share of the global loss
-/// (see the module docs): `world · local / global` of rows (lm, mmu) or masked image tokens
-/// (t2i); 0 when the global count is 0.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ShardScale {
-    /// t2i multiplier.
-    pub t2i: f32,
-    /// lm multiplier.
-    pub lm: f32,
-    /// mmu multiplier.
-    pub mmu: f32,
-}
-
-impl ShardScale {
-    /// Scale the three stream losses.
-    pub fn apply<B: Backend>(&self, l: UnifiedLoss<B>) -> UnifiedLoss<B> {
-        UnifiedLoss {
-            t2i: l.t2i * self.t2i,
-            lm: l.lm * self.lm,
-            mmu: l.mmu * self.mmu,
-        }
-    }
-}
-
-/// Image tokens that the t2i loss averages over (labels ≠ −100 after the text prefix, as
-/// `mmada_diffusion::unified_loss` counts them).
-fn t2i_targets(b: &UnifiedBatch, rows: impl Iterator<Item = usize>) -> usize {
-    let l = b.seq;
-    rows.map(|r| {
-        ((b.max_seq_length + 1)..l)
-            .filter(|&i| b.labels[r * l + i] != -100)
-            .count()
-    })
-    .sum()
-}
-
-/// Rank `rank`'s shard of a noised global micro-batch: row `i` of every stream (`t2i | lm |
-/// mmu`, in batch order) goes to rank `i mod world`; sequence length, masks and per-row values
-/// are kept as noised for the whole batch. Returns the shard and its [`ShardScale`].
-///
-/// # Panics
-/// When `rank >= world`.
-pub fn shard_batch(b: &UnifiedBatch, rank: usize, world: usize) -> (UnifiedBatch, ShardScale) {
-    assert!(rank < world, "rank {rank} not in 0..{world}");
-    let l = b.seq;
-    let pick = |n: usize| (0..n).filter(|i| i % world == rank).collect::<Vec<usize>>();
-    let (t2i, lm, mmu) = (pick(b.n_t2i), pick(b.n_lm), pick(b.n_mmu));
-    let rows: Vec<usize> = t2i
-        .iter()
-        .copied()
-        .chain(lm.iter().map(|i| b.n_t2i + i))
-        .chain(mmu.iter().map(|i| b.n_t2i + b.n_lm + i))
-        .collect();
-    let take_rows = |v: &[i64]| -> Vec<i64> {
-        rows.iter()
-            .flat_map(|&r| v[r * l..(r + 1) * l].iter().copied())
-            .collect()
-    };
-    fn per_row<T: Copy>(v: &[T], idx: &[usize], l: usize) -> Vec<T> {
-        idx.iter()
-            .flat_map(|&r| v[r * l..(r + 1) * l].iter().copied())
-            .collect()
-    }
-    let shard = UnifiedBatch {
-        ids: take_rows(&b.ids),
-        labels: take_rows(&b.labels),
-        seq: l,
-        n_t2i: t2i.len(),
-        n_lm: lm.len(),
-        n_mmu: mmu.len(),
-        max_seq_length: b.max_seq_length,
-        t2i_masks: per_row(&b.t2i_masks, &t2i, l),
-        p_mask_lm: per_row(&b.p_mask_lm, &lm, l),
-        p_mask_mmu: per_row(&b.p_mask_mmu, &mmu, l),
-        answer_lengths_lm: b.answer_lengths_lm.as_ref().map(|a| per_row(a, &lm, l)),
-        answer_lengths_mmu: per_row(&b.answer_lengths_mmu, &mmu, l),
-        mask_id: b.mask_id,
-    };
-    let ratio = |local: usize, global: usize| {
-        if global == 0 {
-            0.0
-        } else {
-            (world * local) as f32 / global as f32
-        }
-    };
-    let scale = ShardScale {
-        t2i: ratio(
-            t2i_targets(b, t2i.iter().copied()),
-            t2i_targets(b, 0..b.n_t2i),
-        ),
-        lm: ratio(lm.len(), b.n_lm),
-        mmu: ratio(mmu.len(), b.n_mmu),
-    };
-    (shard, scale)
-}
-
-/// The recipe every rank draws its data with: each stream's `batch_size` (per device)
-/// multiplied by `world`, so that one draw is the global micro-batch.
-pub fn global_batch_recipe(
-    recipe: &crate::recipe::SftRecipe,
-    world: usize,
-) -> crate::recipe::SftRecipe {
-    let mut r = recipe.clone();
-    for s in [&mut r.data.t2i, &mut r.data.lm, &mut r.data.mmu] {
-        s.batch_size *= world;
-    }
-    r
-}
-
 /// Start-of-run checks: every node has the same number of devices, every rank starts (or
 /// resumes) at the same step with the same recipe and flags (`config`, see
 /// [`config_sections`]),
@@ -1237,64 +1111,6 @@ fn pick_error<E: std::fmt::Display>(mut errors: Vec<E>) -> E {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn batch() -> UnifiedBatch {
-        // 1 t2i row, 3 lm rows, seq 4, prefix length 1
-        let l = 4;
-        let rows = 4;
-        UnifiedBatch {
-            ids: (0..(rows * l) as i64).collect(),
-            labels: vec![
-                -100, -100, 5, 6, // t2i: 2 image targets
-                1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4,
-            ],
-            seq: l,
-            n_t2i: 1,
-            n_lm: 3,
-            n_mmu: 0,
-            max_seq_length: 1,
-            t2i_masks: vec![true; l],
-            p_mask_lm: (0..3 * l).map(|i| i as f32).collect(),
-            p_mask_mmu: vec![],
-            answer_lengths_lm: Some((0..3 * l).map(|i| 100.0 + i as f32).collect()),
-            answer_lengths_mmu: vec![],
-            mask_id: 99,
-        }
-    }
-
-    #[test]
-    fn shards_are_disjoint_strided_and_rescaled() {
-        let b = batch();
-        let (s0, k0) = shard_batch(&b, 0, 2);
-        let (s1, k1) = shard_batch(&b, 1, 2);
-        // rank 0: t2i row 0, lm rows 0 and 2; rank 1: lm row 1
-        assert_eq!((s0.n_t2i, s0.n_lm, s1.n_t2i, s1.n_lm), (1, 2, 0, 1));
-        assert_eq!(s0.ids[..4], [0, 1, 2, 3]);
-        assert_eq!(s0.ids[4..8], [4, 5, 6, 7]);
-        assert_eq!(s0.ids[8..12], [12, 13, 14, 15]);
-        assert_eq!(s1.ids, vec![8, 9, 10, 11]);
-        assert_eq!(s1.p_mask_lm, vec![4.0, 5.0, 6.0, 7.0]);
-        assert_eq!(s1.answer_lengths_lm.as_ref().unwrap()[0], 104.0);
-        // lm: 2·2/3 and 2·1/3 (mean over ranks = 1), t2i: all targets on rank 0
-        assert_eq!(k0.lm, 4.0 / 3.0);
-        assert_eq!(k1.lm, 2.0 / 3.0);
-        assert_eq!((k0.t2i, k1.t2i), (2.0, 0.0));
-        assert_eq!(k0.mmu, 0.0);
-        // world 1 keeps everything, scale 1
-        let (s, k) = shard_batch(&b, 0, 1);
-        assert_eq!(
-            (&s.ids, &s.labels, &s.p_mask_lm),
-            (&b.ids, &b.labels, &b.p_mask_lm)
-        );
-        assert_eq!(
-            k,
-            ShardScale {
-                t2i: 1.0,
-                lm: 1.0,
-                mmu: 0.0
-            }
-        );
-    }
 
     #[test]
     fn config_sections_ignore_places_and_logging_only() {

@@ -2,29 +2,38 @@
 //!
 //! Training of LLaDA / MMaDA masked-diffusion models.
 //!
-//! * [`recipe`]: typed YAML recipes with `--set` overrides.
+//! * [`error`]: the one error type of a run ([`TrainError`]).
+//! * [`trainer`]: the trainer core both loops share: run directory, start checks, resume,
+//!   checkpoint save and the step skeleton ([`trainer::Session`]).
+//! * [`recipe`]: typed YAML recipes with `--set` overrides (one parser; a file per trainer).
 //! * [`data`]: manifests → samples → seeded mixtures → noised `[t2i | lm | mmu]` batches.
 //! * [`optim`]: AdamW (PyTorch semantics), global-norm clipping, accumulation, named state.
 //! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
 //! * [`pretok`]: pre-tokenized image code tables (parquet) of `data pretokenize`.
 //! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
-//! * [`sft`]: the SFT loop ([`sft::run_sft`]).
+//! * [`sft`]: the SFT loop ([`sft::Sft`]).
 //! * [`dist`]: data parallelism (one thread per device, several nodes) over burn-collective.
-//! * [`unigrpo`]: the UniGRPO loop ([`unigrpo::run_unigrpo`], spec §5).
+//! * [`shard`]: batch sharding and loss scaling over ranks (SFT rows, UniGRPO prompt groups).
+//! * [`unigrpo`]: the UniGRPO loop ([`unigrpo::UniGrpo`], spec §5; one file per phase).
 //! * [`wandb_log`]: the wandb path both trainers share (`logging.wandb`, resume state, preempting).
 //! * [`init_checkpoint`]: a freshly initialised model as a Hugging Face checkpoint.
 
 pub mod data;
 pub mod dist;
+pub mod error;
 pub mod optim;
 pub mod pretok;
 pub mod recipe;
 pub mod run_dir;
 pub mod schedule;
 pub mod sft;
+pub mod shard;
 pub mod synth;
+pub mod trainer;
 pub mod unigrpo;
 pub mod wandb_log;
+
+pub use error::TrainError;
 
 use std::path::Path;
 

@@ -10,8 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mmada_model::ModelConfig;
 use mmada_model::backend::DeviceSpec;
 use mmada_model::checkpoint::{DiskDtype, SaveOptions};
-use mmada_train::recipe::SftRecipe;
-use mmada_train::sft::{Resume, SftOptions, StepReport, run_sft_dp};
+use mmada_train::dist::DistConfig;
+use mmada_train::recipe::{Recipe, SftRecipe, UniGrpoRecipe};
+use mmada_train::sft::{Sft, SftOutcome, StepReport};
+use mmada_train::trainer::{Resume, RunOptions, TrainLoop, TrainRecipe};
+use mmada_train::unigrpo::{GrpoStepReport, UniGrpo, UniGrpoOutcome};
 
 mod data_cmd;
 
@@ -30,40 +33,10 @@ struct Cli {
 enum Command {
     /// Masked-diffusion SFT / mixed long-CoT fine-tuning from a recipe
     /// (e.g. recipes/quickstart.yaml, recipes/mixed_cot.yaml).
-    Sft {
-        /// Recipe YAML.
-        #[arg(long)]
-        recipe: PathBuf,
-        /// Override a recipe key: --set optimizer.lr=1e-4 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Print the resolved recipe and exit.
-        #[arg(long)]
-        print_config: bool,
-        /// Resume: `latest` (the run directory's newest checkpoint) or a checkpoint directory.
-        #[arg(long)]
-        resume: Option<String>,
-        #[command(flatten)]
-        dist: DistArgs,
-    },
+    Sft(TrainArgs),
     /// UniGRPO reinforcement learning (spec §5) with pluggable rewards from a recipe
     /// (e.g. recipes/quickstart_unigrpo.yaml, recipes/unigrpo_gsm8k.yaml).
-    Unigrpo {
-        /// Recipe YAML.
-        #[arg(long)]
-        recipe: PathBuf,
-        /// Override a recipe key: --set grpo.beta=0.04 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Print the resolved recipe and exit.
-        #[arg(long)]
-        print_config: bool,
-        /// Resume: `latest` or a checkpoint directory.
-        #[arg(long)]
-        resume: Option<String>,
-        #[command(flatten)]
-        dist: DistArgs,
-    },
+    Unigrpo(TrainArgs),
     /// Run burn-collective's global orchestrator for multi-node training (node rank 0 starts
     /// one in-process unless given --external-orchestrator).
     Orchestrator {
@@ -128,6 +101,25 @@ enum Command {
     },
 }
 
+/// The arguments of `sft` and `unigrpo`.
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Recipe YAML.
+    #[arg(long)]
+    recipe: PathBuf,
+    /// Override a recipe key: --set optimizer.lr=1e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Print the resolved recipe and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Resume: `latest` (the run directory's newest checkpoint) or a checkpoint directory.
+    #[arg(long)]
+    resume: Option<String>,
+    #[command(flatten)]
+    dist: DistArgs,
+}
+
 /// Data-parallel flags (one process per node, one worker thread per device of `train.device`,
 /// e.g. `cuda:0,1,2,3`). Unset flags fall back to WORLD_SIZE / NNODES, RANK / NODE_RANK,
 /// MASTER_ADDR + MASTER_PORT and NODE_ADDR (counted in nodes, not devices).
@@ -164,8 +156,8 @@ struct DistArgs {
 }
 
 impl DistArgs {
-    fn config(&self) -> Result<mmada_train::dist::DistConfig> {
-        let cfg = mmada_train::dist::DistConfig {
+    fn config(&self) -> Result<DistConfig> {
+        let cfg = DistConfig {
             nodes: self.nodes.unwrap_or(1),
             node_rank: self.node_rank.unwrap_or(0),
             coordinator: self.coordinator.clone(),
@@ -239,65 +231,41 @@ fn fmt_opt(x: Option<f32>) -> String {
     x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
 }
 
-/// `$run::<Backend>(recipe, devices, dist, opts, on_step)?` on the devices of a resolved
-/// `train.device`: `cpu:N` → N Flex workers, `cuda:…` → one worker per GPU. One device on one
-/// node runs without any collective (`dist::launch`).
-macro_rules! run_on_devices {
-    ($run:ident, $device:expr, $recipe:expr, $dist:expr, $opts:expr, $on_step:expr) => {{
-        let device: DeviceSpec = $device;
-        match device {
-            DeviceSpec::Cpu(n) => $run::<mmada_model::backend::CpuAutodiff>(
-                $recipe,
-                &vec![Default::default(); n],
-                $dist,
-                $opts,
-                $on_step,
-            )?,
-            #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(_) => $run::<mmada_model::backend::CudaAutodiff>(
-                $recipe,
-                &device.cuda_devices(),
-                $dist,
-                $opts,
-                $on_step,
-            )?,
-            #[cfg(feature = "cuda")]
-            DeviceSpec::CudaAll => bail!("train.device {device}: not resolved"),
-            #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => bail!(
-                "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
-            ),
-        }
-    }};
+/// What the binary needs of a training loop besides the library's: its name, the lines it
+/// logs at start, its progress message and its summary line.
+trait TrainCommand: TrainLoop {
+    /// "SFT" or "UniGRPO".
+    const NAME: &'static str;
+    /// Log the batch layout over devices and nodes.
+    fn describe(recipe: &Self::Recipe, device: &DeviceSpec, dist: &DistConfig);
+    /// The progress message of a step, and whether to also log it.
+    fn message(r: &Self::Report) -> (u64, String, bool);
+    /// The closing log line.
+    fn summary(recipe: &Self::Recipe, outcome: &Self::Outcome) -> String;
 }
 
-fn sft(
-    recipe_path: PathBuf,
-    overrides: Vec<String>,
-    print_config: bool,
-    resume: Option<String>,
-    dist: DistArgs,
-) -> Result<()> {
-    let recipe = SftRecipe::load(&recipe_path, &overrides)?;
-    if print_config {
-        print!("{}", recipe.to_yaml());
-        return Ok(());
+fn checkpoint_name(p: Option<&PathBuf>) -> String {
+    p.map(|p| p.display().to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+impl TrainCommand for Sft {
+    const NAME: &'static str = "SFT";
+
+    fn describe(recipe: &SftRecipe, device: &DeviceSpec, dist: &DistConfig) {
+        let world = device.world_size() * dist.nodes;
+        let rows = recipe.data.rows_per_micro_batch();
+        tracing::info!(
+            "global batch {} rows = {rows} per device × {} devices × {} nodes × {} accumulation (node rank {})",
+            rows * world * recipe.train.grad_accum as usize,
+            device.world_size(),
+            dist.nodes,
+            recipe.train.grad_accum,
+            dist.node_rank
+        );
     }
-    let device: DeviceSpec = recipe.train.device.parse::<DeviceSpec>()?.resolve()?;
-    ensure_built_for(&device)?;
-    let dist = dist.config()?;
-    let stop = install_stop_handler()?;
-    let opts = SftOptions {
-        resume: resume.map(parse_resume),
-        stop: Some(stop.clone()),
-        stop_after: None,
-        base_dir: std::env::current_dir()?,
-        wandb_endpoint: None,
-    };
-    let bar = progress_bar(recipe.train.max_steps);
-    let mut last_msg = std::time::Instant::now();
-    let mut on_step = |r: &StepReport| {
-        bar.set_position(r.step);
+
+    fn message(r: &StepReport) -> (u64, String, bool) {
         let msg = format!(
             "loss {:.3} (lm {} mmu {} t2i {}) lr {:.2e} |g| {:.2} {:.0} tok/s{}",
             r.loss,
@@ -311,76 +279,52 @@ fn sft(
                 .map(|e| format!(" eval {e:.3}"))
                 .unwrap_or_default()
         );
-        bar.set_message(msg.clone());
-        if r.eval_loss.is_some() || last_msg.elapsed().as_secs() >= 30 || r.step == r.max_steps {
-            bar.suspend(|| tracing::info!(step = r.step, "{msg}"));
-            last_msg = std::time::Instant::now();
-        }
-    };
-    tracing::info!(recipe = %recipe_path.display(), device = %device, "starting SFT run `{}`", recipe.run.name);
-    let world = device.world_size() * dist.nodes;
-    let rows = [&recipe.data.t2i, &recipe.data.lm, &recipe.data.mmu]
-        .iter()
-        .map(|s| s.batch_size)
-        .sum::<usize>();
-    tracing::info!(
-        "global batch {} rows = {rows} per device × {} devices × {} nodes × {} accumulation (node rank {})",
-        rows * world * recipe.train.grad_accum as usize,
-        device.world_size(),
-        dist.nodes,
-        recipe.train.grad_accum,
-        dist.node_rank
-    );
-    let outcome = run_on_devices!(run_sft_dp, device, &recipe, &dist, &opts, &mut on_step);
-    bar.finish();
-    let first = outcome.losses.first().copied().unwrap_or(f32::NAN);
-    let last = outcome.losses.last().copied().unwrap_or(f32::NAN);
-    tracing::info!(
-        steps = outcome.final_step,
-        "{} run `{}`: loss {first:.3} → {last:.3}; run directory {}; last checkpoint {}",
-        if outcome.interrupted {
-            "stopped"
-        } else {
-            "finished"
-        },
-        recipe.run.name,
-        outcome.run_dir.display(),
-        outcome
-            .last_checkpoint
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "-".into())
-    );
-    Ok(())
+        (r.step, msg, r.eval_loss.is_some() || r.step == r.max_steps)
+    }
+
+    fn summary(recipe: &SftRecipe, o: &SftOutcome) -> String {
+        let first = o.losses.first().copied().unwrap_or(f32::NAN);
+        let last = o.losses.last().copied().unwrap_or(f32::NAN);
+        format!(
+            "{} SFT run `{}` at step {}: loss {first:.3} → {last:.3}; run directory {}; last checkpoint {}",
+            if o.interrupted { "stopped" } else { "finished" },
+            recipe.run.name,
+            o.final_step,
+            o.run_dir.display(),
+            checkpoint_name(o.last_checkpoint.as_ref())
+        )
+    }
 }
 
-fn unigrpo(
-    recipe_path: PathBuf,
-    overrides: Vec<String>,
-    print_config: bool,
-    resume: Option<String>,
-    dist: DistArgs,
-) -> Result<()> {
-    use mmada_train::unigrpo::{GrpoStepReport, UniGrpoOptions, UniGrpoRecipe, run_unigrpo_dp};
-    let recipe = UniGrpoRecipe::load(&recipe_path, &overrides)?;
-    if print_config {
-        print!("{}", recipe.to_yaml());
-        return Ok(());
+impl TrainCommand for UniGrpo {
+    const NAME: &'static str = "UniGRPO";
+
+    fn describe(recipe: &UniGrpoRecipe, device: &DeviceSpec, dist: &DistConfig) {
+        let world = device.world_size() * dist.nodes;
+        let g = recipe.grpo.num_generations;
+        let groups = recipe.grpo.prompts_per_step();
+        tracing::info!(
+            "{} completions per step = {groups} prompts × G {g} over {world} rank(s) ({} device(s) × {} node(s), node rank {}): prompt groups k ≡ rank (mod {world})",
+            recipe.grpo.generation_batch_size,
+            device.world_size(),
+            dist.nodes,
+            dist.node_rank
+        );
+        if groups < world {
+            tracing::warn!(
+                "only {groups} prompt group(s) per step for {world} ranks: {} rank(s) roll out nothing and idle every step (raise grpo.generation_batch_size to a multiple of {})",
+                world - groups,
+                g * world
+            );
+        } else if !groups.is_multiple_of(world) {
+            tracing::warn!(
+                "{groups} prompt groups per step do not split evenly over {world} ranks: some ranks idle for one group's rollout (use a grpo.generation_batch_size that is a multiple of {})",
+                g * world
+            );
+        }
     }
-    let device: DeviceSpec = recipe.train.device.parse::<DeviceSpec>()?.resolve()?;
-    ensure_built_for(&device)?;
-    let dist = dist.config()?;
-    let stop = install_stop_handler()?;
-    let opts = UniGrpoOptions {
-        resume: resume.map(parse_resume),
-        stop: Some(stop),
-        stop_after: None,
-        base_dir: std::env::current_dir()?,
-        wandb_endpoint: None,
-    };
-    let bar = progress_bar(recipe.train.max_steps);
-    let mut on_step = |r: &GrpoStepReport| {
-        bar.set_position(r.step);
+
+    fn message(r: &GrpoStepReport) -> (u64, String, bool) {
         let msg = format!(
             "reward {:.3} loss {:.4} (policy {:.4} kl {:.4}) zero-std {:.2} rollout {:.1}s update {:.1}s",
             r.reward,
@@ -391,50 +335,90 @@ fn unigrpo(
             r.rollout_s,
             r.update_s
         );
-        bar.set_message(msg.clone());
-        bar.suspend(|| tracing::info!(step = r.step, "{msg}"));
-    };
-    tracing::info!(recipe = %recipe_path.display(), device = %device, "starting UniGRPO run `{}`", recipe.run.name);
-    let world = device.world_size() * dist.nodes;
-    let groups = recipe.grpo.generation_batch_size / recipe.grpo.num_generations;
-    tracing::info!(
-        "{} completions per step = {groups} prompts × G {} over {world} rank(s) ({} device(s) × {} node(s), node rank {}): prompt groups k ≡ rank (mod {world})",
-        recipe.grpo.generation_batch_size,
-        recipe.grpo.num_generations,
-        device.world_size(),
-        dist.nodes,
-        dist.node_rank
-    );
-    if groups < world {
-        tracing::warn!(
-            "only {groups} prompt group(s) per step for {world} ranks: {} rank(s) roll out nothing and idle every step (raise grpo.generation_batch_size to a multiple of {})",
-            world - groups,
-            recipe.grpo.num_generations * world
-        );
-    } else if !groups.is_multiple_of(world) {
-        tracing::warn!(
-            "{groups} prompt groups per step do not split evenly over {world} ranks: some ranks idle for one group's rollout (use a grpo.generation_batch_size that is a multiple of {})",
-            recipe.grpo.num_generations * world
-        );
+        (r.step, msg, true)
     }
-    let outcome = run_on_devices!(run_unigrpo_dp, device, &recipe, &dist, &opts, &mut on_step);
+
+    fn summary(recipe: &UniGrpoRecipe, o: &UniGrpoOutcome) -> String {
+        format!(
+            "{} UniGRPO run `{}` at step {}; run directory {}; last checkpoint {}",
+            if o.interrupted { "stopped" } else { "finished" },
+            recipe.run.name,
+            o.final_step,
+            o.run_dir.display(),
+            checkpoint_name(o.last_checkpoint.as_ref())
+        )
+    }
+}
+
+/// `T::run_dp` on the devices of a resolved `train.device`: `cpu:N` → N Flex workers, `cuda:…`
+/// → one worker per GPU. One device on one node runs without any collective (`dist::launch`).
+fn run_on_devices<T: TrainCommand>(
+    device: &DeviceSpec,
+    recipe: &T::Recipe,
+    dist: &DistConfig,
+    opts: &RunOptions,
+    on_step: &mut dyn FnMut(&T::Report),
+) -> Result<T::Outcome> {
+    Ok(match device {
+        DeviceSpec::Cpu(n) => T::run_dp::<mmada_model::backend::CpuAutodiff>(
+            recipe,
+            &vec![Default::default(); *n],
+            dist,
+            opts,
+            on_step,
+        )?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(_) => T::run_dp::<mmada_model::backend::CudaAutodiff>(
+            recipe,
+            &device.cuda_devices(),
+            dist,
+            opts,
+            on_step,
+        )?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::CudaAll => bail!("train.device {device}: not resolved"),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => bail!(
+            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+        ),
+    })
+}
+
+/// `mmada-train sft|unigrpo`: load the recipe (or print it), resolve the devices and the
+/// data-parallel flags, install the stop handler, run with a progress bar, log the summary.
+fn train<T: TrainCommand>(args: TrainArgs) -> Result<()> {
+    let recipe = T::Recipe::load(&args.recipe, &args.overrides)?;
+    if args.print_config {
+        print!("{}", recipe.to_yaml());
+        return Ok(());
+    }
+    let common = recipe.common();
+    let device: DeviceSpec = common.device.parse::<DeviceSpec>()?.resolve()?;
+    ensure_built_for(&device)?;
+    let dist = args.dist.config()?;
+    let opts = RunOptions {
+        resume: args.resume.map(parse_resume),
+        stop: Some(install_stop_handler()?),
+        stop_after: None,
+        base_dir: std::env::current_dir()?,
+        wandb_endpoint: None,
+    };
+    let bar = progress_bar(common.max_steps);
+    let mut last_msg = std::time::Instant::now();
+    let mut on_step = |r: &T::Report| {
+        let (step, msg, always) = T::message(r);
+        bar.set_position(step);
+        bar.set_message(msg.clone());
+        if always || last_msg.elapsed().as_secs() >= 30 {
+            bar.suspend(|| tracing::info!(step, "{msg}"));
+            last_msg = std::time::Instant::now();
+        }
+    };
+    tracing::info!(recipe = %args.recipe.display(), device = %device, "starting {} run `{}`", T::NAME, common.run.name);
+    T::describe(&recipe, &device, &dist);
+    let outcome = run_on_devices::<T>(&device, &recipe, &dist, &opts, &mut on_step)?;
     bar.finish();
-    tracing::info!(
-        steps = outcome.final_step,
-        "UniGRPO run `{}` {}; run directory {}; last checkpoint {}",
-        recipe.run.name,
-        if outcome.interrupted {
-            "stopped"
-        } else {
-            "finished"
-        },
-        outcome.run_dir.display(),
-        outcome
-            .last_checkpoint
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "-".into())
-    );
+    tracing::info!("{}", T::summary(&recipe, &outcome));
     Ok(())
 }
 
@@ -456,20 +440,8 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Unigrpo {
-            recipe,
-            overrides,
-            print_config,
-            resume,
-            dist,
-        } => unigrpo(recipe, overrides, print_config, resume, dist)?,
-        Command::Sft {
-            recipe,
-            overrides,
-            print_config,
-            resume,
-            dist,
-        } => sft(recipe, overrides, print_config, resume, dist)?,
+        Command::Unigrpo(args) => train::<UniGrpo>(args)?,
+        Command::Sft(args) => train::<Sft>(args)?,
         Command::Orchestrator { port } => {
             tracing::info!(port, "global orchestrator listening (Ctrl-C stops it)");
             tokio_runtime()?.block_on(burn_collective::start_global_orchestrator(port));

@@ -80,6 +80,20 @@ pub struct TrainerState {
     pub version: String,
 }
 
+impl TrainerState {
+    /// The state of a fresh run with seed `seed` (step 0, no losses, empty data cursor).
+    pub fn new(seed: u64) -> Self {
+        TrainerState {
+            step: 0,
+            seed,
+            data: Default::default(),
+            losses: vec![],
+            extra: Default::default(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
 /// A run directory.
 #[derive(Debug, Clone)]
 pub struct RunDir {

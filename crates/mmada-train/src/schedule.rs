@@ -6,12 +6,12 @@
 //! warmup-stable-decay (spec §3.2): warmup, constant, then a linear decay to
 //! `min_lr_scale` over the last `decay_fraction` of the steps.
 
-use crate::recipe::ScheduleSection;
+use crate::recipe::{ScheduleKind, ScheduleSection};
 
 /// A schedule over `total` optimizer steps.
 #[derive(Debug, Clone)]
 pub struct Schedule {
-    kind: String,
+    kind: ScheduleKind,
     warmup: u64,
     total: u64,
     min_scale: f64,
@@ -23,7 +23,7 @@ impl Schedule {
     /// From the recipe section, the peak LR and the number of optimizer steps.
     pub fn new(s: &ScheduleSection, peak: f64, total: u64) -> Self {
         Schedule {
-            kind: s.kind.clone(),
+            kind: s.kind,
             warmup: s.warmup_steps,
             total,
             min_scale: s.min_lr_scale,
@@ -40,10 +40,12 @@ impl Schedule {
         let after = (step - self.warmup) as f64;
         let span = self.total.saturating_sub(self.warmup).max(1) as f64;
         let progress = (after / span).min(1.0);
-        match self.kind.as_str() {
-            "constant" => 1.0,
-            "linear" => (self.min_scale + (1.0 - self.min_scale) * (1.0 - progress)).max(0.0),
-            "wsd" => {
+        match self.kind {
+            ScheduleKind::Constant => 1.0,
+            ScheduleKind::Linear => {
+                (self.min_scale + (1.0 - self.min_scale) * (1.0 - progress)).max(0.0)
+            }
+            ScheduleKind::Wsd => {
                 let decay_steps = (self.total as f64 * self.decay_fraction).round().max(1.0);
                 let decay_start = self.total as f64 - decay_steps;
                 if (step as f64) < decay_start {
@@ -53,8 +55,7 @@ impl Schedule {
                     1.0 - (1.0 - self.min_scale) * p
                 }
             }
-            // cosine (validated in the recipe)
-            _ => (self.min_scale
+            ScheduleKind::Cosine => (self.min_scale
                 + (1.0 - self.min_scale) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
             .max(0.0),
         }
@@ -72,7 +73,7 @@ mod tests {
 
     fn sched(kind: &str, warmup: u64, min: f64) -> Schedule {
         let s = ScheduleSection {
-            kind: kind.into(),
+            kind: serde_norway::from_str(kind).unwrap(),
             warmup_steps: warmup,
             min_lr_scale: min,
             decay_fraction: 0.1,

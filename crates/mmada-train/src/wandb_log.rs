@@ -15,8 +15,8 @@ use std::path::Path;
 use mmada_wandb::{Endpoint, RunInit, WandbConfig, WandbMode, WandbResumeState, WandbRun};
 use serde_json::Value;
 
+use crate::error::TrainError;
 use crate::run_dir::TrainerState;
-use crate::sft::TrainError;
 
 /// Key of the wandb resume state in [`TrainerState::extra`].
 pub const STATE_KEY: &str = "wandb";
@@ -28,6 +28,13 @@ pub struct TrainerWandb {
 }
 
 impl TrainerWandb {
+    /// No wandb (before a run starts, and on ranks other than 0).
+    pub fn disabled() -> Self {
+        TrainerWandb {
+            run: WandbRun::disabled(),
+        }
+    }
+
     /// Starts (or continues) the wandb run. `section` is `logging.wandb` (`None` → disabled);
     /// `WANDB_MODE` / `WANDB_PROJECT` / `WANDB_ENTITY` / `WANDB_RUN_ID` override it. `run_config`
     /// is the resolved recipe (sent as the run config); `state` the trainer state (restored from
@@ -46,9 +53,7 @@ impl TrainerWandb {
         endpoint: Option<Endpoint>,
     ) -> Result<Self, TrainError> {
         let Some(w) = section else {
-            return Ok(TrainerWandb {
-                run: WandbRun::disabled(),
-            });
+            return Ok(Self::disabled());
         };
         let err = |e: mmada_wandb::WandbError| TrainError::Other(format!("logging.wandb: {e}"));
         let mut w = w.clone();

@@ -3,6 +3,8 @@
 //! 2 processes on 127.0.0.1 through burn-collective's global orchestrator equal 1 process;
 //! killing one process ends the other with a clear error.
 
+use mmada_train::recipe::Recipe as _;
+use mmada_train::trainer::TrainLoop as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,7 +15,7 @@ use mmada_model::backend::{Cpu, CpuAutodiff};
 use mmada_model::{FloatDType, load_checkpoint};
 use mmada_train::dist::{DistConfig, DistError, launch, param_hash};
 use mmada_train::recipe::SftRecipe;
-use mmada_train::sft::{SftOptions, SftOutcome, run_sft, run_sft_dp};
+use mmada_train::sft::{Sft, SftOptions, SftOutcome};
 
 fn arith_recipe(dir: &Path, name: &str, lm_batch: usize, steps: u64) -> SftRecipe {
     let data = dir.join("data");
@@ -85,7 +87,7 @@ fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
 }
 
 fn single(recipe: &SftRecipe) -> SftOutcome {
-    run_sft::<CpuAutodiff>(recipe, &Default::default(), &opts(), &mut |_| {}).unwrap()
+    Sft::run::<CpuAutodiff>(recipe, &Default::default(), &opts(), &mut |_| {}).unwrap()
 }
 
 #[test]
@@ -99,7 +101,7 @@ fn two_flex_devices_equal_one_device_with_the_doubled_batch() {
     };
     let devices = [Default::default(), Default::default()];
     let mut steps = vec![];
-    let dp = run_sft_dp::<CpuAutodiff>(
+    let dp = Sft::run_dp::<CpuAutodiff>(
         &arith_recipe(tmp.path(), "dp", 2, 5),
         &devices,
         &dist,
@@ -398,7 +400,7 @@ fn data_parallel_stop_and_resume_continue_exactly() {
     };
     let devices = [Default::default(), Default::default()];
     let dp = |recipe: &SftRecipe, o: SftOptions| {
-        run_sft_dp::<CpuAutodiff>(recipe, &devices, &dist, &o, &mut |_| {}).unwrap()
+        Sft::run_dp::<CpuAutodiff>(recipe, &devices, &dist, &o, &mut |_| {}).unwrap()
     };
     let straight = dp(&arith_recipe(tmp.path(), "straight", 2, 4), opts());
     let split = arith_recipe(tmp.path(), "split", 2, 4);
@@ -484,7 +486,7 @@ fn cuda0_two_workers_equal_one_device_with_the_doubled_batch() {
     type G = mmada_model::backend::CudaAutodiff;
     let dev = burn::backend::cuda::CudaDevice::new(0);
     let tmp = tempfile::tempdir().unwrap();
-    let big = run_sft::<G>(
+    let big = Sft::run::<G>(
         &arith_recipe(tmp.path(), "big", 4, 5),
         &dev,
         &opts(),
@@ -496,7 +498,7 @@ fn cuda0_two_workers_equal_one_device_with_the_doubled_batch() {
         timeout: Duration::from_secs(300),
         ..Default::default()
     };
-    let dp = run_sft_dp::<G>(
+    let dp = Sft::run_dp::<G>(
         &arith_recipe(tmp.path(), "dp", 2, 5),
         &[dev.clone(), dev.clone()],
         &dist,

@@ -2,6 +2,8 @@
 //! here, the tiny MAGVIT-v2 weights of `tests/fixtures/magvitv2/weights`, mmu + t2i streams,
 //! the on-disk code cache, caption dropout, and pre-tokenized code tables (parquet).
 
+use mmada_train::recipe::Recipe as _;
+use mmada_train::trainer::TrainLoop as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,7 +14,7 @@ use mmada_train::data::{
 };
 use mmada_train::pretok::{CodeTable, read_table, write_table};
 use mmada_train::recipe::SftRecipe;
-use mmada_train::sft::{SftOptions, load_tokenizer, run_sft};
+use mmada_train::sft::{Sft, SftOptions, load_tokenizer};
 
 fn vq_weights() -> PathBuf {
     match std::env::var_os("MMADA_FIXTURES") {
@@ -136,7 +138,7 @@ impl ImageCoder for Counting<'_> {
 }
 
 fn tok(r: &SftRecipe) -> TextTokenizer {
-    load_tokenizer(r, Path::new("/")).unwrap()
+    load_tokenizer(&r.tokenizer, Path::new("/")).unwrap()
 }
 
 #[test]
@@ -193,7 +195,7 @@ fn sft_over_png_rows_trains_and_the_second_load_hits_the_cache() {
         base_dir: PathBuf::from("/"),
         ..Default::default()
     };
-    let out = run_sft::<CpuAutodiff>(&r, &Default::default(), &opts, &mut |s| {
+    let out = Sft::run::<CpuAutodiff>(&r, &Default::default(), &opts, &mut |s| {
         reports.push((s.loss_t2i, s.loss_mmu, s.loss_lm))
     })
     .unwrap();

@@ -2,6 +2,7 @@
 //! per_batch`): every row of a micro-batch comes from one source, sources follow the weights,
 //! and a resumed stream continues with the same sources and rows.
 
+use mmada_train::recipe::Recipe as _;
 use std::path::Path;
 
 use mmada_data::LayoutKind;
@@ -55,7 +56,7 @@ train: {{max_steps: 1}}
 }
 
 fn load(recipe: &SftRecipe) -> TrainData {
-    let tok = load_tokenizer(recipe, Path::new("/")).unwrap();
+    let tok = load_tokenizer(&recipe.tokenizer, Path::new("/")).unwrap();
     TrainData::load(recipe, tok, Path::new("/"), 0, 1).unwrap()
 }
 

@@ -1,12 +1,14 @@
 //! SFT trainer invariances (accumulation, exact resume, crash during checkpoint) and a short
 //! run on real rows from `../shared/data`.
 
+use mmada_train::recipe::Recipe as _;
+use mmada_train::trainer::TrainLoop as _;
 use std::path::{Path, PathBuf};
 
 use mmada_model::backend::{Cpu, CpuAutodiff};
 use mmada_model::{FloatDType, load_checkpoint};
 use mmada_train::recipe::SftRecipe;
-use mmada_train::sft::{Resume, SftOptions, SftOutcome, run_sft};
+use mmada_train::sft::{Resume, Sft, SftOptions, SftOutcome};
 
 fn arith_recipe(dir: &Path, name: &str, extra: &str) -> SftRecipe {
     let data = dir.join("data");
@@ -60,7 +62,7 @@ fn run(recipe: &SftRecipe, resume: Option<Resume>, stop_after: Option<u64>) -> S
         base_dir: PathBuf::from("/"),
         wandb_endpoint: None,
     };
-    run_sft::<CpuAutodiff>(recipe, &Default::default(), &opts, &mut |_| {}).unwrap()
+    Sft::run::<CpuAutodiff>(recipe, &Default::default(), &opts, &mut |_| {}).unwrap()
 }
 
 fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
@@ -148,7 +150,7 @@ fn resume_is_bit_identical_and_survives_a_crash_mid_checkpoint() {
         base_dir: PathBuf::from("/"),
         wandb_endpoint: None,
     };
-    let err = run_sft::<CpuAutodiff>(&split, &Default::default(), &opts, &mut |_| {})
+    let err = Sft::run::<CpuAutodiff>(&split, &Default::default(), &opts, &mut |_| {})
         .unwrap_err()
         .to_string();
     assert!(
@@ -376,8 +378,9 @@ fn bf16_mixed_precision_trains_f32_master_weights_and_resumes_exactly() {
 
     // one step changes the f32 master weights; checkpoints hold f32 (checkpoint.model_dtype)
     let ckdir = straight.run_dir.join("checkpoints");
-    let tok = mmada_train::sft::load_tokenizer(&mixed, Path::new("/")).unwrap();
-    let cfg = mmada_train::sft::model_config(&mixed, &tok, Path::new("/")).unwrap();
+    let tok = mmada_train::sft::load_tokenizer(&mixed.tokenizer, Path::new("/")).unwrap();
+    let cfg = mmada_train::sft::model_config(&mixed.model, &mixed.tokenizer, &tok, Path::new("/"))
+        .unwrap();
     let init = mmada_model::init::init_model::<Cpu>(
         &cfg,
         mmada_train::data::derive_seed(mixed.run.seed, 0, 0, 0),

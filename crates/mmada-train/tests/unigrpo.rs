@@ -1,12 +1,14 @@
 //! UniGRPO trainer: 3 steps on real GSM8K prompts from `../shared/data` with a tiny model on
 //! the CPU; rewards and losses logged, the checkpoint reloads and resumes. Recipe errors.
 
+use mmada_train::recipe::Recipe as _;
+use mmada_train::trainer::TrainLoop as _;
 use std::path::PathBuf;
 
 use mmada_model::backend::{Cpu, CpuAutodiff};
 use mmada_model::{FloatDType, load_checkpoint};
 use mmada_train::sft::Resume;
-use mmada_train::unigrpo::{UniGrpoOptions, UniGrpoRecipe, run_unigrpo};
+use mmada_train::unigrpo::{UniGrpo, UniGrpoOptions, UniGrpoRecipe};
 
 /// `../shared/data`, or `None` (skip). With `CI=true` a missing folder fails the test.
 fn shared_data() -> Option<PathBuf> {
@@ -78,7 +80,7 @@ fn three_steps_on_gsm8k_log_rewards_and_losses_and_checkpoint_reloads() {
     };
     let mut reports = vec![];
     let first =
-        run_unigrpo::<CpuAutodiff>(&r, &dev, &opts, &mut |s| reports.push(s.clone())).unwrap();
+        UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts, &mut |s| reports.push(s.clone())).unwrap();
     assert_eq!(first.final_step, 2);
     // Resume from the step-2 checkpoint for the third step.
     let opts = UniGrpoOptions {
@@ -86,7 +88,7 @@ fn three_steps_on_gsm8k_log_rewards_and_losses_and_checkpoint_reloads() {
         ..Default::default()
     };
     let out =
-        run_unigrpo::<CpuAutodiff>(&r, &dev, &opts, &mut |s| reports.push(s.clone())).unwrap();
+        UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts, &mut |s| reports.push(s.clone())).unwrap();
     assert_eq!(out.final_step, 3);
     assert_eq!(out.losses.len(), 3);
     assert_eq!(reports.len(), 3);
@@ -178,7 +180,7 @@ fn recipe_errors_name_key_and_valid_values() {
         "{e}"
     );
     let e = err("grpo.scale_rewards=grp");
-    assert!(e.contains("group, batch, none"), "{e}");
+    assert!(e.contains("`group`, `batch`, `none`"), "{e}");
     let e = err("grpo.epsilonn=0.1");
     assert!(e.contains("epsilon"), "{e}");
 }
@@ -290,11 +292,11 @@ fn resume_is_bit_exact() {
     let dev = Default::default();
     let full = arith_recipe(tmp.path(), "full", &[]);
     let a =
-        run_unigrpo::<CpuAutodiff>(&full, &dev, &UniGrpoOptions::default(), &mut |_| {}).unwrap();
+        UniGrpo::run::<CpuAutodiff>(&full, &dev, &UniGrpoOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(a.final_step, 4);
 
     let split = arith_recipe(tmp.path(), "split", &[]);
-    let first = run_unigrpo::<CpuAutodiff>(
+    let first = UniGrpo::run::<CpuAutodiff>(
         &split,
         &dev,
         &UniGrpoOptions {
@@ -305,7 +307,7 @@ fn resume_is_bit_exact() {
     )
     .unwrap();
     assert_eq!(first.final_step, 2);
-    let b = run_unigrpo::<CpuAutodiff>(
+    let b = UniGrpo::run::<CpuAutodiff>(
         &split,
         &dev,
         &UniGrpoOptions {
@@ -379,7 +381,7 @@ fn d1_estimator_short_run() {
         "train.max_steps=2",
     ];
     let r = arith_recipe(tmp.path(), "d1a", &sets);
-    let a = run_unigrpo::<CpuAutodiff>(&r, &dev, &UniGrpoOptions::default(), &mut |_| {}).unwrap();
+    let a = UniGrpo::run::<CpuAutodiff>(&r, &dev, &UniGrpoOptions::default(), &mut |_| {}).unwrap();
     let rows = metric_rows(&a.run_dir);
     assert_eq!(rows.len(), 2);
     for row in &rows {
@@ -401,7 +403,7 @@ fn d1_estimator_short_run() {
         assert_eq!(row["num_train_rows"], 2 * 4);
         assert!(row["grad_norm"].as_f64().unwrap() > 0.0);
     }
-    let b = run_unigrpo::<CpuAutodiff>(
+    let b = UniGrpo::run::<CpuAutodiff>(
         &arith_recipe(tmp.path(), "d1b", &sets),
         &dev,
         &UniGrpoOptions::default(),
@@ -410,7 +412,7 @@ fn d1_estimator_short_run() {
     .unwrap();
     assert_eq!(a.losses, b.losses);
     // the estimator changes the loss: the structured estimator on the same rollouts differs
-    let s = run_unigrpo::<CpuAutodiff>(
+    let s = UniGrpo::run::<CpuAutodiff>(
         &arith_recipe(
             tmp.path(),
             "structured",
@@ -427,7 +429,7 @@ fn d1_estimator_short_run() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("grpo.estimator") && e.contains("structured, d1"),
+        e.contains("grpo.estimator") && e.contains("`structured` or `d1`"),
         "{e}"
     );
 }
@@ -476,7 +478,6 @@ fn max_weight_diff(a: &std::path::Path, b: &std::path::Path) -> f32 {
 #[test]
 fn two_flex_devices_equal_one_device() {
     use mmada_train::dist::DistConfig;
-    use mmada_train::unigrpo::run_unigrpo_dp;
     let tmp = tempfile::tempdir().unwrap();
     let dev = Default::default();
     let rw = r#"reward_funcs=[{kind: regex, params: {pattern: "[0-9]"}}, {kind: length, params: {min: 0, max: 0, margin: 8, unit: chars}}]"#;
@@ -524,7 +525,7 @@ fn two_flex_devices_equal_one_device() {
     ];
     for (case, ranks, sets) in cases {
         let one = arith_recipe(tmp.path(), &format!("{case}_1"), &sets);
-        let a = run_unigrpo::<CpuAutodiff>(&one, &dev, &UniGrpoOptions::default(), &mut |_| {})
+        let a = UniGrpo::run::<CpuAutodiff>(&one, &dev, &UniGrpoOptions::default(), &mut |_| {})
             .unwrap();
         let two = arith_recipe(tmp.path(), &format!("{case}_2"), &sets);
         let dist = DistConfig {
@@ -533,7 +534,7 @@ fn two_flex_devices_equal_one_device() {
             ..Default::default()
         };
         let mut steps = vec![];
-        let b = run_unigrpo_dp::<CpuAutodiff>(
+        let b = UniGrpo::run_dp::<CpuAutodiff>(
             &two,
             &vec![Default::default(); ranks],
             &dist,
@@ -630,7 +631,6 @@ fn dp_recipe(dir: &std::path::Path, name: &str, extra: &[&str]) -> UniGrpoRecipe
 #[test]
 fn data_parallel_stop_and_resume_continue_exactly() {
     use mmada_train::dist::DistConfig;
-    use mmada_train::unigrpo::run_unigrpo_dp;
     let tmp = tempfile::tempdir().unwrap();
     let dist = DistConfig {
         check_every: 1,
@@ -639,7 +639,7 @@ fn data_parallel_stop_and_resume_continue_exactly() {
     };
     let devices = [Default::default(), Default::default()];
     let dp = |r: &UniGrpoRecipe, o: UniGrpoOptions| {
-        run_unigrpo_dp::<CpuAutodiff>(r, &devices, &dist, &o, &mut |_| {}).unwrap()
+        UniGrpo::run_dp::<CpuAutodiff>(r, &devices, &dist, &o, &mut |_| {}).unwrap()
     };
     let straight = dp(
         &dp_recipe(tmp.path(), "straight", &["train.max_steps=4"]),
@@ -730,7 +730,7 @@ fn finish(c: std::process::Child, who: &str) -> String {
 #[test]
 fn cli_cpu2_and_two_processes_equal_one_device() {
     let tmp = tempfile::tempdir().unwrap();
-    let one = run_unigrpo::<CpuAutodiff>(
+    let one = UniGrpo::run::<CpuAutodiff>(
         &dp_recipe(tmp.path(), "one", &[]),
         &Default::default(),
         &UniGrpoOptions::default(),
@@ -799,11 +799,10 @@ fn cli_cpu2_and_two_processes_equal_one_device() {
 #[test]
 fn cuda0_two_workers_equal_one_device() {
     use mmada_train::dist::DistConfig;
-    use mmada_train::unigrpo::run_unigrpo_dp;
     type G = mmada_model::backend::CudaAutodiff;
     let dev = burn::backend::cuda::CudaDevice::new(0);
     let tmp = tempfile::tempdir().unwrap();
-    let a = run_unigrpo::<G>(
+    let a = UniGrpo::run::<G>(
         &dp_recipe(tmp.path(), "one", &[]),
         &dev,
         &UniGrpoOptions::default(),
@@ -815,7 +814,7 @@ fn cuda0_two_workers_equal_one_device() {
         timeout: std::time::Duration::from_secs(300),
         ..Default::default()
     };
-    let b = run_unigrpo_dp::<G>(
+    let b = UniGrpo::run_dp::<G>(
         &dp_recipe(tmp.path(), "two", &[]),
         &[dev.clone(), dev.clone()],
         &dist,
@@ -850,11 +849,11 @@ fn bf16_mixed_precision_runs_and_resumes_exactly() {
     let dev = Default::default();
     let o = UniGrpoOptions::default;
     let f32_run =
-        run_unigrpo::<CpuAutodiff>(&dp_recipe(tmp.path(), "f32", &[]), &dev, &o(), &mut |_| {})
+        UniGrpo::run::<CpuAutodiff>(&dp_recipe(tmp.path(), "f32", &[]), &dev, &o(), &mut |_| {})
             .unwrap();
     let bf = ["train.mixed_precision=bf16"];
     let straight =
-        run_unigrpo::<CpuAutodiff>(&dp_recipe(tmp.path(), "bf16", &bf), &dev, &o(), &mut |_| {})
+        UniGrpo::run::<CpuAutodiff>(&dp_recipe(tmp.path(), "bf16", &bf), &dev, &o(), &mut |_| {})
             .unwrap();
     assert!(
         straight.losses.iter().all(|l| l.is_finite()),
@@ -875,7 +874,7 @@ fn bf16_mixed_precision_runs_and_resumes_exactly() {
         "master weights are saved in f32"
     );
     let split = dp_recipe(tmp.path(), "bf16_split", &bf);
-    let first = run_unigrpo::<CpuAutodiff>(
+    let first = UniGrpo::run::<CpuAutodiff>(
         &split,
         &dev,
         &UniGrpoOptions {
@@ -886,7 +885,7 @@ fn bf16_mixed_precision_runs_and_resumes_exactly() {
     )
     .unwrap();
     assert_eq!(first.final_step, 2);
-    let second = run_unigrpo::<CpuAutodiff>(
+    let second = UniGrpo::run::<CpuAutodiff>(
         &split,
         &dev,
         &UniGrpoOptions {

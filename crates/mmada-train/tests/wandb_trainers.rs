@@ -5,12 +5,14 @@
 //! the same wandb run; without the saved wandb state it asks the server (`RunResumeStatus`)
 //! and overwrites the rows logged after the checkpoint instead of duplicating them.
 
+use mmada_train::recipe::Recipe as _;
+use mmada_train::trainer::TrainLoop as _;
 use std::path::{Path, PathBuf};
 
 use mmada_model::backend::CpuAutodiff;
 use mmada_train::recipe::SftRecipe;
-use mmada_train::sft::{Resume, SftOptions, run_sft};
-use mmada_train::unigrpo::{UniGrpoOptions, UniGrpoRecipe, run_unigrpo};
+use mmada_train::sft::{Resume, Sft, SftOptions};
+use mmada_train::unigrpo::{UniGrpo, UniGrpoOptions, UniGrpoRecipe};
 use mmada_wandb::testing::{FakeServer, endpoint};
 use serde_json::Value;
 
@@ -89,7 +91,7 @@ fn quickstart_sft_sends_its_metrics() {
         wandb_endpoint: Some(endpoint(&server.url())),
         ..Default::default()
     };
-    let out = run_sft::<CpuAutodiff>(&recipe, &Default::default(), &opts, &mut |_| {}).unwrap();
+    let out = Sft::run::<CpuAutodiff>(&recipe, &Default::default(), &opts, &mut |_| {}).unwrap();
     assert_eq!(out.final_step, 4);
     let run_id = run_id_of(&server);
     let history = server.history(&run_id);
@@ -160,7 +162,7 @@ fn unigrpo_sends_its_metrics_and_resumes_the_same_run() {
         wandb_endpoint: Some(endpoint(&server.url())),
         ..Default::default()
     };
-    let first = run_unigrpo::<CpuAutodiff>(
+    let first = UniGrpo::run::<CpuAutodiff>(
         &r,
         &dev,
         &UniGrpoOptions {
@@ -174,7 +176,7 @@ fn unigrpo_sends_its_metrics_and_resumes_the_same_run() {
     let run_id = run_id_of(&server);
     // the second process resumes the step-2 checkpoint and continues the same wandb run
     let out =
-        run_unigrpo::<CpuAutodiff>(&r, &dev, &opts(Some(Resume::Latest)), &mut |_| {}).unwrap();
+        UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts(Some(Resume::Latest)), &mut |_| {}).unwrap();
     assert_eq!(out.final_step, 4);
     let history = server.history(&run_id);
     let rows = metric_rows(&out.run_dir);
@@ -241,7 +243,7 @@ fn resume_without_saved_wandb_state_asks_the_server() {
     };
     // 3 steps (checkpoints at 2 and 3), then resume from step 2 with the wandb state lost:
     // the server has rows of steps 1, 2, 3; the step-3 row must be overwritten, not repeated.
-    let first = run_unigrpo::<CpuAutodiff>(&r, &dev, &opts(None, Some(3)), &mut |_| {}).unwrap();
+    let first = UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts(None, Some(3)), &mut |_| {}).unwrap();
     assert_eq!(first.final_step, 3);
     assert_eq!(server.history("grpo-lost-state").len(), 3);
     let ck2 = first.run_dir.join("checkpoints/step-000002");
@@ -255,7 +257,7 @@ fn resume_without_saved_wandb_state_asks_the_server() {
 
     let n0 = server.requests().len();
     let out =
-        run_unigrpo::<CpuAutodiff>(&r, &dev, &opts(Some(Resume::Path(ck2)), None), &mut |_| {})
+        UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts(Some(Resume::Path(ck2)), None), &mut |_| {})
             .unwrap();
     assert_eq!(out.final_step, 4);
     let reqs = server.requests()[n0..].to_vec();

@@ -1,0 +1,504 @@
+//! Recipes: typed YAML with `--set a.b=c` overrides and errors that name the key path.
+//!
+//! A recipe is parsed in three steps ([`Recipe::parse`], one implementation for every
+//! trainer): YAML text → a YAML tree, `--set` overrides applied to the tree (so overrides get
+//! the same validation), the tree deserialised into the recipe type with unknown keys
+//! rejected, then the recipe's cross-field [`Recipe::validate`]. Errors give the key path
+//! (`optimizer.lr`), what is wrong and, for an unknown key or value, the nearest valid one.
+//!
+//! * this module: the trait, the parser and the sections every trainer shares (`run`,
+//!   `model`, `tokenizer`, `optimizer`, `schedule`, `checkpoint`, `logging`);
+//! * [`sft`]: [`SftRecipe`] and its `data` / `loss` / `train` sections;
+//! * [`unigrpo`]: [`UniGrpoRecipe`] and its `prompts` / `grpo` / `rollout` / `train` sections.
+//!
+//! Every choice is an enum whose serde spelling is the YAML value (`cosine`, `bf16`,
+//! `reference_model`, …), so a recipe is checked when it is read and the code matches on
+//! variants instead of comparing strings.
+
+use std::path::{Path, PathBuf};
+
+use mmada_model::checkpoint::DiskDtype;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_norway::Value;
+
+/// The serde `default = "…"` functions of a recipe file: `serde_defaults! { name: Type =
+/// value; … }` defines `fn name() -> Type { value }` for each line.
+macro_rules! serde_defaults {
+    ($($name:ident: $t:ty = $v:expr;)*) => {
+        $(fn $name() -> $t {
+            $v
+        })*
+    };
+}
+
+pub mod sft;
+pub mod unigrpo;
+
+pub use sft::{
+    DataSection, ImageTokenizerSection, LossSection, SftRecipe, SourceSpec, StreamSection,
+    T2iAttentionName, TrainSection,
+};
+pub use unigrpo::{
+    Estimator, GrpoSection, GrpoTrainSection, KlReference, MaskRatioKind, PromptTemplate,
+    PromptsSection, UniGrpoRecipe,
+};
+
+serde_defaults! {
+    default_output_dir: PathBuf = PathBuf::from("runs");
+    beta1: f32 = 0.9;
+    beta2: f32 = 0.999;
+    adam_eps: f32 = 1e-8;
+    wd: f32 = 0.01;
+    decay_fraction: f64 = 0.1;
+    two: usize = 2;
+}
+
+/// A recipe error: file, key path and message.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    /// The file cannot be read.
+    #[error("cannot read recipe {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// YAML syntax.
+    #[error("recipe {path}: invalid YAML: {message}")]
+    Yaml {
+        /// The file.
+        path: String,
+        /// Parser message with line and column.
+        message: String,
+    },
+    /// A value at a key path is invalid (unknown key, wrong type, failed validation).
+    #[error("recipe {path}: `{key}`: {message}")]
+    Key {
+        /// The file.
+        path: String,
+        /// The key path, e.g. `optimizer.lr`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A malformed `--set` override.
+    #[error("--set {0}: expected KEY.PATH=VALUE (e.g. --set optimizer.lr=1e-4)")]
+    BadOverride(String),
+}
+
+impl RecipeError {
+    /// A [`RecipeError::Key`] for recipe `path`.
+    pub fn key(path: &str, key: &str, message: impl Into<String>) -> Self {
+        RecipeError::Key {
+            path: path.to_string(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A trainer's recipe: one load / parse / print path for every trainer.
+pub trait Recipe: Serialize + DeserializeOwned {
+    /// Cross-field checks, with the key path of the offending value; `name` is the file.
+    ///
+    /// # Errors
+    /// [`RecipeError::Key`].
+    fn validate(&self, name: &str) -> Result<(), RecipeError>;
+
+    /// Read a recipe file, apply `--set` overrides, validate.
+    ///
+    /// # Errors
+    /// [`RecipeError`] naming the file and key.
+    fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parse recipe text (`name` is used in errors), apply overrides, validate.
+    ///
+    /// # Errors
+    /// [`RecipeError`].
+    fn parse(text: &str, name: &str, overrides: &[String]) -> Result<Self, RecipeError> {
+        let mut tree: Value = serde_norway::from_str(text).map_err(|e| RecipeError::Yaml {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        apply_overrides(&mut tree, overrides)?;
+        let r: Self = from_tree(tree, name)?;
+        r.validate(name)?;
+        Ok(r)
+    }
+
+    /// The resolved recipe as YAML (what `--print-config` prints and the run directory keeps).
+    fn to_yaml(&self) -> String {
+        serde_norway::to_string(self).expect("recipe serialises")
+    }
+}
+
+/// Apply `key.path=value` overrides to a YAML tree; the value is parsed as YAML
+/// (`1e-4`, `true`, `[a, b]`, strings).
+///
+/// # Errors
+/// [`RecipeError::BadOverride`] when an override has no `=` or an empty key.
+pub fn apply_overrides(tree: &mut Value, overrides: &[String]) -> Result<(), RecipeError> {
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .ok_or_else(|| RecipeError::BadOverride(o.clone()))?;
+        if key.trim().is_empty() {
+            return Err(RecipeError::BadOverride(o.clone()));
+        }
+        let value: Value =
+            serde_norway::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+        let mut node = &mut *tree;
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            if !node.is_mapping() {
+                *node = Value::Mapping(Default::default());
+            }
+            let map = node.as_mapping_mut().expect("mapping");
+            let k = Value::String(part.to_string());
+            if i + 1 == parts.len() {
+                map.insert(k, value.clone());
+                break;
+            }
+            if !map.contains_key(&k) {
+                map.insert(k.clone(), Value::Mapping(Default::default()));
+            }
+            node = map.get_mut(&k).expect("just inserted");
+        }
+    }
+    Ok(())
+}
+
+/// The nearest of `candidates` to `word` (Levenshtein ≤ 3), for "did you mean" hints.
+pub(crate) fn nearest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::levenshtein(word, c), *c))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// Deserialize a YAML tree into `T` with key-path errors and nearest-key / nearest-value
+/// hints.
+///
+/// # Errors
+/// [`RecipeError::Key`].
+pub fn from_tree<T: DeserializeOwned>(tree: Value, path: &str) -> Result<T, RecipeError> {
+    serde_path_to_error::deserialize(tree).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let mut message = inner.clone();
+        // serde: "unknown field `lrr`, expected one of `lr`, `beta1`, …" and
+        // "unknown variant `cosin`, expected one of `cosine`, `linear`, …"
+        let rest = inner
+            .strip_prefix("unknown field `")
+            .or_else(|| inner.strip_prefix("unknown variant `"));
+        if let Some(rest) = rest
+            && let Some((word, expected)) = rest.split_once('`')
+        {
+            let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            if let Some(n) = nearest(word, &candidates) {
+                message = format!("{inner} (did you mean `{n}`?)");
+            }
+        }
+        RecipeError::key(path, &key, message)
+    })
+}
+
+/// `run:` — identity of the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run name: the run directory is `output_dir/name`.
+    pub name: String,
+    /// Parent of run directories.
+    #[serde(default = "default_output_dir")]
+    pub output_dir: PathBuf,
+    /// The one run seed; every consumer derives its own stream from it.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// A parameter dtype in memory (`model.dtype`) or on disk (`checkpoint.model_dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamDtype {
+    /// float32 (default; exact resume).
+    #[default]
+    F32,
+    /// bfloat16 (half the size; a checkpoint in bf16 does not resume bit-exactly).
+    Bf16,
+}
+
+impl ParamDtype {
+    /// The in-memory float dtype.
+    pub fn float(self) -> burn::tensor::FloatDType {
+        match self {
+            ParamDtype::F32 => burn::tensor::FloatDType::F32,
+            ParamDtype::Bf16 => burn::tensor::FloatDType::BF16,
+        }
+    }
+
+    /// The safetensors dtype.
+    pub fn disk(self) -> DiskDtype {
+        match self {
+            ParamDtype::F32 => DiskDtype::F32,
+            ParamDtype::Bf16 => DiskDtype::BF16,
+        }
+    }
+
+    /// The YAML spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamDtype::F32 => "f32",
+            ParamDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// `model:` — where the initial weights come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A preset (`tiny`, `llada_8b`, `mmada_8b`) initialised randomly; exclusive with `checkpoint`.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A Hugging Face checkpoint directory (config.json + safetensors).
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+    /// `config.json` keys overriding the preset (e.g. `{d_model: 128, n_layers: 4}`).
+    /// `vocab_size`, `embedding_size` and the special ids always follow the tokenizer.
+    #[serde(default)]
+    pub overrides: serde_json::Map<String, serde_json::Value>,
+    /// Parameter dtype: `f32` (default) or `bf16`.
+    #[serde(default)]
+    pub dtype: ParamDtype,
+}
+
+impl ModelSection {
+    /// Exactly one of `preset` / `checkpoint`; `mixed_precision: bf16` needs f32 parameters.
+    ///
+    /// # Errors
+    /// [`RecipeError::Key`] naming `model` or `train.mixed_precision`.
+    pub fn validate(&self, name: &str, mixed: MixedPrecision) -> Result<(), RecipeError> {
+        match (&self.preset, &self.checkpoint) {
+            (Some(_), Some(_)) => {
+                return Err(RecipeError::key(
+                    name,
+                    "model",
+                    "give either `preset` or `checkpoint`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(RecipeError::key(
+                    name,
+                    "model",
+                    "give `preset: tiny` or `checkpoint: DIR`",
+                ));
+            }
+            _ => {}
+        }
+        if mixed == MixedPrecision::Bf16 && self.dtype != ParamDtype::F32 {
+            let d = self.dtype.as_str();
+            return Err(RecipeError::key(
+                name,
+                "train.mixed_precision",
+                format!(
+                    "`bf16` keeps f32 master weights, but model.dtype is `{d}`: set model.dtype: f32 (or mixed_precision: no for pure {d} training)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `tokenizer:` — the text tokenizer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSection {
+    /// A `tokenizer.json` file or a directory holding one (with its config files).
+    pub path: PathBuf,
+    /// Add the MMaDA special tokens the vocabulary lacks (mask, chat headers, task tokens).
+    #[serde(default = "yes")]
+    pub add_mmada_tokens: bool,
+}
+
+pub(crate) fn yes() -> bool {
+    true
+}
+
+pub(crate) fn one_u64() -> u64 {
+    1
+}
+
+pub(crate) fn one_f32() -> f32 {
+    1.0
+}
+
+pub(crate) fn cpu() -> String {
+    "cpu".into()
+}
+
+/// `optimizer:` — AdamW (PyTorch semantics; burn's defaults differ and are never used).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSection {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// β₁.
+    #[serde(default = "beta1")]
+    pub beta1: f32,
+    /// β₂.
+    #[serde(default = "beta2")]
+    pub beta2: f32,
+    /// ε (PyTorch default 1e-8).
+    #[serde(default = "adam_eps")]
+    pub eps: f32,
+    /// Decoupled weight decay (upstream configs: 0.01).
+    #[serde(default = "wd")]
+    pub weight_decay: f32,
+    /// Global-norm gradient clipping (`clip_grad_norm_`); `0` disables.
+    #[serde(default = "one_f32")]
+    pub max_grad_norm: f32,
+}
+
+impl OptimizerSection {
+    /// A positive learning rate.
+    ///
+    /// # Errors
+    /// [`RecipeError::Key`] naming `optimizer.lr`.
+    pub fn validate(&self, name: &str) -> Result<(), RecipeError> {
+        if self.lr.is_nan() || self.lr <= 0.0 {
+            return Err(RecipeError::key(name, "optimizer.lr", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// `schedule.kind`: the learning-rate schedule (see [`crate::schedule`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Upstream MMaDA cosine with `min_lr_scale` (default).
+    #[default]
+    Cosine,
+    /// Linear decay to `min_lr_scale`.
+    Linear,
+    /// Constant after warmup.
+    Constant,
+    /// Warmup-stable-decay (LLaDA SFT).
+    Wsd,
+}
+
+/// `schedule:` — learning-rate schedule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    /// `cosine` (upstream), `linear`, `constant`, `wsd` (warmup-stable-decay).
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    /// Linear warmup steps from 0.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Floor as a fraction of the peak LR (cosine, linear, wsd).
+    #[serde(default)]
+    pub min_lr_scale: f64,
+    /// `wsd`: fraction of the steps spent in the final linear decay (LLaDA SFT: 0.1).
+    #[serde(default = "decay_fraction")]
+    pub decay_fraction: f64,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        serde_norway::from_str("{}").expect("defaults")
+    }
+}
+
+impl ScheduleSection {
+    /// `min_lr_scale` in `[0, 1]`.
+    ///
+    /// # Errors
+    /// [`RecipeError::Key`] naming `schedule.min_lr_scale`.
+    pub fn validate(&self, name: &str) -> Result<(), RecipeError> {
+        if !(0.0..=1.0).contains(&self.min_lr_scale) {
+            return Err(RecipeError::key(
+                name,
+                "schedule.min_lr_scale",
+                "must be in [0, 1]",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Recipe values of `train.mixed_precision` (accelerate's spelling).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// Compute in the parameter dtype.
+    #[default]
+    No,
+    /// bf16 compute over f32 master parameters.
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The compute dtype to give `LladaModel::with_compute_dtype`.
+    pub fn compute_dtype(self) -> Option<burn::tensor::FloatDType> {
+        match self {
+            MixedPrecision::No => None,
+            MixedPrecision::Bf16 => Some(burn::tensor::FloatDType::BF16),
+        }
+    }
+}
+
+/// `train.device` parses as a device string.
+///
+/// # Errors
+/// [`RecipeError::Key`] naming `train.device`.
+pub(crate) fn validate_device(name: &str, device: &str) -> Result<(), RecipeError> {
+    device
+        .parse::<mmada_model::backend::DeviceSpec>()
+        .map(|_| ())
+        .map_err(|e| RecipeError::key(name, "train.device", e.to_string()))
+}
+
+/// `checkpoint:` — periodic run checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Save every this many steps (0 = only at the end).
+    #[serde(default)]
+    pub every: u64,
+    /// Keep the newest this many checkpoints (0 = all).
+    #[serde(default = "two")]
+    pub keep_last: usize,
+    /// On-disk dtype of the model: `f32` (exact resume) or `bf16` (half the size; resume is
+    /// then not bit-exact).
+    #[serde(default)]
+    pub model_dtype: ParamDtype,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        serde_norway::from_str("{}").expect("defaults")
+    }
+}
+
+/// `logging:` — where metrics go besides `metrics.jsonl` (always written).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    /// Weights & Biases over HTTP (`mode: online | offline | disabled`, project, entity, …).
+    #[serde(default)]
+    pub wandb: Option<mmada_wandb::WandbConfig>,
+}

@@ -1,0 +1,374 @@
+//! The UniGRPO recipe (`mmada-train unigrpo --recipe FILE`, spec §5): [`UniGrpoRecipe`] and
+//! the sections only UniGRPO has (`prompts`, `grpo`, `rollout`, `reward_funcs`, `train`), with
+//! TRL `GRPOConfig` key names where they exist. Shared sections live in [`crate::recipe`].
+
+use std::path::PathBuf;
+
+use mmada_data::manifest::Manifest;
+use mmada_diffusion::grpo::{
+    AdvantageOptions, GrpoLossConfig, LossNorm, MaskRatioSchedule, ScaleRewards,
+};
+use mmada_rewards::RewardSpec;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
+    RecipeError, RunConfig, ScheduleSection, TokenizerSection, cpu, one_u64, validate_device, yes,
+};
+
+serde_defaults! {
+    default_max_prompt: usize = 512;
+    default_p_mask_prompt: f32 = 0.15;
+    one: usize = 1;
+    default_beta: f32 = 0.01;
+    default_eps: f32 = 0.2;
+    default_timesteps: u32 = 1000;
+    default_lower: f32 = 0.1;
+    default_upper: f32 = 0.9;
+}
+
+/// `prompts.template`: how a prompt example becomes prompt text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptTemplate {
+    /// MMaDA chat template (`\n` after the header; default).
+    #[default]
+    Mmada,
+    /// LLaDA-8B-Instruct chat template (`\n\n` after the header).
+    Llada,
+    /// The raw question.
+    None,
+}
+
+impl PromptTemplate {
+    /// The chat template, `None` for the raw question.
+    pub fn chat(self) -> Option<mmada_data::ChatTemplate> {
+        match self {
+            PromptTemplate::Mmada => Some(mmada_data::ChatTemplate::mmada()),
+            PromptTemplate::Llada => Some(mmada_data::ChatTemplate::llada()),
+            PromptTemplate::None => None,
+        }
+    }
+}
+
+/// `prompts:` — where the prompts (and the reward fields) come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptsSection {
+    /// A dataset manifest file (`data_manifests/gsm8k.yaml`).
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
+    /// Or an inline manifest.
+    #[serde(default)]
+    pub inline: Option<Manifest>,
+    /// Override of the manifest's `source.path` (a local file or glob).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Root for relative data paths.
+    #[serde(default)]
+    pub data_root: Option<PathBuf>,
+    /// Use at most this many examples.
+    #[serde(default)]
+    pub max_examples: Option<usize>,
+    /// Chat template: `mmada` (default), `llada` or `none` (raw question).
+    #[serde(default)]
+    pub template: PromptTemplate,
+    /// Prepend the long-CoT `<think>` instruction to the question (default true).
+    #[serde(default = "yes")]
+    pub cot: bool,
+    /// Prompts longer than this (in tokens, BOS included) keep their last tokens (default 512,
+    /// dLLM-RL `max_prompt_len`).
+    #[serde(default = "default_max_prompt")]
+    pub max_prompt_length: usize,
+}
+
+/// `grpo.mask_ratio`: where the mask ratio of each (completion, inner iteration) comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskRatioKind {
+    /// Paper Algorithm 1: μ ratios uniformly spaced from a random start (default).
+    #[default]
+    UniformSpaced,
+    /// dLLM-RL: i.i.d. `U[lower_p, upper_p]`.
+    Uniform,
+}
+
+/// `grpo.kl_reference`: the policy the KL penalty is measured against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlReference {
+    /// The pre-update snapshot of the step (dLLM-RL; default).
+    #[default]
+    OldPolicy,
+    /// The initial weights, kept as a frozen reference model (paper / TRL).
+    ReferenceModel,
+}
+
+/// `grpo.estimator`: how a completion's log-probabilities are estimated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// UniGRPO structured noising of the completion with `mask_ratio` (default).
+    #[default]
+    Structured,
+    /// d1 `diffu_grpo_trainer.py`: completion fully masked, prompt tokens masked with
+    /// probability `p_mask_prompt`, one forward pass.
+    D1,
+}
+
+/// `grpo:` — the algorithm, with TRL `GRPOConfig` key names where they exist.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoSection {
+    /// Completions per prompt `G` (≥ 2; TRL `num_generations`).
+    pub num_generations: usize,
+    /// Completions per step (a multiple of `num_generations`; TRL `generation_batch_size`).
+    pub generation_batch_size: usize,
+    /// Inner updates μ per rollout batch (TRL `num_iterations`; default 1).
+    #[serde(default = "one")]
+    pub num_iterations: usize,
+    /// KL weight β (default 0.01, dLLM-RL).
+    #[serde(default = "default_beta")]
+    pub beta: f32,
+    /// Lower clip ε (default 0.2).
+    #[serde(default = "default_eps")]
+    pub epsilon: f32,
+    /// Upper clip (default = `epsilon`).
+    #[serde(default)]
+    pub epsilon_high: Option<f32>,
+    /// `group` (default), `batch` or `none`.
+    #[serde(default)]
+    pub scale_rewards: ScaleRewards,
+    /// Added to the std in the advantage (default 0 with the zero-std guard, as dLLM-RL; TRL
+    /// uses 1e-4).
+    #[serde(default)]
+    pub advantage_eps: f32,
+    /// `dllm_rl` (default), `sequence` (paper eq., TRL `grpo`) or `token` (TRL `bnpo`).
+    #[serde(default)]
+    pub loss_type: LossNorm,
+    /// `uniform_spaced` (paper Algorithm 1, default) or `uniform` (dLLM-RL).
+    #[serde(default)]
+    pub mask_ratio: MaskRatioKind,
+    /// `T` of the uniformly-spaced schedule (default 1000).
+    #[serde(default = "default_timesteps")]
+    pub timesteps: u32,
+    /// Lower bound of `uniform` ratios (default 0.1).
+    #[serde(default = "default_lower")]
+    pub lower_p: f32,
+    /// Upper bound of `uniform` ratios (default 0.9).
+    #[serde(default = "default_upper")]
+    pub upper_p: f32,
+    /// Trailing EOS pads trained as ordinary tokens (dLLM-RL `post_num`, default 0).
+    #[serde(default)]
+    pub post_num: usize,
+    /// `old_policy` (dLLM-RL, default) or `reference_model` (the initial weights, paper/TRL).
+    #[serde(default)]
+    pub kl_reference: KlReference,
+    /// Copy the policy into the reference model every N steps (0 = never; TRL
+    /// `ref_model_sync_steps`).
+    #[serde(default)]
+    pub sync_ref_model_steps: u64,
+    /// Completion length = sampler `gen_length` (TRL `max_completion_length`).
+    pub max_completion_length: usize,
+    /// Log-prob estimator: `structured` (default; UniGRPO structured noising of the
+    /// completion with `mask_ratio`) or `d1` (d1 `diffu_grpo_trainer.py`: completion fully
+    /// masked, prompt tokens masked with probability `p_mask_prompt`, one forward pass; the
+    /// first EOS is scored as in TRL's `completion_mask`, so `post_num` is at least 1).
+    #[serde(default)]
+    pub estimator: Estimator,
+    /// Prompt masking probability of `estimator: d1` (d1 default 0.15).
+    #[serde(default = "default_p_mask_prompt")]
+    pub p_mask_prompt: f32,
+}
+
+impl GrpoSection {
+    /// Prompt groups per step (`generation_batch_size / num_generations`).
+    pub fn prompts_per_step(&self) -> usize {
+        self.generation_batch_size / self.num_generations
+    }
+
+    /// Whether a frozen reference model is kept (`kl_reference: reference_model`, β > 0).
+    pub fn uses_reference_model(&self) -> bool {
+        self.kl_reference == KlReference::ReferenceModel && self.beta > 0.0
+    }
+
+    /// The mask-ratio schedule of `mask_ratio`.
+    pub fn mask_schedule(&self) -> MaskRatioSchedule {
+        match self.mask_ratio {
+            MaskRatioKind::Uniform => MaskRatioSchedule::Uniform {
+                lower: self.lower_p,
+                upper: self.upper_p,
+            },
+            MaskRatioKind::UniformSpaced => MaskRatioSchedule::UniformSpaced {
+                timesteps: self.timesteps,
+            },
+        }
+    }
+
+    /// The loss parameters.
+    pub fn loss_config(&self) -> GrpoLossConfig {
+        GrpoLossConfig {
+            epsilon: self.epsilon,
+            epsilon_high: self.epsilon_high,
+            beta: self.beta,
+            norm: self.loss_type,
+        }
+    }
+
+    /// Advantage options.
+    pub fn advantage_options(&self) -> AdvantageOptions {
+        AdvantageOptions {
+            scale: self.scale_rewards,
+            eps: self.advantage_eps,
+            unbiased_std: false,
+        }
+    }
+
+    /// Group size, batch, μ, ε, β, completion length, `p_mask_prompt` and the mask-ratio
+    /// schedule.
+    ///
+    /// # Errors
+    /// [`RecipeError::Key`] naming the `grpo.…` key, with the valid values.
+    pub fn validate(&self, name: &str) -> Result<(), RecipeError> {
+        let err = |k: &str, m: String| Err(RecipeError::key(name, k, m));
+        if self.num_generations < 2 {
+            return err(
+                "grpo.num_generations",
+                format!(
+                    "{} is invalid: group advantages need at least 2 completions per prompt (valid: 2, 3, 4, …)",
+                    self.num_generations
+                ),
+            );
+        }
+        let n = self.num_generations;
+        if self.generation_batch_size == 0 || !self.generation_batch_size.is_multiple_of(n) {
+            return err(
+                "grpo.generation_batch_size",
+                format!(
+                    "{} is not a multiple of num_generations {n}: valid values are {n}, {}, {}, …",
+                    self.generation_batch_size,
+                    2 * n,
+                    3 * n
+                ),
+            );
+        }
+        if self.num_iterations == 0 {
+            return err(
+                "grpo.num_iterations",
+                "0 is invalid: need at least 1".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&self.epsilon) {
+            return err(
+                "grpo.epsilon",
+                format!("{} is invalid: need 0 <= epsilon < 1", self.epsilon),
+            );
+        }
+        if self.epsilon_high.is_some_and(|e| e.is_nan() || e < 0.0) {
+            return err("grpo.epsilon_high", "must be >= 0".into());
+        }
+        if self.beta.is_nan() || self.beta < 0.0 {
+            return err(
+                "grpo.beta",
+                format!("{} is invalid: need beta >= 0", self.beta),
+            );
+        }
+        if self.max_completion_length == 0 {
+            return err("grpo.max_completion_length", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.p_mask_prompt) {
+            return err(
+                "grpo.p_mask_prompt",
+                format!(
+                    "{} is invalid: need 0 <= p_mask_prompt < 1 (d1 uses 0.15)",
+                    self.p_mask_prompt
+                ),
+            );
+        }
+        self.mask_schedule()
+            .validate()
+            .map_err(|e| RecipeError::key(name, "grpo.mask_ratio", e.to_string()))
+    }
+}
+
+/// `train:` of a UniGRPO recipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoTrainSection {
+    /// RL steps (rollout batches).
+    pub max_steps: u64,
+    /// Log every N steps (default 1).
+    #[serde(default = "one_u64")]
+    pub log_every: u64,
+    /// `cpu`, `cpu:N`, `cuda:N`, `cuda:0,1,2,3` or `cuda:all` (several devices = data
+    /// parallelism, see `crate::unigrpo::UniGrpo`; see `mmada_model::backend::DeviceSpec`).
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// Mixed precision as in SFT (accelerate's name): `no` (default) or `bf16` (f32 master
+    /// weights and AdamW state, bf16 matmuls in rollouts, log-probs and updates; needs
+    /// `model.dtype: f32`). The reference model computes in the same precision.
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
+}
+
+/// A UniGRPO recipe (`mmada-train unigrpo --recipe …`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UniGrpoRecipe {
+    /// Run identity.
+    pub run: RunConfig,
+    /// Initial policy (usually an SFT checkpoint).
+    pub model: ModelSection,
+    /// Tokenizer.
+    pub tokenizer: TokenizerSection,
+    /// Prompts.
+    pub prompts: PromptsSection,
+    /// Algorithm.
+    pub grpo: GrpoSection,
+    /// Rollout sampler: keys of `mmada_sampler::GenerateConfig` (`steps`, `block_length`,
+    /// `temperature`, `cfg_scale`, `remasking`, …); ids default to the tokenizer's and
+    /// `gen_length` is `grpo.max_completion_length`.
+    #[serde(default)]
+    pub rollout: serde_json::Map<String, serde_json::Value>,
+    /// Rewards (`kind`, `name`, `weight`, `params`); see `mmada_rewards`.
+    pub reward_funcs: Vec<RewardSpec>,
+    /// AdamW.
+    pub optimizer: OptimizerSection,
+    /// LR schedule over all optimizer steps (`max_steps · num_iterations`).
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    /// Loop.
+    pub train: GrpoTrainSection,
+    /// Checkpoints.
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    /// Metrics besides `metrics.jsonl`: `wandb:` (see `mmada_wandb::WandbConfig`), the same
+    /// section and code path as SFT ([`crate::wandb_log`]).
+    #[serde(default)]
+    pub logging: LoggingSection,
+}
+
+impl Recipe for UniGrpoRecipe {
+    fn validate(&self, name: &str) -> Result<(), RecipeError> {
+        let err = |k: &str, m: &str| Err(RecipeError::key(name, k, m));
+        self.grpo.validate(name)?;
+        match (&self.prompts.manifest, &self.prompts.inline) {
+            (None, None) => return err("prompts", "give `manifest: FILE` or `inline: {…}`"),
+            (Some(_), Some(_)) => return err("prompts", "give `manifest` or `inline`, not both"),
+            _ => {}
+        }
+        self.model.validate(name, self.train.mixed_precision)?;
+        if self.train.max_steps == 0 {
+            return err("train.max_steps", "must be at least 1");
+        }
+        validate_device(name, &self.train.device)?;
+        if self.reward_funcs.is_empty() {
+            return err(
+                "reward_funcs",
+                "give at least one reward, e.g. `- kind: math_correctness`",
+            );
+        }
+        self.optimizer.validate(name)?;
+        self.schedule.validate(name)
+    }
+}

@@ -1,0 +1,261 @@
+//! UniGRPO phases 3–5: noising the completions, old-policy (and reference) log-probs, and
+//! the μ clipped-objective updates.
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use mmada_diffusion::grpo::{
+    GroupAdvantages, GrpoBatch, TailPad, completion_mask, noise_completion, noise_d1, unigrpo_loss,
+};
+use mmada_model::{Attention, LladaModel};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use super::purpose;
+use super::rollout::Rollout;
+use crate::data::derive_seed;
+use crate::error::TrainError;
+use crate::recipe::{Estimator, UniGrpoRecipe};
+use crate::schedule::Schedule;
+use crate::trainer::{Session, accumulate};
+
+/// The noised training rows of a step: `batches[n][k]` is prompt group `k` (of this rank)
+/// in inner iteration `n`.
+pub struct Noised {
+    /// `[μ][groups of this rank]` batches.
+    pub batches: Vec<Vec<GrpoBatch>>,
+    /// Non-empty groups per iteration over the whole step (every rank; the 1-device divisor).
+    pub nonempty: Vec<usize>,
+    /// Sum and count of the mask ratios drawn (`mask_ratio/mean`).
+    pub ratio_sum: [f32; 2],
+}
+
+/// The EOS tail of a completion row: d1 scores through the first EOS (TRL
+/// `completion_mask`), so `post_num` is at least 1 there.
+fn tail(recipe: &UniGrpoRecipe, eos: i64) -> TailPad {
+    let g = &recipe.grpo;
+    TailPad {
+        pad_id: eos,
+        post_num: if g.estimator == Estimator::D1 {
+            g.post_num.max(1)
+        } else {
+            g.post_num
+        },
+    }
+}
+
+/// Phase 3: the noised row of every (inner iteration, completion). Completion `j` draws
+/// from `derive_seed(seed, NOISE, step, j)`: the μ mask ratios first (structured estimator),
+/// then per iteration its mask (or, for d1, a fresh prompt mask). The number of non-empty
+/// groups per iteration is summed over ranks.
+///
+/// # Errors
+/// Inconsistent rows; collective errors.
+pub fn noise<B: AutodiffBackend>(
+    recipe: &UniGrpoRecipe,
+    session: &mut Session<'_, B>,
+    rollouts: &[Rollout],
+    adv: &GroupAdvantages,
+    groups: usize,
+) -> Result<Noised, TrainError> {
+    let grpo = &recipe.grpo;
+    let (g, mu, gen_len) = (
+        grpo.num_generations,
+        grpo.num_iterations,
+        grpo.max_completion_length,
+    );
+    let layout = *session.tok.layout();
+    let (eos, mask_id) = (i64::from(layout.eos_id), i64::from(layout.mask_id));
+    let tail = tail(recipe, eos);
+    let d1 = grpo.estimator == Estimator::D1;
+    let mask_sched = grpo.mask_schedule();
+    let step = session.state.step;
+    let mut rngs: Vec<StdRng> = rollouts
+        .iter()
+        .map(|r| {
+            StdRng::seed_from_u64(derive_seed(
+                recipe.run.seed,
+                purpose::NOISE,
+                step,
+                r.index as u64,
+            ))
+        })
+        .collect();
+    let ratios: Vec<Vec<f32>> = if d1 {
+        vec![vec![1.0; mu]; rollouts.len()]
+    } else {
+        rngs.iter_mut()
+            .map(|rng| {
+                let u: Vec<f32> = (0..mask_sched.draws_needed(mu))
+                    .map(|_| rng.random::<f32>())
+                    .collect();
+                mask_sched.ratios(mu, &u)
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut batches: Vec<Vec<GrpoBatch>> = vec![Vec::new(); mu];
+    let mut ratio_sum = [0f32; 2];
+    for (n, iter_batches) in batches.iter_mut().enumerate() {
+        for grp in 0..groups {
+            let lp = rollouts[grp * g].prompt_ids.len();
+            let mut b = GrpoBatch::new(lp + gen_len);
+            for j in grp * g..(grp + 1) * g {
+                let r = &rollouts[j];
+                let row = if d1 {
+                    // d1: a fresh prompt mask per inner iteration (d1's per-iteration mask
+                    // seeds), the completion fully masked
+                    let u: Vec<f32> = (0..lp).map(|_| rngs[j].random::<f32>()).collect();
+                    noise_d1(&r.row, lp, &u, grpo.p_mask_prompt, mask_id, Some(tail))?
+                } else {
+                    let u: Vec<f32> = (0..gen_len).map(|_| rngs[j].random::<f32>()).collect();
+                    let m = completion_mask(ratios[j][n], &u);
+                    noise_completion(&r.row, lp, &m, mask_id, Some(tail))?
+                };
+                ratio_sum[0] += ratios[j][n];
+                ratio_sum[1] += 1.0;
+                b.push(row, &r.row, adv.advantages[r.index], r.index)?;
+            }
+            iter_batches.push(b);
+        }
+    }
+    let local: Vec<f32> = batches
+        .iter()
+        .map(|bs| bs.iter().filter(|b| b.rows() > 0).count() as f32)
+        .collect();
+    let nonempty: Vec<usize> = if session.worker.world() > 1 {
+        session
+            .worker
+            .reducer
+            .sum_labeled("non-empty group count", &local, false)?
+            .into_iter()
+            .map(|x| x.round() as usize)
+            .collect()
+    } else {
+        local.iter().map(|&x| x as usize).collect()
+    };
+    Ok(Noised {
+        batches,
+        nonempty,
+        ratio_sum,
+    })
+}
+
+/// Per-token log-probs `[rows · scored positions]` of `b`'s targets under `m`, without graph.
+fn logprobs<IB: Backend>(
+    m: &LladaModel<IB>,
+    b: &GrpoBatch,
+    device: &IB::Device,
+) -> Result<Vec<f32>, TrainError> {
+    if b.rows() == 0 {
+        return Ok(vec![]);
+    }
+    let logits = m.forward(b.input::<IB>(device), &Attention::Full);
+    Ok(b.logprobs(logits)?
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32"))
+}
+
+/// Old-policy and reference log-probs of every noised batch: `[μ][group]`.
+pub struct OldLogprobs {
+    /// Pre-update policy.
+    pub old: Vec<Vec<Vec<f32>>>,
+    /// Reference model (`kl_reference: reference_model`), else `None`.
+    pub reference: Vec<Vec<Option<Vec<f32>>>>,
+}
+
+/// Phase 4: log-probs of every noised row under the pre-update weights (and the reference
+/// model), on the same inputs the updates will see.
+///
+/// # Errors
+/// Inconsistent batches.
+pub fn old_logprobs<B: AutodiffBackend>(
+    model: &LladaModel<B>,
+    reference: Option<&LladaModel<B::InnerBackend>>,
+    noised: &Noised,
+    device: &B::Device,
+) -> Result<OldLogprobs, TrainError> {
+    let old_model = model.valid();
+    let mut out = OldLogprobs {
+        old: vec![],
+        reference: vec![],
+    };
+    for iter_batches in &noised.batches {
+        let mut o = vec![];
+        let mut r = vec![];
+        for b in iter_batches {
+            o.push(logprobs(&old_model, b, device)?);
+            r.push(match reference {
+                Some(rm) => Some(logprobs(rm, b, device)?),
+                None => None,
+            });
+        }
+        out.old.push(o);
+        out.reference.push(r);
+    }
+    Ok(out)
+}
+
+/// Step statistics of the μ updates, summed over this rank's groups with each group's share
+/// of the step: `[loss, policy loss, kl loss, kl, clip low, clip high, clip region, rows]`.
+pub type UpdateSums = [f32; 8];
+
+/// Phase 5: μ optimizer updates, update `n` on the rows of iteration `n` (the same masks as
+/// the old-policy log-probs). Each group's loss is scaled by `world / non-empty groups`
+/// ([`crate::shard::group_loss_scale`]). Returns the model, the statistics, the mean
+/// gradient norm over the updates and the last learning rate.
+///
+/// # Errors
+/// Loss input errors; collective errors.
+#[allow(clippy::too_many_arguments)]
+pub fn update<B: AutodiffBackend>(
+    recipe: &UniGrpoRecipe,
+    session: &mut Session<'_, B>,
+    mut model: LladaModel<B>,
+    noised: &Noised,
+    old: &OldLogprobs,
+    schedule: &Schedule,
+) -> Result<(LladaModel<B>, UpdateSums, f32, f64), TrainError> {
+    let mu = recipe.grpo.num_iterations;
+    let loss_cfg = recipe.grpo.loss_config();
+    let device = session.device();
+    let world = session.worker.world();
+    let step = session.state.step;
+    let mut sums = [0f32; 8];
+    let (mut gn_sum, mut lr) = (0f32, 0.0);
+    for n in 0..mu {
+        let nonempty = noised.nonempty[n];
+        if nonempty == 0 {
+            continue;
+        }
+        let mut acc: Option<GradientsParams> = None;
+        for (k, b) in noised.batches[n].iter().enumerate() {
+            if b.rows() == 0 {
+                continue;
+            }
+            let logits = model.forward(b.input::<B>(&device), &Attention::Full);
+            let refs = old.reference[n][k].as_deref();
+            let out = unigrpo_loss(logits, b, &old.old[n][k], refs, &loss_cfg)?;
+            let scale = 1.0 / (nonempty as f32 * mu as f32);
+            sums[0] += out.loss.clone().into_scalar().elem::<f32>() * scale;
+            sums[1] += out.policy_loss.clone().into_scalar().elem::<f32>() * scale;
+            sums[2] += out.kl_loss.clone().into_scalar().elem::<f32>() * scale;
+            sums[3] += out.stats.kl_mean * scale;
+            sums[4] += out.stats.clip_low * scale;
+            sums[5] += out.stats.clip_high * scale;
+            sums[6] += out.stats.clip_region * scale;
+            sums[7] += out.stats.rows as f32;
+            // × world: the mean over ranks of the shard gradients is the 1-device sum
+            let loss = out.loss * crate::shard::group_loss_scale(world, nonempty);
+            acc = Some(accumulate(&model, acc, loss));
+        }
+        // a rank whose groups are all empty this iteration contributes zeros
+        lr = schedule.lr(step * mu as u64 + n as u64);
+        let gn;
+        (model, gn) = session.update(model, acc.unwrap_or_default(), lr)?;
+        gn_sum += gn / mu as f32;
+    }
+    Ok((model, sums, gn_sum, lr))
+}
