@@ -9,6 +9,12 @@
 //!   entropy rankings, f64 Gumbel temperature, classifier-free guidance, key-padding attention,
 //!   the EOS/EOT options, the Fast-dLLM confidence-threshold parallel decoding, the
 //!   `mmu_generate_fast` early stop and a restriction of sampled ids to the tokenizer.
+//! * [`completions`]: ids-level batched generation on top of it (left padding with a pad id
+//!   and a key-padding mask, answers cut at the first EOS / EOT, NFE and decoded counters),
+//!   the one generation layer of `mmada-infer` and UniGRPO rollouts.
+//! * [`section`]: [`SamplerSection`], the one typed sampler settings section (presets,
+//!   optional keys, layering with `or`) of `mmada-infer`'s `sampling:` and UniGRPO's
+//!   `rollout:`, turned into a validated [`GenerateConfig`].
 //! * [`maskgit`]: MMaDA text-to-image MaskGIT sampler (spec §4.3; upstream
 //!   `MMadaModelLM.t2i_generate`) with MUSE-style CFG and injectable randomness.
 //! * [`loglik`]: LLaDA Monte-Carlo conditional log-likelihood (spec §4.4; upstream
@@ -22,6 +28,7 @@
 //! Tensor shapes are written `[batch, seq, vocab]`. Every sampler can return a per-step trace
 //! so tests compare each intermediate canvas with the upstream fixtures.
 
+pub mod completions;
 pub mod error;
 pub mod generate;
 mod host;
@@ -33,10 +40,13 @@ mod mock_tests;
 mod model_tests;
 pub mod rng;
 pub mod schedule;
+pub mod section;
 
+pub use completions::{Completion, Completions, generate_completions};
 pub use error::SamplerError;
 pub use generate::{GenerateConfig, GenerateOutput, GenerateTrace, Remasking, generate};
 pub use loglik::{LoglikConfig, LoglikOutput, MaskSource, StratifiedMasks, log_likelihood};
 pub use maskgit::{MaskGitRandomness, T2iConfig, T2iInputs, T2iOutput, T2iTrace, t2i_generate};
 pub use rng::{SeededRng, UniformSource};
 pub use schedule::{MaskSchedule, get_num_transfer_tokens};
+pub use section::{Preset, SamplerSection};

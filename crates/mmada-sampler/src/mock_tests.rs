@@ -8,15 +8,20 @@ use mmada_model::backend::Cpu;
 use mmada_model::{Attention, Denoiser};
 
 use crate::host;
-use crate::{GenerateConfig, Remasking, UniformSource, generate};
+use crate::{
+    Completion, GenerateConfig, Remasking, SamplerError, UniformSource, generate,
+    generate_completions,
+};
 
 const V: usize = 8;
 const MASK: i64 = 7;
 
-/// Logits computed on the host by a closure `(row ids, position) -> [V]`; records every batch.
+/// Logits computed on the host by a closure `(row ids, position) -> [V]`; records every batch
+/// and its key-padding mask (`None` = full attention).
 struct FnDenoiser<F: Fn(&[i64], usize) -> Vec<f32>> {
     f: F,
     calls: RefCell<Vec<(usize, Vec<i64>)>>, // (batch, ids)
+    key_padding: RefCell<Vec<Option<Vec<bool>>>>,
 }
 
 impl<F: Fn(&[i64], usize) -> Vec<f32>> FnDenoiser<F> {
@@ -24,15 +29,21 @@ impl<F: Fn(&[i64], usize) -> Vec<f32>> FnDenoiser<F> {
         FnDenoiser {
             f,
             calls: RefCell::new(Vec::new()),
+            key_padding: RefCell::new(Vec::new()),
         }
     }
 }
 
 impl<F: Fn(&[i64], usize) -> Vec<f32>> Denoiser<Cpu> for FnDenoiser<F> {
-    fn logits(&self, ids: Tensor<Cpu, 2, Int>, _attention: &Attention<Cpu>) -> Tensor<Cpu, 3> {
+    fn logits(&self, ids: Tensor<Cpu, 2, Int>, attention: &Attention<Cpu>) -> Tensor<Cpu, 3> {
         let [b, l] = ids.dims();
         let x = host::ints(ids).unwrap();
         self.calls.borrow_mut().push((b, x.clone()));
+        self.key_padding.borrow_mut().push(match attention {
+            Attention::Full => None,
+            Attention::KeyPadding(m) => Some(host::bools(m.clone()).unwrap()),
+            _ => panic!("the block sampler passes Full or KeyPadding"),
+        });
         let mut out = Vec::with_capacity(b * l * V);
         for r in 0..b {
             for i in 0..l {
@@ -630,5 +641,232 @@ fn prompt_and_special_ids_outside_the_vocabulary_are_typed_errors() {
     assert!(
         matches!(e, crate::SamplerError::IdOutOfVocab { what: "eos_id", .. }),
         "{e}"
+    );
+}
+
+// ---- generate_completions -------------------------------------------------------------------
+
+const EOS: u32 = 5;
+const EOT: u32 = 6;
+
+/// Greedy answers of 4 ids after a 1-id prompt, by the prompt's last id: 1 → `2 3 EOS 4`,
+/// 2 → `3 EOT 2 EOS`, 3 → `4 4 4 4` (no stop id). Each generated position has its own
+/// one-hot prediction, so the answer does not depend on the unmasking order.
+fn answers(ids: &[i64], i: usize) -> Vec<f32> {
+    // the canvas is [prompt | 4 generated]: the prompt's last id is 5 from the end
+    let answer: [u32; 4] = match ids[ids.len() - 5] {
+        1 => [2, 3, EOS, 4],
+        2 => [3, EOT, 2, EOS],
+        _ => [4, 4, 4, 4],
+    };
+    match i.checked_sub(ids.len() - 4) {
+        Some(g) => one_hot(answer[g] as usize, 1.0 + g as f32),
+        None => vec![0.0; V],
+    }
+}
+
+fn completion(ids: &[u32], generated: &[u32], terminated: bool, prompt_len: usize) -> Completion {
+    Completion {
+        ids: ids.to_vec(),
+        generated: generated.to_vec(),
+        terminated,
+        prompt_len,
+    }
+}
+
+#[test]
+fn completions_are_cut_at_the_first_stop_id() {
+    let m = FnDenoiser::new(answers);
+    let prompts = vec![vec![1], vec![2], vec![3]];
+    let c = cfg(4, 4, 4);
+    let out = generate_completions::<Cpu, _>(
+        &m,
+        &prompts,
+        &c,
+        &[EOS, EOT],
+        0,
+        &mut NoRng,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        out.rows,
+        vec![
+            completion(&[2, 3], &[2, 3, EOS, 4], true, 1),
+            completion(&[3], &[3, EOT, 2, EOS], true, 1),
+            completion(&[4, 4, 4, 4], &[4, 4, 4, 4], false, 1),
+        ]
+    );
+    assert_eq!(
+        (out.nfe, out.blocks, out.decoded, out.padded_len),
+        (4, 1, 4, 1)
+    );
+    // equal lengths: no key-padding mask, exactly `generate(prompt, None, …)`
+    assert!(m.key_padding.borrow().iter().all(Option::is_none));
+    // EOS only (UniGRPO's cut today): the EOT row runs on to its EOS
+    let eos_only = generate_completions::<Cpu, _>(
+        &m,
+        &prompts,
+        &c,
+        &[EOS],
+        0,
+        &mut NoRng,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        eos_only.rows[1],
+        completion(&[3, EOT, 2], &[3, EOT, 2, EOS], true, 1)
+    );
+    assert_eq!(eos_only.rows[0], out.rows[0]);
+    // no stop ids: every answer is the whole canvas, none terminated
+    let none =
+        generate_completions::<Cpu, _>(&m, &prompts, &c, &[], 0, &mut NoRng, &Default::default())
+            .unwrap();
+    assert!(
+        none.rows
+            .iter()
+            .all(|r| !r.terminated && r.ids == r.generated)
+    );
+}
+
+#[test]
+fn completions_left_pad_with_a_key_padding_mask() {
+    const PAD: u32 = 0;
+    let m = FnDenoiser::new(answers);
+    let c = cfg(4, 4, 4);
+    let out = generate_completions::<Cpu, _>(
+        &m,
+        &[vec![1], vec![4, 4, 2]],
+        &c,
+        &[EOS, EOT],
+        PAD,
+        &mut NoRng,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        out.rows,
+        vec![
+            completion(&[2, 3], &[2, 3, EOS, 4], true, 1),
+            completion(&[3], &[3, EOT, 2, EOS], true, 3),
+        ]
+    );
+    assert_eq!(out.padded_len, 3);
+    // the first canvas: [PAD PAD 1 | M M M M], [4 4 2 | M M M M]
+    let m7 = MASK;
+    assert_eq!(
+        m.calls.borrow()[0],
+        (2, vec![0, 0, 1, m7, m7, m7, m7, 4, 4, 2, m7, m7, m7, m7])
+    );
+    let f = false;
+    let t = true;
+    assert_eq!(
+        m.key_padding.borrow()[0],
+        Some(vec![f, f, t, t, t, t, t, t, t, t, t, t, t, t])
+    );
+}
+
+#[test]
+fn completions_reject_no_prompts_and_padding_with_the_mask_id() {
+    let m = FnDenoiser::new(answers);
+    let c = cfg(4, 4, 4);
+    let d = Default::default();
+    let e = generate_completions::<Cpu, _>(&m, &[], &c, &[EOS], 0, &mut NoRng, &d).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SamplerError::Shape {
+                input: "prompts",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e =
+        generate_completions::<Cpu, _>(&m, &[vec![]], &c, &[EOS], 0, &mut NoRng, &d).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SamplerError::Shape {
+                input: "prompts",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // padding needed and pad id == mask id
+    let e = generate_completions::<Cpu, _>(
+        &m,
+        &[vec![1], vec![2, 2]],
+        &c,
+        &[EOS],
+        MASK as u32,
+        &mut NoRng,
+        &d,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        SamplerError::PadIsMask {
+            row: 0,
+            position: 0,
+            mask_id: MASK as u32
+        }
+    );
+    // equal lengths need no padding: the pad id is not used
+    generate_completions::<Cpu, _>(&m, &[vec![1]], &c, &[EOS], MASK as u32, &mut NoRng, &d)
+        .unwrap();
+    assert_eq!(
+        m.calls.borrow().len(),
+        4,
+        "the errors come before any model call"
+    );
+}
+
+#[test]
+fn completions_count_the_positions_decoded_before_an_early_stop() {
+    // blocks of 2; every block of the rows with prompts 1 and 2 ends in EOS / EOT
+    let m = FnDenoiser::new(|ids: &[i64], i| {
+        let end = match ids[0] {
+            1 => EOS,
+            2 => EOT,
+            _ => 4,
+        };
+        if i % 2 == 0 {
+            one_hot(end as usize, 9.0)
+        } else {
+            one_hot(3, 5.0)
+        }
+    });
+    let mut c = cfg(6, 6, 2);
+    c.eos_id = Some(EOS);
+    c.eot_id = Some(EOT);
+    let d = Default::default();
+    let full =
+        generate_completions::<Cpu, _>(&m, &[vec![1], vec![2]], &c, &[EOS, EOT], 0, &mut NoRng, &d)
+            .unwrap();
+    assert_eq!((full.nfe, full.blocks, full.decoded), (6, 3, 6));
+    c.early_stop = true;
+    let out =
+        generate_completions::<Cpu, _>(&m, &[vec![1], vec![2]], &c, &[EOS, EOT], 0, &mut NoRng, &d)
+            .unwrap();
+    assert_eq!((out.nfe, out.blocks, out.decoded), (2, 1, 2));
+    let mk = MASK as u32;
+    assert_eq!(
+        out.rows,
+        vec![
+            completion(&[3], &[3, EOS, mk, mk, mk, mk], true, 1),
+            completion(&[3], &[3, EOT, mk, mk, mk, mk], true, 1),
+        ]
+    );
+    // one row without a stop id decodes every block
+    let mixed =
+        generate_completions::<Cpu, _>(&m, &[vec![1], vec![3]], &c, &[EOS, EOT], 0, &mut NoRng, &d)
+            .unwrap();
+    assert_eq!((mixed.blocks, mixed.decoded), (3, 6));
+    assert_eq!(
+        mixed.rows[1],
+        completion(&[3, 4, 3, 4, 3, 4], &[3, 4, 3, 4, 3, 4], false, 1)
     );
 }

@@ -1,12 +1,13 @@
 //! The block sampler on a tiny real [`LladaModel`] (d_model 64, 2 layers, 384-id head): batch
-//! invariance with left padding + key-padding attention, and the `sample_vocab` restriction
-//! on a head wider than the tokenizer.
+//! invariance with left padding + key-padding attention (also through
+//! [`generate_completions`]), and the `sample_vocab` restriction on a head wider than the
+//! tokenizer.
 
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use mmada_model::backend::Cpu;
 use mmada_model::{FloatDType, LladaModel, ModelConfig};
 
-use crate::{GenerateConfig, SeededRng, generate, host};
+use crate::{GenerateConfig, SeededRng, generate, generate_completions, host};
 
 const MASK: u32 = 300;
 const PAD: i64 = 281;
@@ -180,4 +181,66 @@ fn out_of_vocabulary_prompt_ids_are_typed_errors_before_any_forward() {
             vocab: 384
         })
     ));
+}
+
+#[test]
+fn completions_do_not_depend_on_the_batch_and_match_generate() {
+    let (_, model) = tiny_model();
+    let d = Default::default();
+    let prompts: Vec<Vec<u32>> = [4usize, 1, 6]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..n)
+                .map(|i| ((k * 29 + i * 13) % 250) as u32 + 1)
+                .collect()
+        })
+        .collect();
+    let c = GenerateConfig {
+        steps: 8,
+        gen_length: 16,
+        block_length: 8,
+        ..GenerateConfig::new(MASK)
+    };
+    let run = |ps: &[Vec<u32>], stop: &[u32]| {
+        generate_completions::<Cpu, _>(&model, ps, &c, stop, PAD as u32, &mut SeededRng::new(0), &d)
+            .unwrap()
+    };
+    let batch = run(&prompts, &[]);
+    assert_eq!(
+        (batch.nfe, batch.blocks, batch.decoded, batch.padded_len),
+        (8, 2, 16, 6)
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = run(std::slice::from_ref(p), &[]);
+        assert_eq!(alone.rows[0], batch.rows[i], "prompt {i}");
+        assert_eq!(batch.rows[i].prompt_len, p.len());
+        assert_eq!(batch.rows[i].generated.len(), 16);
+        assert!(!batch.rows[i].generated.contains(&MASK));
+        // one prompt alone is `generate(prompt, None, …)` (no mask for equal lengths)
+        let ids: Vec<i64> = p.iter().map(|&t| i64::from(t)).collect();
+        let g = generate(
+            &model,
+            host::int_tensor::<Cpu>(&ids, 1, p.len(), &d),
+            None,
+            &c,
+            &mut SeededRng::new(0),
+            false,
+        )
+        .unwrap();
+        let canvas = host::ints(g.ids).unwrap();
+        let expected: Vec<u32> = canvas[p.len()..].iter().map(|&t| t as u32).collect();
+        assert_eq!(alone.rows[0].generated, expected, "prompt {i}");
+    }
+    // stop ids taken from the answers: each row is cut before its first one
+    let stop = [batch.rows[0].generated[3], batch.rows[2].generated[0]];
+    let cut = run(&prompts, &stop);
+    for (r, row) in cut.rows.iter().enumerate() {
+        assert_eq!(row.generated, batch.rows[r].generated);
+        let end = row.generated.iter().position(|t| stop.contains(t));
+        assert_eq!(row.ids, row.generated[..end.unwrap_or(16)].to_vec());
+        assert_eq!(row.terminated, end.is_some());
+    }
+    assert!(cut.rows[0].ids.len() <= 3 && cut.rows[0].terminated);
+    assert!(cut.rows[2].ids.is_empty() && cut.rows[2].terminated);
 }
