@@ -9,6 +9,7 @@ use mmada_diffusion::grpo::{
     AdvantageOptions, GrpoLossConfig, LossNorm, MaskRatioSchedule, ScaleRewards,
 };
 use mmada_rewards::RewardSpec;
+use mmada_sampler::SamplerSection;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -325,11 +326,13 @@ pub struct UniGrpoRecipe {
     pub prompts: PromptsSection,
     /// Algorithm.
     pub grpo: GrpoSection,
-    /// Rollout sampler: keys of `mmada_sampler::GenerateConfig` (`steps`, `block_length`,
-    /// `temperature`, `cfg_scale`, `remasking`, …); ids default to the tokenizer's and
-    /// `gen_length` is `grpo.max_completion_length`.
+    /// Rollout sampler: the sampler settings section `mmada-infer`'s `sampling:` uses
+    /// ([`SamplerSection`]: `steps`, `block_length`, `temperature`, `cfg_scale`, `remasking`,
+    /// `threshold`, `sample_vocab`, …; unknown keys rejected). `gen_length` is
+    /// `grpo.max_completion_length`; `steps` and `block_length` default to it; ids are the
+    /// tokenizer's.
     #[serde(default)]
-    pub rollout: serde_json::Map<String, serde_json::Value>,
+    pub rollout: SamplerSection,
     /// Rewards (`kind`, `name`, `weight`, `params`); see `mmada_rewards`.
     pub reward_funcs: Vec<RewardSpec>,
     /// AdamW.
@@ -348,6 +351,48 @@ pub struct UniGrpoRecipe {
     pub logging: LoggingSection,
 }
 
+impl UniGrpoRecipe {
+    /// The rollout sampler settings: the `rollout:` section with `gen_length =
+    /// grpo.max_completion_length`, and `steps` / `block_length` defaulting to it (pure
+    /// diffusion over the completion, one token per step).
+    pub fn rollout_section(&self) -> SamplerSection {
+        let len = Some(self.grpo.max_completion_length);
+        SamplerSection {
+            gen_length: len,
+            steps: self.rollout.steps.or(len),
+            block_length: self.rollout.block_length.or(len),
+            ..self.rollout.clone()
+        }
+    }
+
+    /// `rollout:` leaves `gen_length` to `grpo.max_completion_length` and passes the sampler's
+    /// checks (block length dividing the completion length, steps per block, …), so a bad
+    /// setting is reported when the recipe is read, not after the model is loaded.
+    fn validate_rollout(&self, name: &str) -> Result<(), RecipeError> {
+        let len = self.grpo.max_completion_length;
+        if self.rollout.gen_length.is_some_and(|g| g != len) {
+            return Err(RecipeError::key(
+                name,
+                "rollout.gen_length",
+                format!(
+                    "the completion length is grpo.max_completion_length ({len}): set that instead"
+                ),
+            ));
+        }
+        let layout = mmada_model::TokenLayout::llada();
+        match self
+            .rollout_section()
+            .to_config(&layout, layout.total_vocab() as usize)
+        {
+            Ok(_) => Ok(()),
+            Err(mmada_sampler::SamplerError::InvalidConfig { field, reason }) => {
+                Err(RecipeError::key(name, &format!("rollout.{field}"), reason))
+            }
+            Err(e) => Err(RecipeError::key(name, "rollout", e.to_string())),
+        }
+    }
+}
+
 impl Recipe for UniGrpoRecipe {
     fn validate(&self, name: &str) -> Result<(), RecipeError> {
         let err = |k: &str, m: &str| Err(RecipeError::key(name, k, m));
@@ -358,6 +403,7 @@ impl Recipe for UniGrpoRecipe {
             _ => {}
         }
         self.model.validate(name, self.train.mixed_precision)?;
+        self.validate_rollout(name)?;
         if self.train.max_steps == 0 {
             return err("train.max_steps", "must be at least 1");
         }

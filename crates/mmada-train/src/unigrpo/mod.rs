@@ -64,32 +64,20 @@ pub mod purpose {
 crate::trainer::impl_train_recipe!(UniGrpoRecipe);
 
 impl UniGrpoRecipe {
-    /// The rollout sampler config: the tokenizer's ids, the recipe's `rollout:` keys, and
-    /// `gen_length = max_completion_length`. Errors name `rollout.<key>`.
+    /// The rollout sampler config ([`UniGrpoRecipe::rollout_section`] with the tokenizer's
+    /// ids; sampled ids restricted to the tokenizer, at most `embedding_size`, unless
+    /// `rollout.full_vocab` or `rollout.sample_vocab` say otherwise), the same conversion
+    /// `mmada-infer` makes of its `sampling:` section.
     ///
     /// # Errors
-    /// [`TrainError::Other`] naming the `rollout:` key.
+    /// [`TrainError::Rollout`] naming the key.
     pub fn generate_config(
         &self,
         tok: &mmada_data::TextTokenizer,
+        embedding_size: usize,
     ) -> Result<GenerateConfig, TrainError> {
-        let mut v =
-            serde_json::to_value(GenerateConfig::from_layout(tok.layout())).expect("serialises");
-        for (k, x) in &self.rollout {
-            v[k] = x.clone();
-        }
-        let len = self.grpo.max_completion_length;
-        v["gen_length"] = len.into();
-        if !self.rollout.contains_key("block_length") {
-            v["block_length"] = len.into();
-        }
-        if !self.rollout.contains_key("steps") {
-            v["steps"] = len.into();
-        }
-        let cfg: GenerateConfig =
-            serde_json::from_value(v).map_err(|e| TrainError::Other(format!("rollout: {e}")))?;
-        cfg.validate()?;
-        Ok(cfg)
+        let vocab = tok.len().min(embedding_size);
+        Ok(self.rollout_section().to_config(tok.layout(), vocab)?)
     }
 }
 
@@ -185,7 +173,7 @@ fn unigrpo_worker<B: AutodiffBackend>(
 ) -> Result<UniGrpoOutcome, TrainError> {
     let (mut s, mut model) = Session::open(worker, recipe.common(), opts)?;
     let device = s.device();
-    let gen_cfg = recipe.generate_config(&s.tok)?;
+    let gen_cfg = recipe.generate_config(&s.tok, s.cfg.embedding_size)?;
     let rewards: RewardSet = RewardRegistry::with_builtins()
         .build("reward_funcs", &recipe.reward_funcs)
         .map_err(|e| TrainError::Reward(e.to_string()))?;

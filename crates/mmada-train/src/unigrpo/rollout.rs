@@ -4,13 +4,12 @@
 use std::path::Path;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
 use mmada_data::manifest::Manifest;
 use mmada_data::{Example, ExampleStream, TextTokenizer};
 use mmada_diffusion::grpo::{GroupAdvantages, group_advantages};
 use mmada_model::LladaModel;
 use mmada_rewards::{RewardBreakdown, RewardInput, RewardSet};
-use mmada_sampler::{GenerateConfig, SeededRng, generate};
+use mmada_sampler::{GenerateConfig, SeededRng, generate_completions};
 
 use super::purpose;
 use crate::data::derive_seed;
@@ -88,13 +87,14 @@ fn reward_fields(ex: &Example) -> serde_json::Map<String, serde_json::Value> {
 pub struct Rollout {
     /// Global completion index in the step (`slot · G + r`), the same on any number of ranks.
     pub index: usize,
-    /// `<BOS>` + the prompt tokens (cut to `prompts.max_prompt_length`).
-    pub prompt_ids: Vec<i64>,
-    /// `[prompt | completion up to EOS | EOS …]`, length `Lp + max_completion_length`.
+    /// Prompt length `Lp` (`<BOS>` + the prompt tokens, cut to `prompts.max_prompt_length`).
+    pub prompt_len: usize,
+    /// `[prompt | completion through its EOS / EOT | EOS …]`, length
+    /// `Lp + max_completion_length`.
     pub row: Vec<i64>,
-    /// Completion tokens before the first EOS.
+    /// Completion tokens before the first EOS / EOT.
     pub completion_len: usize,
-    /// Whether the completion ended (an EOS was generated).
+    /// Whether the completion ended (an EOS or EOT was generated).
     pub terminated: bool,
     /// What the reward functions see.
     pub input: RewardInput,
@@ -113,8 +113,11 @@ pub struct RolloutCtx<'a> {
 }
 
 /// Phase 1: sample `G` completions of each of this rank's prompt groups (`slots`, prompt
-/// `cursor + slot` of the examples) with the policy, without graph; group `slot` draws from
-/// `derive_seed(seed, ROLLOUT, step, slot)`.
+/// `cursor + slot` of the examples) with the policy, without graph, through the shared
+/// generation layer ([`generate_completions`], as `mmada-infer generate`): a completion ends
+/// at the first EOS or EOT. Group `slot` draws from `derive_seed(seed, ROLLOUT, step, slot)`.
+/// The training row keeps the generated ids through the stop token (an EOT stays, as
+/// generated) and pads with EOS.
 ///
 /// # Errors
 /// Tokenizer and sampler errors.
@@ -130,59 +133,67 @@ pub fn roll_out<B: Backend>(
     let layout = *tok.layout();
     let g = recipe.grpo.num_generations;
     let gen_len = recipe.grpo.max_completion_length;
-    let eos = i64::from(layout.eos_id);
     let mut rollouts: Vec<Rollout> = Vec::with_capacity(slots.len() * g);
     for &slot in slots {
         let ex = &ctx.examples[(cursor + slot) % ctx.examples.len()];
         let text = prompt_text(&recipe.prompts, ex);
-        let mut ids: Vec<i64> = vec![i64::from(layout.bos_id)];
-        ids.extend(tok.encode(&text)?.into_iter().map(i64::from));
-        let maxp = recipe.prompts.max_prompt_length.max(1);
-        if ids.len() > maxp {
-            ids = ids[ids.len() - maxp..].to_vec();
-        }
-        let lp = ids.len();
-        let rep: Vec<i32> = (0..g).flat_map(|_| ids.iter().map(|&x| x as i32)).collect();
-        let prompt = Tensor::<B, 2, Int>::from_data(TensorData::new(rep, [g, lp]), device);
+        let ids = prompt_ids(tok, &text, recipe.prompts.max_prompt_length)?;
         let mut rng = SeededRng::new(derive_seed(
             recipe.run.seed,
             purpose::ROLLOUT,
             step,
             slot as u64,
         ));
-        let out = generate(policy, prompt, None, ctx.gen_cfg, &mut rng, false)?;
-        let canvas: Vec<i64> = out
-            .ids
-            .into_data()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .expect("int tensor");
-        for r in 0..g {
-            let comp = &canvas[r * (lp + gen_len) + lp..(r + 1) * (lp + gen_len)];
-            let end = comp.iter().position(|&x| x == eos);
-            let clen = end.unwrap_or(gen_len);
-            let mut row = ids.clone();
-            row.extend_from_slice(&comp[..clen]);
-            row.resize(lp + gen_len, eos);
-            let cids: Vec<u32> = comp[..clen].iter().map(|&x| x as u32).collect();
-            let completion = tok.decode(&cids)?;
+        let out = generate_completions(
+            policy,
+            &vec![ids.clone(); g],
+            ctx.gen_cfg,
+            &[layout.eos_id, layout.eot_id],
+            layout.pad_id,
+            &mut rng,
+            device,
+        )?;
+        for (r, c) in out.rows.into_iter().enumerate() {
+            let kept = if c.terminated {
+                c.ids.len() + 1
+            } else {
+                gen_len
+            };
+            let mut row: Vec<i64> = ids.iter().map(|&x| i64::from(x)).collect();
+            row.extend(c.generated[..kept].iter().map(|&x| i64::from(x)));
+            row.resize(ids.len() + gen_len, i64::from(layout.eos_id));
             rollouts.push(Rollout {
                 index: slot * g + r,
-                prompt_ids: ids.clone(),
+                prompt_len: ids.len(),
                 row,
-                completion_len: clen,
-                terminated: end.is_some(),
+                completion_len: c.ids.len(),
+                terminated: c.terminated,
                 input: RewardInput {
                     prompt: text.clone(),
-                    completion,
-                    completion_ids: cids,
-                    terminated: end.is_some(),
+                    completion: tok.decode(&c.ids)?,
+                    completion_ids: c.ids,
+                    terminated: c.terminated,
                     fields: reward_fields(ex),
                 },
             });
         }
     }
     Ok(rollouts)
+}
+
+/// `<BOS>` + the tokens of `text`, keeping the last `max_len` ids when longer (dLLM-RL
+/// `max_prompt_len`).
+///
+/// # Errors
+/// Tokenizer errors.
+pub fn prompt_ids(tok: &TextTokenizer, text: &str, max_len: usize) -> Result<Vec<u32>, TrainError> {
+    let mut ids = vec![tok.layout().bos_id];
+    ids.extend(tok.encode(text)?);
+    let maxp = max_len.max(1);
+    if ids.len() > maxp {
+        ids.drain(..ids.len() - maxp);
+    }
+    Ok(ids)
 }
 
 /// Per-completion values gathered over ranks: total reward, completion length, terminated,

@@ -98,7 +98,7 @@ pub fn noise<B: AutodiffBackend>(
     let mut ratio_sum = [0f32; 2];
     for (n, iter_batches) in batches.iter_mut().enumerate() {
         for grp in 0..groups {
-            let lp = rollouts[grp * g].prompt_ids.len();
+            let lp = rollouts[grp * g].prompt_len;
             let mut b = GrpoBatch::new(lp + gen_len);
             for j in grp * g..(grp + 1) * g {
                 let r = &rollouts[j];
