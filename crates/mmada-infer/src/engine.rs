@@ -1,15 +1,17 @@
 //! A loaded checkpoint with its tokenizer and chat template, prompt encoding, batched text
-//! generation on top of [`mmada_sampler::generate`], and the vocabulary checks.
+//! generation on top of the sampler's generation layer
+//! ([`mmada_sampler::generate_completions`]), and the vocabulary checks.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
 use mmada_data::{ChatTemplate, Message, Role, TextTokenizer};
 use mmada_model::{FloatDType, LladaModel, ModelConfig, ModelType};
-use mmada_sampler::{GenerateConfig, SeededRng};
+use mmada_sampler::{
+    GenerateConfig, SamplerError, SamplerSection, SeededRng, generate_completions,
+};
 
 use crate::options::TemplateArg;
 
@@ -193,45 +195,42 @@ impl<B: Backend> Engine<B> {
         Ok(ids)
     }
 
-    /// `config` with the vocabulary restriction of the sampler set: sampled ids stay inside
-    /// the tokenizer and off the mask id ([`GenerateConfig::sample_vocab`] = the tokenizer's
-    /// length) unless `full_vocab`, which samples over the model's whole output head (LLaDA:
-    /// 126464 rows for 126349 tokenizer ids; MMaDA: the image codes too).
-    pub fn sampler_config(&self, config: &GenerateConfig, full_vocab: bool) -> GenerateConfig {
-        let mut c = config.clone();
-        c.sample_vocab = (!full_vocab).then(|| self.tok.len().min(self.cfg.embedding_size));
-        c
+    /// The sampler configuration of the `sampling` settings for this checkpoint
+    /// ([`SamplerSection::to_config`]): the tokenizer's ids, and sampled ids restricted to the
+    /// tokenizer without the mask id ([`GenerateConfig::sample_vocab`] = the tokenizer's
+    /// length, at most the model's `embedding_size`) unless `full_vocab`, which samples over
+    /// the model's whole output head (LLaDA: 126464 rows for 126349 tokenizer ids; MMaDA: the
+    /// image codes too), or an explicit `sample_vocab`.
+    pub fn sampler_config(&self, s: &SamplerSection) -> Result<GenerateConfig, SamplerError> {
+        s.to_config(
+            self.tok.layout(),
+            self.tok.len().min(self.cfg.embedding_size),
+        )
     }
 
-    /// Decodes generated ids: cut at the first EOS / EOT, special tokens dropped, trimmed.
-    pub fn decode_answer(&self, ids: &[u32]) -> Result<String> {
-        let l = self.tok.layout();
-        let end = ids
-            .iter()
-            .position(|&t| t == l.eos_id || t == l.eot_id)
-            .unwrap_or(ids.len());
+    /// Decodes answer ids (already cut at the first EOS / EOT): special tokens dropped, trimmed.
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
         let text = self
             .tok
             .inner()
-            .decode(&ids[..end], true)
+            .decode(ids, true)
             .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
         Ok(text.trim().to_string())
     }
 
-    /// Generates for one batch of prompt id rows (left-padded with the pad id and a key-padding
-    /// mask when their lengths differ).
+    /// Generates for one batch of prompt id rows with [`generate_completions`] (left-padded
+    /// with the pad id and a key-padding mask when their lengths differ; answers cut at the
+    /// first EOS / EOT). `config` comes from [`Engine::sampler_config`].
     pub fn generate_batch(
         &self,
         prompts: &[Vec<u32>],
         config: &GenerateConfig,
-        full_vocab: bool,
         seed: u64,
     ) -> Result<Vec<Generation>> {
         ensure!(!prompts.is_empty(), "no prompts");
         let b = prompts.len();
         let lp = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let total = lp + config.gen_length;
-        if total > self.cfg.max_sequence_length {
+        if lp + config.gen_length > self.cfg.max_sequence_length {
             tracing::warn!(
                 prompt_len = lp,
                 gen_length = config.gen_length,
@@ -239,67 +238,40 @@ impl<B: Backend> Engine<B> {
                 "canvas longer than the model's max_sequence_length"
             );
         }
-        let pad = i64::from(self.tok.layout().pad_id);
-        let mut ids = Vec::with_capacity(b * lp);
-        let mut keep = Vec::with_capacity(b * lp);
-        for p in prompts {
-            let k = lp - p.len();
-            ids.extend(std::iter::repeat_n(pad, k));
-            ids.extend(p.iter().map(|&t| i64::from(t)));
-            keep.extend(std::iter::repeat_n(false, k));
-            keep.extend(std::iter::repeat_n(true, p.len()));
-        }
-        let prompt = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, lp]), &self.device);
-        let mask = keep
-            .iter()
-            .any(|k| !k)
-            .then(|| Tensor::<B, 2, Bool>::from_data(TensorData::new(keep, [b, lp]), &self.device));
-        let mut rng = SeededRng::new(seed);
-        let t0 = Instant::now();
-        let out = mmada_sampler::generate(
+        let l = self.tok.layout();
+        let out = generate_completions::<B, _>(
             &self.model,
-            prompt,
-            mask,
-            &self.sampler_config(config, full_vocab),
-            &mut rng,
-            false,
+            prompts,
+            config,
+            &[l.eos_id, l.eot_id],
+            l.pad_id,
+            &mut SeededRng::new(seed),
+            &self.device,
         )
         .context("sampling")?;
-        let canvas: Vec<i64> = out
-            .ids
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .map_err(|e| anyhow::anyhow!("reading the canvas: {e:?}"))?;
-        let seconds = t0.elapsed().as_secs_f64();
-        let decoded = (out.blocks * config.block_length).min(config.gen_length);
-        let new_tokens = b * decoded;
+        let new_tokens = b * out.decoded;
         tracing::info!(
             batch = b,
-            prompt_len = lp,
+            prompt_len = out.padded_len,
             nfe = out.nfe,
             new_tokens,
-            seconds = format!("{seconds:.3}"),
-            tokens_per_s = format!("{:.1}", new_tokens as f64 / seconds.max(1e-9)),
+            seconds = format!("{:.3}", out.seconds),
+            tokens_per_s = format!("{:.1}", new_tokens as f64 / out.seconds.max(1e-9)),
             "generated"
         );
-        let mut res = Vec::with_capacity(b);
-        for r in 0..b {
-            let row = &canvas[r * total + lp..(r + 1) * total];
-            let gen_ids: Vec<u32> = row
-                .iter()
-                .map(|&t| u32::try_from(t).context("negative id in the canvas"))
-                .collect::<Result<_>>()?;
-            res.push(Generation {
-                text: self.decode_answer(&gen_ids)?,
-                ids: gen_ids,
-                nfe: out.nfe,
-                seconds,
-                batch: b,
-                decoded,
-            });
-        }
-        Ok(res)
+        out.rows
+            .into_iter()
+            .map(|row| {
+                Ok(Generation {
+                    text: self.decode_text(&row.ids)?,
+                    ids: row.generated,
+                    nfe: out.nfe,
+                    seconds: out.seconds,
+                    batch: b,
+                    decoded: out.decoded,
+                })
+            })
+            .collect()
     }
 
     /// Generates for any number of prompts in batches of `batch_size`; batch `i` uses seed
@@ -308,21 +280,14 @@ impl<B: Backend> Engine<B> {
         &self,
         prompts: &[Vec<u32>],
         config: &GenerateConfig,
-        full_vocab: bool,
         seed: u64,
         batch_size: usize,
         mut on_batch: impl FnMut(usize),
     ) -> Result<Vec<Generation>> {
         ensure!(batch_size > 0, "batch_size must be > 0");
-        config.validate().context("sampling settings")?;
         let mut all = Vec::with_capacity(prompts.len());
         for (i, chunk) in prompts.chunks(batch_size).enumerate() {
-            all.extend(self.generate_batch(
-                chunk,
-                config,
-                full_vocab,
-                seed.wrapping_add(i as u64),
-            )?);
+            all.extend(self.generate_batch(chunk, config, seed.wrapping_add(i as u64))?);
             on_batch(all.len());
         }
         Ok(all)

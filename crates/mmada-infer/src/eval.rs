@@ -18,9 +18,10 @@ use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use mmada_data::{ExampleStream, Manifest};
 use mmada_rewards::extract::{answers_match, completion_answer, gsm8k_answer};
+use mmada_sampler::SamplerSection;
 
 use crate::engine::Engine;
-use crate::options::{EvalArgs, ModelArgs, SamplingArgs, TaskArg};
+use crate::options::{EvalArgs, ModelArgs, TaskArg};
 
 /// Default user turn of the evaluation prompt.
 pub const DEFAULT_PROMPT: &str =
@@ -112,7 +113,7 @@ pub fn read_items(task: TaskArg, data: &Path, limit: Option<usize>) -> Result<Ve
 pub fn run<B: Backend>(
     engine: &Engine<B>,
     m: &ModelArgs,
-    s: &SamplingArgs,
+    s: &SamplerSection,
     e: &EvalArgs,
 ) -> Result<()> {
     let task = e
@@ -128,8 +129,7 @@ pub fn run<B: Backend>(
         template.contains("{question}"),
         "prompt_template must contain {{question}}"
     );
-    let config = s.to_config(engine.tok.layout());
-    config.validate().context("sampling settings")?;
+    let config = engine.sampler_config(s).context("sampling settings")?;
     let batch_size = s.batch_size.unwrap_or(4);
     tracing::info!(task = ?task, items = items.len(), batch_size, ?config, "eval");
 
@@ -148,14 +148,9 @@ pub fn run<B: Backend>(
             .expect("static template"),
     );
     let t0 = Instant::now();
-    let gens = engine.generate_all(
-        &ids,
-        &config,
-        s.full_vocab.unwrap_or(false),
-        m.seed.unwrap_or(0),
-        batch_size,
-        |done| bar.set_position(done as u64),
-    )?;
+    let gens = engine.generate_all(&ids, &config, m.seed.unwrap_or(0), batch_size, |done| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
 

@@ -19,7 +19,7 @@ use mmada_sampler::{SeededRng, T2iConfig, T2iInputs, t2i_generate};
 use mmada_vq::VqCoder;
 
 use crate::engine::Engine;
-use crate::options::{GenerateArgs, ModelArgs};
+use crate::options::{GenerateArgs, ModelArgs, impl_or};
 
 /// What `generate` produces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
@@ -82,23 +82,20 @@ pub enum ImageModeArg {
     Squash,
 }
 
-impl ImageArgs {
-    /// Fills the fields left unset here from `other` (the config file).
-    pub fn or(self, other: ImageArgs) -> ImageArgs {
-        ImageArgs {
-            mode: self.mode.or(other.mode),
-            image: self.image.or(other.image),
-            vq_checkpoint: self.vq_checkpoint.or(other.vq_checkpoint),
-            resolution: self.resolution.or(other.resolution),
-            image_mode: self.image_mode.or(other.image_mode),
-            t2i_text_len: self.t2i_text_len.or(other.t2i_text_len),
-            timesteps: self.timesteps.or(other.timesteps),
-            guidance_scale: self.guidance_scale.or(other.guidance_scale),
-            t2i_temperature: self.t2i_temperature.or(other.t2i_temperature),
-            noise_schedule: self.noise_schedule.or(other.noise_schedule),
-        }
-    }
+impl_or!(ImageArgs {
+    mode,
+    image,
+    vq_checkpoint,
+    resolution,
+    image_mode,
+    t2i_text_len,
+    timesteps,
+    guidance_scale,
+    t2i_temperature,
+    noise_schedule,
+});
 
+impl ImageArgs {
     /// The generate mode (text when unset).
     pub fn mode(&self) -> ModeArg {
         self.mode.unwrap_or_default()

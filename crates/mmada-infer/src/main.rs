@@ -25,7 +25,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
 use mmada_model::backend::DeviceSpec;
-use mmada_sampler::{LoglikConfig, SeededRng, StratifiedMasks};
+use mmada_sampler::{LoglikConfig, SamplerSection, SeededRng, StratifiedMasks};
 
 use crate::engine::Engine;
 use crate::image::{ImageArgs, ModeArg};
@@ -195,14 +195,13 @@ fn run_t2i<B: Backend>(
 fn run_generate<B: Backend>(
     device: &B::Device,
     m: &ModelArgs,
-    s: &SamplingArgs,
+    s: &SamplerSection,
     g: &GenerateArgs,
     a: &ImageArgs,
 ) -> Result<()> {
     let prompts = collect_prompts(g)?;
     let engine = load::<B>(device, m, TemplateArg::Auto)?;
-    let config = s.to_config(engine.tok.layout());
-    config.validate().context("sampling settings")?;
+    let config = engine.sampler_config(s).context("sampling settings")?;
     tracing::info!(?config, "sampler");
     let (image_codes, ids) = if a.mode() == ModeArg::Mmu {
         let (codes, ids) = image::mmu_prompts(&engine, a, &prompts)?;
@@ -218,7 +217,6 @@ fn run_generate<B: Backend>(
     let gens = engine.generate_all(
         &ids,
         &config,
-        s.full_vocab.unwrap_or(false),
         m.seed.unwrap_or(0),
         s.batch_size.unwrap_or(1),
         |_| {},
@@ -334,7 +332,7 @@ fn run_loglik<B: Backend>(device: &B::Device, m: &ModelArgs, a: &LoglikArgs) -> 
 fn run_eval<B: Backend>(
     device: &B::Device,
     m: &ModelArgs,
-    s: &SamplingArgs,
+    s: &SamplerSection,
     e: &EvalArgs,
 ) -> Result<()> {
     let engine = load::<B>(device, m, TemplateArg::Auto)?;

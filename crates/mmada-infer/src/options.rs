@@ -2,7 +2,8 @@
 //!
 //! Every option can be given on the command line or in the config file; the command line wins,
 //! then the file, then the preset (`sampling.preset`), then the built-in default. The file has
-//! one section per group and rejects unknown keys:
+//! one section per group and rejects unknown keys; `sampling` is the sampler's shared
+//! [`SamplerSection`] (the keys of UniGRPO's `rollout:` too):
 //!
 //! ```yaml
 //! model:    {checkpoint: runs/quickstart/checkpoints/step-000200/model, device: cpu}
@@ -18,13 +19,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use mmada_model::FloatDType;
-use mmada_sampler::{GenerateConfig, Remasking};
+use mmada_sampler::{Preset, Remasking, SamplerSection};
 use serde::Deserialize;
 
-/// Published decoding settings. The values are listed in `--help`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Preset {
+/// Command-line spelling of the sampler's [`Preset`]s. The values are listed in `--help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PresetArg {
     /// LLaDA `generate.py` example: gen_length 128, steps 128, block_length 32.
     Default,
     /// LLaDA-8B-Instruct GSM8K: gen_length 256, steps 256, block_length 8.
@@ -33,20 +33,18 @@ pub enum Preset {
     MmadaPaper,
 }
 
-impl Preset {
-    /// `(gen_length, steps, block_length)` of the preset.
-    pub fn values(self) -> (usize, usize, usize) {
-        match self {
-            Preset::Default => (128, 128, 32),
-            Preset::LladaGsm8k => (256, 256, 8),
-            Preset::MmadaPaper => (1024, 512, 64),
+impl From<PresetArg> for Preset {
+    fn from(p: PresetArg) -> Self {
+        match p {
+            PresetArg::Default => Preset::Default,
+            PresetArg::LladaGsm8k => Preset::LladaGsm8k,
+            PresetArg::MmadaPaper => Preset::MmadaPaper,
         }
     }
 }
 
 /// Remasking strategy names accepted on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RemaskingArg {
     /// Commit the most confident predictions first (`softmax(logits)[x0]`).
     LowConfidence,
@@ -106,6 +104,21 @@ pub enum TemplateArg {
     None,
 }
 
+/// `impl $ty { pub fn or(self, other) }` for an option group whose fields are all `Option`s:
+/// each field left unset here is filled from `other` (command line over config file). The
+/// struct literal names every field, so a field missing from the list does not compile.
+macro_rules! impl_or {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        impl $ty {
+            /// Fills the fields left unset here from `other` (the config file).
+            pub fn or(self, other: $ty) -> $ty {
+                $ty { $($field: self.$field.or(other.$field)),* }
+            }
+        }
+    };
+}
+pub(crate) use impl_or;
+
 /// Checkpoint, tokenizer and device options (config-file section `model`).
 #[derive(Args, Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -133,29 +146,25 @@ pub struct ModelArgs {
     pub seed: Option<u64>,
 }
 
-impl ModelArgs {
-    /// Fills the fields left unset here from `other`.
-    pub fn or(self, other: ModelArgs) -> ModelArgs {
-        ModelArgs {
-            checkpoint: self.checkpoint.or(other.checkpoint),
-            tokenizer: self.tokenizer.or(other.tokenizer),
-            device: self.device.or(other.device),
-            dtype: self.dtype.or(other.dtype),
-            template: self.template.or(other.template),
-            seed: self.seed.or(other.seed),
-        }
-    }
-}
+impl_or!(ModelArgs {
+    checkpoint,
+    tokenizer,
+    device,
+    dtype,
+    template,
+    seed
+});
 
-/// Text sampler options (config-file section `sampling`).
-#[derive(Args, Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// Text sampler options of the command line. The config-file section `sampling` is the
+/// sampler's [`SamplerSection`] (the same keys, plus `sample_vocab`); [`SamplingArgs::or`]
+/// layers the command line over it.
+#[derive(Args, Debug, Clone, Default)]
 pub struct SamplingArgs {
     /// Published settings for gen_length / steps / block_length (explicit values override):
     /// default = 128 / 128 / 32 (LLaDA generate.py), llada-gsm8k = 256 / 256 / 8,
     /// mmada-paper = 1024 / 512 / 64.
     #[arg(long, value_enum)]
-    pub preset: Option<Preset>,
+    pub preset: Option<PresetArg>,
     /// Number of generated tokens (multiple of block_length).
     #[arg(long)]
     pub gen_length: Option<usize>,
@@ -203,44 +212,33 @@ pub struct SamplingArgs {
     pub batch_size: Option<usize>,
 }
 
-impl SamplingArgs {
-    /// Fills the fields left unset here from `other`.
-    pub fn or(self, other: SamplingArgs) -> SamplingArgs {
-        SamplingArgs {
-            preset: self.preset.or(other.preset),
-            gen_length: self.gen_length.or(other.gen_length),
-            steps: self.steps.or(other.steps),
-            block_length: self.block_length.or(other.block_length),
-            temperature: self.temperature.or(other.temperature),
-            cfg_scale: self.cfg_scale.or(other.cfg_scale),
-            remasking: self.remasking.or(other.remasking),
-            logits_eos_inf: self.logits_eos_inf.or(other.logits_eos_inf),
-            confidence_eos_eot_inf: self.confidence_eos_eot_inf.or(other.confidence_eos_eot_inf),
-            confidence_f64: self.confidence_f64.or(other.confidence_f64),
-            threshold: self.threshold.or(other.threshold),
-            early_stop: self.early_stop.or(other.early_stop),
-            full_vocab: self.full_vocab.or(other.full_vocab),
-            batch_size: self.batch_size.or(other.batch_size),
+impl From<SamplingArgs> for SamplerSection {
+    fn from(a: SamplingArgs) -> Self {
+        SamplerSection {
+            preset: a.preset.map(Into::into),
+            gen_length: a.gen_length,
+            steps: a.steps,
+            block_length: a.block_length,
+            temperature: a.temperature,
+            cfg_scale: a.cfg_scale,
+            remasking: a.remasking.map(Into::into),
+            logits_eos_inf: a.logits_eos_inf,
+            confidence_eos_eot_inf: a.confidence_eos_eot_inf,
+            confidence_f64: a.confidence_f64,
+            threshold: a.threshold,
+            early_stop: a.early_stop,
+            full_vocab: a.full_vocab,
+            sample_vocab: None,
+            batch_size: a.batch_size,
         }
     }
+}
 
-    /// The sampler configuration for a tokenizer layout's mask / EOS / EOT ids.
-    pub fn to_config(&self, layout: &mmada_model::TokenLayout) -> GenerateConfig {
-        let (g, s, b) = self.preset.unwrap_or(Preset::Default).values();
-        GenerateConfig {
-            gen_length: self.gen_length.unwrap_or(g),
-            steps: self.steps.unwrap_or(s),
-            block_length: self.block_length.unwrap_or(b),
-            temperature: self.temperature.unwrap_or(0.0),
-            cfg_scale: self.cfg_scale.unwrap_or(0.0),
-            remasking: self.remasking.map(Into::into).unwrap_or_default(),
-            logits_eos_inf: self.logits_eos_inf.unwrap_or(false),
-            confidence_eos_eot_inf: self.confidence_eos_eot_inf.unwrap_or(false),
-            confidence_f64: self.confidence_f64.unwrap_or(false),
-            threshold: self.threshold,
-            early_stop: self.early_stop.unwrap_or(false),
-            ..GenerateConfig::from_layout(layout)
-        }
+impl SamplingArgs {
+    /// The command line over the config file's `sampling` section: the options set here win,
+    /// the file fills the rest.
+    pub fn or(self, file: SamplerSection) -> SamplerSection {
+        SamplerSection::from(self).or(file)
     }
 }
 
@@ -260,7 +258,9 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
-    /// Fills the fields left unset here from `other`.
+    /// Fills the fields left unset here from `other`. Not [`impl_or`]: `prompt` and `prompts`
+    /// are one source, so the file's `prompt` list is only used when the command line gives
+    /// neither.
     pub fn or(self, other: GenerateArgs) -> GenerateArgs {
         GenerateArgs {
             prompt: if self.prompt.is_empty() && self.prompts.is_none() {
@@ -306,18 +306,13 @@ pub struct EvalArgs {
     pub prompt_template: Option<String>,
 }
 
-impl EvalArgs {
-    /// Fills the fields left unset here from `other`.
-    pub fn or(self, other: EvalArgs) -> EvalArgs {
-        EvalArgs {
-            task: self.task.or(other.task),
-            data: self.data.or(other.data),
-            limit: self.limit.or(other.limit),
-            out: self.out.or(other.out),
-            prompt_template: self.prompt_template.or(other.prompt_template),
-        }
-    }
-}
+impl_or!(EvalArgs {
+    task,
+    data,
+    limit,
+    out,
+    prompt_template
+});
 
 /// `loglik` options (config-file section `loglik`).
 #[derive(Args, Debug, Clone, Default, Deserialize)]
@@ -340,18 +335,13 @@ pub struct LoglikArgs {
     pub cfg_scale: Option<f64>,
 }
 
-impl LoglikArgs {
-    /// Fills the fields left unset here from `other`.
-    pub fn or(self, other: LoglikArgs) -> LoglikArgs {
-        LoglikArgs {
-            prompt: self.prompt.or(other.prompt),
-            answer: self.answer.or(other.answer),
-            mc_num: self.mc_num.or(other.mc_num),
-            mc_batch_size: self.mc_batch_size.or(other.mc_batch_size),
-            cfg_scale: self.cfg_scale.or(other.cfg_scale),
-        }
-    }
-}
+impl_or!(LoglikArgs {
+    prompt,
+    answer,
+    mc_num,
+    mc_batch_size,
+    cfg_scale
+});
 
 /// The YAML config file: one optional section per option group, unknown keys rejected.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -359,8 +349,8 @@ impl LoglikArgs {
 pub struct FileConfig {
     /// Checkpoint, tokenizer, device.
     pub model: ModelArgs,
-    /// Text sampler.
-    pub sampling: SamplingArgs,
+    /// Text sampler (the sampler's shared section; also UniGRPO's `rollout:`).
+    pub sampling: SamplerSection,
     /// `generate`.
     pub generate: GenerateArgs,
     /// `eval`.
@@ -400,6 +390,9 @@ pub fn require_checkpoint(m: &ModelArgs) -> Result<PathBuf> {
 mod tests {
     use super::*;
 
+    /// LLaDA's tokenizer length.
+    const TOK_LEN: usize = 126349;
+
     #[test]
     fn image_section_of_the_config_file() {
         use crate::image::{ImageArgs, ImageModeArg, ModeArg};
@@ -437,7 +430,10 @@ mod tests {
         assert_eq!(c.model.checkpoint.as_deref(), Some(Path::new("ck")));
         assert_eq!(c.sampling.preset, Some(Preset::LladaGsm8k));
         assert_eq!(c.eval.task, Some(TaskArg::Math500));
-        let g = c.sampling.to_config(&mmada_model::TokenLayout::llada());
+        let g = c
+            .sampling
+            .to_config(&mmada_model::TokenLayout::llada(), TOK_LEN)
+            .unwrap();
         assert_eq!((g.gen_length, g.steps, g.block_length), (256, 64, 8));
         assert_eq!(g.remasking, Remasking::Random);
         assert_eq!((g.mask_id, g.eos_id), (126336, Some(126081)));
@@ -459,15 +455,21 @@ mod tests {
             steps: Some(16),
             ..Default::default()
         };
-        let file = SamplingArgs {
+        let file = SamplerSection {
             steps: Some(32),
             gen_length: Some(64),
             preset: Some(Preset::MmadaPaper),
             ..Default::default()
         };
-        let g = cli.or(file).to_config(&mmada_model::TokenLayout::llada());
+        let g = cli
+            .or(file)
+            .to_config(&mmada_model::TokenLayout::llada(), TOK_LEN)
+            .unwrap();
         assert_eq!((g.gen_length, g.steps, g.block_length), (64, 16, 64));
-        let d = SamplingArgs::default().to_config(&mmada_model::TokenLayout::llada());
+        let d = SamplingArgs::default()
+            .or(SamplerSection::default())
+            .to_config(&mmada_model::TokenLayout::llada(), TOK_LEN)
+            .unwrap();
         assert_eq!((d.gen_length, d.steps, d.block_length), (128, 128, 32));
         assert_eq!(d.temperature, 0.0);
         assert_eq!((d.threshold, d.early_stop), (None, false));
@@ -480,7 +482,10 @@ mod tests {
             "t.yaml",
         )
         .unwrap();
-        let g = c.sampling.to_config(&mmada_model::TokenLayout::llada());
+        let g = c
+            .sampling
+            .to_config(&mmada_model::TokenLayout::llada(), TOK_LEN)
+            .unwrap();
         assert_eq!(g.remasking, Remasking::Margin);
         assert_eq!(g.threshold, Some(0.9));
         assert!(g.early_stop);
@@ -492,12 +497,59 @@ mod tests {
         };
         let g = cli
             .or(c.sampling)
-            .to_config(&mmada_model::TokenLayout::llada());
+            .to_config(&mmada_model::TokenLayout::llada(), TOK_LEN)
+            .unwrap();
         assert_eq!(
             (g.remasking, g.threshold, g.early_stop),
             (Remasking::Entropy, Some(0.5), true)
         );
         let bad = FileConfig::from_yaml("sampling: {remasking: margn}\n", "t.yaml").unwrap_err();
         assert!(format!("{bad:#}").contains("margn"), "{bad:#}");
+    }
+
+    /// The `sampling:` section is the sampler's [`SamplerSection`]: every key of the command
+    /// line plus `sample_vocab`, written back as the same YAML; the command line converts into
+    /// it key by key.
+    #[test]
+    fn sampling_section_yaml_round_trip_and_command_line_keys() {
+        let yaml = "sampling: {preset: mmada-paper, gen_length: 64, steps: 32, block_length: 16, \
+            temperature: 0.5, cfg_scale: 1.0, remasking: entropy, logits_eos_inf: true, \
+            confidence_eos_eot_inf: true, confidence_f64: true, threshold: 0.9, early_stop: true, \
+            full_vocab: false, sample_vocab: 99, batch_size: 2}\n";
+        let c = FileConfig::from_yaml(yaml, "t.yaml").unwrap();
+        let s = &c.sampling;
+        assert_eq!(s.preset, Some(Preset::MmadaPaper));
+        assert_eq!(s.remasking, Some(Remasking::Entropy));
+        assert_eq!((s.sample_vocab, s.batch_size), (Some(99), Some(2)));
+        let text = serde_norway::to_string(s).unwrap();
+        assert!(text.contains("preset: mmada-paper"), "{text}");
+        assert_eq!(serde_norway::from_str::<SamplerSection>(&text).unwrap(), *s);
+        let cli = SamplingArgs {
+            preset: Some(PresetArg::LladaGsm8k),
+            gen_length: Some(64),
+            steps: Some(32),
+            block_length: Some(16),
+            temperature: Some(0.5),
+            cfg_scale: Some(1.0),
+            remasking: Some(RemaskingArg::Entropy),
+            logits_eos_inf: Some(true),
+            confidence_eos_eot_inf: Some(true),
+            confidence_f64: Some(true),
+            threshold: Some(0.9),
+            early_stop: Some(true),
+            full_vocab: Some(false),
+            batch_size: Some(2),
+        };
+        let from_cli = SamplerSection::from(cli);
+        assert_eq!(
+            from_cli,
+            SamplerSection {
+                preset: Some(Preset::LladaGsm8k),
+                sample_vocab: None,
+                ..s.clone()
+            }
+        );
+        // an empty command line leaves the file as it is
+        assert_eq!(SamplingArgs::default().or(s.clone()), *s);
     }
 }
