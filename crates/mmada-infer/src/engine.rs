@@ -36,6 +36,9 @@ pub struct Generation {
     pub ids: Vec<u32>,
     /// Decoded text up to the first EOS / EOT, special tokens removed, trimmed.
     pub text: String,
+    /// Whether the answer ended (an EOS or EOT was generated) before `gen_length`; the same
+    /// flag a UniGRPO rollout of this prompt gets ([`mmada_sampler::Completion::terminated`]).
+    pub terminated: bool,
     /// Denoiser evaluations of the batch this prompt was in.
     pub nfe: usize,
     /// Wall time of that batch, seconds.
@@ -264,6 +267,7 @@ impl<B: Backend> Engine<B> {
             .map(|row| {
                 Ok(Generation {
                     text: self.decode_text(&row.ids)?,
+                    terminated: row.terminated,
                     ids: row.generated,
                     nfe: out.nfe,
                     seconds: out.seconds,

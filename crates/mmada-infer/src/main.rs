@@ -254,6 +254,7 @@ fn run_generate<B: Backend>(
                 "prompt": p,
                 "output": gen_.text,
                 "ids": gen_.ids,
+                "terminated": gen_.terminated,
                 "nfe": gen_.nfe,
                 "seconds": gen_.seconds,
                 "batch": gen_.batch,

@@ -252,7 +252,8 @@ pub struct GenerateArgs {
     /// File of prompts: JSONL with a `prompt` (or `question`) field per line.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Write one JSON record per prompt (prompt, output, ids, nfe, seconds) to this file.
+    /// Write one JSON record per prompt (prompt, output, ids, terminated, nfe, seconds) to
+    /// this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }

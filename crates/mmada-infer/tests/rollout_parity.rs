@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
-use mmada_model::backend::{Cpu, CpuAutodiff};
 use mmada_model::FloatDType;
+use mmada_model::backend::{Cpu, CpuAutodiff};
 use mmada_train::recipe::{Recipe as _, SftRecipe, UniGrpoRecipe};
 use mmada_train::sft::Sft;
 use mmada_train::trainer::{RunOptions, TrainLoop as _};
@@ -26,7 +26,8 @@ const QUESTIONS: [&str; 6] = [
     "What is 70 + 2?",
 ];
 
-/// SFT for `steps` steps on the generated arithmetic; returns the final checkpoint's `model/`.
+/// SFT for `steps` steps on the generated arithmetic (0: the initialised model); returns the
+/// checkpoint folder.
 fn fine_tuned(dir: &Path, steps: u64) -> std::path::PathBuf {
     let data = dir.join("data");
     mmada_train::synth::write_arithmetic(&data, 200, 5).unwrap();
@@ -57,15 +58,32 @@ data:
           split: train
 optimizer: {{lr: 3.0e-3}}
 schedule: {{kind: constant}}
-train: {{max_steps: {steps}, log_every: 10}}
+train: {{max_steps: {max_steps}, log_every: 10}}
 "#,
             out = dir.display(),
             data = data.display(),
+            max_steps = steps.max(1),
         ),
         "sft.yaml",
         &[],
     )
     .unwrap();
+    if steps == 0 {
+        // the initialised model (upstream init, run seed), as SFT would start from
+        let tok = mmada_train::trainer::load_tokenizer(&recipe.tokenizer, dir).unwrap();
+        let cfg = mmada_train::trainer::model_config(&recipe.model, &recipe.tokenizer, &tok, dir)
+            .unwrap();
+        let model = dir.join("init");
+        let opts = mmada_model::SaveOptions {
+            dtype: mmada_model::DiskDtype::F32,
+            ..Default::default()
+        };
+        mmada_train::init_checkpoint(&cfg, 1, &model, &opts).unwrap();
+        tok.inner()
+            .save(model.join("tokenizer.json"), false)
+            .unwrap();
+        return model;
+    }
     let out = Sft::run::<CpuAutodiff>(
         &recipe,
         &Default::default(),
@@ -78,7 +96,7 @@ train: {{max_steps: {steps}, log_every: 10}}
 
 /// A UniGRPO recipe whose prompts are [`QUESTIONS`] (raw, no template), G = 2, with the
 /// rollout settings `rollout`.
-fn grpo_recipe(dir: &Path, ckpt: &Path, gen: usize, rollout: &str) -> UniGrpoRecipe {
+fn grpo_recipe(dir: &Path, ckpt: &Path, gen_len: usize, rollout: &str) -> UniGrpoRecipe {
     let prompts = dir.join("prompts.jsonl");
     let rows: Vec<String> = QUESTIONS
         .iter()
@@ -102,7 +120,7 @@ prompts:
     fields: {{question: question, answer: answer}}
     license: MIT
     split: train
-grpo: {{num_generations: 2, generation_batch_size: {n}, max_completion_length: {gen}}}
+grpo: {{num_generations: 2, generation_batch_size: {n}, max_completion_length: {gen_len}}}
 rollout: {rollout}
 reward_funcs: [{{kind: length}}]
 optimizer: {{lr: 1.0e-5}}
@@ -121,11 +139,32 @@ train: {{max_steps: 1}}
 
 #[test]
 fn infer_generate_and_unigrpo_rollout_give_the_same_completions() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpt = fine_tuned(tmp.path(), 60);
-    // (gen_length, steps, block_length): one block; two blocks of low-confidence remasking
-    for (gen, steps, block) in [(8usize, 8usize, 8usize), (8, 4, 4)] {
-        let out = tmp.path().join(format!("gen-{steps}.jsonl"));
+    let (mut ended, mut open) = (0, 0);
+    // untrained: a random model that rarely stops; 60 SFT steps: answers that end in EOS
+    for trained in [0u64, 60] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = fine_tuned(tmp.path(), trained);
+        // (gen_length, steps, block_length): one block; two blocks of 2 steps
+        for (gen_len, steps, block) in [(8usize, 8usize, 8usize), (8, 4, 4)] {
+            let (e, o) = compare(tmp.path(), &ckpt, gen_len, steps, block);
+            ended += e;
+            open += o;
+        }
+    }
+    // both kinds of completion were compared
+    assert!(
+        ended > 0 && open > 0,
+        "terminated {ended}, not terminated {open}"
+    );
+}
+
+/// Runs `mmada-infer generate` and a rollout on every question; asserts equal completions and
+/// terminated flags; returns the numbers of terminated and unterminated completions.
+fn compare(dir: &Path, ckpt: &Path, gen_len: usize, steps: usize, block: usize) -> (usize, usize) {
+    {
+        let tmp = dir;
+        let ckpt = ckpt.to_path_buf();
+        let out = tmp.join(format!("gen-{steps}.jsonl"));
         let mut args = vec![
             "generate".to_string(),
             "--checkpoint".into(),
@@ -133,7 +172,7 @@ fn infer_generate_and_unigrpo_rollout_give_the_same_completions() {
             "--template".into(),
             "none".into(),
             "--gen-length".into(),
-            gen.to_string(),
+            gen_len.to_string(),
             "--steps".into(),
             steps.to_string(),
             "--block-length".into(),
@@ -151,10 +190,11 @@ fn infer_generate_and_unigrpo_rollout_give_the_same_completions() {
         assert_eq!(infer.len(), QUESTIONS.len());
 
         let rollout = format!("{{steps: {steps}, block_length: {block}, temperature: 0.0}}");
-        let recipe = grpo_recipe(tmp.path(), &ckpt, gen, &rollout);
+        let recipe = grpo_recipe(tmp, &ckpt, gen_len, &rollout);
         let tok = mmada_train::trainer::load_tokenizer(&recipe.tokenizer, Path::new("/")).unwrap();
         let dev = Default::default();
-        let (cfg, model) = mmada_model::load_checkpoint::<Cpu>(&ckpt, &dev, FloatDType::F32).unwrap();
+        let (cfg, model) =
+            mmada_model::load_checkpoint::<Cpu>(&ckpt, &dev, FloatDType::F32).unwrap();
         let gen_cfg = recipe.generate_config(&tok, cfg.embedding_size).unwrap();
         let examples = load_prompts(&recipe.prompts, Path::new("/")).unwrap();
         let ctx = RolloutCtx {
@@ -188,12 +228,20 @@ fn infer_generate_and_unigrpo_rollout_give_the_same_completions() {
                     QUESTIONS[i]
                 );
                 assert_eq!(ro.terminated, cut < ids.len(), "prompt {i}");
-                assert_eq!(rec["terminated"].as_bool(), Some(ro.terminated), "prompt {i}");
+                assert_eq!(
+                    rec["terminated"].as_bool(),
+                    Some(ro.terminated),
+                    "prompt {i}"
+                );
             }
             terminated += usize::from(cut < ids.len());
-            eprintln!("{:?} -> {:?} (terminated {})", QUESTIONS[i], rec["output"], cut < ids.len());
+            eprintln!(
+                "{:?} -> {:?} (terminated {})",
+                QUESTIONS[i],
+                rec["output"],
+                cut < ids.len()
+            );
         }
-        // the fine-tuned model answers and stops: the test compares real completions
-        assert!(terminated > 0, "no completion terminated: the check is vacuous");
+        (terminated, QUESTIONS.len() - terminated)
     }
 }
