@@ -340,6 +340,29 @@ fn run_eval<B: Backend>(
     eval::run(&engine, m, s, e)
 }
 
+/// `generate` with its options layered (command line over `--config` file): text, or an
+/// image with `--mode t2i` / about an image with `--mode mmu`.
+fn generate_command(
+    model: ModelArgs,
+    sampling: SamplerSection,
+    generate: GenerateArgs,
+    image: ImageArgs,
+) -> Result<()> {
+    match image.mode() {
+        ModeArg::T2i => on_device!(device_of(&model)?, run_t2i(&model, &generate, &image)),
+        mode => {
+            ensure!(
+                mode == ModeArg::Mmu || image.image.is_none(),
+                "--image is only used with --mode mmu"
+            );
+            on_device!(
+                device_of(&model)?,
+                run_generate(&model, &sampling, &generate, &image)
+            )
+        }
+    }
+}
+
 fn main() -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -360,23 +383,12 @@ fn main() -> Result<ExitCode> {
             image,
         } => {
             let f = FileConfig::load(config.as_deref())?;
-            let model = model.or(f.model);
-            let sampling = sampling.or(f.sampling);
-            let generate = generate.or(f.generate);
-            let image = image.or(f.image);
-            match image.mode() {
-                ModeArg::T2i => on_device!(device_of(&model)?, run_t2i(&model, &generate, &image))?,
-                mode => {
-                    ensure!(
-                        mode == ModeArg::Mmu || image.image.is_none(),
-                        "--image is only used with --mode mmu"
-                    );
-                    on_device!(
-                        device_of(&model)?,
-                        run_generate(&model, &sampling, &generate, &image)
-                    )?
-                }
-            }
+            generate_command(
+                model.or(f.model),
+                sampling.or(f.sampling),
+                generate.or(f.generate),
+                image.or(f.image),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval {
@@ -386,9 +398,8 @@ fn main() -> Result<ExitCode> {
             eval,
         } => {
             let f = FileConfig::load(config.as_deref())?;
-            let model = model.or(f.model);
-            let sampling = sampling.or(f.sampling);
-            let eval = eval.or(f.eval);
+            let (model, sampling, eval) =
+                (model.or(f.model), sampling.or(f.sampling), eval.or(f.eval));
             on_device!(device_of(&model)?, run_eval(&model, &sampling, &eval))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -398,8 +409,7 @@ fn main() -> Result<ExitCode> {
             loglik,
         } => {
             let f = FileConfig::load(config.as_deref())?;
-            let model = model.or(f.model);
-            let loglik = loglik.or(f.loglik);
+            let (model, loglik) = (model.or(f.model), loglik.or(f.loglik));
             on_device!(device_of(&model)?, run_loglik(&model, &loglik))?;
             Ok(ExitCode::SUCCESS)
         }
