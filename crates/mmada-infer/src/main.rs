@@ -48,6 +48,26 @@ struct Cli {
     command: Command,
 }
 
+/// `--config FILE` and the checkpoint options of `generate`, `eval` and `loglik`.
+#[derive(clap::Args, Debug)]
+struct CommonArgs {
+    /// YAML config file (sections model, sampling, generate, eval, loglik, image; the
+    /// command line wins).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+impl CommonArgs {
+    /// The config file and the model options layered over its `model:` section.
+    fn load(self) -> Result<(FileConfig, ModelArgs)> {
+        let mut f = FileConfig::load(self.config.as_deref())?;
+        let model = self.model.or(std::mem::take(&mut f.model));
+        Ok((f, model))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print a checkpoint's config, parameter count, dtype and bytes per tensor group, and
@@ -66,11 +86,8 @@ enum Command {
     /// generates one image per prompt into `--out DIR` (PNGs + codes.jsonl); `--mode mmu
     /// --image PATH` answers the prompts about an image.
     Generate {
-        /// YAML config file (sections model, sampling, generate).
-        #[arg(long)]
-        config: Option<PathBuf>,
         #[command(flatten)]
-        model: ModelArgs,
+        common: CommonArgs,
         #[command(flatten, next_help_heading = "Sampling")]
         sampling: SamplingArgs,
         #[command(flatten, next_help_heading = "Prompts and output")]
@@ -81,11 +98,8 @@ enum Command {
     /// Evaluate on GSM8K or MATH-500: prompts, batched generation, answer extraction
     /// (mmada-rewards), accuracy; per-item JSONL with --out.
     Eval {
-        /// YAML config file (sections model, sampling, eval).
-        #[arg(long)]
-        config: Option<PathBuf>,
         #[command(flatten)]
-        model: ModelArgs,
+        common: CommonArgs,
         #[command(flatten, next_help_heading = "Sampling")]
         sampling: SamplingArgs,
         #[command(flatten, next_help_heading = "Benchmark")]
@@ -93,11 +107,8 @@ enum Command {
     },
     /// Monte-Carlo estimate of log p(answer | prompt) (LLaDA get_log_likelihood).
     Loglik {
-        /// YAML config file (sections model, loglik).
-        #[arg(long)]
-        config: Option<PathBuf>,
         #[command(flatten)]
-        model: ModelArgs,
+        common: CommonArgs,
         #[command(flatten, next_help_heading = "Likelihood")]
         loglik: LoglikArgs,
     },
@@ -376,15 +387,14 @@ fn main() -> Result<ExitCode> {
         Command::Inspect { checkpoint, json } => inspect::inspect(&checkpoint, json)
             .with_context(|| format!("inspecting {}", checkpoint.display())),
         Command::Generate {
-            config,
-            model,
+            common,
             sampling,
             generate,
             image,
         } => {
-            let f = FileConfig::load(config.as_deref())?;
+            let (f, model) = common.load()?;
             generate_command(
-                model.or(f.model),
+                model,
                 sampling.or(f.sampling),
                 generate.or(f.generate),
                 image.or(f.image),
@@ -403,13 +413,9 @@ fn main() -> Result<ExitCode> {
             on_device!(device_of(&model)?, run_eval(&model, &sampling, &eval))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Loglik {
-            config,
-            model,
-            loglik,
-        } => {
-            let f = FileConfig::load(config.as_deref())?;
-            let (model, loglik) = (model.or(f.model), loglik.or(f.loglik));
+        Command::Loglik { common, loglik } => {
+            let (f, model) = common.load()?;
+            let loglik = loglik.or(f.loglik);
             on_device!(device_of(&model)?, run_loglik(&model, &loglik))?;
             Ok(ExitCode::SUCCESS)
         }
