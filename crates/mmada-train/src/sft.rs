@@ -376,7 +376,7 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
         let bs = self.recipe.data.lm.batch_size.max(1);
         let (mut sum, mut n) = (0f64, 0usize);
         for (k, chunk) in samples.chunks(bs).enumerate() {
-            let rows = vec![("lm", chunk.to_vec())];
+            let rows = vec![(crate::data::StreamKind::Lm, chunk.to_vec())];
             let (batch, _) = data.noise(&rows, 0, (k * bs) as u64, purpose::EVAL_MASK)?;
             let l = unified_loss(
                 &valid,
@@ -485,13 +485,28 @@ fn sft_worker<B: AutodiffBackend>(
     // every rank draws the same global micro-batches (per-device batch × world) and keeps
     // its shard after noising (crate::dist)
     // images of mmu / t2i rows: encoded once here (data.image_tokenizer)
-    let coder = crate::data::load_image_coder::<B>(recipe, base, device)?;
+    let coder =
+        crate::data::load_image_coder::<B>(recipe.data.image_tokenizer.as_ref(), base, device)?;
     let coder = coder.as_ref().map(|c| c as &dyn mmada_data::ImageCoder);
     let mut data = if world > 1 {
         let global = crate::dist::global_batch_recipe(recipe, world);
-        TrainData::load_with_images(&global, tok, base, 0, 1, coder)?
+        TrainData::load_with_images(
+            &global.data,
+            &recipe.loss,
+            recipe.run.seed,
+            tok,
+            base,
+            coder,
+        )?
     } else {
-        TrainData::load_with_images(recipe, tok, base, 0, 1, coder)?
+        TrainData::load_with_images(
+            &recipe.data,
+            &recipe.loss,
+            recipe.run.seed,
+            tok,
+            base,
+            coder,
+        )?
     };
     let mut optim = optim::adamw::<B>(&recipe.optimizer);
     let mut state = match state {
@@ -569,11 +584,7 @@ fn sft_worker<B: AutodiffBackend>(
             let n_rows: usize = rows.iter().map(|(_, r)| r.len()).sum();
             for (name, r) in &rows {
                 if !r.is_empty() {
-                    present[match *name {
-                        "t2i" => 0,
-                        "lm" => 1,
-                        _ => 2,
-                    }] = true;
+                    present[name.index()] = true;
                 }
             }
             let (batch, st) = data.noise(&rows, step, first_row, purpose::MASK)?;
