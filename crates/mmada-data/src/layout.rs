@@ -258,6 +258,34 @@ pub fn t2i_layout(
     })
 }
 
+/// A t2i sample with its caption replaced by the empty (null) prompt `<|t2i|> <BOS> <EOS>`,
+/// same image codes, same length: the unconditional row of condition dropout (upstream
+/// `t2i_prompt` with `''`, spec §2.4 c). `p` is `max_seq_length`.
+///
+/// # Errors
+/// [`DataError::Layout`] when `s` is not a t2i sample or its image block holds a non-image id.
+pub fn drop_caption(s: &Sample, p: usize, t: &TokenLayout) -> Result<Sample> {
+    if s.kind != LayoutKind::T2i {
+        return Err(DataError::Layout {
+            layout: "t2i",
+            message: format!("caption dropout: a {:?} sample has no caption", s.kind),
+        });
+    }
+    let codes: Vec<u32> = s
+        .ids
+        .iter()
+        .zip(&s.prompt_mask)
+        .filter(|(_, prompt)| !**prompt)
+        .map(|(&id, _)| {
+            t.image_code(id).ok_or_else(|| DataError::Layout {
+                layout: "t2i",
+                message: format!("caption dropout: id {id} in the image block is no image token"),
+            })
+        })
+        .collect::<Result<_>>()?;
+    t2i_layout(&[], &codes, p, true, t)
+}
+
 /// How the text of an mmu row is split into prompt and answer.
 #[derive(Debug, Clone, Copy)]
 pub enum TextSplit<'a> {

@@ -18,11 +18,17 @@
 //!   normalisation, and the [`ImageCoder`] trait (pixels → codes).
 //! * [`codes`]: [`ImageTokenizer`] turns image paths / bytes of examples into codes, with
 //!   an on-disk [`CodeCache`].
+//! * [`code_table`]: pre-tokenized image code tables (parquet) of `data pretokenize`
+//!   ([`CodeTable`], [`code_table::pretokenize`]).
+//! * [`streams`]: the t2i / lm / mmu training streams ([`StreamKind`]): manifests →
+//!   examples → image codes → samples → one mixture per stream, and the rows of each
+//!   micro-batch ([`Streams`]).
 //! * [`inspect`]: what `mmada-train data inspect` / `data check` print.
 //!
 //! Libraries never print: counts are returned ([`ReadStats`], [`BatchStats`]).
 
 pub mod batch;
+pub mod code_table;
 pub mod codes;
 pub mod error;
 pub mod example;
@@ -33,10 +39,12 @@ pub mod manifest;
 pub mod mixture;
 pub mod pipeline;
 pub mod reader;
+pub mod streams;
 pub mod template;
 pub mod tokenizer;
 
 pub use batch::{Batch, BatchStats, collate, filter_overlong};
+pub use code_table::{CodeRow, CodeTable, CodeTableError};
 pub use codes::{CodeCache, ImageTokenizer, TokenizeStats};
 pub use error::{DataError, Location, Result};
 pub use example::{Example, ImageRef, Message, Role, Task};
@@ -47,5 +55,9 @@ pub use mixture::{Mixing, Mixture, MixtureCursor, MixtureSource, Pick};
 pub use mmada_model::tokens::TokenLayout;
 pub use pipeline::{LayoutConfig, LengthStats, layout_example, render_sample};
 pub use reader::{ExampleStream, ReadStats};
+pub use streams::{
+    ImageSources, ImageStats, LoadOptions, SourceLoad, SourceReport, StreamError, StreamKind,
+    StreamSpec, Streams,
+};
 pub use template::{COT_INSTRUCTION, ChatTemplate};
 pub use tokenizer::TextTokenizer;

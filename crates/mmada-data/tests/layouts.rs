@@ -4,7 +4,7 @@
 mod common;
 
 use mmada_data::layout::{
-    chat_layout, lm_layout, mmu_generation_prompt, mmu_layout, sft_layout, t2i_layout,
+    chat_layout, drop_caption, lm_layout, mmu_generation_prompt, mmu_layout, sft_layout, t2i_layout,
 };
 use mmada_data::{IGNORE_ID, TextSplit, TokenLayout, collate};
 
@@ -120,6 +120,14 @@ fn t2i_layout_left_pads_with_ipad_to_p_plus_one() {
     // Caption dropout: <t2i> <bos> <eos>.
     let d = t2i_layout(&[10, 11], &[1, 2, 3], 6, true, &t).unwrap();
     assert_eq!(&d.ids[..7], &[293, 293, 293, 293, 288, B, E]);
+    // ... and the same from a laid-out captioned row (the trainer's condition dropout).
+    let captioned = t2i_layout(&[10, 11], &[1, 2, 3], 6, false, &t).unwrap();
+    assert_eq!(drop_caption(&captioned, 6, &t).unwrap(), d);
+    let text = sft_layout(&[5, 6], &[7], 8, true, &t).unwrap();
+    assert!(
+        drop_caption(&text, 6, &t).is_err(),
+        "only t2i rows have a caption"
+    );
     // Truncation: cut to P tokens then EOS forced, no padding.
     let s = t2i_layout(&[10, 11, 12, 13, 14, 15], &[1], 6, false, &t).unwrap();
     assert_eq!(&s.ids[..7], &[288, B, 10, 11, 12, 13, E]);

@@ -10,6 +10,8 @@
 //! * [`loss`]: token cross-entropy with per-token weights, from which every upstream loss is
 //!   built: pretraining `Σ CE/p / (B·L)`, SFT `Σ CE/(p·answer_len) / B`, the MaskGIT t2i mean,
 //!   and MMaDA's unified `forward_process` over `[t2i | lm | mmu]` rows.
+//! * [`unified`]: the unified forward process: plain clean rows (ids, labels, kind, lengths,
+//!   seed) → one noised [`UnifiedBatch`], each row from its own seeded RNG.
 //!
 //! Random draws are explicit values ([`noise::MaskDraw`], [`noise::ImageMaskDraw`]) produced
 //! from a seeded RNG or injected by tests, so every loss can be reproduced exactly.
@@ -18,6 +20,7 @@ pub mod grpo;
 pub mod loss;
 pub mod noise;
 pub mod schedule;
+pub mod unified;
 
 pub use loss::{
     T2iAttention, UnifiedBatch, UnifiedLoss, pretrain_loss, sft_loss, unified_loss,
@@ -27,6 +30,7 @@ pub use noise::{
     ImageMaskDraw, MaskDraw, Noised, forward_process, image_mask, image_mask_with, p_mask,
 };
 pub use schedule::MaskSchedule;
+pub use unified::{NoiseStats, PlainRow, RowKind, UnifiedNoiseConfig, unified_forward_process};
 
 /// Errors from inconsistent inputs (lengths that do not match the batch shape).
 #[derive(Debug, thiserror::Error)]

@@ -402,14 +402,12 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval {
-            config,
-            model,
+            common,
             sampling,
             eval,
         } => {
-            let f = FileConfig::load(config.as_deref())?;
-            let (model, sampling, eval) =
-                (model.or(f.model), sampling.or(f.sampling), eval.or(f.eval));
+            let (f, model) = common.load()?;
+            let (sampling, eval) = (sampling.or(f.sampling), eval.or(f.eval));
             on_device!(device_of(&model)?, run_eval(&model, &sampling, &eval))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,6 @@
 //! `mmada-train data inspect` and `mmada-train data check`: thin terminal wrappers over
 //! `mmada_data::inspect`; `mmada-train data pretokenize`: image codes of manifests into a
-//! parquet table (`mmada_train::pretok`).
+//! parquet table (`mmada_data::code_table`).
 
 use mmada_train::recipe::Recipe as _;
 use std::path::{Path, PathBuf};
@@ -167,7 +167,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             let mut manifests = vec![];
             for path in &manifest {
                 let m = Manifest::from_file(path)?;
-                let p = mmada_train::pretok::preprocess_for(
+                let p = mmada_data::code_table::preprocess_for(
                     Some(m.task),
                     resolution,
                     t2i_mode.into(),
@@ -221,7 +221,7 @@ fn pretokenize_on<B: burn::tensor::backend::Backend>(
 ) -> Result<usize> {
     let coder = mmada_vq::VqCoder::<B>::load(vq_checkpoint, device)
         .with_context(|| format!("loading the image tokenizer {vq_checkpoint}"))?;
-    Ok(mmada_train::pretok::pretokenize(
+    Ok(mmada_data::code_table::pretokenize(
         manifests, data_root, &coder, out,
     )?)
 }

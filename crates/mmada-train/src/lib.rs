@@ -6,10 +6,12 @@
 //! * [`trainer`]: the trainer core both loops share: run directory, start checks, resume,
 //!   checkpoint save and the step skeleton ([`trainer::Session`]).
 //! * [`recipe`]: typed YAML recipes with `--set` overrides (one parser; a file per trainer).
-//! * [`data`]: manifests → samples → seeded mixtures → noised `[t2i | lm | mmu]` batches.
+//! * [`data`]: the recipe's data / loss sections onto `mmada_data::Streams` (manifests →
+//!   samples → seeded mixtures) and `mmada_diffusion::unified_forward_process` (noised
+//!   `[t2i | lm | mmu]` batches).
 //! * [`optim`]: AdamW (PyTorch semantics), global-norm clipping, accumulation, named state.
 //! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
-//! * [`pretok`]: pre-tokenized image code tables (parquet) of `data pretokenize`.
+//! * [`pretok`]: `data pretokenize` over a recipe (the tables: `mmada_data::code_table`).
 //! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
 //! * [`sft`]: the SFT loop ([`sft::Sft`]).
 //! * [`dist`]: data parallelism (one thread per device, several nodes) over burn-collective.

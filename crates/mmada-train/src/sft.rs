@@ -18,7 +18,7 @@ use mmada_diffusion::unified_loss;
 use mmada_model::LladaModel;
 use serde_json::json;
 
-use crate::data::{TrainData, purpose};
+use crate::data::{StreamKind, TrainData, purpose};
 use crate::dist::Worker;
 use crate::recipe::SftRecipe;
 use crate::schedule::Schedule;
@@ -146,7 +146,7 @@ fn eval_loss<B: AutodiffBackend>(
     let bs = recipe.data.lm.batch_size.max(1);
     let (mut sum, mut n) = (0f64, 0usize);
     for (k, chunk) in samples.chunks(bs).enumerate() {
-        let rows = vec![("lm", chunk.to_vec())];
+        let rows = vec![(StreamKind::Lm, chunk.to_vec())];
         let (batch, _) = data.noise(&rows, 0, (k * bs) as u64, purpose::EVAL_MASK)?;
         let l = unified_loss(&valid, &batch, recipe.loss.t2i_attention.into(), device)?;
         sum += f64::from(l.lm.into_scalar().elem::<f32>()) * chunk.len() as f64;
@@ -173,8 +173,8 @@ fn accumulate_step<B: AutodiffBackend>(
     let mut st = MicroStats::default();
     for _ in 0..accum {
         let rows = data.next_rows();
-        for (name, r) in &rows {
-            st.present[stream_index(name)] |= !r.is_empty();
+        for (kind, r) in &rows {
+            st.present[kind.index()] |= !r.is_empty();
         }
         let n_rows: usize = rows.iter().map(|(_, r)| r.len()).sum();
         let (batch, noise) = data.noise(&rows, step, st.rows, purpose::MASK)?;
@@ -196,14 +196,6 @@ fn accumulate_step<B: AutodiffBackend>(
         acc = Some(accumulate(model, acc, total));
     }
     Ok((acc.expect("at least one micro-batch"), st))
-}
-
-fn stream_index(name: &str) -> usize {
-    match name {
-        "t2i" => 0,
-        "lm" => 1,
-        _ => 2,
-    }
 }
 
 /// Statistics of one optimizer step's micro-batches.
@@ -229,13 +221,22 @@ fn sft_worker<B: AutodiffBackend>(
     let device = s.device();
     let world = s.worker.world();
     // images of mmu / t2i rows: encoded once here (data.image_tokenizer)
-    let coder = crate::data::load_image_coder::<B>(recipe, &opts.base_dir, &device)?;
+    let coder = crate::data::load_image_coder::<B>(
+        recipe.data.image_tokenizer.as_ref(),
+        &opts.base_dir,
+        &device,
+    )?;
     let coder = coder.as_ref().map(|c| c as &dyn mmada_data::ImageCoder);
     // every rank draws the same global micro-batches (per-device batch × world) and keeps
     // its shard after noising (crate::shard)
-    let global = crate::shard::global_batch_recipe(recipe, world);
-    let mut data =
-        TrainData::load_with_images(&global, s.tok.clone(), &opts.base_dir, 0, 1, coder)?;
+    let mut data = TrainData::load_with_images(
+        &crate::shard::global_data_section(&recipe.data, world),
+        &recipe.loss,
+        recipe.run.seed,
+        s.tok.clone(),
+        &opts.base_dir,
+        coder,
+    )?;
     if s.resumed_from.is_some() {
         data.resume(&s.state.data)?;
     } else {

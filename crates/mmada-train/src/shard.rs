@@ -1,7 +1,7 @@
 //! Batch sharding and loss scaling for data parallelism (the collectives themselves are in
 //! [`crate::dist`], which knows no trainer type).
 //!
-//! * **SFT.** Every rank draws the same *global* micro-batch ([`global_batch_recipe`]: each
+//! * **SFT.** Every rank draws the same *global* micro-batch ([`global_data_section`]: each
 //!   stream's per-device `batch_size` × world) and noises it whole — the noise of row `i`
 //!   depends only on `(seed, step, i)` — then keeps its shard ([`shard_batch`]): row `i` of
 //!   every stream goes to rank `i mod world`. The shard loss of stream `s` is multiplied by
@@ -111,17 +111,17 @@ pub fn shard_batch(b: &UnifiedBatch, rank: usize, world: usize) -> (UnifiedBatch
     (shard, scale)
 }
 
-/// The recipe every rank draws its data with: each stream's `batch_size` (per device)
-/// multiplied by `world`, so that one draw is the global micro-batch.
-pub fn global_batch_recipe(
-    recipe: &crate::recipe::SftRecipe,
+/// The `data:` section every rank draws its data with: each stream's `batch_size` (per
+/// device) multiplied by `world`, so that one draw is the global micro-batch.
+pub fn global_data_section(
+    data: &crate::recipe::DataSection,
     world: usize,
-) -> crate::recipe::SftRecipe {
-    let mut r = recipe.clone();
-    for s in [&mut r.data.t2i, &mut r.data.lm, &mut r.data.mmu] {
+) -> crate::recipe::DataSection {
+    let mut d = data.clone();
+    for s in [&mut d.t2i, &mut d.lm, &mut d.mmu] {
         s.batch_size *= world;
     }
-    r
+    d
 }
 
 /// The prompt groups (slots `0..groups` of a step) that rank `rank` of `world` rolls out,

@@ -7,12 +7,11 @@ use mmada_train::trainer::TrainLoop as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use mmada_data::{ImageCoder, Pixels, TextTokenizer};
+use mmada_data::code_table::{CodeTable, read_table, write_table};
+use mmada_data::layout::drop_caption;
+use mmada_data::{ImageCoder, Pixels, StreamError, StreamKind, TextTokenizer};
 use mmada_model::backend::{Cpu, CpuAutodiff};
-use mmada_train::data::{
-    ImageStats, TrainData, TrainDataError, caption_dropped, drop_caption, load_image_coder,
-};
-use mmada_train::pretok::{CodeTable, read_table, write_table};
+use mmada_train::data::{ImageStats, TrainData, TrainDataError, caption_dropped, load_image_coder};
 use mmada_train::recipe::SftRecipe;
 use mmada_train::sft::{Sft, SftOptions, load_tokenizer};
 
@@ -145,20 +144,31 @@ fn tok(r: &SftRecipe) -> TextTokenizer {
 fn sft_over_png_rows_trains_and_the_second_load_hits_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let r = recipe(tmp.path(), &[]);
-    let coder = load_image_coder::<Cpu>(&r, Path::new("/"), &Default::default())
-        .unwrap()
-        .expect("coder configured");
+    let coder = load_image_coder::<Cpu>(
+        r.data.image_tokenizer.as_ref(),
+        Path::new("/"),
+        &Default::default(),
+    )
+    .unwrap()
+    .expect("coder configured");
 
     // First load: every distinct image (4 mmu squash + 4 t2i crop) is encoded exactly once.
     let counting = Counting {
         inner: &coder,
         images: AtomicU64::new(0),
     };
-    let d =
-        TrainData::load_with_images(&r, tok(&r), Path::new("/"), 0, 1, Some(&counting)).unwrap();
+    let d = TrainData::load_with_images(
+        &r.data,
+        &r.loss,
+        r.run.seed,
+        tok(&r),
+        Path::new("/"),
+        Some(&counting),
+    )
+    .unwrap();
     assert_eq!(counting.images.load(Ordering::Relaxed), 8);
     assert_eq!(
-        d.images,
+        d.images(),
         ImageStats {
             encoded: 8,
             cache_hits: 0,
@@ -170,10 +180,17 @@ fn sft_over_png_rows_trains_and_the_second_load_hits_the_cache() {
         inner: &coder,
         images: AtomicU64::new(0),
     };
-    let mut d2 =
-        TrainData::load_with_images(&r, tok(&r), Path::new("/"), 0, 1, Some(&counting2)).unwrap();
+    let mut d2 = TrainData::load_with_images(
+        &r.data,
+        &r.loss,
+        r.run.seed,
+        tok(&r),
+        Path::new("/"),
+        Some(&counting2),
+    )
+    .unwrap();
     assert_eq!(counting2.images.load(Ordering::Relaxed), 0);
-    assert_eq!(d2.images.cache_hits, 8);
+    assert_eq!(d2.images().cache_hits, 8);
     // Two epochs of batches (4 rows per stream, 2 per step) never call the coder again.
     for step in 0..4 {
         let rows = d2.next_rows();
@@ -213,12 +230,22 @@ fn sft_over_png_rows_trains_and_the_second_load_hits_the_cache() {
 fn an_image_row_without_a_tokenizer_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let r = recipe(tmp.path(), &[]);
-    let err = match TrainData::load_with_images(&r, tok(&r), Path::new("/"), 0, 1, None) {
+    let err = match TrainData::load_with_images(
+        &r.data,
+        &r.loss,
+        r.run.seed,
+        tok(&r),
+        Path::new("/"),
+        None,
+    ) {
         Err(e) => e,
         Ok(_) => panic!("loading image rows without a coder must fail"),
     };
     assert!(
-        matches!(err, TrainDataError::NoImageTokenizer { .. }),
+        matches!(
+            err,
+            TrainDataError::Stream(StreamError::NoImageTokenizer { .. })
+        ),
         "{err}"
     );
     let msg = err.to_string();
@@ -256,14 +283,25 @@ fn caption_dropout_rate_and_determinism() {
     // `[iPAD]* <|t2i|> <BOS> <EOS> <|soi|> img <|eoi|>` with the same codes.
     let tmp = tempfile::tempdir().unwrap();
     let r = recipe(tmp.path(), &["loss.cond_dropout_prob=1.0"]);
-    let coder = load_image_coder::<Cpu>(&r, Path::new("/"), &Default::default())
-        .unwrap()
-        .unwrap();
-    let mut d =
-        TrainData::load_with_images(&r, tok(&r), Path::new("/"), 0, 1, Some(&coder)).unwrap();
+    let coder = load_image_coder::<Cpu>(
+        r.data.image_tokenizer.as_ref(),
+        Path::new("/"),
+        &Default::default(),
+    )
+    .unwrap()
+    .unwrap();
+    let mut d = TrainData::load_with_images(
+        &r.data,
+        &r.loss,
+        r.run.seed,
+        tok(&r),
+        Path::new("/"),
+        Some(&coder),
+    )
+    .unwrap();
     let t = *d.tokenizer().layout();
     let rows = d.next_rows();
-    let t2i_rows = &rows.iter().find(|(n, _)| *n == "t2i").unwrap().1;
+    let t2i_rows = &rows.iter().find(|(n, _)| *n == StreamKind::T2i).unwrap().1;
     let (b, st) = d
         .noise(&rows, 0, 0, mmada_train::data::purpose::MASK)
         .unwrap();
@@ -287,8 +325,15 @@ fn caption_dropout_rate_and_determinism() {
     }
     // With p = 0 no row is touched.
     let r0 = recipe(tmp.path(), &["loss.cond_dropout_prob=0.0"]);
-    let mut d0 =
-        TrainData::load_with_images(&r0, tok(&r0), Path::new("/"), 0, 1, Some(&coder)).unwrap();
+    let mut d0 = TrainData::load_with_images(
+        &r0.data,
+        &r0.loss,
+        r0.run.seed,
+        tok(&r0),
+        Path::new("/"),
+        Some(&coder),
+    )
+    .unwrap();
     let rows = d0.next_rows();
     let (_, st) = d0
         .noise(&rows, 0, 0, mmada_train::data::purpose::MASK)
@@ -300,16 +345,28 @@ fn caption_dropout_rate_and_determinism() {
 fn pretokenized_table_round_trip_replaces_the_encoder() {
     let tmp = tempfile::tempdir().unwrap();
     let r = recipe(tmp.path(), &[]);
-    let coder = load_image_coder::<Cpu>(&r, Path::new("/"), &Default::default())
-        .unwrap()
-        .unwrap();
+    let coder = load_image_coder::<Cpu>(
+        r.data.image_tokenizer.as_ref(),
+        Path::new("/"),
+        &Default::default(),
+    )
+    .unwrap()
+    .unwrap();
     // Reference: codes through the encoder.
-    let d = TrainData::load_with_images(&r, tok(&r), Path::new("/"), 0, 1, Some(&coder)).unwrap();
-    assert_eq!(d.images.encoded, 8);
+    let d = TrainData::load_with_images(
+        &r.data,
+        &r.loss,
+        r.run.seed,
+        tok(&r),
+        Path::new("/"),
+        Some(&coder),
+    )
+    .unwrap();
+    assert_eq!(d.images().encoded, 8);
 
     // `data pretokenize` over the two manifests → one parquet file.
     let out = tmp.path().join("codes.parquet");
-    let n = mmada_train::pretok::pretokenize_recipe(&r, Path::new("/"), &coder, &out).unwrap();
+    let n = mmada_train::pretok::pretokenize_recipe(&r.data, Path::new("/"), &coder, &out).unwrap();
     assert_eq!(n, 8, "4 images × (mmu squash, t2i crop)");
     let rows = read_table(&out).unwrap();
     assert_eq!(rows.len(), 8);
@@ -326,19 +383,32 @@ fn pretokenized_table_round_trip_replaces_the_encoder() {
             &format!("data.image_tokenizer.codes=[\"{}\"]", out.display()),
         ],
     );
-    let mut dt =
-        TrainData::load_with_images(&table_only, tok(&table_only), Path::new("/"), 0, 1, None)
-            .unwrap();
+    let mut dt = TrainData::load_with_images(
+        &table_only.data,
+        &table_only.loss,
+        table_only.run.seed,
+        tok(&table_only),
+        Path::new("/"),
+        None,
+    )
+    .unwrap();
     assert_eq!(
-        dt.images,
+        dt.images(),
         ImageStats {
             encoded: 0,
             cache_hits: 0,
             from_tables: 8
         }
     );
-    let mut de =
-        TrainData::load_with_images(&r, tok(&r), Path::new("/"), 0, 1, Some(&coder)).unwrap();
+    let mut de = TrainData::load_with_images(
+        &r.data,
+        &r.loss,
+        r.run.seed,
+        tok(&r),
+        Path::new("/"),
+        Some(&coder),
+    )
+    .unwrap();
     let (a, b) = (dt.next_rows(), de.next_rows());
     for ((na, ra), (nb, rb)) in a.iter().zip(&b) {
         assert_eq!(na, nb);
@@ -362,11 +432,11 @@ fn pretokenized_table_round_trip_replaces_the_encoder() {
         )],
     );
     let err = match TrainData::load_with_images(
-        &r_forged,
+        &r_forged.data,
+        &r_forged.loss,
+        r_forged.run.seed,
         tok(&r_forged),
         Path::new("/"),
-        0,
-        1,
         Some(&coder),
     ) {
         Err(e) => e.to_string(),
@@ -424,20 +494,24 @@ fn pretokenize_cli_writes_a_table_training_can_read() {
             &format!("data.image_tokenizer.codes=[\"{}\"]", out.display()),
         ],
     );
-    let coder = load_image_coder::<Cpu>(&with_table, Path::new("/"), &Default::default())
-        .unwrap()
-        .unwrap();
+    let coder = load_image_coder::<Cpu>(
+        with_table.data.image_tokenizer.as_ref(),
+        Path::new("/"),
+        &Default::default(),
+    )
+    .unwrap()
+    .unwrap();
     let d = TrainData::load_with_images(
-        &with_table,
+        &with_table.data,
+        &with_table.loss,
+        with_table.run.seed,
         tok(&with_table),
         Path::new("/"),
-        0,
-        1,
         Some(&coder),
     )
     .unwrap();
     assert_eq!(
-        d.images,
+        d.images(),
         ImageStats {
             encoded: 4,
             cache_hits: 0,

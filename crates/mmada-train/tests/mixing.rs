@@ -57,7 +57,14 @@ train: {{max_steps: 1}}
 
 fn load(recipe: &SftRecipe) -> TrainData {
     let tok = load_tokenizer(&recipe.tokenizer, Path::new("/")).unwrap();
-    TrainData::load(recipe, tok, Path::new("/"), 0, 1).unwrap()
+    TrainData::load(
+        &recipe.data,
+        &recipe.loss,
+        recipe.run.seed,
+        tok,
+        Path::new("/"),
+    )
+    .unwrap()
 }
 
 /// The kinds of the rows of each of `n` micro-batches (2 rows each).
