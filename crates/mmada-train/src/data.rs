@@ -179,7 +179,7 @@ impl TrainData {
     /// directory), lay the examples out, hold out evaluation rows, and build the mixtures,
     /// seeded from the run seed `seed`; `loss` gives the noising options. Every rank loads
     /// the same (global) streams: data parallelism shards after noising
-    /// (`crate::dist::shard_batch`).
+    /// (`crate::shard::shard_batch`).
     ///
     /// # Errors
     /// [`TrainDataError`] naming the manifest / file / line of a bad record or an empty source.

@@ -857,22 +857,6 @@ pub fn check_start<B: AutodiffBackend>(
     check_replicas(reducer, model, step)
 }
 
-/// Mean of per-rank step losses and "any rank asked to stop", in one collective call.
-///
-/// # Errors
-/// Collective errors.
-pub fn mean_metrics<B: AutodiffBackend>(
-    reducer: &mut dyn GradReducer<B>,
-    losses: [f32; 4],
-    stop: bool,
-) -> Result<([f32; 4], bool), DistError> {
-    let w = reducer.world() as f32;
-    let mut v = losses.to_vec();
-    v.push(f32::from(u8::from(stop)));
-    let r = reducer.sum(&v)?;
-    Ok(([r[0] / w, r[1] / w, r[2] / w, r[3] / w], r[4] > 0.0))
-}
-
 /// All-gather of per-item rows through one sum: every rank writes the rows of the items it
 /// owns (`width` values each) at their global indices of a zero `[n_items, width]` table, and
 /// the element-wise sum over ranks is the full table on every rank (exact: `x + 0 = x`, so

@@ -240,13 +240,10 @@ trait TrainCommand: TrainLoop {
     fn describe(recipe: &Self::Recipe, device: &DeviceSpec, dist: &DistConfig);
     /// The progress message of a step, and whether to also log it.
     fn message(r: &Self::Report) -> (u64, String, bool);
-    /// The closing log line.
-    fn summary(recipe: &Self::Recipe, outcome: &Self::Outcome) -> String;
-}
-
-fn checkpoint_name(p: Option<&PathBuf>) -> String {
-    p.map(|p| p.display().to_string())
-        .unwrap_or_else(|| "-".into())
+    /// How the run ended: `(interrupted, final step, run directory, last checkpoint)`.
+    fn ended(o: &Self::Outcome) -> (bool, u64, &std::path::Path, Option<&PathBuf>);
+    /// What the closing log line says of the run's progress (losses, rewards).
+    fn detail(o: &Self::Outcome) -> String;
 }
 
 impl TrainCommand for Sft {
@@ -282,17 +279,19 @@ impl TrainCommand for Sft {
         (r.step, msg, r.eval_loss.is_some() || r.step == r.max_steps)
     }
 
-    fn summary(recipe: &SftRecipe, o: &SftOutcome) -> String {
+    fn ended(o: &SftOutcome) -> (bool, u64, &std::path::Path, Option<&PathBuf>) {
+        (
+            o.interrupted,
+            o.final_step,
+            &o.run_dir,
+            o.last_checkpoint.as_ref(),
+        )
+    }
+
+    fn detail(o: &SftOutcome) -> String {
         let first = o.losses.first().copied().unwrap_or(f32::NAN);
         let last = o.losses.last().copied().unwrap_or(f32::NAN);
-        format!(
-            "{} SFT run `{}` at step {}: loss {first:.3} → {last:.3}; run directory {}; last checkpoint {}",
-            if o.interrupted { "stopped" } else { "finished" },
-            recipe.run.name,
-            o.final_step,
-            o.run_dir.display(),
-            checkpoint_name(o.last_checkpoint.as_ref())
-        )
+        format!("loss {first:.3} → {last:.3}")
     }
 }
 
@@ -338,14 +337,25 @@ impl TrainCommand for UniGrpo {
         (r.step, msg, true)
     }
 
-    fn summary(recipe: &UniGrpoRecipe, o: &UniGrpoOutcome) -> String {
-        format!(
-            "{} UniGRPO run `{}` at step {}; run directory {}; last checkpoint {}",
-            if o.interrupted { "stopped" } else { "finished" },
-            recipe.run.name,
+    fn ended(o: &UniGrpoOutcome) -> (bool, u64, &std::path::Path, Option<&PathBuf>) {
+        (
+            o.interrupted,
             o.final_step,
-            o.run_dir.display(),
-            checkpoint_name(o.last_checkpoint.as_ref())
+            &o.run_dir,
+            o.last_checkpoint.as_ref(),
+        )
+    }
+
+    fn detail(o: &UniGrpoOutcome) -> String {
+        let mean = |r: &[f32]| r.iter().sum::<f32>() / r.len().max(1) as f32;
+        let n = o.rewards.len().min(5);
+        if n == 0 {
+            return "no step in this invocation".into();
+        }
+        format!(
+            "mean reward of the first / last {n} steps of this invocation {:.3} → {:.3}",
+            mean(&o.rewards[..n]),
+            mean(&o.rewards[o.rewards.len() - n..])
         )
     }
 }
@@ -418,7 +428,16 @@ fn train<T: TrainCommand>(args: TrainArgs) -> Result<()> {
     T::describe(&recipe, &device, &dist);
     let outcome = run_on_devices::<T>(&device, &recipe, &dist, &opts, &mut on_step)?;
     bar.finish();
-    tracing::info!("{}", T::summary(&recipe, &outcome));
+    let (interrupted, step, run_dir, last) = T::ended(&outcome);
+    tracing::info!(
+        "{} {} run `{}` at step {step}: {}; run directory {}; last checkpoint {}",
+        if interrupted { "stopped" } else { "finished" },
+        T::NAME,
+        common.run.name,
+        T::detail(&outcome),
+        run_dir.display(),
+        last.map_or_else(|| "-".into(), |p| p.display().to_string())
+    );
     Ok(())
 }
 

@@ -461,6 +461,21 @@ impl MixedPrecision {
     }
 }
 
+/// `train.log_every` is at least 1.
+///
+/// # Errors
+/// [`RecipeError::Key`] naming `train.log_every`.
+pub(crate) fn validate_log_every(name: &str, every: u64) -> Result<(), RecipeError> {
+    if every == 0 {
+        return Err(RecipeError::key(
+            name,
+            "train.log_every",
+            "must be at least 1 (a metrics row every N steps)",
+        ));
+    }
+    Ok(())
+}
+
 /// `train.device` parses as a device string.
 ///
 /// # Errors

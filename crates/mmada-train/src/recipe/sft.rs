@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
     RecipeError, RunConfig, ScheduleSection, TokenizerSection, cpu, one_f32, one_u64,
-    validate_device, yes,
+    validate_device, validate_log_every, yes,
 };
 
 serde_defaults! {
@@ -262,6 +262,7 @@ impl Recipe for SftRecipe {
         if self.train.grad_accum == 0 {
             return Err(err("train.grad_accum", "must be at least 1".into()));
         }
+        validate_log_every(name, self.train.log_every)?;
         validate_device(name, &self.train.device)
     }
 }

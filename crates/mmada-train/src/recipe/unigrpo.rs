@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RecipeError, RunConfig, ScheduleSection, TokenizerSection, cpu, one_u64, validate_device, yes,
+    RecipeError, RunConfig, ScheduleSection, TokenizerSection, cpu, one_u64, validate_device,
+    validate_log_every, yes,
 };
 
 serde_defaults! {
@@ -379,6 +380,26 @@ impl UniGrpoRecipe {
                 ),
             ));
         }
+        for (key, set, why) in [
+            (
+                "rollout.preset",
+                self.rollout.preset.is_some(),
+                "gen_length is grpo.max_completion_length and steps / block_length default to it: set rollout.steps and rollout.block_length",
+            ),
+            (
+                "rollout.batch_size",
+                self.rollout.batch_size.is_some(),
+                "a rollout decodes the G completions of one prompt together (grpo.num_generations)",
+            ),
+        ] {
+            if set {
+                return Err(RecipeError::key(
+                    name,
+                    key,
+                    format!("not used by UniGRPO: {why}"),
+                ));
+            }
+        }
         let layout = mmada_model::TokenLayout::llada();
         match self
             .rollout_section()
@@ -386,7 +407,13 @@ impl UniGrpoRecipe {
         {
             Ok(_) => Ok(()),
             Err(mmada_sampler::SamplerError::InvalidConfig { field, reason }) => {
-                Err(RecipeError::key(name, &format!("rollout.{field}"), reason))
+                // gen_length is the completion length, set under grpo:
+                let key = if field == "gen_length" {
+                    "grpo.max_completion_length".to_string()
+                } else {
+                    format!("rollout.{field}")
+                };
+                Err(RecipeError::key(name, &key, reason))
             }
             Err(e) => Err(RecipeError::key(name, "rollout", e.to_string())),
         }
@@ -407,6 +434,7 @@ impl Recipe for UniGrpoRecipe {
         if self.train.max_steps == 0 {
             return err("train.max_steps", "must be at least 1");
         }
+        validate_log_every(name, self.train.log_every)?;
         validate_device(name, &self.train.device)?;
         if self.reward_funcs.is_empty() {
             return err(
@@ -416,5 +444,65 @@ impl Recipe for UniGrpoRecipe {
         }
         self.optimizer.validate(name)?;
         self.schedule.validate(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+run: {name: t}
+model: {preset: tiny}
+tokenizer: {path: tok.json}
+prompts: {manifest: m.yaml}
+grpo: {num_generations: 2, generation_batch_size: 4, max_completion_length: 8}
+rollout: {steps: 8, block_length: 4}
+reward_funcs: [{kind: length}]
+optimizer: {lr: 1.0e-5}
+train: {max_steps: 1}
+"#;
+
+    fn err(set: &str) -> String {
+        UniGrpoRecipe::parse(MINIMAL, "r.yaml", &[set.to_string()])
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn rollout_is_the_typed_sampler_section_checked_when_read() {
+        let r = UniGrpoRecipe::parse(MINIMAL, "r.yaml", &[]).unwrap();
+        let s = r.rollout_section();
+        assert_eq!(
+            (s.gen_length, s.steps, s.block_length),
+            (Some(8), Some(8), Some(4))
+        );
+        // steps and block_length default to the completion length
+        let r = UniGrpoRecipe::parse(MINIMAL, "r.yaml", &["rollout={}".into()]).unwrap();
+        let s = r.rollout_section();
+        assert_eq!((s.steps, s.block_length), (Some(8), Some(8)));
+        // the printed recipe parses back to the same thing
+        let again = UniGrpoRecipe::parse(&r.to_yaml(), "printed", &[]).unwrap();
+        assert_eq!(again.to_yaml(), r.to_yaml());
+        let e = err("rollout.stepz=3");
+        assert!(
+            e.contains("`rollout.stepz`") && e.contains("did you mean `steps`"),
+            "{e}"
+        );
+        let e = err("rollout.steps=3");
+        assert!(e.contains("`rollout.steps`") && e.contains("blocks"), "{e}");
+        let e = err("rollout.block_length=3");
+        assert!(e.contains("`grpo.max_completion_length`"), "{e}");
+        for key in [
+            "rollout.gen_length=16",
+            "rollout.preset=default",
+            "rollout.batch_size=2",
+        ] {
+            let e = err(key);
+            let k = key.split('=').next().unwrap();
+            assert!(e.contains(&format!("`{k}`")), "{e}");
+        }
+        let e = err("train.log_every=0");
+        assert!(e.contains("`train.log_every`"), "{e}");
     }
 }

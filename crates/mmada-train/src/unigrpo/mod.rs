@@ -171,13 +171,14 @@ fn unigrpo_worker<B: AutodiffBackend>(
     opts: &RunOptions,
     on_step: &mut dyn FnMut(&GrpoStepReport),
 ) -> Result<UniGrpoOutcome, TrainError> {
+    // rewards and prompts first: a bad reward or prompt file fails before the model loads
+    let rewards: RewardSet = RewardRegistry::with_builtins()
+        .build("reward_funcs", &recipe.reward_funcs)
+        .map_err(|e| TrainError::Other(e.to_string()))?;
+    let examples = rollout::load_prompts(&recipe.prompts, &opts.base_dir)?;
     let (mut s, mut model) = Session::open(worker, recipe.common(), opts)?;
     let device = s.device();
     let gen_cfg = recipe.generate_config(&s.tok, s.cfg.embedding_size)?;
-    let rewards: RewardSet = RewardRegistry::with_builtins()
-        .build("reward_funcs", &recipe.reward_funcs)
-        .map_err(|e| TrainError::Reward(e.to_string()))?;
-    let examples = rollout::load_prompts(&recipe.prompts, &opts.base_dir)?;
     let mut reference = reference_model(recipe, &s, &model)?;
     s.begin(&model, recipe)?;
     let mu = recipe.grpo.num_iterations;
