@@ -227,10 +227,10 @@ fn compare(dir: &Path, ckpt: &Path, gen_len: usize, steps: usize, block: usize) 
                     "prompt {i} ({}), steps {steps}: rollout vs generate",
                     QUESTIONS[i]
                 );
-                assert_eq!(ro.terminated, cut < ids.len(), "prompt {i}");
+                assert_eq!(ro.input.terminated, cut < ids.len(), "prompt {i}");
                 assert_eq!(
                     rec["terminated"].as_bool(),
-                    Some(ro.terminated),
+                    Some(ro.input.terminated),
                     "prompt {i}"
                 );
             }

@@ -12,7 +12,6 @@
 use std::path::Path;
 
 use mmada_data::layout::drop_caption;
-use mmada_data::manifest::Manifest;
 use mmada_data::{
     CodeCache, CodeTable, CodeTableError, ImageCoder, ImageSources, LoadOptions, MixtureCursor,
     Sample, SourceLoad, StreamError, StreamSpec, Streams, TextTokenizer, collate,
@@ -24,7 +23,9 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::recipe::{DataSection, ImageTokenizerSection, LossSection, SourceSpec, StreamSection};
+use crate::recipe::{
+    DataSection, ImageTokenizerSection, LossSection, StreamSection, resolve_manifest,
+};
 use crate::run_dir::resolve;
 
 pub use mmada_data::{ImageStats, SourceReport, StreamKind};
@@ -122,22 +123,6 @@ pub struct TrainData {
     noise: UnifiedNoiseConfig,
 }
 
-/// The manifest of a source: the file (relative to `base`) or the inline one, with the
-/// local `path` override.
-fn load_manifest(spec: &SourceSpec, base: &Path) -> Result<Manifest, TrainDataError> {
-    let m = match (&spec.manifest, &spec.inline) {
-        (Some(path), _) => Manifest::from_file(&resolve(base, path))?,
-        (None, Some(m)) => m.clone(),
-        (None, None) => unreachable!("validated by the recipe"),
-    };
-    // A local override also takes its format from the file extension (a parquet manifest
-    // pointed at a jsonl copy).
-    Ok(match &spec.path {
-        Some(p) => m.with_source_path(p.clone()),
-        None => m,
-    })
-}
-
 /// The code tables, cache and resize modes of `image_tokenizer` (paths relative to `base`).
 fn image_sources<'a>(
     section: Option<&ImageTokenizerSection>,
@@ -227,7 +212,12 @@ impl TrainData {
                 .iter()
                 .map(|s| {
                     Ok(SourceLoad {
-                        manifest: load_manifest(s, base)?,
+                        manifest: resolve_manifest(
+                            s.manifest.as_deref(),
+                            s.inline.as_ref(),
+                            s.path.as_deref(),
+                            base,
+                        )?,
                         weight: s.weight,
                         max_examples: s.max_examples,
                     })

@@ -11,7 +11,7 @@ use mmada_data::inspect::{ScanOptions, Summary, check_manifest, scan_manifest};
 use mmada_data::manifest::Manifest;
 use mmada_data::{LayoutConfig, ResizeMode, TextTokenizer};
 use mmada_model::backend::DeviceSpec;
-use mmada_train::recipe::{SftRecipe, SourceSpec};
+use mmada_train::recipe::{SftRecipe, resolve_manifest};
 use mmada_train::run_dir::resolve;
 
 #[derive(Subcommand, Debug)]
@@ -226,22 +226,6 @@ fn pretokenize_on<B: burn::tensor::backend::Backend>(
     )?)
 }
 
-fn load_manifest(spec: &SourceSpec, base: &Path) -> Result<Manifest> {
-    let mut m = match (&spec.manifest, &spec.inline) {
-        (Some(path), _) => Manifest::from_file(&resolve(base, path))?,
-        (None, Some(m)) => m.clone(),
-        (None, None) => bail!("a source needs `manifest` or `inline`"),
-    };
-    if let Some(p) = &spec.path {
-        // Same override as training (`data::load_manifest`): the format stays.
-        m.source.path = Some(p.clone());
-        m.source.hf_repo = None;
-        m.source.revision = None;
-        m.source.files.clear();
-    }
-    Ok(m)
-}
-
 fn check(recipe_path: &Path, overrides: &[String]) -> Result<()> {
     let recipe = SftRecipe::load(recipe_path, overrides)?;
     let base = std::env::current_dir()?;
@@ -262,7 +246,14 @@ fn check(recipe_path: &Path, overrides: &[String]) -> Result<()> {
     for (stream, section) in streams {
         for (i, spec) in section.sources.iter().enumerate() {
             let label = format!("data.{stream}.sources[{i}]");
-            let res = load_manifest(spec, &base).and_then(|m| {
+            let res = resolve_manifest(
+                spec.manifest.as_deref(),
+                spec.inline.as_ref(),
+                spec.path.as_deref(),
+                &base,
+            )
+            .map_err(anyhow::Error::from)
+            .and_then(|m| {
                 Ok(check_manifest(
                     m,
                     data_root.as_deref(),

@@ -125,7 +125,91 @@ impl TrainLoop for Sft {
         opts: &RunOptions,
         on_step: &mut dyn FnMut(&StepReport),
     ) -> Result<SftOutcome, TrainError> {
-        sft_worker(recipe, worker, opts, on_step)
+        let (mut s, mut model) = Session::open(worker, recipe.common(), opts)?;
+        let device = s.device();
+        let world = s.worker.world();
+        // images of mmu / t2i rows: encoded once here (data.image_tokenizer)
+        let coder = crate::data::load_image_coder::<B>(
+            recipe.data.image_tokenizer.as_ref(),
+            &opts.base_dir,
+            &device,
+        )?;
+        let coder = coder.as_ref().map(|c| c as &dyn mmada_data::ImageCoder);
+        // every rank draws the same global micro-batches (per-device batch × world) and keeps
+        // its shard after noising (crate::shard)
+        let mut data = TrainData::load_with_images(
+            &crate::shard::global_data_section(&recipe.data, world),
+            &recipe.loss,
+            recipe.run.seed,
+            s.tok.clone(),
+            &opts.base_dir,
+            coder,
+        )?;
+        if s.resumed_from.is_some() {
+            data.resume(&s.state.data)?;
+        } else {
+            s.state.data = data.cursor();
+        }
+        s.begin(&model, recipe)?;
+        let schedule = Schedule::new(
+            &recipe.schedule,
+            recipe.optimizer.lr,
+            recipe.train.max_steps,
+        );
+        let mut eval_losses = vec![];
+        while s.state.step < recipe.train.max_steps {
+            let t0 = Instant::now();
+            let lr = schedule.lr(s.state.step);
+            let (grads, mut st) = accumulate_step(recipe, &mut data, &model, &s)?;
+            let grad_norm;
+            (model, grad_norm) = s.update(model, grads, lr)?;
+            let stop = s.sync(&model, &mut st.losses, Combine::Mean)?;
+            let [loss, l_t2i, l_lm, l_mmu] = st.losses;
+            s.state.losses.push(loss);
+            s.state.data = data.cursor();
+            let secs = t0.elapsed().as_secs_f64();
+            let mut report = StepReport {
+                step: s.state.step,
+                max_steps: recipe.train.max_steps,
+                loss,
+                loss_t2i: st.present[0].then_some(l_t2i),
+                loss_lm: st.present[1].then_some(l_lm),
+                loss_mmu: st.present[2].then_some(l_mmu),
+                lr,
+                grad_norm,
+                tokens_per_sec: st.noise.tokens as f64 / secs,
+                // per device (upstream `samples/sec/gpu`); tokens_per_sec is the global throughput
+                samples_per_sec: st.rows as f64 / secs / world as f64,
+                avg_masking_rate: st.noise.avg_masking_rate(),
+                eval_loss: None,
+            };
+            let every = recipe.train.eval_every;
+            let eval_due = every > 0
+                && (s.state.step.is_multiple_of(every) || s.state.step == recipe.train.max_steps);
+            if s.lead() && eval_due {
+                report.eval_loss = eval_loss(recipe, &data, &model, &device)?;
+                if let Some(e) = report.eval_loss {
+                    eval_losses.push((s.state.step, e));
+                }
+            }
+            if s.log_due(recipe.train.log_every) {
+                s.log(&report.metrics_row())?;
+            }
+            on_step(&report);
+            if s.finish_step(&model, None, stop, eval_due)? {
+                break;
+            }
+        }
+        let final_loss = s.state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
+        let end = s.end(&model, &[("final_loss", final_loss)])?;
+        Ok(SftOutcome {
+            run_dir: end.run_dir,
+            final_step: end.state.step,
+            losses: end.state.losses,
+            eval_losses,
+            last_checkpoint: end.last_checkpoint,
+            interrupted: end.interrupted,
+        })
     }
 }
 
@@ -208,98 +292,4 @@ struct MicroStats {
     /// Rows drawn (global micro-batches).
     rows: u64,
     noise: crate::data::NoiseStats,
-}
-
-/// The SFT loop of one data-parallel rank (or the only one).
-fn sft_worker<B: AutodiffBackend>(
-    recipe: &SftRecipe,
-    worker: Worker<B>,
-    opts: &RunOptions,
-    on_step: &mut dyn FnMut(&StepReport),
-) -> Result<SftOutcome, TrainError> {
-    let (mut s, mut model) = Session::open(worker, recipe.common(), opts)?;
-    let device = s.device();
-    let world = s.worker.world();
-    // images of mmu / t2i rows: encoded once here (data.image_tokenizer)
-    let coder = crate::data::load_image_coder::<B>(
-        recipe.data.image_tokenizer.as_ref(),
-        &opts.base_dir,
-        &device,
-    )?;
-    let coder = coder.as_ref().map(|c| c as &dyn mmada_data::ImageCoder);
-    // every rank draws the same global micro-batches (per-device batch × world) and keeps
-    // its shard after noising (crate::shard)
-    let mut data = TrainData::load_with_images(
-        &crate::shard::global_data_section(&recipe.data, world),
-        &recipe.loss,
-        recipe.run.seed,
-        s.tok.clone(),
-        &opts.base_dir,
-        coder,
-    )?;
-    if s.resumed_from.is_some() {
-        data.resume(&s.state.data)?;
-    } else {
-        s.state.data = data.cursor();
-    }
-    s.begin(&model, recipe)?;
-    let schedule = Schedule::new(
-        &recipe.schedule,
-        recipe.optimizer.lr,
-        recipe.train.max_steps,
-    );
-    let mut eval_losses = vec![];
-    while s.state.step < recipe.train.max_steps {
-        let t0 = Instant::now();
-        let lr = schedule.lr(s.state.step);
-        let (grads, mut st) = accumulate_step(recipe, &mut data, &model, &s)?;
-        let grad_norm;
-        (model, grad_norm) = s.update(model, grads, lr)?;
-        let stop = s.sync(&model, &mut st.losses, Combine::Mean)?;
-        let [loss, l_t2i, l_lm, l_mmu] = st.losses;
-        s.state.losses.push(loss);
-        s.state.data = data.cursor();
-        let secs = t0.elapsed().as_secs_f64();
-        let mut report = StepReport {
-            step: s.state.step,
-            max_steps: recipe.train.max_steps,
-            loss,
-            loss_t2i: st.present[0].then_some(l_t2i),
-            loss_lm: st.present[1].then_some(l_lm),
-            loss_mmu: st.present[2].then_some(l_mmu),
-            lr,
-            grad_norm,
-            tokens_per_sec: st.noise.tokens as f64 / secs,
-            // per device (upstream `samples/sec/gpu`); tokens_per_sec is the global throughput
-            samples_per_sec: st.rows as f64 / secs / world as f64,
-            avg_masking_rate: st.noise.avg_masking_rate(),
-            eval_loss: None,
-        };
-        let every = recipe.train.eval_every;
-        let eval_due = every > 0
-            && (s.state.step.is_multiple_of(every) || s.state.step == recipe.train.max_steps);
-        if s.lead() && eval_due {
-            report.eval_loss = eval_loss(recipe, &data, &model, &device)?;
-            if let Some(e) = report.eval_loss {
-                eval_losses.push((s.state.step, e));
-            }
-        }
-        if s.log_due(recipe.train.log_every) {
-            s.log(&report.metrics_row())?;
-        }
-        on_step(&report);
-        if s.finish_step(&model, None, stop, eval_due)? {
-            break;
-        }
-    }
-    let final_loss = s.state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
-    let end = s.end(&model, &[("final_loss", final_loss)])?;
-    Ok(SftOutcome {
-        run_dir: end.run_dir,
-        final_step: end.state.step,
-        losses: end.state.losses,
-        eval_losses,
-        last_checkpoint: end.last_checkpoint,
-        interrupted: end.interrupted,
-    })
 }

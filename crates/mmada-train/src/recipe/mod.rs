@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
+use mmada_data::manifest::Manifest;
 use mmada_model::checkpoint::DiskDtype;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -211,6 +212,37 @@ pub fn from_tree<T: DeserializeOwned>(tree: Value, path: &str) -> Result<T, Reci
             }
         }
         RecipeError::key(path, &key, message)
+    })
+}
+
+/// The manifest a recipe names: the file `manifest` (relative to `base`) or the `inline`
+/// one, with its source replaced by the local `path` when given
+/// ([`Manifest::with_source_path`]: the format follows a known file extension, so a parquet
+/// manifest pointed at a jsonl copy reads as jsonl). The one resolution of SFT sources
+/// (`data.<stream>.sources[i]`), UniGRPO prompts (`prompts`) and `mmada-train data check`.
+///
+/// # Errors
+/// The manifest file's errors (naming it); [`mmada_data::DataError::Manifest`] when neither
+/// `manifest` nor `inline` is given.
+pub fn resolve_manifest(
+    manifest: Option<&Path>,
+    inline: Option<&Manifest>,
+    path: Option<&str>,
+    base: &Path,
+) -> Result<Manifest, mmada_data::DataError> {
+    let m = match (manifest, inline) {
+        (Some(file), _) => Manifest::from_file(&crate::run_dir::resolve(base, file))?,
+        (None, Some(m)) => m.clone(),
+        (None, None) => {
+            return Err(mmada_data::DataError::Manifest {
+                path: "recipe".into(),
+                message: "a source needs `manifest: FILE` or `inline: {…}`".into(),
+            });
+        }
+    };
+    Ok(match path {
+        Some(p) => m.with_source_path(p),
+        None => m,
     })
 }
 

@@ -134,7 +134,101 @@ impl TrainLoop for UniGrpo {
         opts: &RunOptions,
         on_step: &mut dyn FnMut(&GrpoStepReport),
     ) -> Result<UniGrpoOutcome, TrainError> {
-        unigrpo_worker(recipe, worker, opts, on_step)
+        // rewards and prompts first: a bad reward or prompt file fails before the model loads
+        let rewards: RewardSet = RewardRegistry::with_builtins()
+            .build("reward_funcs", &recipe.reward_funcs)
+            .map_err(|e| TrainError::Other(e.to_string()))?;
+        let examples = rollout::load_prompts(&recipe.prompts, &opts.base_dir)?;
+        let (mut s, mut model) = Session::open(worker, recipe.common(), opts)?;
+        let device = s.device();
+        let gen_cfg = recipe.generate_config(&s.tok, s.cfg.embedding_size)?;
+        let mut reference = reference_model(recipe, &s, &model)?;
+        s.begin(&model, recipe)?;
+        let mu = recipe.grpo.num_iterations;
+        let schedule = Schedule::new(
+            &recipe.schedule,
+            recipe.optimizer.lr,
+            recipe.train.max_steps * mu as u64,
+        );
+        let prompts_per_step = recipe.grpo.prompts_per_step();
+        let my_groups =
+            crate::shard::groups_of_rank(prompts_per_step, s.worker.rank(), s.worker.world());
+        let mut rewards_per_step = vec![];
+        while s.state.step < recipe.train.max_steps {
+            let step = s.state.step;
+            let cursor = s
+                .state
+                .extra
+                .get("prompt_cursor")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0) as usize;
+            let t_roll = Instant::now();
+            let ctx = rollout::RolloutCtx {
+                recipe,
+                tok: &s.tok,
+                gen_cfg: &gen_cfg,
+                examples: &examples,
+            };
+            let rollouts =
+                rollout::roll_out(&ctx, &model.valid(), &my_groups, cursor, step, &device)?;
+            let rollout_s = t_roll.elapsed().as_secs_f64();
+            let scored = rollout::score(recipe, &rewards, &rollouts, s.worker.reducer.as_mut())?;
+            let t_upd = Instant::now();
+            let noised = update::noise(recipe, &mut s, &rollouts, &scored.adv, my_groups.len())?;
+            let t_lp = Instant::now();
+            let old = update::old_logprobs(&model, reference.as_ref(), &noised, &device)?;
+            let logprob_s = t_lp.elapsed().as_secs_f64();
+            let t_bwd = Instant::now();
+            let (updated, sums, grad_norm, lr) =
+                update::update(recipe, &mut s, model, &noised, &old, &schedule)?;
+            model = updated;
+            let times = metrics::Times {
+                rollout_s,
+                update_s: t_upd.elapsed().as_secs_f64(),
+                logprob_s,
+                backward_s: t_bwd.elapsed().as_secs_f64(),
+            };
+            let sync_every = recipe.grpo.sync_ref_model_steps;
+            if sync_every > 0 && (step + 1).is_multiple_of(sync_every) && reference.is_some() {
+                reference = Some(model.valid());
+            }
+            let mut v = sums.to_vec();
+            v.extend_from_slice(&noised.ratio_sum);
+            let stop = s.sync(&model, &mut v, Combine::Sum)?;
+            s.state.losses.push(v[0]);
+            s.state
+                .extra
+                .insert("prompt_cursor".into(), json!(cursor + prompts_per_step));
+            let step_stats = metrics::StepStats {
+                sums: v[..8].try_into().expect("8 sums"),
+                ratio_sum: [v[8], v[9]],
+                grad_norm,
+                lr,
+            };
+            let report = metrics::report(recipe, &s, &scored, &step_stats, &times);
+            if s.log_due(recipe.train.log_every) {
+                s.log(&report.metrics)?;
+            }
+            rewards_per_step.push(report.reward);
+            on_step(&report);
+            if s.finish_step(&model, reference.as_ref(), stop, false)? {
+                break;
+            }
+        }
+        let final_loss = s.state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
+        let final_reward = rewards_per_step.last().map_or(f64::NAN, |r| f64::from(*r));
+        let end = s.end(
+            &model,
+            &[("final_loss", final_loss), ("final_reward", final_reward)],
+        )?;
+        Ok(UniGrpoOutcome {
+            run_dir: end.run_dir,
+            final_step: end.state.step,
+            last_checkpoint: end.last_checkpoint,
+            rewards: rewards_per_step,
+            losses: end.state.losses,
+            interrupted: end.interrupted,
+        })
     }
 }
 
@@ -162,107 +256,4 @@ fn reference_model<B: AutodiffBackend>(
         }
         None => model.valid().with_compute_dtype(compute),
     }))
-}
-
-/// The UniGRPO loop of one data-parallel rank (or the only one).
-fn unigrpo_worker<B: AutodiffBackend>(
-    recipe: &UniGrpoRecipe,
-    worker: Worker<B>,
-    opts: &RunOptions,
-    on_step: &mut dyn FnMut(&GrpoStepReport),
-) -> Result<UniGrpoOutcome, TrainError> {
-    // rewards and prompts first: a bad reward or prompt file fails before the model loads
-    let rewards: RewardSet = RewardRegistry::with_builtins()
-        .build("reward_funcs", &recipe.reward_funcs)
-        .map_err(|e| TrainError::Other(e.to_string()))?;
-    let examples = rollout::load_prompts(&recipe.prompts, &opts.base_dir)?;
-    let (mut s, mut model) = Session::open(worker, recipe.common(), opts)?;
-    let device = s.device();
-    let gen_cfg = recipe.generate_config(&s.tok, s.cfg.embedding_size)?;
-    let mut reference = reference_model(recipe, &s, &model)?;
-    s.begin(&model, recipe)?;
-    let mu = recipe.grpo.num_iterations;
-    let schedule = Schedule::new(
-        &recipe.schedule,
-        recipe.optimizer.lr,
-        recipe.train.max_steps * mu as u64,
-    );
-    let prompts_per_step = recipe.grpo.prompts_per_step();
-    let my_groups =
-        crate::shard::groups_of_rank(prompts_per_step, s.worker.rank(), s.worker.world());
-    let mut rewards_per_step = vec![];
-    while s.state.step < recipe.train.max_steps {
-        let step = s.state.step;
-        let cursor = s
-            .state
-            .extra
-            .get("prompt_cursor")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0) as usize;
-        let t_roll = Instant::now();
-        let ctx = rollout::RolloutCtx {
-            recipe,
-            tok: &s.tok,
-            gen_cfg: &gen_cfg,
-            examples: &examples,
-        };
-        let rollouts = rollout::roll_out(&ctx, &model.valid(), &my_groups, cursor, step, &device)?;
-        let rollout_s = t_roll.elapsed().as_secs_f64();
-        let scored = rollout::score(recipe, &rewards, &rollouts, s.worker.reducer.as_mut())?;
-        let t_upd = Instant::now();
-        let noised = update::noise(recipe, &mut s, &rollouts, &scored.adv, my_groups.len())?;
-        let t_lp = Instant::now();
-        let old = update::old_logprobs(&model, reference.as_ref(), &noised, &device)?;
-        let logprob_s = t_lp.elapsed().as_secs_f64();
-        let t_bwd = Instant::now();
-        let (updated, sums, grad_norm, lr) =
-            update::update(recipe, &mut s, model, &noised, &old, &schedule)?;
-        model = updated;
-        let times = metrics::Times {
-            rollout_s,
-            update_s: t_upd.elapsed().as_secs_f64(),
-            logprob_s,
-            backward_s: t_bwd.elapsed().as_secs_f64(),
-        };
-        let sync_every = recipe.grpo.sync_ref_model_steps;
-        if sync_every > 0 && (step + 1).is_multiple_of(sync_every) && reference.is_some() {
-            reference = Some(model.valid());
-        }
-        let mut v = sums.to_vec();
-        v.extend_from_slice(&noised.ratio_sum);
-        let stop = s.sync(&model, &mut v, Combine::Sum)?;
-        s.state.losses.push(v[0]);
-        s.state
-            .extra
-            .insert("prompt_cursor".into(), json!(cursor + prompts_per_step));
-        let step_stats = metrics::StepStats {
-            sums: v[..8].try_into().expect("8 sums"),
-            ratio_sum: [v[8], v[9]],
-            grad_norm,
-            lr,
-        };
-        let report = metrics::report(recipe, &s, &scored, &step_stats, &times);
-        if s.log_due(recipe.train.log_every) {
-            s.log(&report.metrics)?;
-        }
-        rewards_per_step.push(report.reward);
-        on_step(&report);
-        if s.finish_step(&model, reference.as_ref(), stop, false)? {
-            break;
-        }
-    }
-    let final_loss = s.state.losses.last().map_or(f64::NAN, |l| f64::from(*l));
-    let final_reward = rewards_per_step.last().map_or(f64::NAN, |r| f64::from(*r));
-    let end = s.end(
-        &model,
-        &[("final_loss", final_loss), ("final_reward", final_reward)],
-    )?;
-    Ok(UniGrpoOutcome {
-        run_dir: end.run_dir,
-        final_step: end.state.step,
-        last_checkpoint: end.last_checkpoint,
-        rewards: rewards_per_step,
-        losses: end.state.losses,
-        interrupted: end.interrupted,
-    })
 }

@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use mmada_data::manifest::Manifest;
 use mmada_data::{Example, ExampleStream, TextTokenizer};
 use mmada_diffusion::grpo::{GroupAdvantages, group_advantages};
 use mmada_model::LladaModel;
@@ -15,7 +14,7 @@ use super::purpose;
 use crate::data::derive_seed;
 use crate::dist::GradReducer;
 use crate::error::TrainError;
-use crate::recipe::{PromptsSection, UniGrpoRecipe};
+use crate::recipe::{PromptsSection, UniGrpoRecipe, resolve_manifest};
 use crate::run_dir::resolve;
 
 /// Load the prompts of `prompts:` (examples with a question or messages).
@@ -24,15 +23,12 @@ use crate::run_dir::resolve;
 /// Manifest / reader errors naming the file and line; [`TrainError::Other`] when no example
 /// has a question.
 pub fn load_prompts(p: &PromptsSection, base: &Path) -> Result<Vec<Example>, TrainError> {
-    let mut m = match (&p.manifest, &p.inline) {
-        (Some(path), _) => Manifest::from_file(&resolve(base, path))?,
-        (None, Some(m)) => m.clone(),
-        (None, None) => unreachable!("validated"),
-    };
-    if let Some(path) = &p.path {
-        m.source.path = Some(path.clone());
-        m.source.hf_repo = None;
-    }
+    let m = resolve_manifest(
+        p.manifest.as_deref(),
+        p.inline.as_ref(),
+        p.path.as_deref(),
+        base,
+    )?;
     let root = p.data_root.as_ref().map(|r| resolve(base, r));
     let root = root.or_else(|| Some(base.to_path_buf()));
     let stream = ExampleStream::open(m, root.as_deref())?;
@@ -92,11 +88,8 @@ pub struct Rollout {
     /// `[prompt | completion through its EOS / EOT | EOS …]`, length
     /// `Lp + max_completion_length`.
     pub row: Vec<i64>,
-    /// Completion tokens before the first EOS / EOT.
-    pub completion_len: usize,
-    /// Whether the completion ended (an EOS or EOT was generated).
-    pub terminated: bool,
-    /// What the reward functions see.
+    /// What the reward functions see: the completion ids and text before the first EOS /
+    /// EOT, and whether one was generated (`terminated`).
     pub input: RewardInput,
 }
 
@@ -166,8 +159,6 @@ pub fn roll_out<B: Backend>(
                 index: slot * g + r,
                 prompt_len: ids.len(),
                 row,
-                completion_len: c.ids.len(),
-                terminated: c.terminated,
                 input: RewardInput {
                     prompt: text.clone(),
                     completion: tok.decode(&c.ids)?,
@@ -238,8 +229,8 @@ pub fn score<B: AutodiffBackend>(
         .map(|(j, r)| {
             let mut v = vec![
                 local.total[j],
-                r.completion_len as f32,
-                f32::from(u8::from(r.terminated)),
+                r.input.completion_ids.len() as f32,
+                f32::from(u8::from(r.input.terminated)),
             ];
             for k in 0..n_rewards {
                 let s = local.per_reward[k][j];
