@@ -3,10 +3,14 @@
 //! backend (Flex); the backward benches use the LLaDA pretraining loss with about half the
 //! tokens masked, as training computes it. Throughput is reported in tokens/s (criterion "elements").
 //! The training step runs in f32 and in bf16 mixed precision (f32 master weights and AdamW
-//! state, bf16 compute: `LladaModel::with_compute_dtype`), side by side.
+//! state, bf16 compute: `LladaModel::with_compute_dtype`), side by side, and with the two
+//! loss paths: `head_chunked` (the trainers' path: the LM head and cross-entropy only at the
+//! masked positions, 1 024 rows at a time, `mmada_diffusion::Scores::Hidden`) and
+//! `full_logits` (the head at every position, `[batch, seq, vocab]` logits on the graph).
 //!
 //! Before the timings, the peak resident memory of the training step is measured in a fresh
-//! child process per precision (model + AdamW, 3 steps): `VmHWM` after vs before the steps.
+//! child process per precision and loss path (model + AdamW, 3 steps): `VmHWM` after vs
+//! before the steps.
 //!
 //! Reference: the official PyTorch code on the same 2-core machine takes about 2.4 s for
 //! forward+backward+AdamW at this size.
@@ -20,7 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group};
 use mmada_diffusion::noise::DEFAULT_EPS;
-use mmada_diffusion::{MaskDraw, forward_process, pretrain_loss};
+use mmada_diffusion::{DEFAULT_CE_CHUNK_ROWS, MaskDraw, Scores, forward_process, pretrain_loss};
 use mmada_model::backend::Cpu;
 use mmada_model::init::init_model;
 use mmada_model::{Attention, FloatDType, LladaModel, ModelConfig};
@@ -54,9 +58,32 @@ fn ids<B: Backend>(cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(v, [BATCH, SEQ]), device)
 }
 
+/// Where the loss reads its log-probs from.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    /// Hidden states gathered at the masked positions, head in chunks (the trainers').
+    HeadChunked,
+    /// Logits at every position.
+    FullLogits,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::HeadChunked => "head_chunked",
+            Path::FullLogits => "full_logits",
+        }
+    }
+}
+
 /// The LLaDA pretraining loss on a fixed noising draw (seeded; about half the tokens
-/// masked), as the trainer computes it.
-fn loss<B: Backend>(model: &LladaModel<B>, cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 1> {
+/// masked), over `path`.
+fn loss<B: Backend>(
+    model: &LladaModel<B>,
+    cfg: &ModelConfig,
+    path: Path,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     let x0: Vec<i64> = (0..BATCH * SEQ)
         .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
         .collect();
@@ -66,8 +93,15 @@ fn loss<B: Backend>(model: &LladaModel<B>, cfg: &ModelConfig, device: &B::Device
     let noised = forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, None).unwrap();
     let ids: Vec<i32> = noised.noisy.iter().map(|&x| x as i32).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ]), device);
-    let logits = model.forward(ids, &Attention::Full);
-    pretrain_loss(logits, &x0, &noised).unwrap()
+    let scores = match path {
+        Path::FullLogits => Scores::Logits(model.forward(ids, &Attention::Full)),
+        Path::HeadChunked => Scores::Hidden {
+            hidden: model.hidden(ids, &Attention::Full),
+            head: model.lm_head(),
+            chunk_rows: DEFAULT_CE_CHUNK_ROWS,
+        },
+    };
+    pretrain_loss(scores, &x0, &noised).unwrap()
 }
 
 fn benches(c: &mut Criterion) {
@@ -84,19 +118,25 @@ fn benches(c: &mut Criterion) {
     });
 
     let model = init_model::<Ad>(&cfg, 0, &dev, FloatDType::F32);
-    g.bench_function("forward_backward", |b| {
-        b.iter(|| {
-            let grads = loss(&model, &cfg, &dev).backward();
-            GradientsParams::from_grads(grads, &model)
+    for path in [Path::HeadChunked, Path::FullLogits] {
+        g.bench_function(format!("forward_backward_{}", path.name()), |b| {
+            b.iter(|| {
+                let grads = loss(&model, &cfg, path, &dev).backward();
+                GradientsParams::from_grads(grads, &model)
+            });
         });
-    });
+    }
 
-    for (name, compute) in [
-        ("forward_backward_adamw", None),
-        ("forward_backward_adamw_bf16_mixed", Some(FloatDType::BF16)),
-    ] {
-        let mut trainer = Trainer::new(&cfg, compute);
-        g.bench_function(name, |b| b.iter(|| trainer.step(&cfg)));
+    for path in [Path::HeadChunked, Path::FullLogits] {
+        for (name, compute) in [
+            ("forward_backward_adamw", None),
+            ("forward_backward_adamw_bf16_mixed", Some(FloatDType::BF16)),
+        ] {
+            let mut trainer = Trainer::new(&cfg, compute, path);
+            g.bench_function(format!("{name}_{}", path.name()), |b| {
+                b.iter(|| trainer.step(&cfg))
+            });
+        }
     }
     g.finish();
 }
@@ -107,10 +147,11 @@ type Ad = Autodiff<Cpu>;
 struct Trainer {
     model: Option<LladaModel<Ad>>,
     opt: burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, LladaModel<Ad>, Ad>,
+    path: Path,
 }
 
 impl Trainer {
-    fn new(cfg: &ModelConfig, compute: Option<FloatDType>) -> Self {
+    fn new(cfg: &ModelConfig, compute: Option<FloatDType>, path: Path) -> Self {
         let model = init_model::<Ad>(cfg, 0, &Default::default(), FloatDType::F32)
             .with_compute_dtype(compute);
         let opt = AdamWConfig::new()
@@ -120,6 +161,7 @@ impl Trainer {
         Trainer {
             model: Some(model),
             opt,
+            path,
         }
     }
 
@@ -127,7 +169,7 @@ impl Trainer {
     fn step(&mut self, cfg: &ModelConfig) {
         let dev = Default::default();
         let m = self.model.take().expect("model");
-        let grads = GradientsParams::from_grads(loss(&m, cfg, &dev).backward(), &m);
+        let grads = GradientsParams::from_grads(loss(&m, cfg, self.path, &dev).backward(), &m);
         let m = self.opt.step(1e-4, m, grads);
         // force the update to be computed
         let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
@@ -136,10 +178,15 @@ impl Trainer {
 }
 
 /// Child process: build the trainer, run 3 steps, print VmHWM before and after (kB).
-fn rss_child(precision: &str) {
+fn rss_child(precision: &str, path: &str) {
     let cfg = bench_config();
     let compute = (precision == "bf16-mixed").then_some(FloatDType::BF16);
-    let mut trainer = Trainer::new(&cfg, compute);
+    let path = if path == "full_logits" {
+        Path::FullLogits
+    } else {
+        Path::HeadChunked
+    };
+    let mut trainer = Trainer::new(&cfg, compute, path);
     let before = rss::vm_hwm_kb();
     for _ in 0..3 {
         trainer.step(&cfg);
@@ -148,13 +195,17 @@ fn rss_child(precision: &str) {
 }
 
 fn report_peak_rss() {
-    for precision in ["f32", "bf16-mixed"] {
-        let (before, after) = rss::parse_before_after(&rss::run_child("--rss-child", &[precision]));
-        println!(
-            "training step d256 l4 b4x256 {precision}: peak RSS {:.0} MB over 3 steps (model alone before them: {:.0} MB; AdamW state is created by the first step)",
-            after as f64 * 1024.0 / 1e6,
-            before as f64 * 1024.0 / 1e6,
-        );
+    for path in [Path::HeadChunked, Path::FullLogits] {
+        for precision in ["f32", "bf16-mixed"] {
+            let out = rss::run_child("--rss-child", &[precision, path.name()]);
+            let (before, after) = rss::parse_before_after(&out);
+            println!(
+                "training step d256 l4 b4x256 {precision} {}: peak RSS {:.0} MB over 3 steps (model alone before them: {:.0} MB; AdamW state is created by the first step)",
+                path.name(),
+                after as f64 * 1024.0 / 1e6,
+                before as f64 * 1024.0 / 1e6,
+            );
+        }
     }
 }
 
@@ -162,7 +213,7 @@ criterion_group!(model_benches, benches);
 
 fn main() {
     if let Some(args) = rss::child_args("--rss-child") {
-        rss_child(&args[0]);
+        rss_child(&args[0], &args[1]);
         return;
     }
     // `cargo test --benches` probes with --list: no measurements then

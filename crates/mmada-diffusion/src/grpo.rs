@@ -19,10 +19,10 @@
 //! The d1 one-step estimator replaces step 2 by [`noise_d1`] (completion fully masked, prompt
 //! tokens masked with probability `p_mask_prompt`); steps 3 and 4 are the same.
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
+use crate::head::Scores;
 use crate::{DiffusionError, check_len};
 
 /// How group-relative advantages are scaled (TRL `GRPOConfig.scale_rewards`; serde spells
@@ -444,55 +444,40 @@ impl GrpoBatch {
     }
 
     /// Per-token log-probs of the labels on the scored positions, `[n_tokens]` in the order of
-    /// [`Self::tokens`], from logits `[R, L, V]` of the model on [`Self::input`].
+    /// [`Self::tokens`], from the model's logits `[R, L, V]` (on the graph) or hidden states
+    /// ([`Scores::Hidden`]: values only, the head applied at the scored rows in chunks) on
+    /// [`Self::input`].
     ///
     /// # Errors
-    /// [`DiffusionError::Length`] when the logits do not have `R × L` rows.
+    /// [`DiffusionError::Length`] when the scores do not have `R × L` rows.
     pub fn logprobs<B: Backend>(
         &self,
-        logits: Tensor<B, 3>,
+        scores: impl Into<Scores<B>>,
     ) -> Result<Tensor<B, 1>, DiffusionError> {
-        let [b, l, _] = logits.dims();
+        let scores = scores.into();
+        let [b, l] = scores.batch_seq();
         check_len("logits rows", b * l, self.rows() * self.seq_len)?;
         let (pos, tg, _) = self.tokens();
-        Ok(token_logprobs(logits, &pos, &tg))
+        Ok(scores.logprobs(&pos, &tg))
     }
 }
 
 /// `log softmax(logits[pos_n])[target_n]` for each selected position → `[n]` (f32): spec
 /// §5.1 step 3, dLLM-RL `compute_logp_old_tok_parallel` (`log_softmax(logits).gather(labels)`).
 ///
-/// `logits`: `[batch, seq, vocab]`; `positions`: flat indices `b·seq + i`. Only the selected
+/// `scores`: logits `[batch, seq, vocab]` (on the graph) or hidden states + head (values
+/// only, see [`Scores::logprobs`]); `positions`: flat indices `b·seq + i`. Only the selected
 /// rows go through `log_softmax` (as [`crate::weighted_token_ce`]). With no position the
 /// result is an empty `[0]` tensor.
 ///
 /// # Panics
 /// When `positions` and `targets` differ in length (a programming error).
 pub fn token_logprobs<B: Backend>(
-    logits: Tensor<B, 3>,
+    scores: impl Into<Scores<B>>,
     positions: &[usize],
     targets: &[i64],
 ) -> Tensor<B, 1> {
-    assert_eq!(positions.len(), targets.len());
-    let device = logits.device();
-    let [b, l, v] = logits.dims();
-    let n = positions.len();
-    if n == 0 {
-        return Tensor::<B, 1>::from_data(
-            TensorData::new(Vec::<f32>::new(), [0]),
-            (&device, DType::F32),
-        );
-    }
-    let idx: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), &device);
-    let rows = logits
-        .reshape([b * l, v])
-        .select(0, idx)
-        .cast(FloatDType::F32);
-    let logp = log_softmax(rows, 1);
-    let tg: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
-    let tg = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
-    logp.gather(1, tg).reshape([n])
+    scores.into().logprobs(positions, targets)
 }
 
 /// How per-token terms are averaged into the loss (recipe `grpo.loss_type`: serde spells the
@@ -596,6 +581,61 @@ pub fn unigrpo_loss<B: Backend>(
     ref_logp: Option<&[f32]>,
     cfg: &GrpoLossConfig,
 ) -> Result<GrpoLoss<B>, DiffusionError> {
+    check_inputs(batch, old_logp, ref_logp, cfg)?;
+    let logp = batch.logprobs(logits)?;
+    grpo_terms(logp, batch, old_logp, ref_logp, cfg)
+}
+
+/// [`unigrpo_loss`] on [`Scores`]: for [`Scores::Hidden`] the head runs only at the scored
+/// positions, in chunks, and the gradient reaches the model through
+/// [`Scores::backprop`] with the upstream `∂loss/∂logp` that autodiff computes on a
+/// `[n_tokens]` leaf (so the loss formula exists once, in [`unigrpo_loss`]'s terms). The
+/// returned `loss` carries the whole gradient; `policy_loss`, `kl_loss` and `logp` are then
+/// values only.
+///
+/// # Errors
+/// As [`unigrpo_loss`].
+pub fn unigrpo_loss_scores<B: AutodiffBackend>(
+    scores: Scores<B>,
+    batch: &GrpoBatch,
+    old_logp: &[f32],
+    ref_logp: Option<&[f32]>,
+    cfg: &GrpoLossConfig,
+) -> Result<GrpoLoss<B>, DiffusionError> {
+    let Scores::Hidden { .. } = &scores else {
+        let Scores::Logits(logits) = scores else {
+            unreachable!()
+        };
+        return unigrpo_loss(logits, batch, old_logp, ref_logp, cfg);
+    };
+    check_inputs(batch, old_logp, ref_logp, cfg)?;
+    let logp = batch.logprobs(scores.clone())?;
+    let leaf = Tensor::<B, 1>::from_inner(logp.clone().inner()).require_grad();
+    let terms = grpo_terms(leaf.clone(), batch, old_logp, ref_logp, cfg)?;
+    let grads = terms.loss.backward();
+    let n = logp.dims()[0];
+    let u = leaf
+        .grad(&grads)
+        .map(Tensor::<B, 1>::from_inner)
+        .unwrap_or_else(|| Tensor::zeros([n], (&logp.device(), DType::F32)));
+    let (pos, tg, _) = batch.tokens();
+    let carrier = scores.backprop(&pos, &tg, u);
+    Ok(GrpoLoss {
+        policy_loss: terms.policy_loss.detach(),
+        kl_loss: terms.kl_loss.detach(),
+        loss: terms.loss.detach() + carrier,
+        logp: logp.detach(),
+        stats: terms.stats,
+    })
+}
+
+/// The input checks of [`unigrpo_loss`]: ε, β, a non-empty batch, old / reference lengths.
+fn check_inputs(
+    batch: &GrpoBatch,
+    old_logp: &[f32],
+    ref_logp: Option<&[f32]>,
+    cfg: &GrpoLossConfig,
+) -> Result<(), DiffusionError> {
     let eps_high = cfg.epsilon_high.unwrap_or(cfg.epsilon);
     if !(cfg.epsilon >= 0.0 && cfg.epsilon < 1.0 && eps_high >= 0.0 && cfg.beta >= 0.0) {
         return Err(DiffusionError::Range {
@@ -612,14 +652,30 @@ pub fn unigrpo_loss<B: Backend>(
             why: "no row has a masked completion token",
         });
     }
-    let device = logits.device();
     let (_, _, row_of) = batch.tokens();
     let n = row_of.len();
     check_len("old_logp", old_logp.len(), n)?;
     if let Some(rf) = ref_logp {
         check_len("ref_logp", rf.len(), n)?;
     }
-    let logp = batch.logprobs(logits)?;
+    Ok(())
+}
+
+/// The UniGRPO terms from the new per-token log-probs `logp` `[n_tokens]` (the body of
+/// [`unigrpo_loss`]).
+fn grpo_terms<B: Backend>(
+    logp: Tensor<B, 1>,
+    batch: &GrpoBatch,
+    old_logp: &[f32],
+    ref_logp: Option<&[f32]>,
+    cfg: &GrpoLossConfig,
+) -> Result<GrpoLoss<B>, DiffusionError> {
+    let eps_high = cfg.epsilon_high.unwrap_or(cfg.epsilon);
+    let r = batch.rows();
+    let device = logp.device();
+    let (_, _, row_of) = batch.tokens();
+    let n = row_of.len();
+    check_len("new logp", logp.dims()[0], n)?;
 
     let mut per_row = vec![0usize; r];
     for &row in &row_of {

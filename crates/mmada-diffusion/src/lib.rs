@@ -17,14 +17,16 @@
 //! from a seeded RNG or injected by tests, so every loss can be reproduced exactly.
 
 pub mod grpo;
+pub mod head;
 pub mod loss;
 pub mod noise;
 pub mod schedule;
 pub mod unified;
 
+pub use head::{DEFAULT_CE_CHUNK_ROWS, Scores};
 pub use loss::{
     T2iAttention, UnifiedBatch, UnifiedLoss, pretrain_loss, sft_loss, unified_loss,
-    weighted_token_ce,
+    unified_loss_chunked, weighted_token_ce,
 };
 pub use noise::{
     ImageMaskDraw, MaskDraw, Noised, forward_process, image_mask, image_mask_with, p_mask,

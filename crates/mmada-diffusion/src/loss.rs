@@ -1,51 +1,31 @@
 //! Masked-diffusion losses, all built on one weighted token cross-entropy.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use mmada_model::model::MASKED_SCORE;
-use mmada_model::{Attention, Denoiser};
+use mmada_model::{Attention, HiddenStates};
+
+use crate::head::{DEFAULT_CE_CHUNK_ROWS, Scores};
 
 use crate::noise::Noised;
 use crate::{DiffusionError, check_len};
 
 /// `Σ_n w_n · CE(logits[pos_n], target_n)` → `[1]` (f32).
 ///
-/// `logits`: `[batch, seq, vocab]`; `positions`: flat indices `b·seq + i` of the scored
-/// tokens; `targets`: their labels; `weights`: their weights. Only the selected rows go
-/// through `log_softmax` (in f32). With no position the result is `0·Σlogits` (a zero that
-/// stays on the autodiff graph).
+/// `scores`: logits `[batch, seq, vocab]` or hidden states + head ([`Scores`]); `positions`:
+/// flat indices `b·seq + i` of the scored tokens; `targets`: their labels; `weights`: their
+/// weights. Only the selected rows go through `log_softmax` (in f32). With no position the
+/// result is a zero that stays on the autodiff graph.
 ///
 /// # Panics
 /// When `positions`, `targets` and `weights` differ in length (a programming error).
 pub fn weighted_token_ce<B: Backend>(
-    logits: Tensor<B, 3>,
+    scores: impl Into<Scores<B>>,
     positions: &[usize],
     targets: &[i64],
     weights: &[f32],
 ) -> Tensor<B, 1> {
-    assert!(positions.len() == targets.len() && targets.len() == weights.len());
-    let device = logits.device();
-    let [b, l, v] = logits.dims();
-    if positions.is_empty() {
-        return (logits.cast(FloatDType::F32).sum() * 0.0).reshape([1]);
-    }
-    let n = positions.len();
-    let idx: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), &device);
-    let rows = logits
-        .reshape([b * l, v])
-        .select(0, idx)
-        .cast(FloatDType::F32);
-    let logp = log_softmax(rows, 1);
-    let tg: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
-    let tg = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
-    let picked = logp.gather(1, tg).reshape([n]);
-    let w = Tensor::<B, 1>::from_data(
-        TensorData::new(weights.to_vec(), [n]),
-        (&device, DType::F32),
-    );
-    (picked * w).sum().neg().reshape([1])
+    scores.into().weighted_ce(positions, targets, weights)
 }
 
 /// LLaDA pretraining loss (GUIDELINES.md, spec §3.1): `Σ_masked CE/p_mask / (B·L)`.
@@ -56,11 +36,12 @@ pub fn weighted_token_ce<B: Backend>(
 /// # Errors
 /// [`DiffusionError::Length`] when the inputs do not match the logits' shape.
 pub fn pretrain_loss<B: Backend>(
-    logits: Tensor<B, 3>,
+    scores: impl Into<Scores<B>>,
     x0: &[i64],
     noised: &Noised,
 ) -> Result<Tensor<B, 1>, DiffusionError> {
-    let [b, l, _] = logits.dims();
+    let scores = scores.into();
+    let [b, l] = scores.batch_seq();
     check_len("x0", x0.len(), b * l)?;
     check_len("masked", noised.masked.len(), b * l)?;
     check_len("p_mask", noised.p_mask.len(), b)?;
@@ -72,7 +53,7 @@ pub fn pretrain_loss<B: Backend>(
             w.push(1.0 / (noised.p_mask[k / l] * (b * l) as f32));
         }
     }
-    Ok(weighted_token_ce(logits, &pos, &tg, &w))
+    Ok(scores.weighted_ce(&pos, &tg, &w))
 }
 
 /// LLaDA SFT loss (GUIDELINES.md, spec §3.2): `(1/B) Σ_b Σ_masked CE/(p_b · answer_len_b)`,
@@ -82,12 +63,13 @@ pub fn pretrain_loss<B: Backend>(
 /// [`DiffusionError::Length`] when the inputs do not match the logits' shape;
 /// [`DiffusionError::Range`] when a prompt fills its whole row.
 pub fn sft_loss<B: Backend>(
-    logits: Tensor<B, 3>,
+    scores: impl Into<Scores<B>>,
     x0: &[i64],
     noised: &Noised,
     prompt_lengths: &[usize],
 ) -> Result<Tensor<B, 1>, DiffusionError> {
-    let [b, l, _] = logits.dims();
+    let scores = scores.into();
+    let [b, l] = scores.batch_seq();
     check_len("x0", x0.len(), b * l)?;
     check_len("masked", noised.masked.len(), b * l)?;
     check_len("p_mask", noised.p_mask.len(), b)?;
@@ -109,7 +91,7 @@ pub fn sft_loss<B: Backend>(
             w.push(1.0 / (noised.p_mask[row] * ans as f32 * b as f32));
         }
     }
-    Ok(weighted_token_ce(logits, &pos, &tg, &w))
+    Ok(scores.weighted_ce(&pos, &tg, &w))
 }
 
 /// How the padded prompt of t2i rows is hidden from attention during unified training.
@@ -186,14 +168,31 @@ impl<B: Backend> UnifiedLoss<B> {
 /// * mmu: `Σ_masked CE/p/ans / n_mmu`,
 ///
 /// where masked = `ids == mask_id` and ignored labels contribute 0. A stream with no rows
-/// has loss 0.
+/// has loss 0. The head runs only at the scored positions, [`DEFAULT_CE_CHUNK_ROWS`] rows at
+/// a time ([`unified_loss_chunked`] sets the chunk).
 ///
 /// # Errors
 /// [`DiffusionError::Length`] when an array does not match the batch shape.
-pub fn unified_loss<B: Backend, M: Denoiser<B>>(
+pub fn unified_loss<B: Backend, M: HiddenStates<B>>(
     model: &M,
     batch: &UnifiedBatch,
     t2i_attention: T2iAttention,
+    device: &B::Device,
+) -> Result<UnifiedLoss<B>, DiffusionError> {
+    unified_loss_chunked(model, batch, t2i_attention, DEFAULT_CE_CHUNK_ROWS, device)
+}
+
+/// [`unified_loss`] with the LM head applied `ce_chunk_rows` rows at a time (recipe
+/// `loss.ce_chunk_rows`; see [`crate::head`]). Each non-empty stream keeps one
+/// `[d_model, vocab]` f32 gradient buffer until the backward.
+///
+/// # Errors
+/// [`DiffusionError::Length`] when an array does not match the batch shape.
+pub fn unified_loss_chunked<B: Backend, M: HiddenStates<B>>(
+    model: &M,
+    batch: &UnifiedBatch,
+    t2i_attention: T2iAttention,
+    ce_chunk_rows: usize,
     device: &B::Device,
 ) -> Result<UnifiedLoss<B>, DiffusionError> {
     let (l, rows) = (batch.seq, batch.n_t2i + batch.n_lm + batch.n_mmu);
@@ -235,7 +234,11 @@ pub fn unified_loss<B: Backend, M: Denoiser<B>>(
     };
     let ids: Vec<i32> = batch.ids.iter().map(|&x| x as i32).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, l]), device);
-    let logits = model.logits(ids, &attention);
+    let scores = Scores::Hidden {
+        hidden: model.hidden(ids, &attention),
+        head: model.lm_head(),
+        chunk_rows: ce_chunk_rows,
+    };
 
     // t2i: mean over non-ignored labels of the image slice
     let (mut pos, mut tg) = (vec![], vec![]);
@@ -249,7 +252,7 @@ pub fn unified_loss<B: Backend, M: Denoiser<B>>(
         }
     }
     let w = vec![1.0 / pos.len().max(1) as f32; pos.len()];
-    let t2i = weighted_token_ce(logits.clone(), &pos, &tg, &w);
+    let t2i = scores.weighted_ce(&pos, &tg, &w);
 
     let stream = |first_row: usize, n: usize, p: &[f32], ans: Option<&[f32]>| {
         let (mut pos, mut tg, mut w) = (vec![], vec![], vec![]);
@@ -268,7 +271,7 @@ pub fn unified_loss<B: Backend, M: Denoiser<B>>(
                 }
             }
         }
-        weighted_token_ce(logits.clone(), &pos, &tg, &w)
+        scores.weighted_ce(&pos, &tg, &w)
     };
     let lm = stream(
         batch.n_t2i,

@@ -26,5 +26,5 @@ pub use checkpoint::{
     CheckpointError, DiskDtype, SaveOptions, load_checkpoint, load_weights, save_checkpoint,
 };
 pub use config::{ConfigError, ModelConfig, ModelType};
-pub use model::{Attention, Denoiser, LladaModel, ParamSource};
+pub use model::{Attention, Denoiser, HiddenStates, LladaModel, LmHead, ParamSource};
 pub use tokens::TokenLayout;

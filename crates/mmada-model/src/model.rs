@@ -220,6 +220,19 @@ fn linear_in<B: Backend>(
     }
 }
 
+/// `t` copied into a fresh row-major buffer (its values unchanged).
+///
+/// A transposed view and a row-major tensor holding the same values can take different
+/// matmul kernels, and so different summation orders, in Flex: the LM head's input gradient
+/// `G · Wᵀ` differed in the last bits between a run and its resumed copy (the checkpoint
+/// loader's `[out, in]` → `[in, out]` transpose was a view; AdamW's update writes row-major).
+/// Linear weights are therefore created row-major, so that a resumed run computes bit for
+/// bit as the run that wrote the checkpoint. The copy passes through the host once, at load.
+pub fn row_major<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    let (device, dtype) = (t.device(), t.dtype());
+    Tensor::from_data(t.into_data(), (&device, dtype))
+}
+
 /// `t` in `dtype` (no op when it already is).
 fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
     if t.dtype() == DType::from(dtype) {
@@ -334,6 +347,26 @@ pub trait Denoiser<B: Backend> {
     /// predicts the token at `i` (no shift).
     fn logits(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3>;
 
+    /// The logits of positions `start .. start + len` only: `[batch, len, vocab]` (a sampler's
+    /// current block). Default: [`Denoiser::logits`] narrowed (returned whole when it is
+    /// shorter than the window, so the caller's shape check names the fault); [`LladaModel`]
+    /// applies its LM head to the window's hidden states only, so the head's work scales with
+    /// the window, not the canvas.
+    fn window_logits(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention: &Attention<B>,
+        start: usize,
+        len: usize,
+    ) -> Tensor<B, 3> {
+        let logits = self.logits(ids, attention);
+        if logits.dims()[1] >= start + len {
+            logits.narrow(1, start, len)
+        } else {
+            logits
+        }
+    }
+
     /// Number of input ids the network accepts (its embedding rows), when known, so that
     /// samplers reject an out-of-range prompt id with a typed error instead of an index panic
     /// inside the embedding. Default `None` (unknown).
@@ -352,6 +385,19 @@ impl<B: Backend> LladaModel<B> {
     /// stream and norms stay in the parameter dtype, and the logits are returned in f32 for an
     /// f32 loss (PyTorch autocast runs `cross_entropy` in f32).
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
+        let h = self.hidden(input_ids, attention);
+        let [b, l, d] = h.dims();
+        let v = self.ff_out.weight.val().dims()[1];
+        self.lm_head()
+            .logits(h.reshape([b * l, d]))
+            .reshape([b, l, v])
+    }
+
+    /// The final hidden states `[batch, seq, d_model]` (after `ln_f`, before the LM head), in
+    /// the parameter dtype: [`LladaModel::forward`] is `lm_head().logits(hidden(..))`. Losses
+    /// that score a few positions gather these rows and apply the head only there
+    /// (`mmada_diffusion::Scores::Hidden`), never materialising `[batch, seq, vocab]`.
+    pub fn hidden(&self, input_ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
         let [_, l] = input_ids.dims();
         let device = input_ids.device();
         let x = self.wte.forward(input_ids);
@@ -363,10 +409,16 @@ impl<B: Backend> LladaModel<B> {
         for block in &self.blocks {
             x = block.forward_in(x, &rope, bias.as_ref(), compute);
         }
-        let x = self.ln_f.forward(x);
-        match compute {
-            None => self.ff_out.forward(x),
-            Some(c) => cast_to(linear_in(&self.ff_out, x, Some(c)), FloatDType::F32),
+        self.ln_f.forward(x)
+    }
+
+    /// The LM head (`ff_out`) with the compute dtype of the forward, as tensors on this
+    /// model's graph (gradients reach `ff_out`).
+    pub fn lm_head(&self) -> LmHead<B> {
+        LmHead {
+            weight: self.ff_out.weight.val(),
+            bias: self.ff_out.bias.as_ref().map(|b| b.val()),
+            compute: self.effective_compute_dtype(),
         }
     }
 
@@ -421,7 +473,7 @@ impl<B: Backend> LladaModel<B> {
             |s: &mut S, name: String, out: usize, inp: usize| -> Result<Linear<B>, S::Error> {
                 let w = s.matrix(&name, [out, inp])?;
                 Ok(Linear {
-                    weight: Param::from_tensor(w.transpose()),
+                    weight: Param::from_tensor(row_major(w.transpose())),
                     bias: None,
                 })
             };
@@ -536,9 +588,102 @@ impl<B: Backend> ParamRef<'_, B> {
     }
 }
 
+/// The output projection of a model as plain tensors: `logits = h · W (+ b)`.
+///
+/// Computes exactly as the last step of [`LladaModel::forward`]: with a compute dtype the
+/// input and the weight are cast to it (PyTorch autocast), and the logits come back in f32.
+#[derive(Debug, Clone)]
+pub struct LmHead<B: Backend> {
+    /// `W`: `[d_model, vocab]` (burn layout of `ff_out.weight`).
+    pub weight: Tensor<B, 2>,
+    /// `b`: `[vocab]` (LLaDA has none).
+    pub bias: Option<Tensor<B, 1>>,
+    /// Mixed-precision compute dtype (`None`: the weight's dtype).
+    pub compute: Option<FloatDType>,
+}
+
+impl<B: Backend> LmHead<B> {
+    /// `h`: `[rows, d_model]` → logits `[rows, vocab]` (f32 under a compute dtype, else the
+    /// weight's dtype).
+    pub fn logits(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self.compute {
+            None => {
+                let y = h.matmul(self.weight.clone());
+                match &self.bias {
+                    Some(b) => y + b.clone().unsqueeze::<2>(),
+                    None => y,
+                }
+            }
+            Some(c) => {
+                let y = cast_to(h, c).matmul(cast_to(self.weight.clone(), c));
+                let y = match &self.bias {
+                    Some(b) => y + cast_to(b.clone(), c).unsqueeze::<2>(),
+                    None => y,
+                };
+                cast_to(y, FloatDType::F32)
+            }
+        }
+    }
+
+    /// The same head detached from the autodiff graph (for passes that compute their own
+    /// gradients).
+    pub fn detach(&self) -> Self {
+        Self {
+            weight: self.weight.clone().detach(),
+            bias: self.bias.clone().map(Tensor::detach),
+            compute: self.compute,
+        }
+    }
+
+    /// `vocab`, the number of logits per row.
+    pub fn vocab(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// The dtype the head's matmuls run in.
+    pub fn matmul_dtype(&self) -> FloatDType {
+        self.compute
+            .unwrap_or_else(|| float_dtype(self.weight.dtype()))
+    }
+}
+
+/// A [`Denoiser`] whose last layer is a separate [`LmHead`] over hidden states, so that a
+/// loss can apply the head only at the positions it scores.
+pub trait HiddenStates<B: Backend>: Denoiser<B> {
+    /// `ids`: `[batch, seq]` → final hidden states `[batch, seq, d_model]`.
+    fn hidden(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3>;
+    /// The head that maps hidden rows to logits.
+    fn lm_head(&self) -> LmHead<B>;
+}
+
+impl<B: Backend> HiddenStates<B> for LladaModel<B> {
+    fn hidden(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
+        LladaModel::hidden(self, ids, attention)
+    }
+
+    fn lm_head(&self) -> LmHead<B> {
+        LladaModel::lm_head(self)
+    }
+}
+
 impl<B: Backend> Denoiser<B> for LladaModel<B> {
     fn logits(&self, ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
         self.forward(ids, attention)
+    }
+
+    fn window_logits(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention: &Attention<B>,
+        start: usize,
+        len: usize,
+    ) -> Tensor<B, 3> {
+        let h = self.hidden(ids, attention).narrow(1, start, len);
+        let [b, w, d] = h.dims();
+        let v = self.ff_out.weight.val().dims()[1];
+        self.lm_head()
+            .logits(h.reshape([b * w, d]))
+            .reshape([b, w, v])
     }
 
     fn input_vocab(&self) -> Option<usize> {

@@ -582,17 +582,17 @@ where
                 .zip(prompt_index)
                 .map(|(&t, &p)| if p { mask } else { t }),
         );
-        let logits = model.logits(host::int_tensor(&both, 2 * b, l, device), attention);
-        check_logits(&logits, 2 * b, l)?;
-        let logits = logits.narrow(1, ws, w);
+        let logits =
+            model.window_logits(host::int_tensor(&both, 2 * b, l, device), attention, ws, w);
+        check_logits(&logits, 2 * b, w)?;
         let cond = logits.clone().narrow(0, 0, b);
         let un = logits.narrow(0, b, b);
         // un + (cfg + 1) * (cond - un)
         Ok(un.clone() + (cond - un).mul_scalar(cfg_scale + 1.0))
     } else {
-        let logits = model.logits(host::int_tensor(x, b, l, device), attention);
-        check_logits(&logits, b, l)?;
-        Ok(logits.narrow(1, ws, w))
+        let logits = model.window_logits(host::int_tensor(x, b, l, device), attention, ws, w);
+        check_logits(&logits, b, w)?;
+        Ok(logits)
     }
 }
 

@@ -352,16 +352,21 @@ where
                 both.extend_from_slice(&un[r * l..r * l + img]);
                 both.extend_from_slice(&ids[r * l + img..(r + 1) * l]);
             }
-            let lg = model.logits(host::int_tensor(&both, 2 * b, l, &device), &attention);
-            check_logits(&lg, 2 * b, l)?;
-            let lg = slice_codes(lg, img, n, v0, kcb)?;
+            let lg = model.window_logits(
+                host::int_tensor(&both, 2 * b, l, &device),
+                &attention,
+                img,
+                n,
+            );
+            check_logits(&lg, 2 * b, n)?;
+            let lg = slice_codes(lg, v0, kcb)?;
             let cond = lg.clone().narrow(0, 0, b);
             let unc = lg.narrow(0, b, b);
             cond.mul_scalar(1.0 + config.guidance_scale) - unc.mul_scalar(config.guidance_scale)
         } else {
-            let lg = model.logits(host::int_tensor(&ids, b, l, &device), &attention);
-            check_logits(&lg, b, l)?;
-            slice_codes(lg, img, n, v0, kcb)?
+            let lg = model.window_logits(host::int_tensor(&ids, b, l, &device), &attention, img, n);
+            check_logits(&lg, b, n)?;
+            slice_codes(lg, v0, kcb)?
         };
         nfe += 1;
         let probs = softmax(logits, 2); // [B, N, K] f32
@@ -454,11 +459,9 @@ where
     })
 }
 
-/// `[B', L, V]` → image rows `[img, img + n)` and code columns `[v0, v0 + k)`: `[B', n, k]`.
+/// Window logits `[B', n, V]` → the code columns `[v0, v0 + k)`: `[B', n, k]`.
 fn slice_codes<B: Backend>(
     logits: Tensor<B, 3>,
-    img: usize,
-    n: usize,
     v0: usize,
     k: usize,
 ) -> Result<Tensor<B, 3>, SamplerError> {
@@ -472,7 +475,7 @@ fn slice_codes<B: Backend>(
             ),
         ));
     }
-    Ok(logits.narrow(1, img, n).narrow(2, v0, k))
+    Ok(logits.narrow(2, v0, k))
 }
 
 fn code_tensor<B: Backend>(

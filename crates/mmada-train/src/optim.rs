@@ -310,7 +310,11 @@ pub fn load_state<B: AutodiffBackend>(
                         get(suffix, &torch)?,
                         (&device, dtype),
                     );
-                    Ok(if linear { t.transpose() } else { t })
+                    Ok(if linear {
+                        mmada_model::model::row_major(t.transpose())
+                    } else {
+                        t
+                    })
                 };
                 let state = burn::optim::AdamWState::new(burn::optim::AdaptiveMomentumState {
                     time,

@@ -4,7 +4,7 @@
 //!
 //! One optimizer step: `grad_accum` micro-batches, each drawn from the mixtures
 //! ([`TrainData::next_rows`]), noised by the unified forward process
-//! ([`TrainData::noise`]) and scored by [`mmada_diffusion::unified_loss`]; then the shared
+//! ([`TrainData::noise`]) and scored by [`mmada_diffusion::unified_loss_chunked`]; then the shared
 //! step skeleton of [`crate::trainer::Session`].
 
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
-use mmada_diffusion::unified_loss;
+use mmada_diffusion::unified_loss_chunked;
 use mmada_model::LladaModel;
 use serde_json::json;
 
@@ -232,7 +232,8 @@ fn eval_loss<B: AutodiffBackend>(
     for (k, chunk) in samples.chunks(bs).enumerate() {
         let rows = vec![(StreamKind::Lm, chunk.to_vec())];
         let (batch, _) = data.noise(&rows, 0, (k * bs) as u64, purpose::EVAL_MASK)?;
-        let l = unified_loss(&valid, &batch, recipe.loss.t2i_attention.into(), device)?;
+        let att = recipe.loss.t2i_attention.into();
+        let l = unified_loss_chunked(&valid, &batch, att, recipe.loss.ce_chunk_rows, device)?;
         sum += f64::from(l.lm.into_scalar().elem::<f32>()) * chunk.len() as f64;
         n += chunk.len();
     }
@@ -252,6 +253,7 @@ fn accumulate_step<B: AutodiffBackend>(
     let device = session.device();
     let accum = recipe.train.grad_accum as usize;
     let t2i_att = recipe.loss.t2i_attention.into();
+    let chunk = recipe.loss.ce_chunk_rows;
     let step = session.state.step;
     let mut acc: Option<GradientsParams> = None;
     let mut st = MicroStats::default();
@@ -266,9 +268,11 @@ fn accumulate_step<B: AutodiffBackend>(
         st.noise.add(&noise);
         let losses = if world > 1 {
             let (shard, scale) = crate::shard::shard_batch(&batch, rank, world);
-            scale.apply(unified_loss(model, &shard, t2i_att, &device)?)
+            scale.apply(unified_loss_chunked(
+                model, &shard, t2i_att, chunk, &device,
+            )?)
         } else {
-            unified_loss(model, &batch, t2i_att, &device)?
+            unified_loss_chunked(model, &batch, t2i_att, chunk, &device)?
         };
         let l = &recipe.loss;
         let total = losses.total(l.t2i_coeff, l.lm_coeff, l.mmu_coeff) / accum as f32;

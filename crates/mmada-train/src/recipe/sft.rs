@@ -20,6 +20,7 @@ serde_defaults! {
     squash: ResizeMode = ResizeMode::Squash;
     cond_dropout: f32 = 0.1;
     default_eps: f32 = 1e-3;
+    ce_chunk: usize = mmada_diffusion::DEFAULT_CE_CHUNK_ROWS;
 }
 
 /// One dataset of a stream.
@@ -159,6 +160,11 @@ pub struct LossSection {
     /// `training.cond_dropout_prob`, 0.1 in every config).
     #[serde(default = "cond_dropout")]
     pub cond_dropout_prob: f32,
+    /// Rows of hidden states per LM-head chunk (default 1024): the head and the
+    /// cross-entropy run only at the scored positions, this many rows at a time, so the
+    /// `[rows, vocab]` logits never exist for the whole batch (`mmada_diffusion::head`).
+    #[serde(default = "ce_chunk")]
+    pub ce_chunk_rows: usize,
 }
 
 /// Recipe spelling of [`T2iAttention`].
@@ -284,6 +290,13 @@ impl LossSection {
                     format!("{v}: must be in [0, 1]"),
                 ));
             }
+        }
+        if self.ce_chunk_rows == 0 {
+            return Err(RecipeError::key(
+                name,
+                "loss.ce_chunk_rows",
+                "0: must be at least 1 (rows per LM-head chunk)",
+            ));
         }
         Ok(())
     }

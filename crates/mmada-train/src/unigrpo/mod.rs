@@ -176,7 +176,8 @@ impl TrainLoop for UniGrpo {
             let t_upd = Instant::now();
             let noised = update::noise(recipe, &mut s, &rollouts, &scored.adv, my_groups.len())?;
             let t_lp = Instant::now();
-            let old = update::old_logprobs(&model, reference.as_ref(), &noised, &device)?;
+            let chunk = recipe.grpo.ce_chunk_rows;
+            let old = update::old_logprobs(&model, reference.as_ref(), &noised, chunk, &device)?;
             let logprob_s = t_lp.elapsed().as_secs_f64();
             let t_bwd = Instant::now();
             let (updated, sums, grad_norm, lr) =

@@ -5,8 +5,10 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use mmada_diffusion::Scores;
 use mmada_diffusion::grpo::{
-    GroupAdvantages, GrpoBatch, TailPad, completion_mask, noise_completion, noise_d1, unigrpo_loss,
+    GroupAdvantages, GrpoBatch, TailPad, completion_mask, noise_completion, noise_d1,
+    unigrpo_loss_scores,
 };
 use mmada_model::{Attention, LladaModel};
 use rand::rngs::StdRng;
@@ -145,17 +147,32 @@ pub fn noise<B: AutodiffBackend>(
 fn logprobs<IB: Backend>(
     m: &LladaModel<IB>,
     b: &GrpoBatch,
+    chunk_rows: usize,
     device: &IB::Device,
 ) -> Result<Vec<f32>, TrainError> {
     if b.rows() == 0 {
         return Ok(vec![]);
     }
-    let logits = m.forward(b.input::<IB>(device), &Attention::Full);
-    Ok(b.logprobs(logits)?
+    Ok(b.logprobs(scores(m, b, chunk_rows, device))?
         .into_data()
         .convert::<f32>()
         .to_vec::<f32>()
         .expect("f32"))
+}
+
+/// The model's [`Scores::Hidden`] on `b`'s input: the head is applied only at the scored
+/// completion tokens, `chunk_rows` rows at a time.
+fn scores<B: Backend>(
+    m: &LladaModel<B>,
+    b: &GrpoBatch,
+    chunk_rows: usize,
+    device: &B::Device,
+) -> Scores<B> {
+    Scores::Hidden {
+        hidden: m.hidden(b.input::<B>(device), &Attention::Full),
+        head: m.lm_head(),
+        chunk_rows,
+    }
 }
 
 /// Old-policy and reference log-probs of every noised batch: `[μ][group]`.
@@ -175,6 +192,7 @@ pub fn old_logprobs<B: AutodiffBackend>(
     model: &LladaModel<B>,
     reference: Option<&LladaModel<B::InnerBackend>>,
     noised: &Noised,
+    chunk_rows: usize,
     device: &B::Device,
 ) -> Result<OldLogprobs, TrainError> {
     let old_model = model.valid();
@@ -186,9 +204,9 @@ pub fn old_logprobs<B: AutodiffBackend>(
         let mut o = vec![];
         let mut r = vec![];
         for b in iter_batches {
-            o.push(logprobs(&old_model, b, device)?);
+            o.push(logprobs(&old_model, b, chunk_rows, device)?);
             r.push(match reference {
-                Some(rm) => Some(logprobs(rm, b, device)?),
+                Some(rm) => Some(logprobs(rm, b, chunk_rows, device)?),
                 None => None,
             });
         }
@@ -235,9 +253,9 @@ pub fn update<B: AutodiffBackend>(
             if b.rows() == 0 {
                 continue;
             }
-            let logits = model.forward(b.input::<B>(&device), &Attention::Full);
             let refs = old.reference[n][k].as_deref();
-            let out = unigrpo_loss(logits, b, &old.old[n][k], refs, &loss_cfg)?;
+            let scores = scores(&model, b, recipe.grpo.ce_chunk_rows, &device);
+            let out = unigrpo_loss_scores(scores, b, &old.old[n][k], refs, &loss_cfg)?;
             let scale = 1.0 / (nonempty as f32 * mu as f32);
             sums[0] += out.loss.clone().into_scalar().elem::<f32>() * scale;
             sums[1] += out.policy_loss.clone().into_scalar().elem::<f32>() * scale;
