@@ -545,12 +545,12 @@ impl MemoryPlan {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "memory plan per device: {:.2} B parameters ({} trainable), {} rank(s) = {} device(s) × {} node(s), sharding {}, activation checkpointing {}, params {} / compute {}{}",
-            self.params as f64 / 1e9,
+            "memory plan per device: {} parameters ({} trainable), {} rank(s) = {} device(s) × {} node(s), sharding {}, activation checkpointing {}, params {} / compute {}{}",
+            count(self.params),
             if self.trainable == self.params {
                 "all".to_string()
             } else {
-                format!("{:.1} M", self.trainable as f64 / 1e6)
+                count(self.trainable)
             },
             self.world,
             i.devices_per_node,
@@ -575,26 +575,26 @@ impl MemoryPlan {
             i.micro.rows, i.micro.seq, i.micro.loss_positions, i.accumulation
         );
         let w = self.lines.iter().map(|l| l.name.len()).max().unwrap_or(10);
-        let _ = writeln!(out, "  {:<w$}  {:<8}  {:>9}  how", "line", "phase", "GiB");
+        let _ = writeln!(out, "  {:<w$}  {:<8}  {:>10}  how", "line", "phase", "size");
         for l in &self.lines {
             let _ = writeln!(
                 out,
-                "  {:<w$}  {:<8}  {:>9.3}  {}",
+                "  {:<w$}  {:<8}  {:>10}  {}",
                 l.name,
                 l.phase.as_str(),
-                l.bytes as f64 / GIB,
+                gib(l.bytes),
                 l.detail
             );
         }
         let _ = writeln!(
             out,
-            "  {:<w$}  {:<8}  {:>9.3}  resident {:.3} + max(step {:.3}, rollout {:.3})",
+            "  {:<w$}  {:<8}  {:>10}  resident {} + max(step {}, rollout {})",
             "total",
             "",
-            self.total() as f64 / GIB,
-            self.resident() as f64 / GIB,
-            self.step() as f64 / GIB,
-            self.rollout() as f64 / GIB,
+            gib(self.total()),
+            gib(self.resident()),
+            gib(self.step()),
+            gib(self.rollout()),
         );
         if let Some(g) = gpu_mem {
             let _ = writeln!(
@@ -614,6 +614,19 @@ impl MemoryPlan {
     }
 }
 
+/// `8.08 B`, `25.3 M`, `148.3 K`.
+fn count(n: u64) -> String {
+    let x = n as f64;
+    if x >= 1e9 {
+        format!("{:.2} B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.1} M", x / 1e6)
+    } else {
+        format!("{:.1} K", x / 1e3)
+    }
+}
+
+/// `15.06 GiB` (from 0.1 GiB), else `48.1 MiB`.
 fn gib(b: u64) -> String {
     let g = b as f64 / GIB;
     if g >= 0.1 {
