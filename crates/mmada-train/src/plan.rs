@@ -12,7 +12,7 @@
 //! the parameters (`model.dtype`: 4 for f32, 2 for bf16), `c` of the matmuls (2 under
 //! `train.mixed_precision: bf16`, else `r`), `s` of the AdamW moments.
 //!
-//! Memory is split in three phases; the total is `resident + max(step, rollout)`:
+//! Memory is split in phases; the total is `resident + max(step, backward, rollout)`:
 //!
 //! * **resident** (held for the whole run):
 //!   * compute weights `P·r`: the model's parameters (`LladaModel`, replicated on every rank).
@@ -20,12 +20,9 @@
 //!   * master weights `4·Pt / N_opt` when the optimizer keeps an f32 copy of bf16 parameters
 //!     (issue 15 item 3), sharded with the optimizer state (`N_opt` = `N` under
 //!     [`Sharding::Optimizer`] / [`Sharding::OptimizerAndGradients`], else 1).
-//!   * gradients: burn's `loss.backward()` returns the gradient of every parameter at once
-//!     (`GradientsParams::from_grads`, in the parameter dtype), so one full set `Pt·r` exists
-//!     at the end of each backward whatever the sharding; with accumulation (`grad_accum > 1`,
-//!     or several UniGRPO groups per rank) the accumulator `optim::add_grads` holds a second
-//!     set, `Pt·r` (or `Pt·r / N` when gradients are sharded: ZeRO-2 keeps only the owner's
-//!     shard of the sum).
+//!   * gradient accumulator (accumulation: `grad_accum > 1`, or several UniGRPO groups per
+//!     rank): `optim::add_grads` holds the running sum, `Pt·r` (or `Pt·r / N` when gradients
+//!     are sharded: ZeRO-2 keeps only the owner's shard of the sum).
 //!   * optimizer state `2·Pt·s / N_opt`: AdamW's `exp_avg` and `exp_avg_sq`. burn's AdamW
 //!     creates them in the gradient's dtype, so today `s = r`.
 //!   * reference model `P·r` (UniGRPO `grpo.kl_reference: reference_model`, a frozen copy on
@@ -79,14 +76,19 @@
 //!     of `ce_chunk_rows` rows: logits, `log_softmax` and gradient, `3·chunk·V·4`.
 //!   * backward transient: the gradient chain through one block's softmax, three f32
 //!     `[B, H, L, L]` tensors (the gradient of the probabilities, of `exp` and of the scores).
+//! * **backward** (the end of a backward): burn's `loss.backward()` returns the gradient of
+//!   every parameter at once (`GradientsParams::from_grads`, in the parameter dtype), so
+//!   whatever the sharding one full set `Pt·r` exists when block 0's backward runs; by then
+//!   the other blocks' activations are freed, block 0's activations, scores and softmax
+//!   gradients are not (with checkpointing: block 0 is being recomputed).
 //! * **rollout** (UniGRPO only, no autodiff graph, not at the same time as a step): the
 //!   sampler's forward over the canvas (`G` rows, × 2 with classifier-free guidance, prompt +
 //!   completion positions): logits, probabilities and the confidence / Gumbel working copy
 //!   (`3 · rows · L · V · 4`) plus one block's working set without a graph
 //!   (`rows·L·(6d + 3m)·c + 3·rows·H·L²·4`).
 //!
-//! The step lines are an upper bound: the sum assumes every kept activation and the
-//! gradients coexist (with `grad_accum = 1`, gradients grow while activations are freed).
+//! The step and backward phases bracket the backward (activations are freed while gradients
+//! grow); loss positions are counted at their upper bound (every position masked).
 //! What is not counted: the CUDA context and the allocator's fragmentation (keep headroom, 10
 //! % by default), host memory (data loading, checkpoint serialisation).
 
@@ -399,6 +401,9 @@ pub enum Phase {
     Resident,
     /// During one forward + backward.
     Step,
+    /// At the end of a backward: the complete gradient set while the first block's
+    /// backward runs (the other blocks' activations are freed by then).
+    Backward,
     /// During a UniGRPO rollout (never at the same time as a step).
     Rollout,
 }
@@ -409,6 +414,7 @@ impl Phase {
         match self {
             Phase::Resident => "resident",
             Phase::Step => "step",
+            Phase::Backward => "backward",
             Phase::Rollout => "rollout",
         }
     }
@@ -433,8 +439,12 @@ pub mod lines {
     pub const COMPUTE_WEIGHTS: &str = "compute weights";
     /// f32 master copy held by the optimizer.
     pub const MASTER_WEIGHTS: &str = "master weights";
-    /// Gradients (one backward's full set + accumulator).
+    /// One backward's full gradient set.
     pub const GRADIENTS: &str = "gradients";
+    /// The gradient accumulator (`grad_accum > 1`, several UniGRPO groups per rank).
+    pub const GRAD_ACCUMULATOR: &str = "gradient accumulator";
+    /// Block 0's backward while the full gradient set exists.
+    pub const LAST_BLOCK: &str = "last block backward";
     /// AdamW moments.
     pub const OPTIMIZER_STATE: &str = "optimizer state";
     /// Frozen UniGRPO reference model.
@@ -508,14 +518,19 @@ impl MemoryPlan {
         self.phase_sum(Phase::Step)
     }
 
+    /// Bytes at the end of a backward.
+    pub fn backward(&self) -> u64 {
+        self.phase_sum(Phase::Backward)
+    }
+
     /// Bytes of a rollout (0 for SFT).
     pub fn rollout(&self) -> u64 {
         self.phase_sum(Phase::Rollout)
     }
 
-    /// The per-device peak: `resident + max(step, rollout)`.
+    /// The per-device peak: `resident + max(step, backward, rollout)`.
     pub fn total(&self) -> u64 {
-        self.resident() + self.step().max(self.rollout())
+        self.resident() + self.step().max(self.backward()).max(self.rollout())
     }
 
     /// The bytes of line `name` (0 when absent).
@@ -588,12 +603,13 @@ impl MemoryPlan {
         }
         let _ = writeln!(
             out,
-            "  {:<w$}  {:<8}  {:>10}  resident {} + max(step {}, rollout {})",
+            "  {:<w$}  {:<8}  {:>10}  resident {} + max(step {}, backward {}, rollout {})",
             "total",
             "",
             gib(self.total()),
             gib(self.resident()),
             gib(self.step()),
+            gib(self.backward()),
             gib(self.rollout()),
         );
         if let Some(g) = gpu_mem {
@@ -737,32 +753,17 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         );
     }
     let full_grads = pt * r;
-    let accum = if input.accumulation > 1 {
-        if input.sharding == Sharding::OptimizerAndGradients {
-            div_ceil(full_grads, world)
-        } else {
-            full_grads
-        }
-    } else {
-        0
-    };
-    push(
-        lines::GRADIENTS,
-        Phase::Resident,
-        full_grads + accum,
-        if accum > 0 {
-            format!(
-                "one backward's {pt} × {r} B + accumulator {}",
-                if input.sharding == Sharding::OptimizerAndGradients {
-                    format!("/ {world} (owner's shard)")
-                } else {
-                    "(full)".into()
-                }
+    if input.accumulation > 1 {
+        let (bytes, how) = if input.sharding == Sharding::OptimizerAndGradients {
+            (
+                div_ceil(full_grads, world),
+                format!("{pt} × {r} B / {world} (the owner's shard of the sum)"),
             )
         } else {
-            format!("one backward's {pt} × {r} B (burn returns every gradient at once)")
-        },
-    );
+            (full_grads, format!("{pt} × {r} B (optim::add_grads)"))
+        };
+        push(lines::GRAD_ACCUMULATOR, Phase::Resident, bytes, how);
+    }
     push(
         lines::OPTIMIZER_STATE,
         Phase::Resident,
@@ -921,6 +922,20 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         Phase::Step,
         3 * b * h * l * l * 4,
         format!("3 × [{b}, {h}, {l}, {l}] f32 (softmax gradient chain of one block)"),
+    );
+
+    // ---- end of the backward
+    push(
+        lines::GRADIENTS,
+        Phase::Backward,
+        full_grads,
+        format!("one backward's {pt} × {r} B (burn returns every gradient at once)"),
+    );
+    push(
+        lines::LAST_BLOCK,
+        Phase::Backward,
+        block.tensors + block.scores + 3 * b * h * l * l * 4,
+        "block 0's activations, scores and softmax gradients".into(),
     );
 
     // ---- rollout
@@ -1191,10 +1206,8 @@ mod tests {
         assert_eq!(none.bytes_of(lines::MASTER_WEIGHTS), 4 * p);
         assert_eq!(opt.bytes_of(lines::MASTER_WEIGHTS), p / 2);
         // gradients are not sharded by stage 1
-        assert_eq!(
-            none.bytes_of(lines::GRADIENTS),
-            opt.bytes_of(lines::GRADIENTS)
-        );
+        assert_eq!(none.bytes_of(lines::GRADIENTS), 4 * p);
+        assert_eq!(opt.bytes_of(lines::GRADIENTS), 4 * p);
     }
 
     #[test]
@@ -1204,11 +1217,18 @@ mod tests {
         i.accumulation = 2;
         i.sharding = Sharding::Optimizer;
         let p = llada().params();
-        assert_eq!(plan(&i).unwrap().bytes_of(lines::GRADIENTS), 2 * 4 * p);
+        let grads = |i: &PlanInput| {
+            let pl = plan(i).unwrap();
+            (
+                pl.bytes_of(lines::GRADIENTS),
+                pl.bytes_of(lines::GRAD_ACCUMULATOR),
+            )
+        };
+        assert_eq!(grads(&i), (4 * p, 4 * p));
         i.sharding = Sharding::OptimizerAndGradients;
-        assert_eq!(plan(&i).unwrap().bytes_of(lines::GRADIENTS), 4 * p + p);
+        assert_eq!(grads(&i), (4 * p, p));
         i.accumulation = 1;
-        assert_eq!(plan(&i).unwrap().bytes_of(lines::GRADIENTS), 4 * p);
+        assert_eq!(grads(&i), (4 * p, 0));
     }
 
     #[test]
@@ -1266,12 +1286,19 @@ mod tests {
             logprob_values: 1000,
         });
         let p = plan(&i).unwrap();
-        assert!(p.rollout() > p.step(), "a huge canvas dominates");
+        assert!(p.rollout() > p.step().max(p.backward()), "a huge canvas dominates");
         assert_eq!(p.total(), p.resident() + p.rollout());
         assert_eq!(p.bytes_of(lines::REFERENCE_MODEL), 4 * llada().params());
         assert_eq!(p.bytes_of(lines::LOGPROBS), 4000);
         let sum: u64 = p.lines.iter().map(|l| l.bytes).sum();
-        assert_eq!(sum, p.resident() + p.step() + p.rollout());
+        assert_eq!(sum, p.resident() + p.step() + p.backward() + p.rollout());
+        // the backward phase: one gradient set + block 0 (activations, scores, 3 f32 score
+        // gradients)
+        let b = p.per_block;
+        assert_eq!(
+            p.backward(),
+            4 * llada().params() + b.tensors + b.scores + 3 * 32 * 128 * 128 * 4
+        );
     }
 
     #[test]

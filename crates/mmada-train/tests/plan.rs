@@ -55,36 +55,39 @@ const P: u64 = 8_015_581_184;
 //   backward transient: 3·B·H·L²·4 = 1,610,612,736
 //   step = 6,654,263,296
 const STEP: u64 = 6_654_263_296;
+// Backward end: one backward's gradients 2P = 16,031,162,368 + block 0's tensors, scores and
+// softmax gradients 905,969,664 + 1,342,177,280 + 1,610,612,736 = 19,889,922,048 (> step).
+const BACKWARD: u64 = 19_889_922_048;
 // collective buckets: 3 × 64 Mi elements × 2 B = 402,653,184
 const BUCKETS: u64 = 402_653_184;
 
 #[test]
 fn llada_8b_by_hand_for_every_sharding_mode() {
-    // compute weights 2P = 16,031,162,368 in every mode.
-    // none: master 4P = 32,062,324,736; gradients 2P (one backward) + 2P (accumulator)
-    //   = 32,062,324,736; moments 8P = 64,124,649,472; + buckets
-    //   → resident 144,683,114,496, total 151,337,377,792
-    // optimizer (ZeRO-1): master 4P/8 = 4,007,790,592; gradients 32,062,324,736 (not
-    //   sharded); moments 8P/8 = 8,015,581,184 → resident 60,519,512,064, total 67,173,775,360
-    // optimizer_and_gradients (ZeRO-2): gradients 2P + 2P/8 = 18,035,057,664
-    //   → resident 46,492,244,992, total 53,146,508,288
+    // Resident: compute weights 2P = 16,031,162,368 in every mode, buckets 402,653,184.
+    // none: master 4P = 32,062,324,736; accumulator 2P = 16,031,162,368; moments 8P =
+    //   64,124,649,472 → resident 128,651,952,128, total + BACKWARD = 148,541,874,176
+    // optimizer (ZeRO-1): master 4P/8 = 4,007,790,592; accumulator 2P (not sharded); moments
+    //   8P/8 = 8,015,581,184 → resident 44,488,349,696, total 64,378,271,744
+    // optimizer_and_gradients (ZeRO-2): accumulator 2P/8 = 2,003,895,296
+    //   → resident 30,461,082,624, total 50,351,004,672
     let cases = [
-        (Sharding::None, 32_062_324_736, 32_062_324_736, 64_124_649_472, 151_337_377_792),
-        (Sharding::Optimizer, 4_007_790_592, 32_062_324_736, 8_015_581_184, 67_173_775_360),
+        (Sharding::None, 32_062_324_736, 16_031_162_368, 64_124_649_472, 148_541_874_176),
+        (Sharding::Optimizer, 4_007_790_592, 16_031_162_368, 8_015_581_184, 64_378_271_744),
         (
             Sharding::OptimizerAndGradients,
             4_007_790_592,
-            18_035_057_664,
+            2_003_895_296,
             8_015_581_184,
-            53_146_508_288,
+            50_351_004_672,
         ),
     ];
-    for (mode, master, grads, moments, total) in cases {
+    for (mode, master, accumulator, moments, total) in cases {
         let p = plan(&llada_8b(mode)).unwrap();
         assert_eq!(p.params, P);
         assert_eq!(p.bytes_of(lines::COMPUTE_WEIGHTS), 2 * P, "{mode}");
         assert_eq!(p.bytes_of(lines::MASTER_WEIGHTS), master, "{mode}");
-        assert_eq!(p.bytes_of(lines::GRADIENTS), grads, "{mode}");
+        assert_eq!(p.bytes_of(lines::GRADIENTS), 2 * P, "{mode}");
+        assert_eq!(p.bytes_of(lines::GRAD_ACCUMULATOR), accumulator, "{mode}");
         assert_eq!(p.bytes_of(lines::OPTIMIZER_STATE), moments, "{mode}");
         assert_eq!(p.bytes_of(lines::COLLECTIVE), BUCKETS, "{mode}");
         assert_eq!(p.bytes_of(lines::ACTIVATIONS), 2_113_929_216, "{mode}");
@@ -92,8 +95,9 @@ fn llada_8b_by_hand_for_every_sharding_mode() {
         assert_eq!(p.bytes_of(lines::LOGITS), 1_587_544_064, "{mode}");
         assert_eq!(p.bytes_of(lines::BACKWARD), 1_610_612_736, "{mode}");
         assert_eq!(p.step(), STEP, "{mode}");
+        assert_eq!(p.backward(), BACKWARD, "{mode}");
         assert_eq!(p.total(), total, "{mode}");
-        assert_eq!(p.total(), p.resident() + STEP);
+        assert_eq!(p.total(), p.resident() + BACKWARD);
         // 80 GB with 10 % headroom = 72e9 bytes: only the sharded modes fit
         let gpu = parse_size("80GB").unwrap();
         assert_eq!(p.fits(gpu, 0.1), mode != Sharding::None, "{mode}");
