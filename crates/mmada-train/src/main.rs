@@ -588,12 +588,8 @@ fn plan_command(args: PlanArgs) -> Result<()> {
     let (mut input, source) = match kind {
         RecipeKind::Sft => {
             let r = SftRecipe::load(&args.recipe, &args.overrides)?;
-            let (cfg, source) = model_config_for_plan(
-                &r.model,
-                &r.tokenizer,
-                &base,
-                args.model_preset.as_deref(),
-            )?;
+            let (cfg, source) =
+                model_config_for_plan(&r.model, &r.tokenizer, &base, args.model_preset.as_deref())?;
             let devices = devices_of(&r.train.device)?;
             (
                 plan::PlanInput::sft(&r, &cfg, devices, args.nodes as u64),
@@ -602,12 +598,8 @@ fn plan_command(args: PlanArgs) -> Result<()> {
         }
         RecipeKind::Unigrpo => {
             let r = UniGrpoRecipe::load(&args.recipe, &args.overrides)?;
-            let (cfg, source) = model_config_for_plan(
-                &r.model,
-                &r.tokenizer,
-                &base,
-                args.model_preset.as_deref(),
-            )?;
+            let (cfg, source) =
+                model_config_for_plan(&r.model, &r.tokenizer, &base, args.model_preset.as_deref())?;
             let devices = devices_of(&r.train.device)?;
             (
                 plan::PlanInput::unigrpo(&r, &cfg, devices, args.nodes as u64),

@@ -72,8 +72,10 @@
 //!     `[B·L, V]` tensors in the logits dtype (f32 under mixed precision, else `r`) are alive,
 //!     plus (mixed precision) the `c` gradient of the head matmul output, plus the selected
 //!     rows' f32 `log_softmax` input kept for the backward and its gradient (`2·n·V·4`). After
-//!     issue 18 (`LogitsPath::LossPositions`): the gathered hidden rows `n·d·c` plus one chunk
-//!     of `ce_chunk_rows` rows: logits, `log_softmax` and gradient, `3·chunk·V·4`.
+//!     issue 18 (`LogitsPath::LossPositions`, the head and its gradient computed in chunks
+//!     outside the graph, `mmada_diffusion::head`): `∂L/∂h` of the scored rows `n·d·4`, one
+//!     `[d, V]` f32 `∂L/∂W` buffer per loss term, and one chunk of `ce_chunk_rows` rows
+//!     (logits, softmax, gradient): `3·chunk·V·4`.
 //!   * backward transient: the gradient chain through one block's softmax, three f32
 //!     `[B, H, L, L]` tensors (the gradient of the probabilities, of `exp` and of the scores).
 //! * **backward** (the end of a backward): burn's `loss.backward()` returns the gradient of
@@ -345,6 +347,9 @@ pub struct MicroBatch {
     pub loss_positions: u64,
     /// An f32 attention bias `[B, 1, L, L]` is built (SFT with `loss.t2i_attention` ≠ `full`).
     pub attention_bias: bool,
+    /// Loss terms that read the head (SFT: the streams with rows, UniGRPO: 1); with
+    /// [`LogitsPath::LossPositions`] each keeps a `[d_model, V]` weight-gradient buffer.
+    pub loss_terms: u64,
 }
 
 /// UniGRPO extras: the rollout canvas and the stored log-probs.
@@ -742,7 +747,10 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         lines::COMPUTE_WEIGHTS,
         Phase::Resident,
         p * r,
-        format!("{p} params × {r} B ({}), replicated", input.param_dtype.as_str()),
+        format!(
+            "{p} params × {r} B ({}), replicated",
+            input.param_dtype.as_str()
+        ),
     );
     if input.master_weights {
         push(
@@ -905,13 +913,16 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         }
         LogitsPath::LossPositions { chunk_rows } => {
             let chunk = chunk_rows.min(n_loss.max(1));
-            let kept = n_loss * d * c;
+            let kept = n_loss * d * 4;
+            let w_grads = input.micro.loss_terms * d * v * 4;
             let work = 3 * chunk * v * 4;
             (
-                kept + work,
+                kept + w_grads + work,
                 format!(
-                    "head at {n_loss} loss positions: hidden rows {} + one chunk 3 × {chunk} × {v} × 4 B",
-                    gib(kept)
+                    "head at {n_loss} loss positions: ∂L/∂h {} + {} × [{d}, {v}] f32 ∂L/∂W {} + one chunk 3 × {chunk} × {v} × 4 B",
+                    gib(kept),
+                    input.micro.loss_terms,
+                    gib(w_grads)
                 ),
             )
         }
@@ -1047,6 +1058,11 @@ impl PlanInput {
                 seq,
                 loss_positions: rows * seq,
                 attention_bias: recipe.loss.t2i_attention != T2iAttentionName::Full,
+                loss_terms: data
+                    .streams()
+                    .iter()
+                    .filter(|(_, st)| st.batch_size > 0)
+                    .count() as u64,
             },
             logits: LogitsPath::AllPositions,
             rollout: None,
@@ -1078,11 +1094,8 @@ impl PlanInput {
         } else {
             1
         };
-        let logprob_values = g.num_iterations as u64
-            * groups
-            * rows
-            * comp
-            * if reference { 2 } else { 1 };
+        let logprob_values =
+            g.num_iterations as u64 * groups * rows * comp * if reference { 2 } else { 1 };
         let param_dtype = recipe.model.dtype;
         PlanInput {
             shape: ModelShape::from_config(cfg),
@@ -1101,6 +1114,7 @@ impl PlanInput {
                 seq,
                 loss_positions: rows * comp,
                 attention_bias: false,
+                loss_terms: 1,
             },
             logits: LogitsPath::AllPositions,
             rollout: Some(RolloutPlan {
@@ -1157,6 +1171,7 @@ mod tests {
                 seq: 128,
                 loss_positions: 128,
                 attention_bias: false,
+                loss_terms: 1,
             },
             logits: LogitsPath::AllPositions,
             rollout: None,
@@ -1286,7 +1301,10 @@ mod tests {
             logprob_values: 1000,
         });
         let p = plan(&i).unwrap();
-        assert!(p.rollout() > p.step().max(p.backward()), "a huge canvas dominates");
+        assert!(
+            p.rollout() > p.step().max(p.backward()),
+            "a huge canvas dominates"
+        );
         assert_eq!(p.total(), p.resident() + p.rollout());
         assert_eq!(p.bytes_of(lines::REFERENCE_MODEL), 4 * llada().params());
         assert_eq!(p.bytes_of(lines::LOGPROBS), 4000);
@@ -1308,7 +1326,12 @@ mod tests {
         assert!(plan(&i).unwrap_err().to_string().contains("n_heads"));
         let mut i = input();
         i.devices_per_node = 0;
-        assert!(plan(&i).unwrap_err().to_string().contains("devices_per_node"));
+        assert!(
+            plan(&i)
+                .unwrap_err()
+                .to_string()
+                .contains("devices_per_node")
+        );
         let mut i = input();
         i.logits = LogitsPath::LossPositions { chunk_rows: 0 };
         assert!(plan(&i).unwrap_err().to_string().contains("ce_chunk_rows"));

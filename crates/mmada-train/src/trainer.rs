@@ -288,10 +288,16 @@ pub fn model_config_for_plan(
         }
         return Ok((ModelConfig::from_file(&file)?, file.display().to_string()));
     }
-    let name = model.preset.as_deref().expect("validated: preset or checkpoint");
+    let name = model
+        .preset
+        .as_deref()
+        .expect("validated: preset or checkpoint");
     if let Ok(tok) = load_tokenizer(tokenizer, base) {
         let cfg = model_config(model, tokenizer, &tok, base)?;
-        return Ok((cfg, format!("preset {name} + model.overrides, tokenizer vocabulary")));
+        return Ok((
+            cfg,
+            format!("preset {name} + model.overrides, tokenizer vocabulary"),
+        ));
     }
     let mut json = ModelConfig::preset(name)?.to_hf_json();
     for (k, v) in &model.overrides {
@@ -300,7 +306,9 @@ pub fn model_config_for_plan(
     let cfg = ModelConfig::from_json_str(&json.to_string(), "model.overrides")?;
     Ok((
         cfg,
-        format!("preset {name} + model.overrides (tokenizer not readable: the preset's vocabulary)"),
+        format!(
+            "preset {name} + model.overrides (tokenizer not readable: the preset's vocabulary)"
+        ),
     ))
 }
 

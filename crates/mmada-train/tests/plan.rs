@@ -33,6 +33,7 @@ fn llada_8b(sharding: Sharding) -> PlanInput {
             seq: 1024,
             loss_positions: 4096,
             attention_bias: false,
+            loss_terms: 1,
         },
         logits: LogitsPath::LossPositions { chunk_rows: 1024 },
         rollout: None,
@@ -50,11 +51,11 @@ const P: u64 = 8_015_581_184;
 //   activations (checkpointing): block inputs B·L·d·2·32 = 1,073,741,824 + one block
 //     905,969,664 + final norm B·L·d·(4 + 2 + 2) = 134,217,728 → 2,113,929,216
 //   attention scores (one block): B·H·L²·(4 + 4 + 2) = 4·32·1,048,576·10 = 1,342,177,280
-//   logits / loss: hidden rows 4096·4096·2 = 33,554,432 + 3·1024·126464·4 = 1,553,989,632
-//     → 1,587,544,064
+//   logits / loss (one loss term): ∂L/∂h 4096·4096·4 = 67,108,864 + ∂L/∂W 4096·126464·4 =
+//     2,071,986,176 + one chunk 3·1024·126464·4 = 1,553,989,632 → 3,693,084,672
 //   backward transient: 3·B·H·L²·4 = 1,610,612,736
-//   step = 6,654,263,296
-const STEP: u64 = 6_654_263_296;
+//   step = 8,759,803,904
+const STEP: u64 = 8_759_803_904;
 // Backward end: one backward's gradients 2P = 16,031,162,368 + block 0's tensors, scores and
 // softmax gradients 905,969,664 + 1,342,177,280 + 1,610,612,736 = 19,889,922,048 (> step).
 const BACKWARD: u64 = 19_889_922_048;
@@ -71,8 +72,20 @@ fn llada_8b_by_hand_for_every_sharding_mode() {
     // optimizer_and_gradients (ZeRO-2): accumulator 2P/8 = 2,003,895,296
     //   → resident 30,461,082,624, total 50,351,004,672
     let cases = [
-        (Sharding::None, 32_062_324_736, 16_031_162_368, 64_124_649_472, 148_541_874_176),
-        (Sharding::Optimizer, 4_007_790_592, 16_031_162_368, 8_015_581_184, 64_378_271_744),
+        (
+            Sharding::None,
+            32_062_324_736,
+            16_031_162_368,
+            64_124_649_472,
+            148_541_874_176,
+        ),
+        (
+            Sharding::Optimizer,
+            4_007_790_592,
+            16_031_162_368,
+            8_015_581_184,
+            64_378_271_744,
+        ),
         (
             Sharding::OptimizerAndGradients,
             4_007_790_592,
@@ -92,7 +105,7 @@ fn llada_8b_by_hand_for_every_sharding_mode() {
         assert_eq!(p.bytes_of(lines::COLLECTIVE), BUCKETS, "{mode}");
         assert_eq!(p.bytes_of(lines::ACTIVATIONS), 2_113_929_216, "{mode}");
         assert_eq!(p.bytes_of(lines::SCORES), 1_342_177_280, "{mode}");
-        assert_eq!(p.bytes_of(lines::LOGITS), 1_587_544_064, "{mode}");
+        assert_eq!(p.bytes_of(lines::LOGITS), 3_693_084_672, "{mode}");
         assert_eq!(p.bytes_of(lines::BACKWARD), 1_610_612_736, "{mode}");
         assert_eq!(p.step(), STEP, "{mode}");
         assert_eq!(p.backward(), BACKWARD, "{mode}");
@@ -172,7 +185,10 @@ fn cli_plans_both_8b_recipes_on_8x80gb() {
         let p = plan_json(&args);
         assert_eq!(p["fits"], true, "{recipe}: {p}");
         let total = gib(&p["total"]);
-        assert!(total < 0.9 * 80e9 / (1u64 << 30) as f64, "{recipe}: {total} GiB");
+        assert!(
+            total < 0.9 * 80e9 / (1u64 << 30) as f64,
+            "{recipe}: {total} GiB"
+        );
         assert_eq!(p["what_if"].as_array().unwrap().len(), 4);
         let names: Vec<&str> = p["lines"]
             .as_array()
@@ -190,7 +206,10 @@ fn cli_plans_both_8b_recipes_on_8x80gb() {
             lines::SCORES,
             lines::LOGITS,
         ] {
-            assert!(names.contains(&want), "{recipe}: {want} missing in {names:?}");
+            assert!(
+                names.contains(&want),
+                "{recipe}: {want} missing in {names:?}"
+            );
         }
         assert_eq!(
             names.contains(&lines::ROLLOUT),
@@ -212,8 +231,14 @@ fn cli_table_labels_what_ifs_and_names_the_missing_config() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("WHAT-IF (not implemented by the trainer yet)"), "{text}");
-    assert!(text.contains("largest micro-batch: 4 rows × 1539 positions"), "{text}");
+    assert!(
+        text.contains("WHAT-IF (not implemented by the trainer yet)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("largest micro-batch: 4 rows × 1539 positions"),
+        "{text}"
+    );
     assert!(text.contains("\nfits "), "{text}");
     // no checkpoint here and no preset: the error says what to do
     let out = Command::new(bin)
@@ -275,7 +300,12 @@ checkpoint: {{model_dtype: f32}}
         log.contains("largest micro-batch: 3 rows × 24 positions"),
         "{log}"
     );
-    for line in [lines::ACTIVATIONS, lines::SCORES, lines::OPTIMIZER_STATE, "total"] {
+    for line in [
+        lines::ACTIVATIONS,
+        lines::SCORES,
+        lines::OPTIMIZER_STATE,
+        "total",
+    ] {
         assert!(log.contains(line), "{line} missing: {log}");
     }
 }
