@@ -1220,9 +1220,9 @@ mod tests {
         assert_eq!(opt.bytes_of(lines::OPTIMIZER_STATE), p);
         assert_eq!(none.bytes_of(lines::MASTER_WEIGHTS), 4 * p);
         assert_eq!(opt.bytes_of(lines::MASTER_WEIGHTS), p / 2);
-        // gradients are not sharded by stage 1
-        assert_eq!(none.bytes_of(lines::GRADIENTS), 4 * p);
-        assert_eq!(opt.bytes_of(lines::GRADIENTS), 4 * p);
+        // bf16 gradients, not sharded by stage 1
+        assert_eq!(none.bytes_of(lines::GRADIENTS), 2 * p);
+        assert_eq!(opt.bytes_of(lines::GRADIENTS), 2 * p);
     }
 
     #[test]
