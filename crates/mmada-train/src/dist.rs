@@ -410,7 +410,7 @@ impl Drop for CommThread {
 }
 
 /// Gradients are reduced in buckets of at most this many elements (one collective call each).
-const BUCKET_ELEMS: usize = 64 << 20;
+pub(crate) const BUCKET_ELEMS: usize = 64 << 20;
 
 /// [`GradReducer`] over burn-collective. Register and reduce with the inner backend (burn
 /// notes): the gradients are `B::InnerBackend` tensors.

@@ -10,6 +10,7 @@
 //!   samples → seeded mixtures) and `mmada_diffusion::unified_forward_process` (noised
 //!   `[t2i | lm | mmu]` batches).
 //! * [`optim`]: AdamW (PyTorch semantics), global-norm clipping, accumulation, named state.
+//! * [`plan`]: the memory planner (bytes per device, line by line; `mmada-train plan`).
 //! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
 //! * [`pretok`]: `data pretokenize` over a recipe (the tables: `mmada_data::code_table`).
 //! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
@@ -24,6 +25,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod optim;
+pub mod plan;
 pub mod pretok;
 pub mod recipe;
 pub mod run_dir;

@@ -11,9 +11,10 @@ use mmada_model::ModelConfig;
 use mmada_model::backend::DeviceSpec;
 use mmada_model::checkpoint::{DiskDtype, SaveOptions};
 use mmada_train::dist::DistConfig;
+use mmada_train::plan;
 use mmada_train::recipe::{Recipe, SftRecipe, UniGrpoRecipe};
 use mmada_train::sft::{Sft, SftOutcome, StepReport};
-use mmada_train::trainer::{Resume, RunOptions, TrainLoop, TrainRecipe};
+use mmada_train::trainer::{Resume, RunOptions, TrainLoop, TrainRecipe, model_config_for_plan};
 use mmada_train::unigrpo::{GrpoStepReport, UniGrpo, UniGrpoOutcome};
 
 mod data_cmd;
@@ -94,6 +95,10 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Per-device memory plan of a recipe (weights, gradients, optimizer state, activations,
+    /// logits, rollout, collective buckets) and whether it fits the GPU. Reads only the
+    /// model's config.json (or a preset), never the weights.
+    Plan(PlanArgs),
     /// Inspect dataset manifests and check a recipe's data.
     Data {
         #[command(subcommand)]
@@ -118,6 +123,62 @@ struct TrainArgs {
     resume: Option<String>,
     #[command(flatten)]
     dist: DistArgs,
+}
+
+/// Which trainer a recipe is for.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum RecipeKind {
+    /// `mmada-train sft`.
+    Sft,
+    /// `mmada-train unigrpo`.
+    Unigrpo,
+}
+
+/// The arguments of `plan`.
+#[derive(clap::Args, Debug)]
+struct PlanArgs {
+    /// The trainer (default: detected from the recipe: a `grpo:` section is UniGRPO).
+    kind: Option<RecipeKind>,
+    /// Recipe YAML.
+    #[arg(long)]
+    recipe: PathBuf,
+    /// Override a recipe key: --set data.lm.batch_size=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Memory per device: 80GB (10⁹ bytes), 80GiB, 81920MiB.
+    #[arg(long, default_value = "80GB")]
+    gpu_mem: String,
+    /// Free fraction of the device to keep, in percent (CUDA context, allocator).
+    #[arg(long, default_value_t = 10.0)]
+    headroom: f64,
+    /// Devices per node (default: those of train.device).
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Nodes.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// What-if (not in the trainer yet): sharding none | optimizer | optimizer_and_gradients.
+    #[arg(long)]
+    sharding: Option<String>,
+    /// What-if (not in the trainer yet): per-block activation checkpointing.
+    #[arg(long)]
+    activation_checkpointing: bool,
+    /// What-if (not in the trainer yet): bf16 parameters with an f32 master copy and f32
+    /// AdamW moments held by the optimizer (sharded with it).
+    #[arg(long)]
+    master_weights: bool,
+    /// What-if (issue 18): the LM head and cross-entropy only at the loss positions, this
+    /// many rows per chunk.
+    #[arg(long)]
+    ce_chunk_rows: Option<u64>,
+    /// Model shape from this preset (mmada_8b, llada_8b, tiny) instead of the recipe's
+    /// checkpoint config.json (for a checkpoint that is not downloaded yet).
+    #[arg(long)]
+    model_preset: Option<String>,
+    /// Print the plan as JSON (`total`, `resident`, `step`, `rollout`, `fits`, `lines`: name,
+    /// phase, bytes) instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Data-parallel flags (one process per node, one worker thread per device of `train.device`,
@@ -236,6 +297,13 @@ fn fmt_opt(x: Option<f32>) -> String {
 trait TrainCommand: TrainLoop {
     /// "SFT" or "UniGRPO".
     const NAME: &'static str;
+    /// The memory planner's input for this recipe as the trainer runs it.
+    fn plan_input(
+        recipe: &Self::Recipe,
+        cfg: &ModelConfig,
+        devices: u64,
+        nodes: u64,
+    ) -> plan::PlanInput;
     /// Log the batch layout over devices and nodes.
     fn describe(recipe: &Self::Recipe, device: &DeviceSpec, dist: &DistConfig);
     /// The progress message of a step, and whether to also log it.
@@ -248,6 +316,10 @@ trait TrainCommand: TrainLoop {
 
 impl TrainCommand for Sft {
     const NAME: &'static str = "SFT";
+
+    fn plan_input(r: &SftRecipe, cfg: &ModelConfig, devices: u64, nodes: u64) -> plan::PlanInput {
+        plan::PlanInput::sft(r, cfg, devices, nodes)
+    }
 
     fn describe(recipe: &SftRecipe, device: &DeviceSpec, dist: &DistConfig) {
         let world = device.world_size() * dist.nodes;
@@ -297,6 +369,15 @@ impl TrainCommand for Sft {
 
 impl TrainCommand for UniGrpo {
     const NAME: &'static str = "UniGRPO";
+
+    fn plan_input(
+        r: &UniGrpoRecipe,
+        cfg: &ModelConfig,
+        devices: u64,
+        nodes: u64,
+    ) -> plan::PlanInput {
+        plan::PlanInput::unigrpo(r, cfg, devices, nodes)
+    }
 
     fn describe(recipe: &UniGrpoRecipe, device: &DeviceSpec, dist: &DistConfig) {
         let world = device.world_size() * dist.nodes;
@@ -426,6 +507,7 @@ fn train<T: TrainCommand>(args: TrainArgs) -> Result<()> {
     };
     tracing::info!(recipe = %args.recipe.display(), device = %device, "starting {} run `{}`", T::NAME, common.run.name);
     T::describe(&recipe, &device, &dist);
+    log_plan::<T>(&recipe, &device, &dist, &opts.base_dir);
     let outcome = run_on_devices::<T>(&device, &recipe, &dist, &opts, &mut on_step)?;
     bar.finish();
     let (interrupted, step, run_dir, last) = T::ended(&outcome);
@@ -438,6 +520,147 @@ fn train<T: TrainCommand>(args: TrainArgs) -> Result<()> {
         run_dir.display(),
         last.map_or_else(|| "-".into(), |p| p.display().to_string())
     );
+    Ok(())
+}
+
+/// Log the memory plan of the run as configured (no GPU size: the fit is `plan`'s job); a
+/// plan that cannot be made (no config.json yet) is a warning, never a failure.
+fn log_plan<T: TrainCommand>(
+    recipe: &T::Recipe,
+    device: &DeviceSpec,
+    dist: &DistConfig,
+    base: &std::path::Path,
+) {
+    let c = recipe.common();
+    let made = model_config_for_plan(c.model, c.tokenizer, base, None)
+        .map_err(anyhow::Error::from)
+        .and_then(|(cfg, _)| {
+            let input = T::plan_input(
+                recipe,
+                &cfg,
+                device.world_size().max(1) as u64,
+                dist.nodes as u64,
+            );
+            Ok(plan::plan(&input)?)
+        });
+    match made {
+        Ok(p) => tracing::info!("{}", p.table(None, 0.0).trim_end()),
+        Err(e) => tracing::warn!("no memory plan: {e:#}"),
+    }
+}
+
+/// Whether a recipe file is a UniGRPO recipe (it has a `grpo:` section).
+fn detect_kind(path: &std::path::Path) -> Result<RecipeKind> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading recipe {}", path.display()))?;
+    let tree: serde_norway::Value = serde_norway::from_str(&text)
+        .with_context(|| format!("recipe {}: invalid YAML", path.display()))?;
+    let has = |k: &str| tree.get(k).is_some();
+    Ok(match (has("grpo"), has("data")) {
+        (true, _) => RecipeKind::Unigrpo,
+        (false, true) => RecipeKind::Sft,
+        (false, false) => bail!(
+            "recipe {}: neither a `grpo:` (UniGRPO) nor a `data:` (SFT) section: say which with `mmada-train plan sft|unigrpo`",
+            path.display()
+        ),
+    })
+}
+
+/// `mmada-train plan`: the recipe's plan with the what-if flags applied, printed as a table.
+fn plan_command(args: PlanArgs) -> Result<()> {
+    let kind = match args.kind {
+        Some(k) => k,
+        None => detect_kind(&args.recipe)?,
+    };
+    let base = std::env::current_dir()?;
+    let devices_of = |device: &str| -> Result<u64> {
+        if let Some(n) = args.devices {
+            return Ok(n as u64);
+        }
+        let spec: DeviceSpec = device.parse()?;
+        match spec.world_size() {
+            0 => bail!(
+                "train.device {device}: the device count is known only on the GPU machine: pass --devices N"
+            ),
+            n => Ok(n as u64),
+        }
+    };
+    let (mut input, source) = match kind {
+        RecipeKind::Sft => {
+            let r = SftRecipe::load(&args.recipe, &args.overrides)?;
+            let (cfg, source) =
+                model_config_for_plan(&r.model, &r.tokenizer, &base, args.model_preset.as_deref())?;
+            let devices = devices_of(&r.train.device)?;
+            (
+                plan::PlanInput::sft(&r, &cfg, devices, args.nodes as u64),
+                source,
+            )
+        }
+        RecipeKind::Unigrpo => {
+            let r = UniGrpoRecipe::load(&args.recipe, &args.overrides)?;
+            let (cfg, source) =
+                model_config_for_plan(&r.model, &r.tokenizer, &base, args.model_preset.as_deref())?;
+            let devices = devices_of(&r.train.device)?;
+            (
+                plan::PlanInput::unigrpo(&r, &cfg, devices, args.nodes as u64),
+                source,
+            )
+        }
+    };
+    let mut what_if = vec![];
+    if let Some(s) = &args.sharding {
+        input.sharding = s.parse()?;
+        what_if.push(format!("sharding {s}"));
+    }
+    if args.activation_checkpointing {
+        input.activation_checkpointing = true;
+        what_if.push("activation checkpointing".into());
+    }
+    if args.master_weights {
+        input = input.with_master_weights();
+        what_if.push("bf16 weights + f32 master weights and moments".into());
+    }
+    if let Some(rows) = args.ce_chunk_rows {
+        input.logits = plan::LogitsPath::LossPositions { chunk_rows: rows };
+        what_if.push(format!("head at the loss positions, {rows}-row chunks"));
+    }
+    let gpu = plan::parse_size(&args.gpu_mem)?;
+    if !(0.0..100.0).contains(&args.headroom) {
+        bail!("--headroom {}: a percentage in [0, 100)", args.headroom);
+    }
+    let p = plan::plan(&input)?;
+    let headroom = args.headroom / 100.0;
+    if args.json {
+        let lines: Vec<serde_json::Value> = p
+            .lines
+            .iter()
+            .map(|l| serde_json::json!({"name": l.name, "phase": l.phase.as_str(), "bytes": l.bytes}))
+            .collect();
+        let j = serde_json::json!({
+            "recipe": args.recipe.display().to_string(),
+            "model_config": source,
+            "what_if": what_if,
+            "params": p.params,
+            "world": p.world,
+            "total": p.total(),
+            "resident": p.resident(),
+            "step": p.step(),
+            "rollout": p.rollout(),
+            "gpu_mem": gpu,
+            "fits": p.fits(gpu, headroom),
+            "lines": lines,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!("recipe {} (model config: {source})", args.recipe.display());
+    if !what_if.is_empty() {
+        println!(
+            "WHAT-IF (not implemented by the trainer yet): {}",
+            what_if.join(", ")
+        );
+    }
+    print!("{}", p.table(Some(gpu), headroom));
     Ok(())
 }
 
@@ -504,6 +727,7 @@ fn main() -> Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             tracing::info!(out = %out.display(), params = cfg.num_params(), "initialised model");
         }
+        Command::Plan(args) => plan_command(args)?,
         Command::Data { command } => data_cmd::run(command)?,
     }
     Ok(())

@@ -258,6 +258,60 @@ pub fn model_config(
     Ok(cfg)
 }
 
+/// The model config of a `model:` section without loading any weights, for the memory
+/// planner ([`crate::plan`]); returns the config and where it came from.
+///
+/// * `preset` (e.g. `--model-preset mmada_8b`) wins when given;
+/// * `model.checkpoint`: its `config.json` (only that file is read);
+/// * `model.preset`: as [`model_config`] (the vocabulary sized to the tokenizer) when the
+///   tokenizer can be read, else the preset with `model.overrides` and its own vocabulary.
+///
+/// # Errors
+/// [`TrainError::Other`] naming the missing `config.json` and the `--model-preset` fix;
+/// config errors naming the file or `model.overrides`.
+pub fn model_config_for_plan(
+    model: &ModelSection,
+    tokenizer: &TokenizerSection,
+    base: &Path,
+    preset: Option<&str>,
+) -> Result<(ModelConfig, String), TrainError> {
+    if let Some(name) = preset {
+        return Ok((ModelConfig::preset(name)?, format!("preset {name}")));
+    }
+    if let Some(dir) = &model.checkpoint {
+        let file = resolve(base, dir).join("config.json");
+        if !file.is_file() {
+            return Err(TrainError::Other(format!(
+                "model.checkpoint: {} not found: the planner reads only config.json (no weights): put the checkpoint's config.json there, or pass --model-preset mmada_8b | llada_8b | tiny",
+                file.display()
+            )));
+        }
+        return Ok((ModelConfig::from_file(&file)?, file.display().to_string()));
+    }
+    let name = model
+        .preset
+        .as_deref()
+        .expect("validated: preset or checkpoint");
+    if let Ok(tok) = load_tokenizer(tokenizer, base) {
+        let cfg = model_config(model, tokenizer, &tok, base)?;
+        return Ok((
+            cfg,
+            format!("preset {name} + model.overrides, tokenizer vocabulary"),
+        ));
+    }
+    let mut json = ModelConfig::preset(name)?.to_hf_json();
+    for (k, v) in &model.overrides {
+        json[k] = v.clone();
+    }
+    let cfg = ModelConfig::from_json_str(&json.to_string(), "model.overrides")?;
+    Ok((
+        cfg,
+        format!(
+            "preset {name} + model.overrides (tokenizer not readable: the preset's vocabulary)"
+        ),
+    ))
+}
+
 /// The checkpoint a run continues from: `None` for a fresh start (refused when `run` already
 /// holds checkpoints, so nothing is overwritten), the `latest` one, or a given path (relative
 /// to `base`).

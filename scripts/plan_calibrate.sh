@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Calibrate the memory planner (`mmada-train plan`, crates/mmada-train/src/plan.rs) against
+# the peak resident memory of real CPU runs.
+#
+# For each case it writes an SFT recipe on generated data (`mmada-train synth`: the
+# character-level arithmetic set; every lm row padded to the case's sequence length), runs
+# `mmada-train sft` for STEPS steps as a child process under /usr/bin/time (maximum resident
+# set size = VmHWM), and asks `mmada-train plan --json` for the planned total of the same
+# recipe. The CPU has no separate device memory, so the process baseline (binary, allocator,
+# tokenizer, data) is measured with a run of a minimal model (d_model 32, 1 block, 32
+# positions) and subtracted: planned = plan total, measured = peak RSS − baseline RSS.
+#
+#   bash scripts/plan_calibrate.sh                 # the three default cases
+#   CASES="512:8:8:1376:1024:2" STEPS=2 bash scripts/plan_calibrate.sh
+#   PRECISION=bf16 bash scripts/plan_calibrate.sh  # train.mixed_precision: bf16 (slow on CPU)
+#
+# A case is d_model:n_layers:n_heads:mlp_hidden:seq:rows. Needs `cargo build --workspace`
+# first (uses target/debug/mmada-train, or $MMADA_TRAIN). Prints a markdown table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${MMADA_TRAIN:-target/debug/mmada-train}
+STEPS=${STEPS:-2}
+PRECISION=${PRECISION:-no}
+CASES=${CASES:-"256:4:4:688:256:8 384:6:6:1024:512:4 512:8:8:1376:1024:2"}
+[ -x "$BIN" ] || { echo "build first: cargo build --workspace ($BIN missing)" >&2; exit 1; }
+[ -x /usr/bin/time ] || { echo "/usr/bin/time (GNU time) is needed for the peak RSS" >&2; exit 1; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$BIN" synth --out "$work/data" --n 2000 2>/dev/null
+
+recipe() { # name d layers heads mlp seq rows
+  cat > "$work/$1.yaml" <<EOF
+run: {name: $1, output_dir: $work/runs, seed: 0}
+model:
+  preset: tiny
+  overrides: {d_model: $2, n_layers: $3, n_heads: $4, n_kv_heads: $4, mlp_hidden_size: $5}
+tokenizer: {path: $work/data/tokenizer.json}
+data:
+  layout:
+    max_seq_length: 16
+    max_lm_len: $6
+    explicit_prompt: true
+    template: {header: "", turn_end: "", trim: true, cot_instruction: "", cot_answer: "{answer}"}
+  lm:
+    batch_size: $7
+    sources:
+      - inline:
+          name: arithmetic
+          task: chat
+          source: {path: $work/data/arith.jsonl}
+          format: jsonl
+          fields: {question: question, answer: answer}
+          license: MIT
+          split: train
+optimizer: {lr: 1.0e-4, weight_decay: 0.01, max_grad_norm: 1.0}
+schedule: {kind: constant}
+train: {max_steps: $STEPS, log_every: 1, device: cpu, mixed_precision: $PRECISION}
+checkpoint: {every: 0, keep_last: 1, model_dtype: f32}
+EOF
+}
+
+peak_kb() { # recipe → max RSS in KiB of `mmada-train sft`
+  /usr/bin/time -f "%M" -o "$work/time.txt" "$BIN" sft --recipe "$1" >/dev/null 2>"$work/log.txt" || {
+    cat "$work/log.txt" >&2
+    exit 1
+  }
+  tail -n 1 "$work/time.txt"
+}
+
+planned() { # recipe → planned total bytes
+  "$BIN" plan --recipe "$1" --gpu-mem 1TB --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"])'
+}
+
+recipe base 32 1 2 64 32 1
+base_kb=$(peak_kb "$work/base.yaml")
+base_plan=$(planned "$work/base.yaml")
+echo "baseline (d 32, 1 block, 1 × 32): peak RSS $((base_kb / 1024)) MiB (planned $((base_plan / 1048576)) MiB)"
+echo
+echo "| d_model | blocks | heads | mlp | rows × seq | params | planned MiB | measured MiB (peak − baseline) | error |"
+echo "|---|---|---|---|---|---|---|---|---|"
+i=0
+for c in $CASES; do
+  IFS=: read -r d l h m s r <<<"$c"
+  i=$((i + 1))
+  recipe "case$i" "$d" "$l" "$h" "$m" "$s" "$r"
+  kb=$(peak_kb "$work/case$i.yaml")
+  p=$(planned "$work/case$i.yaml")
+  params=$("$BIN" plan --recipe "$work/case$i.yaml" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["params"])')
+  python3 - "$d" "$l" "$h" "$m" "$r" "$s" "$params" "$p" "$kb" "$base_kb" "$base_plan" <<'EOF'
+import sys
+d, l, h, m, r, s, params, p, kb, base_kb, base_plan = sys.argv[1:]
+planned = (int(p) - int(base_plan)) / 2**20
+measured = (int(kb) - int(base_kb)) / 1024
+err = (planned - measured) / measured * 100
+print(f"| {d} | {l} | {h} | {m} | {r} × {s} | {int(params)/1e6:.1f} M | {planned:.0f} | {measured:.0f} | {err:+.1f} % |")
+EOF
+done
