@@ -614,3 +614,32 @@ fn exit_codes_tell_finished_stopped_and_failed_apart() {
         );
     }
 }
+
+/// A single-node run that inherited `WORLD_SIZE=2 RANK=0` (torchrun / accelerate / Slurm
+/// count processes) stops at start with an error naming the variable, instead of waiting
+/// for a second node.
+#[test]
+fn a_disagreeing_world_size_fails_fast() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = sft_recipe(tmp.path(), "world", &[]);
+    let path = write_recipe(tmp.path(), &r, "world.yaml");
+    let t0 = Instant::now();
+    let (code, log) = wait(
+        train_cmd(&path, &[])
+            .env("WORLD_SIZE", "2")
+            .env("RANK", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+        "WORLD_SIZE=2 run",
+    );
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("WORLD_SIZE=2") && log.contains("NNODES") && log.contains("1 node(s)"),
+        "{log}"
+    );
+    println!("failed after {:?}", t0.elapsed());
+    assert!(!tmp.path().join("runs/world/checkpoints").exists());
+}
