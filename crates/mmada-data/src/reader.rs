@@ -934,7 +934,7 @@ mod props {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|n| Value::from(n)),
+            any::<i64>().prop_map(Value::from),
             any::<String>().prop_map(Value::String),
             "[\\[\\]{},\"\\\\:]{0,6}".prop_map(Value::String),
         ];
