@@ -263,7 +263,12 @@ impl<R: BufRead> Iterator for JsonlRecords<R> {
                     }));
                 }
             }
-            let line = self.buf.trim();
+            // `trim` drops the `\r` of CRLF line ends; a UTF-8 byte order mark (Windows
+            // editors, Excel exports) may open the file
+            let mut line = self.buf.trim();
+            if self.at.row == 1 {
+                line = line.trim_start_matches('\u{feff}').trim_start();
+            }
             if line.is_empty() {
                 continue;
             }
@@ -358,6 +363,13 @@ impl<R: BufRead> Iterator for JsonArrayRecords<R> {
             return None;
         }
         if self.state == ArrayState::Start {
+            // a UTF-8 byte order mark may open the file
+            if let Some(Ok(0xEF)) = self.bytes.peek() {
+                let bom: Vec<_> = (0..3).map_while(|_| self.next_byte()).collect();
+                if !matches!(bom[..], [Ok(0xEF), Ok(0xBB), Ok(0xBF)]) {
+                    return self.err("the file starts with 0xEF but not with a UTF-8 byte order mark (EF BB BF); expected a JSON array".into());
+                }
+            }
             match self.skip_ws() {
                 Ok(None) => {
                     self.state = ArrayState::Done;
@@ -678,8 +690,10 @@ pub fn map_record(m: &Manifest, rec: &RawRecord, image_root: Option<&Path>) -> R
             None if required.contains(&field) => Err(field_err(field, p, "missing".into())),
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            // Integers / floats are accepted as text (e.g. numeric answers).
-            Some(Value::Number(n)) if field == "id" => Ok(Some(n.to_string())),
+            // numbers and booleans are taken as their JSON text (a numeric GSM8K `answer: 42`
+            // is "42"; `1.5` is "1.5"; `true` is "true")
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(Value::Bool(b)) => Ok(Some(b.to_string())),
             Some(Value::Array(a))
                 if field == "image" && a.first().is_some_and(Value::is_string) =>
             {
@@ -896,6 +910,142 @@ fn check_image(check: ImageCheck, path: &Path) -> std::result::Result<(), String
                 .into_dimensions()
                 .map(|_| ())
                 .map_err(|e| format!("cannot decode: {e}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Property tests of the hand-written readers (`PROPTEST_CASES=10000` for the long run).
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Cursor;
+
+    fn at() -> Location {
+        Location {
+            manifest: "m".into(),
+            file: "/data/f.json".into(),
+            row: 0,
+            unit: "line",
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            "[\\[\\]{},\"\\\\:]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z\"\\\\\\]\\[]{0,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn cases() -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(256)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// The streaming JSON-array scanner returns exactly the elements serde sees, in
+        /// compact or pretty form, with LF or CRLF line ends and an optional BOM.
+        #[test]
+        fn json_array_scanner_matches_serde(
+            items in proptest::collection::vec(json_value(), 0..6),
+            pretty in any::<bool>(),
+            crlf in any::<bool>(),
+            bom in any::<bool>(),
+        ) {
+            let v = Value::Array(items.clone());
+            let mut text = if pretty {
+                serde_json::to_string_pretty(&v).unwrap()
+            } else {
+                serde_json::to_string(&v).unwrap()
+            };
+            if crlf {
+                text = text.replace('\n', "\r\n");
+            }
+            if bom {
+                text.insert(0, '\u{feff}');
+            }
+            let got: Vec<Value> = JsonArrayRecords::new(Cursor::new(text.into_bytes()), at())
+                .map(|r| r.map(|r| r.value))
+                .collect::<Result<_>>()
+                .unwrap();
+            prop_assert_eq!(got, items);
+        }
+
+        /// Any bytes: the scanner ends (no panic, no endless loop) and every error names the
+        /// file and a line.
+        #[test]
+        fn json_array_scanner_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..120), open in any::<bool>()) {
+            let mut b = bytes;
+            if open {
+                b.insert(0, b'[');
+            }
+            let n = b.len();
+            let mut count = 0;
+            for r in JsonArrayRecords::new(Cursor::new(b), at()) {
+                count += 1;
+                prop_assert!(count <= n + 1, "more records than bytes");
+                if let Err(e) = r {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains("/data/f.json") && msg.contains("line"), "{}", msg);
+                }
+            }
+        }
+
+        /// JSONL: valid rows (any line ends, optional BOM, blank lines) read back exactly,
+        /// each with its 1-based line; any bytes never panic and errors name file and line.
+        #[test]
+        fn jsonl_rows_and_any_bytes(
+            items in proptest::collection::vec(json_value(), 0..6),
+            crlf in any::<bool>(),
+            bom in any::<bool>(),
+            junk in proptest::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let mut text: String = items
+                .iter()
+                .map(|v| format!("{v}{eol}{eol}"))
+                .collect();
+            if bom {
+                text.insert(0, '\u{feff}');
+            }
+            let recs: Vec<RawRecord> = JsonlRecords { reader: Cursor::new(text.into_bytes()), at: at(), buf: String::new() }
+                .collect::<Result<_>>()
+                .unwrap();
+            prop_assert_eq!(recs.iter().map(|r| r.value.clone()).collect::<Vec<_>>(), items);
+            for (i, r) in recs.iter().enumerate() {
+                prop_assert_eq!(r.at.row, 2 * i as u64 + 1);
+            }
+            for r in (JsonlRecords { reader: Cursor::new(junk), at: at(), buf: String::new() }) {
+                if let Err(e) = r {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains("/data/f.json") && msg.contains("line"), "{}", msg);
+                }
+            }
+        }
+
+        /// Manifest YAML: any text is a manifest or an error naming the manifest file.
+        #[test]
+        fn manifest_yaml_never_panics(text in any::<String>(), keyed in "(name|task|format|source|fields|split|license|on_error): [a-z{}:\\[\\] ,]{0,20}\n") {
+            for t in [text.as_str(), keyed.as_str()] {
+                if let Err(e) = crate::Manifest::from_yaml(t, "data_manifests/x.yaml") {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains("data_manifests/x.yaml"), "{}", msg);
+                }
+            }
         }
     }
 }

@@ -324,7 +324,7 @@ fn malformed_json_line_and_missing_answer() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("a.jsonl"),
-        "{\"question\": \"q1\", \"answer\": \"a1\"}\n{\"question\": \"q2\", \"answer\": \n{\"question\": \"q3\"}\n{\"question\": \"q4\", \"answer\": 4}\n{\"question\": \"q5\", \"answer\": \"a5\"}\n",
+        "{\"question\": \"q1\", \"answer\": \"a1\"}\n{\"question\": \"q2\", \"answer\": \n{\"question\": \"q3\"}\n{\"question\": \"q4\", \"answer\": {\"value\": 4}}\n{\"question\": \"q5\", \"answer\": \"a5\"}\n",
     )
     .unwrap();
     let m = tmp_manifest(dir.path(), "a.jsonl", "jsonl", "");
@@ -357,7 +357,9 @@ fn malformed_json_line_and_missing_answer() {
         "{r:?}"
     );
     assert!(
-        r[2].contains("line 4") && r[2].contains("expected a string, found a number"),
+        r[2].contains("line 4")
+            && r[2].contains("field `answer`")
+            && r[2].contains("expected a string, found an object"),
         "{r:?}"
     );
 }
@@ -460,22 +462,80 @@ fn parquet_reads_and_wrong_column_type_errors() {
         (Some("a2"), 1, "row")
     );
 
+    // an integer column where text is expected reads as the numbers' text
     let m = tmp_manifest(dir.path(), "bad.parquet", "parquet", "");
-    let res: Vec<_> = ExampleStream::open(m, None).unwrap().collect();
-    match &res[..] {
-        [Err(e @ DataError::Field { at, field, .. })] => {
-            assert_eq!((at.row, *field), (0, "answer"));
-            assert!(
-                e.to_string().contains("expected a string, found a number"),
-                "{e}"
-            );
-        }
-        other => panic!("{other:?}"),
+    let ok: Vec<_> = ExampleStream::open(m, None)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let answers: Vec<_> = ok.iter().map(|e| e.answer.clone().unwrap()).collect();
+    assert_eq!(answers, ["1", "2"]);
+}
+
+/// Files as users have them: a UTF-8 byte order mark, CRLF line ends, numbers and booleans
+/// where text is expected (a numeric GSM8K answer), in JSONL and in a JSON array.
+#[test]
+fn bom_crlf_and_numeric_answers_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        r#"{"question": "What is 40 + 2?", "answer": 42}"#,
+        r#"{"question": "Half of 3?", "answer": 1.5}"#,
+        r#"{"question": "Is 2 even?", "answer": true}"#,
+        r#"{"question": 7, "answer": "seven"}"#,
+    ];
+    let want = [
+        ("What is 40 + 2?", "42"),
+        ("Half of 3?", "1.5"),
+        ("Is 2 even?", "true"),
+        ("7", "seven"),
+    ];
+    let jsonl = format!("\u{feff}{}\r\n", rows.join("\r\n"));
+    std::fs::write(dir.path().join("bom.jsonl"), jsonl).unwrap();
+    let json = format!("\u{feff}[\r\n{}\r\n]\r\n", rows.join(",\r\n"));
+    std::fs::write(dir.path().join("bom.json"), json).unwrap();
+    // (file, format, line of the first and of the fourth element)
+    for (file, format, first, fourth) in [("bom.jsonl", "jsonl", 1, 4), ("bom.json", "json", 2, 5)]
+    {
+        let m = tmp_manifest(dir.path(), file, format, "");
+        let ex: Vec<_> = ExampleStream::open(m, None)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let got: Vec<(String, String)> = ex
+            .iter()
+            .map(|e| (e.question.clone().unwrap(), e.answer.clone().unwrap()))
+            .collect();
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(q, a)| (q.to_string(), a.to_string()))
+            .collect();
+        assert_eq!(got, want, "{file}");
+        assert_eq!(
+            ex[0].source.row, first,
+            "{file}: the first row keeps its line"
+        );
+        assert_eq!(ex[3].source.row, fourth, "{file}: CRLF lines count once");
     }
-    let m = tmp_manifest(dir.path(), "bad.parquet", "parquet", "on_error: skip\n");
-    let mut s = ExampleStream::open(m, None).unwrap();
-    assert_eq!(s.by_ref().count(), 0);
-    assert_eq!(s.stats().skipped_records, 2);
+    // a null answer is still an error naming file, line and field
+    std::fs::write(
+        dir.path().join("null.jsonl"),
+        "\u{feff}{\"question\": \"q\", \"answer\": null}\r\n",
+    )
+    .unwrap();
+    let m = tmp_manifest(dir.path(), "null.jsonl", "jsonl", "");
+    let e = ExampleStream::open(m, None)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("null.jsonl")
+            && e.contains("line 1")
+            && e.contains("`answer`")
+            && e.contains("null"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -272,6 +272,8 @@ impl ModelConfig {
     /// [`ConfigError::WrongType`] for a value of the wrong JSON type,
     /// [`ConfigError::Invalid`] for unsupported architecture switches or inconsistent sizes.
     pub fn from_json_str(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        // a UTF-8 byte order mark (Windows editors) is not JSON: skip it
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let value: Value = serde_json::from_str(text).map_err(|e| ConfigError::Json {
             source_name: source_name.to_string(),
             message: e.to_string(),
@@ -328,9 +330,16 @@ impl ModelConfig {
             None => n_heads,
         };
         let mlp_ratio = r.opt_usize("mlp_ratio")?.unwrap_or(4);
-        let mlp_hidden_size = r
-            .opt_usize("mlp_hidden_size")?
-            .unwrap_or(mlp_ratio * d_model);
+        let mlp_hidden_size = match r.opt_usize("mlp_hidden_size")? {
+            Some(m) => m,
+            // checked: huge values must be an error, not an overflow (property tests)
+            None => mlp_ratio.checked_mul(d_model).ok_or_else(|| {
+                r.invalid(
+                    "mlp_ratio",
+                    "mlp_ratio × d_model overflows; give mlp_hidden_size",
+                )
+            })?,
+        };
         let embedding_size = r.opt_usize("embedding_size")?.unwrap_or(vocab_size);
         let max_sequence_length = r.opt_usize("max_sequence_length")?.unwrap_or(1024);
         let rope_theta = r.opt_f64("rope_theta")?.unwrap_or(10_000.0);
@@ -443,12 +452,19 @@ impl ModelConfig {
     }
 
     /// Number of parameters (spec §1.1 parameter count: 8,015,581,184 for LLaDA-8B).
+    /// Saturates at `u64::MAX` for absurd configs (no overflow panic).
     pub fn num_params(&self) -> u64 {
         let d = self.d_model as u64;
-        let kv = (self.n_kv_heads * self.head_dim()) as u64;
+        let kv = (self.n_kv_heads as u64).saturating_mul(self.head_dim() as u64);
         let m = self.mlp_hidden_size as u64;
-        let per_layer = 2 * d * d + 2 * kv * d + 3 * d * m + 2 * d;
-        per_layer * self.n_layers as u64 + 2 * self.embedding_size as u64 * d + d
+        let mul = |a: u64, b: u64| a.saturating_mul(b);
+        let per_layer = mul(2, mul(d, d))
+            .saturating_add(mul(2, mul(kv, d)))
+            .saturating_add(mul(3, mul(d, m)))
+            .saturating_add(mul(2, d));
+        mul(per_layer, self.n_layers as u64)
+            .saturating_add(mul(2, mul(self.embedding_size as u64, d)))
+            .saturating_add(d)
     }
 
     /// The config as a Hugging Face `config.json` object: the keys read, the untouched
@@ -620,6 +636,77 @@ fn base_upstream_keys(model_type: ModelType) -> Map<String, Value> {
         );
     }
     m
+}
+
+#[cfg(test)]
+mod props {
+    //! `config.json` of any shape: a config or an error naming the file
+    //! (`PROPTEST_CASES=10000` for the long run).
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (0u64..300).prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            prop_oneof![
+                Just("llada"),
+                Just("mmada"),
+                Just("llama"),
+                Just("rms"),
+                Just("silu"),
+                Just("x")
+            ]
+            .prop_map(Value::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512)
+        ))]
+
+        #[test]
+        fn any_config_json_never_panics(
+            keys in proptest::collection::btree_map(
+                prop_oneof![
+                    proptest::sample::select(KNOWN_KEYS.to_vec()).prop_map(str::to_string),
+                    "[a-z_]{1,8}",
+                ],
+                value(),
+                0..24,
+            ),
+            base in any::<bool>(),
+            bom in any::<bool>(),
+            raw in any::<String>(),
+        ) {
+            let mut map = if base { ModelConfig::tiny().to_hf_json().as_object().unwrap().clone() } else { Map::new() };
+            for (k, v) in keys {
+                map.insert(k, v);
+            }
+            let mut text = Value::Object(map).to_string();
+            if bom {
+                text.insert(0, '\u{feff}');
+            }
+            for t in [text.as_str(), raw.as_str()] {
+                match ModelConfig::from_json_str(t, "ckpt/config.json") {
+                    Ok(c) => {
+                        prop_assert!(c.n_heads > 0 && c.d_model % c.n_heads == 0);
+                        prop_assert!(c.embedding_size >= c.vocab_size);
+                        let _ = c.num_params();
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        prop_assert!(msg.contains("ckpt/config.json"), "{}", msg);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -390,3 +390,50 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512)
+        ))]
+
+        /// No extractor or normaliser panics on any text (multi-byte characters included).
+        #[test]
+        fn any_text_never_panics(t in any::<String>(), r in "[0-9a-z{}\\\\/. ,$#-]{0,24}") {
+            for f in [AnswerFormat::Auto, AnswerFormat::Gsm8k, AnswerFormat::Boxed, AnswerFormat::LastNumber, AnswerFormat::Raw] {
+                let _ = extract_answer(&t, f);
+                let _ = extract_answer(&r, f);
+            }
+            let _ = normalize_math_answer(&t);
+            let _ = normalize_math_answer(&r);
+            let _ = answers_match(&t, &r);
+            let _ = answers_match(&r, &t);
+        }
+
+        /// `#### n` at the end of a solution is found, whatever precedes it.
+        #[test]
+        fn gsm8k_marker(prefix in "[^#]{0,40}", n in any::<i64>()) {
+            let text = format!("{prefix}\n#### {n}");
+            prop_assert_eq!(gsm8k_answer(&text), Some(n.to_string()));
+        }
+
+        /// The content of the last `\boxed{…}` (balanced braces inside) is found.
+        #[test]
+        fn boxed_content(prefix in "[^\\\\]{0,30}", a in "[a-z0-9+^ ]{1,8}", b in "[a-z0-9]{0,4}", suffix in "[^\\\\]{0,20}") {
+            let inner = format!("{a}{{{b}}}");
+            let text = format!("{prefix}\\boxed{{{inner}}}{suffix}");
+            prop_assert_eq!(boxed_answer(&text), Some(inner));
+        }
+
+        /// The last number after any text and a space is that number.
+        #[test]
+        fn last_number_is_found(t in any::<String>(), n in any::<i64>()) {
+            let text = format!("{t} {n}");
+            prop_assert_eq!(last_number(&text), Some(n.to_string()));
+        }
+    }
+}

@@ -55,6 +55,34 @@ struct Request<'a> {
     items: &'a [RewardInput],
 }
 
+/// The rewards of a reply body `{"rewards": [number|null, …]}` for `n` items: one per item,
+/// each finite (a reward of `1e39` overflows f32 to inf and would make the advantages NaN).
+///
+/// # Errors
+/// A message naming what is wrong (not JSON / not that shape, with serde's line and column;
+/// the wrong count; the index of a non-finite reward).
+fn parse_reply(body: &str, n: usize) -> Result<Vec<Option<f32>>, String> {
+    let parsed: Response = serde_json::from_str(body)
+        .map_err(|e| format!("reply is not {{\"rewards\": [number|null, …]}}: {e}"))?;
+    if parsed.rewards.len() != n {
+        return Err(format!(
+            "reply has {} rewards for {n} items",
+            parsed.rewards.len()
+        ));
+    }
+    if let Some(i) = parsed
+        .rewards
+        .iter()
+        .position(|r| r.is_some_and(|x| !x.is_finite()))
+    {
+        return Err(format!(
+            "reply reward {i} is not a finite f32 ({:?}): rewards must be finite numbers or null",
+            parsed.rewards[i]
+        ));
+    }
+    Ok(parsed.rewards)
+}
+
 #[derive(Deserialize)]
 struct Response {
     rewards: Vec<Option<f32>>,
@@ -110,19 +138,7 @@ impl HttpReward {
             )));
         }
         let body = resp.text().map_err(|e| Failure::Retry(e.to_string()))?;
-        let parsed: Response = serde_json::from_str(&body).map_err(|e| {
-            Failure::Fatal(format!(
-                "reply is not {{\"rewards\": [number|null, …]}}: {e}"
-            ))
-        })?;
-        if parsed.rewards.len() != items.len() {
-            return Err(Failure::Fatal(format!(
-                "reply has {} rewards for {} items",
-                parsed.rewards.len(),
-                items.len()
-            )));
-        }
-        Ok(parsed.rewards)
+        parse_reply(&body, items.len()).map_err(Failure::Fatal)
     }
 
     fn post(&self, items: &[RewardInput]) -> Result<Vec<Option<f32>>, RewardError> {
@@ -170,5 +186,45 @@ impl Reward for HttpReward {
             out.extend(self.post(part)?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::parse_reply;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512)
+        ))]
+
+        /// Any body: no panic; an accepted reply has one finite reward (or null) per item.
+        #[test]
+        fn any_reply_body_never_panics(body in any::<String>(), n in 0usize..5) {
+            if let Ok(r) = parse_reply(&body, n) {
+                prop_assert_eq!(r.len(), n);
+            }
+        }
+
+        /// Well-formed replies round-trip; wrong counts and overflowing numbers are named.
+        #[test]
+        fn shaped_replies(rewards in proptest::collection::vec(proptest::option::of(-1e6f32..1e6), 0..6), extra in 0usize..2, big in any::<bool>()) {
+            let mut v: Vec<serde_json::Value> = rewards.iter().map(|r| serde_json::json!(r)).collect();
+            if big && !v.is_empty() {
+                v[0] = serde_json::json!(1e39f64);
+            }
+            let body = serde_json::json!({"rewards": v}).to_string();
+            match parse_reply(&body, rewards.len() + extra) {
+                Ok(r) => {
+                    prop_assert!(extra == 0 && (!big || rewards.is_empty()));
+                    for (a, b) in r.iter().zip(&rewards) {
+                        prop_assert_eq!(a.is_some(), b.is_some());
+                    }
+                }
+                Err(e) if extra > 0 => prop_assert!(e.contains("rewards for"), "{}", e),
+                Err(e) => prop_assert!(e.contains("reward 0 is not a finite"), "{}", e),
+            }
+        }
     }
 }

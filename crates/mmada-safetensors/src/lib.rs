@@ -176,7 +176,15 @@ impl SafetensorsFile {
                 .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
                 .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
             if let Some(size) = dtype_size(dtype) {
-                let want = shape.iter().product::<usize>() as u64 * size as u64;
+                // checked: a hostile shape must not overflow (found by the property tests)
+                let want = shape
+                    .iter()
+                    .try_fold(size as u64, |acc, &d| acc.checked_mul(d as u64));
+                let Some(want) = want else {
+                    return Err(bad(format!(
+                        "tensor `{name}`: {dtype} {shape:?} has more than 2^64 bytes"
+                    )));
+                };
                 if offs[1] - offs[0] != want {
                     return Err(bad(format!(
                         "tensor `{name}`: {dtype} {shape:?} needs {want} bytes but data_offsets span {}",
@@ -184,13 +192,21 @@ impl SafetensorsFile {
                     )));
                 }
             }
+            let (Some(start), Some(end)) = (
+                data_start.checked_add(offs[0]),
+                data_start.checked_add(offs[1]),
+            ) else {
+                return Err(bad(format!(
+                    "tensor `{name}`: data_offsets {offs:?} are past any file length"
+                )));
+            };
             tensors.insert(
                 name,
                 TensorEntry {
                     dtype: dtype.to_string(),
                     shape,
-                    start: data_start + offs[0],
-                    end: data_start + offs[1],
+                    start,
+                    end,
                 },
             );
         }
@@ -297,6 +313,126 @@ mod tests {
                 assert_eq!(file_len, 8 + h.len() as u64 + 10);
             }
             e => panic!("{e}"),
+        }
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A header entry: a dtype (known, unknown or missing), a shape and offsets that are
+        /// often consistent, sometimes huge or reversed.
+        fn entry() -> impl Strategy<Value = serde_json::Value> {
+            let dtype = prop_oneof![
+                Just(Some("F32".to_string())),
+                Just(Some("BF16".to_string())),
+                Just(Some("I64".to_string())),
+                Just(Some("BOOL".to_string())),
+                "[A-Z0-9]{0,5}".prop_map(Some),
+                Just(None),
+            ];
+            let dim = prop_oneof![0u64..5, Just(u64::MAX), Just(1 << 40), any::<u64>()];
+            let shape = proptest::collection::vec(dim, 0..4);
+            let off = prop_oneof![0u64..64, Just(u64::MAX), any::<u64>()];
+            (dtype, shape, off.clone(), off, any::<bool>(), any::<u8>()).prop_map(
+                |(dtype, shape, a, b, consistent, junk)| {
+                    let mut e = serde_json::Map::new();
+                    if let Some(d) = &dtype {
+                        e.insert("dtype".into(), d.as_str().into());
+                    }
+                    match junk % 7 {
+                        0 => {
+                            e.insert("shape".into(), "no".into());
+                        }
+                        1 => {
+                            e.insert("shape".into(), serde_json::json!([-1, 2.5]));
+                        }
+                        _ => {
+                            e.insert("shape".into(), serde_json::json!(shape));
+                        }
+                    }
+                    let size = dtype.as_deref().and_then(dtype_size).unwrap_or(1) as u64;
+                    let n = shape
+                        .iter()
+                        .try_fold(size, |acc, &d| acc.checked_mul(d))
+                        .unwrap_or(1);
+                    let offs = if consistent && n < 64 {
+                        serde_json::json!([a % 8, a % 8 + n])
+                    } else if junk % 5 == 0 {
+                        serde_json::json!([a])
+                    } else {
+                        serde_json::json!([a, b])
+                    };
+                    e.insert("data_offsets".into(), offs);
+                    serde_json::Value::Object(e)
+                },
+            )
+        }
+
+        fn check(header: &[u8], len_field: Option<u64>, data: &[u8]) {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            let n = len_field.unwrap_or(header.len() as u64);
+            f.write_all(&n.to_le_bytes()).unwrap();
+            f.write_all(header).unwrap();
+            f.write_all(data).unwrap();
+            f.flush().unwrap();
+            let file_len = (8 + header.len() + data.len()) as u64;
+            match SafetensorsFile::open(f.path()) {
+                Ok(st) => {
+                    for (name, e) in &st.tensors {
+                        assert!(e.start <= e.end && e.end <= file_len, "{name}: {e:?}");
+                        if let Some(size) = dtype_size(&e.dtype) {
+                            let want: u64 =
+                                e.shape.iter().map(|&d| d as u64).product::<u64>() * size as u64;
+                            assert_eq!(e.len_bytes(), want, "{name}");
+                        }
+                        assert_eq!(st.read_bytes(name).unwrap().len() as u64, e.len_bytes());
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(&f.path().display().to_string()),
+                        "error does not name the file: {msg}"
+                    );
+                }
+            }
+        }
+
+        proptest! {
+            // PROPTEST_CASES=10000 for the documented long run (crates/README.md)
+            #![proptest_config(ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+            ))]
+
+            /// Structured headers: never a panic; every accepted tensor fits the file and
+            /// its dtype × shape; every error names the file.
+            #[test]
+            fn structured_headers_never_panic(
+                entries in proptest::collection::btree_map("[a-z.]{0,6}", entry(), 0..4),
+                meta in proptest::option::of(proptest::collection::btree_map("[a-z]{1,4}", any::<i32>(), 0..3)),
+                data in proptest::collection::vec(any::<u8>(), 0..80),
+            ) {
+                let mut h = serde_json::Map::new();
+                for (k, v) in entries {
+                    h.insert(k, v);
+                }
+                if let Some(m) = meta {
+                    h.insert("__metadata__".into(), serde_json::json!(m));
+                }
+                let text = serde_json::Value::Object(h).to_string();
+                check(text.as_bytes(), None, &data);
+            }
+
+            /// Arbitrary bytes as the header, and arbitrary header length fields.
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                header in proptest::collection::vec(any::<u8>(), 0..200),
+                len in proptest::option::of(prop_oneof![0u64..300, Just(u64::MAX), any::<u64>()]),
+                data in proptest::collection::vec(any::<u8>(), 0..40),
+            ) {
+                check(&header, len, &data);
+            }
         }
     }
 

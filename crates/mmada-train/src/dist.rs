@@ -106,9 +106,9 @@ pub enum DistError {
 /// Where this process sits in the data-parallel job, and how to reach the others.
 #[derive(Debug, Clone)]
 pub struct DistConfig {
-    /// Number of nodes (processes, one per node; `WORLD_SIZE` in the launcher scripts).
+    /// Number of nodes (one process each; `--nodes` or `NNODES`).
     pub nodes: usize,
-    /// This node's rank in `0..nodes` (`RANK` / `NODE_RANK`).
+    /// This node's rank in `0..nodes` (`--node-rank`, `NODE_RANK` or `GROUP_RANK`).
     pub node_rank: usize,
     /// The global orchestrator, `HOST:PORT` (`MASTER_ADDR:MASTER_PORT`); needed when `nodes > 1`.
     pub coordinator: Option<String>,
@@ -183,40 +183,96 @@ impl DistConfig {
         Ok(Some((host.to_string(), port)))
     }
 
-    /// Fill unset fields from the usual launcher variables: `WORLD_SIZE` / `NNODES` (nodes),
-    /// `RANK` / `NODE_RANK` (node rank), `MASTER_ADDR` + `MASTER_PORT` (coordinator),
-    /// `NODE_ADDR` (this node's host). One process per node: these count nodes, not devices.
+    /// Fill unset fields from the usual launcher variables, with torchrun's meanings:
+    /// `NNODES` (nodes) and `NODE_RANK` (or torchrun's `GROUP_RANK`) for this node's rank,
+    /// `MASTER_ADDR` + `MASTER_PORT` (coordinator), `NODE_ADDR` (this node's host).
+    /// `WORLD_SIZE` and `RANK` count *processes* (torchrun, accelerate, Slurm); mmada-train
+    /// runs one process per node (one worker thread per device), so when they are set they
+    /// must equal the node count and node rank (and `LOCAL_WORLD_SIZE`, when set, must be 1):
+    /// a disagreement is an error here, before anything waits for a peer.
     ///
     /// # Errors
-    /// [`DistError::Config`] when a variable is not a number.
-    pub fn with_env(
+    /// [`DistError::Config`] when a variable is not a number, or `WORLD_SIZE` / `RANK` /
+    /// `LOCAL_WORLD_SIZE` disagree with the flags and `NNODES` / `NODE_RANK`.
+    pub fn with_env(self, explicit_nodes: bool, explicit_rank: bool) -> Result<Self, DistError> {
+        self.with_vars(explicit_nodes, explicit_rank, |n| std::env::var(n).ok())
+    }
+
+    /// [`DistConfig::with_env`] over `var` instead of the process environment (tests).
+    ///
+    /// # Errors
+    /// As [`DistConfig::with_env`].
+    pub fn with_vars(
         mut self,
         explicit_nodes: bool,
         explicit_rank: bool,
+        var: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, DistError> {
-        let num = |names: &[&str]| -> Result<Option<usize>, DistError> {
+        let num = |names: &[&str]| -> Result<Option<(usize, String)>, DistError> {
             for n in names {
-                if let Ok(v) = std::env::var(n) {
-                    return v.trim().parse().map(Some).map_err(|_| {
-                        DistError::Config(format!("environment {n}=`{v}` is not a number"))
-                    });
+                if let Some(v) = var(n) {
+                    return v
+                        .trim()
+                        .parse()
+                        .map(|x| Some((x, (*n).to_string())))
+                        .map_err(|_| {
+                            DistError::Config(format!("environment {n}=`{v}` is not a number"))
+                        });
                 }
             }
             Ok(None)
         };
-        if !explicit_nodes && let Some(n) = num(&["NNODES", "WORLD_SIZE"])? {
-            self.nodes = n;
+        let mut nodes_from = if explicit_nodes {
+            "--nodes"
+        } else {
+            "the default (1 node)"
         }
-        if !explicit_rank && let Some(r) = num(&["NODE_RANK", "RANK"])? {
+        .to_string();
+        if !explicit_nodes && let Some((n, name)) = num(&["NNODES"])? {
+            self.nodes = n;
+            nodes_from = name;
+        }
+        let mut rank_from = if explicit_rank {
+            "--node-rank"
+        } else {
+            "the default (node rank 0)"
+        }
+        .to_string();
+        if !explicit_rank && let Some((r, name)) = num(&["NODE_RANK", "GROUP_RANK"])? {
             self.node_rank = r;
+            rank_from = name;
+        }
+        let fix = "mmada-train runs ONE process per node with one worker thread per device of train.device, so WORLD_SIZE and RANK (processes, as torchrun, accelerate and Slurm set them) must equal the node count and node rank; give the node count with --nodes / NNODES and the rank with --node-rank / NODE_RANK, start one process per node (torchrun --nproc-per-node 1), or unset WORLD_SIZE and RANK";
+        if let Some((w, _)) = num(&["WORLD_SIZE"])?
+            && w != self.nodes
+        {
+            return Err(DistError::Config(format!(
+                "environment WORLD_SIZE={w} but this run has {} node(s) (from {nodes_from}): {fix}",
+                self.nodes
+            )));
+        }
+        if let Some((r, _)) = num(&["RANK"])?
+            && r != self.node_rank
+        {
+            return Err(DistError::Config(format!(
+                "environment RANK={r} but this node's rank is {} (from {rank_from}): {fix}",
+                self.node_rank
+            )));
+        }
+        if let Some((l, _)) = num(&["LOCAL_WORLD_SIZE"])?
+            && l != 1
+        {
+            return Err(DistError::Config(format!(
+                "environment LOCAL_WORLD_SIZE={l}: {fix}"
+            )));
         }
         if self.coordinator.is_none()
-            && let (Ok(a), Ok(p)) = (std::env::var("MASTER_ADDR"), std::env::var("MASTER_PORT"))
+            && let (Some(a), Some(p)) = (var("MASTER_ADDR"), var("MASTER_PORT"))
         {
             self.coordinator = Some(format!("{a}:{p}"));
         }
         if self.node_host.is_none()
-            && let Ok(h) = std::env::var("NODE_ADDR")
+            && let Some(h) = var("NODE_ADDR")
         {
             self.node_host = Some(h);
         }
@@ -1137,6 +1193,75 @@ mod tests {
         let mut d = a.clone();
         d["data"]["lm"]["batch_size"] = 4.into();
         assert_ne!(config_sections(&a, 50)[0], config_sections(&d, 50)[0]);
+    }
+
+    #[test]
+    fn world_size_and_rank_count_processes() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let d = DistConfig::default;
+        // the case: a single-node run inheriting WORLD_SIZE=2 RANK=0 fails at once
+        let e = d()
+            .with_vars(false, false, env(&[("WORLD_SIZE", "2"), ("RANK", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("WORLD_SIZE=2") && e.contains("1 node(s)") && e.contains("--nodes"),
+            "{e}"
+        );
+        // node counts come from NNODES / NODE_RANK (or GROUP_RANK), WORLD_SIZE / RANK agree
+        let c = d()
+            .with_vars(
+                false,
+                false,
+                env(&[
+                    ("NNODES", "2"),
+                    ("GROUP_RANK", "1"),
+                    ("WORLD_SIZE", "2"),
+                    ("RANK", "1"),
+                    ("LOCAL_WORLD_SIZE", "1"),
+                    ("MASTER_ADDR", "10.0.0.1"),
+                    ("MASTER_PORT", "29500"),
+                ]),
+            )
+            .unwrap();
+        assert_eq!((c.nodes, c.node_rank), (2, 1));
+        assert_eq!(c.coordinator.as_deref(), Some("10.0.0.1:29500"));
+        // flags win over NNODES; a disagreeing RANK names its source
+        let c = DistConfig {
+            nodes: 2,
+            node_rank: 0,
+            ..d()
+        };
+        let e = c
+            .with_vars(
+                true,
+                true,
+                env(&[("NNODES", "4"), ("WORLD_SIZE", "2"), ("RANK", "1")]),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RANK=1") && e.contains("--node-rank"), "{e}");
+        // torchrun with several processes per node
+        let e = d()
+            .with_vars(false, false, env(&[("LOCAL_WORLD_SIZE", "8")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LOCAL_WORLD_SIZE=8"), "{e}");
+        // no variables: one node
+        let c = d().with_vars(false, false, |_| None).unwrap();
+        assert_eq!((c.nodes, c.node_rank), (1, 0));
+        let e = d()
+            .with_vars(false, false, env(&[("NNODES", "two")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NNODES=`two`"), "{e}");
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub enum TrainError {
     /// A reward function failed or is misconfigured (`reward_funcs`).
     #[error("reward_funcs: {0}")]
     Reward(String),
+    /// The non-finite guard stopped the run ([`crate::guard`]).
+    #[error(transparent)]
+    NonFinite(#[from] crate::guard::NonFiniteError),
     /// Anything else, with its context.
     #[error("{0}")]
     Other(String),

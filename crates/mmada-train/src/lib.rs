@@ -9,6 +9,8 @@
 //! * [`data`]: the recipe's data / loss sections onto `mmada_data::Streams` (manifests →
 //!   samples → seeded mixtures) and `mmada_diffusion::unified_forward_process` (noised
 //!   `[t2i | lm | mmu]` batches).
+//! * [`guard`]: the non-finite guard (skipped updates, `nonfinite_steps`, stop after
+//!   `train.max_nonfinite_steps`, no non-finite checkpoint).
 //! * [`optim`]: AdamW (PyTorch semantics), global-norm clipping, accumulation, named state.
 //! * [`plan`]: the memory planner (bytes per device, line by line; `mmada-train plan`).
 //! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
@@ -24,6 +26,7 @@
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod guard;
 pub mod optim;
 pub mod plan;
 pub mod pretok;

@@ -1,8 +1,9 @@
 //! `mmada-train`: train LLaDA / MMaDA masked-diffusion models.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -182,8 +183,10 @@ struct PlanArgs {
 }
 
 /// Data-parallel flags (one process per node, one worker thread per device of `train.device`,
-/// e.g. `cuda:0,1,2,3`). Unset flags fall back to WORLD_SIZE / NNODES, RANK / NODE_RANK,
-/// MASTER_ADDR + MASTER_PORT and NODE_ADDR (counted in nodes, not devices).
+/// e.g. `cuda:0,1,2,3`). Unset flags fall back to NNODES, NODE_RANK (or GROUP_RANK),
+/// MASTER_ADDR + MASTER_PORT and NODE_ADDR. WORLD_SIZE / RANK count processes (torchrun's
+/// meaning): when set they must equal the node count and node rank, else the run stops at
+/// start with an error.
 #[derive(clap::Args, Debug, Clone)]
 struct DistArgs {
     /// Number of nodes (processes).
@@ -243,18 +246,61 @@ fn parse_disk_dtype(s: &str) -> Result<DiskDtype> {
     }
 }
 
-/// First SIGINT/SIGTERM: set the returned flag (the trainer saves a checkpoint and stops);
-/// a second one exits at once with status 130.
+/// The first stop signal received (0: none; 2 SIGINT, 15 SIGTERM): the exit status of a
+/// graceful stop is `128 + signal` (130, 143), as a shell reports a process killed by it.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// First SIGINT/SIGTERM: set the returned flag (the trainer saves a checkpoint after the
+/// current step and stops; the process then exits 130 / 143); a second one exits at once with
+/// `128 + signal`. The signals are awaited on a thread of their own (tokio's signal driver).
 fn install_stop_handler() -> Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
     let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the signal runtime")?;
+    // registered here, before training starts, so an early signal is not lost
+    let (mut int, mut term) = rt
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .context("installing the SIGINT/SIGTERM handlers")?;
     let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    })
-    .context("installing the SIGINT/SIGTERM handler")?;
+    std::thread::Builder::new()
+        .name("stop-signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                loop {
+                    let (sig, name) = tokio::select! {
+                        _ = int.recv() => (2, "SIGINT"),
+                        _ = term.recv() => (15, "SIGTERM"),
+                    };
+                    if flag.swap(true, Ordering::SeqCst) {
+                        tracing::warn!("second stop signal ({name}): exiting now");
+                        std::process::exit(128 + STOP_SIGNAL.load(Ordering::SeqCst).max(sig));
+                    }
+                    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+                    tracing::warn!(
+                        "{name}: stopping after this step with a checkpoint (send it again to exit at once)"
+                    );
+                }
+            })
+        })
+        .context("starting the signal thread")?;
     Ok(stop)
+}
+
+/// The exit status of a training command: 0 finished (or stopped from the wandb UI), 130
+/// after a graceful stop on SIGINT, 143 after one on SIGTERM.
+fn exit_status(interrupted: bool) -> ExitCode {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        sig if interrupted && sig > 0 => ExitCode::from(128 + sig as u8),
+        _ => ExitCode::SUCCESS,
+    }
 }
 
 /// `cuda…` devices need a binary built with the `cuda` feature: say so before anything runs.
@@ -477,11 +523,11 @@ fn run_on_devices<T: TrainCommand>(
 
 /// `mmada-train sft|unigrpo`: load the recipe (or print it), resolve the devices and the
 /// data-parallel flags, install the stop handler, run with a progress bar, log the summary.
-fn train<T: TrainCommand>(args: TrainArgs) -> Result<()> {
+fn train<T: TrainCommand>(args: TrainArgs) -> Result<ExitCode> {
     let recipe = T::Recipe::load(&args.recipe, &args.overrides)?;
     if args.print_config {
         print!("{}", recipe.to_yaml());
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let common = recipe.common();
     let device: DeviceSpec = common.device.parse::<DeviceSpec>()?.resolve()?;
@@ -493,6 +539,7 @@ fn train<T: TrainCommand>(args: TrainArgs) -> Result<()> {
         stop_after: None,
         base_dir: std::env::current_dir()?,
         wandb_endpoint: None,
+        test_nonfinite_steps: vec![],
     };
     let bar = progress_bar(common.max_steps);
     let mut last_msg = std::time::Instant::now();
@@ -520,7 +567,7 @@ fn train<T: TrainCommand>(args: TrainArgs) -> Result<()> {
         run_dir.display(),
         last.map_or_else(|| "-".into(), |p| p.display().to_string())
     );
-    Ok(())
+    Ok(exit_status(interrupted))
 }
 
 /// Log the memory plan of the run as configured (no GPU size: the fit is `plan`'s job); a
@@ -671,7 +718,19 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
         .context("building the tokio runtime of the orchestrator")
 }
 
-fn main() -> Result<()> {
+/// Exit status: 0 finished, 130 / 143 after a graceful stop on SIGINT / SIGTERM, 1 on an
+/// error (printed as `Error: …` with its causes).
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -682,8 +741,8 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Unigrpo(args) => train::<UniGrpo>(args)?,
-        Command::Sft(args) => train::<Sft>(args)?,
+        Command::Unigrpo(args) => return train::<UniGrpo>(args),
+        Command::Sft(args) => return train::<Sft>(args),
         Command::Orchestrator { port } => {
             tracing::info!(port, "global orchestrator listening (Ctrl-C stops it)");
             tokio_runtime()?.block_on(burn_collective::start_global_orchestrator(port));
@@ -730,5 +789,5 @@ fn main() -> Result<()> {
         Command::Plan(args) => plan_command(args)?,
         Command::Data { command } => data_cmd::run(command)?,
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -71,13 +71,22 @@ pub struct TrainerState {
     pub seed: u64,
     /// Data mixture cursors.
     pub data: DataCursor,
-    /// Step losses so far (the loss trajectory, for resume checks and plots).
+    /// Step losses so far (the loss trajectory, for resume checks and plots). A non-finite
+    /// loss (a step the guard skipped, [`crate::guard`]) is written as JSON `null` and read
+    /// back as NaN.
+    #[serde(deserialize_with = "losses_with_nulls")]
     pub losses: Vec<f32>,
     /// Free-form extras (wandb run id and offsets when configured).
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// `mmada-train` version that wrote it.
     pub version: String,
+}
+
+/// `losses` with `null` for NaN (serde_json writes non-finite floats as `null`).
+fn losses_with_nulls<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    let v: Vec<Option<f32>> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect())
 }
 
 impl TrainerState {

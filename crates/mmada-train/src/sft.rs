@@ -59,6 +59,9 @@ pub struct StepReport {
     pub avg_masking_rate: f64,
     /// Held-out loss when evaluated at this step.
     pub eval_loss: Option<f32>,
+    /// Steps of the run so far whose update was skipped for a NaN/inf loss or gradient norm
+    /// ([`crate::guard`]).
+    pub nonfinite_steps: u64,
 }
 
 impl StepReport {
@@ -72,6 +75,7 @@ impl StepReport {
             "avg_masking_rate": self.avg_masking_rate,
             "samples/sec/gpu": self.samples_per_sec,
             "tokens_per_sec": self.tokens_per_sec,
+            "nonfinite_steps": self.nonfinite_steps,
         });
         for (k, v) in [
             ("step_loss_t2i", self.loss_t2i),
@@ -162,7 +166,10 @@ impl TrainLoop for Sft {
             let lr = schedule.lr(s.state.step);
             let (grads, mut st) = accumulate_step(recipe, &mut data, &model, &s)?;
             let grad_norm;
-            (model, grad_norm) = s.update(model, grads, lr)?;
+            if s.test_injects_nonfinite() {
+                st.losses[0] = f32::NAN;
+            }
+            (model, grad_norm) = s.guarded_update(model, grads, lr, st.losses[0])?;
             let stop = s.sync(&model, &mut st.losses, Combine::Mean)?;
             let [loss, l_t2i, l_lm, l_mmu] = st.losses;
             s.state.losses.push(loss);
@@ -182,6 +189,7 @@ impl TrainLoop for Sft {
                 samples_per_sec: st.rows as f64 / secs / world as f64,
                 avg_masking_rate: st.noise.avg_masking_rate(),
                 eval_loss: None,
+                nonfinite_steps: s.guard.total(),
             };
             let every = recipe.train.eval_every;
             let eval_due = every > 0

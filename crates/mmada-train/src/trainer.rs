@@ -29,6 +29,7 @@ use mmada_model::{LladaModel, ModelConfig, save_checkpoint};
 use crate::data::derive_seed;
 use crate::dist::Worker;
 use crate::error::TrainError;
+use crate::guard::{self, NonFiniteError, NonFiniteGuard};
 use crate::optim::{self, AdamWOptim};
 use crate::recipe::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
@@ -60,6 +61,10 @@ pub struct RunOptions {
     pub base_dir: PathBuf,
     /// wandb server + key instead of `WANDB_BASE_URL` / `WANDB_API_KEY` (tests).
     pub wandb_endpoint: Option<mmada_wandb::Endpoint>,
+    /// Test hook of the non-finite guard ([`crate::guard`]): at these steps (0-based, the
+    /// value of `state.step` when the step starts) global rank 0 reports a NaN loss for its
+    /// first optimizer update, as a diverged forward pass would. Empty outside tests.
+    pub test_nonfinite_steps: Vec<u64>,
 }
 
 /// The recipe sections every trainer has, borrowed from its recipe.
@@ -83,6 +88,8 @@ pub struct CommonSections<'a> {
     pub max_steps: u64,
     /// `train.device`.
     pub device: &'a str,
+    /// `train.max_nonfinite_steps` ([`crate::guard`]).
+    pub max_nonfinite_steps: u32,
 }
 
 /// A trainer's recipe: the shared sections, for [`Session`] and the binary.
@@ -108,6 +115,7 @@ macro_rules! impl_train_recipe {
                     mixed_precision: self.train.mixed_precision,
                     max_steps: self.train.max_steps,
                     device: &self.train.device,
+                    max_nonfinite_steps: self.train.max_nonfinite_steps,
                 }
             }
         }
@@ -381,11 +389,14 @@ pub struct Session<'a, B: AutodiffBackend> {
     pub last_checkpoint: Option<PathBuf>,
     /// Whether a stop request (signal, wandb) ended the run.
     pub interrupted: bool,
+    /// The non-finite guard ([`crate::guard`]).
+    pub guard: NonFiniteGuard,
     sections: CommonSections<'a>,
     opts: &'a RunOptions,
     wandb: TrainerWandb,
     metrics: Option<std::fs::File>,
     ran: u64,
+    guard_injected: bool,
 }
 
 impl<'a, B: AutodiffBackend> Session<'a, B> {
@@ -442,7 +453,13 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         if let Some(dir) = &resumed_from {
             optim = optim::load_state(optim, &model, &dir.join("optimizer.safetensors"))?;
         }
+        let nonfinite = state
+            .extra
+            .get(guard::STATE_KEY)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
         let session = Session {
+            guard: NonFiniteGuard::new(sections.max_nonfinite_steps, nonfinite),
             worker,
             run,
             cfg,
@@ -457,6 +474,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
             wandb: TrainerWandb::disabled(),
             metrics: None,
             ran: 0,
+            guard_injected: false,
         };
         Ok((session, model))
     }
@@ -532,7 +550,46 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         }
         let norm =
             optim::clip_global_norm(&model, &mut grads, self.sections.optimizer.max_grad_norm);
+        if !norm.is_finite() {
+            // crate::guard: the norm is the same on every rank (after the all-reduce), so
+            // every rank skips this update
+            return Ok((model, norm));
+        }
         Ok((optim::step(&mut self.optim, model, grads, lr), norm))
+    }
+
+    /// The test hook [`RunOptions::test_nonfinite_steps`]: true once per listed step, on
+    /// global rank 0 only; the loop then replaces its local loss by NaN.
+    pub fn test_injects_nonfinite(&mut self) -> bool {
+        let inject = self.lead()
+            && !self.guard_injected
+            && self.opts.test_nonfinite_steps.contains(&self.state.step);
+        self.guard_injected |= inject;
+        inject
+    }
+
+    /// [`Session::update`] behind the non-finite guard ([`crate::guard`]): `local_loss` is
+    /// this rank's loss of the update (its share, any scale); when it is not finite the
+    /// gradients are made NaN before the all-reduce, so every rank sees a non-finite global
+    /// norm and skips the update. The update is noted for the step's verdict
+    /// ([`Session::sync`]). Returns the model (unchanged when skipped) and the global norm
+    /// before clipping (non-finite when skipped).
+    ///
+    /// # Errors
+    /// Collective errors of the gradient all-reduce.
+    pub fn guarded_update(
+        &mut self,
+        model: LladaModel<B>,
+        mut grads: GradientsParams,
+        lr: f64,
+        local_loss: f32,
+    ) -> Result<(LladaModel<B>, f32), TrainError> {
+        if !local_loss.is_finite() {
+            guard::poison_grads(&model, &mut grads);
+        }
+        let (model, norm) = self.update(model, grads, lr)?;
+        self.guard.note_update(norm);
+        Ok((model, norm))
     }
 
     /// End of the optimizer work of a step: count it, combine this rank's step scalars over
@@ -549,6 +606,20 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
     ) -> Result<bool, TrainError> {
         self.state.step += 1;
         self.ran += 1;
+        self.guard_injected = false;
+        // every rank takes the same decision: it rests on the all-reduced gradient norms
+        if self.guard.record(self.state.step, true) {
+            if self.lead() {
+                tracing::warn!(
+                    "step {}: non-finite loss or gradient norm, update skipped ({} such step(s) in this run)",
+                    self.state.step,
+                    self.guard.total()
+                );
+            }
+            self.state
+                .extra
+                .insert(guard::STATE_KEY.into(), self.guard.total().into());
+        }
         let mut stop = self
             .opts
             .stop
@@ -612,9 +683,37 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         let every = self.sections.checkpoint.every;
         let periodic = every > 0 && step.is_multiple_of(every);
         let save_due = periodic || step == self.sections.max_steps || stop_requested || stop_after;
-        if self.lead() && save_due {
+        // crate::guard: no checkpoint of a non-finite step, and none holding a non-finite
+        // tensor, so keep_last never rotates a finite checkpoint out for a broken one
+        let nonfinite = self.guard.in_streak();
+        if self.lead() && save_due && nonfinite {
+            tracing::warn!(
+                "step {step}: non-finite loss or gradient norm, checkpoint not written (the last one is {})",
+                guard::describe_checkpoint(self.newest_checkpoint())
+            );
+        }
+        if save_due && !nonfinite {
+            // every rank checks its (identical) replica, so all of them stop together
+            let bad = guard::first_nonfinite_param(model).or_else(|| {
+                reference
+                    .and_then(guard::first_nonfinite_param)
+                    .map(|n| format!("reference/{n}"))
+            });
+            if let Some(name) = bad {
+                return Err(NonFiniteError::Tensor {
+                    name,
+                    step,
+                    last_checkpoint: guard::describe_checkpoint(self.newest_checkpoint()),
+                }
+                .into());
+            }
+        }
+        if self.lead() && save_due && !nonfinite {
             self.wandb.record(&mut self.state);
             self.last_checkpoint = Some(self.save(model, reference)?);
+        }
+        if nonfinite && let Some(e) = self.guard.exhausted(step, self.newest_checkpoint()) {
+            return Err(e.into());
         }
         if self.worker.world() > 1 && (save_due || waited) {
             // the other ranks waited for rank 0's evaluation / checkpoint: a long deadline
@@ -625,6 +724,13 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
             self.wandb.preempting();
         }
         Ok(stop_requested || stop_after)
+    }
+
+    /// The newest complete checkpoint of the run directory (`latest`), if any.
+    pub fn newest_checkpoint(&self) -> Option<PathBuf> {
+        self.last_checkpoint
+            .clone()
+            .or_else(|| self.run.latest().ok())
     }
 
     /// Write the checkpoint of the current step atomically: `model/` (config.json,

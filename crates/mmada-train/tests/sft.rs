@@ -61,6 +61,7 @@ fn run(recipe: &SftRecipe, resume: Option<Resume>, stop_after: Option<u64>) -> S
         stop_after,
         base_dir: PathBuf::from("/"),
         wandb_endpoint: None,
+        test_nonfinite_steps: vec![],
     };
     Sft::run::<CpuAutodiff>(recipe, &Default::default(), &opts, &mut |_| {}).unwrap()
 }
@@ -149,6 +150,7 @@ fn resume_is_bit_identical_and_survives_a_crash_mid_checkpoint() {
         stop_after: None,
         base_dir: PathBuf::from("/"),
         wandb_endpoint: None,
+        test_nonfinite_steps: vec![],
     };
     let err = Sft::run::<CpuAutodiff>(&split, &Default::default(), &opts, &mut |_| {})
         .unwrap_err()

@@ -228,7 +228,15 @@ fn parse_http_date(v: &str) -> Option<f64> {
         .split(':')
         .map(|x| x.parse().ok())
         .collect::<Option<_>>()?;
-    if hms.len() != 3 {
+    // plausible ranges only: a hostile header must not overflow the arithmetic below (found
+    // by the property tests)
+    if hms.len() != 3
+        || !(1..=9999).contains(&year)
+        || !(1..=31).contains(&day)
+        || !(0..=23).contains(&hms[0])
+        || !(0..=59).contains(&hms[1])
+        || !(0..=60).contains(&hms[2])
+    {
         return None;
     }
     let days = days_from_civil(year, month, day);
@@ -333,5 +341,67 @@ mod tests {
             a.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         );
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Server replies: `Retry-After` headers and GraphQL bucket replies of any shape never
+    //! panic (`PROPTEST_CASES=10000` for the long run).
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z]{0,5}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("upsertBucket".to_string()),
+                        Just("bucket".to_string()),
+                        Just("id".to_string()),
+                        Just("project".to_string()),
+                        Just("name".to_string()),
+                        Just("entity".to_string()),
+                        "[a-z]{1,3}",
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512)
+        ))]
+
+        #[test]
+        fn retry_after_never_panics(
+            v in any::<String>(),
+            d in "(Mon|Sun), [0-9-]{1,20} (Nov|Jan|Xyz) [0-9-]{1,20} [0-9:-]{1,20} GMT",
+            now in prop_oneof![0f64..4e9, Just(f64::MAX)],
+        ) {
+            for h in [v.as_str(), d.as_str()] {
+                if let Some(t) = parse_retry_after(h, now) {
+                    prop_assert!(t <= Duration::from_secs(600));
+                }
+            }
+        }
+
+        #[test]
+        fn bucket_reply_never_panics(v in json()) {
+            if let Some(b) = parse_bucket(&v) {
+                prop_assert_eq!(Some(b.storage_id.as_str()), v.pointer("/upsertBucket/bucket/id").and_then(Value::as_str));
+            }
+        }
     }
 }

@@ -372,6 +372,26 @@ pub(crate) fn one_u64() -> u64 {
     1
 }
 
+/// The default of `train.max_nonfinite_steps`.
+pub(crate) fn max_nonfinite_steps() -> u32 {
+    crate::guard::DEFAULT_MAX_NONFINITE_STEPS
+}
+
+/// `train.max_nonfinite_steps` is at least 1.
+///
+/// # Errors
+/// [`RecipeError::Key`] naming `train.max_nonfinite_steps`.
+pub(crate) fn validate_max_nonfinite(name: &str, k: u32) -> Result<(), RecipeError> {
+    if k == 0 {
+        return Err(RecipeError::key(
+            name,
+            "train.max_nonfinite_steps",
+            "must be at least 1 (the run stops after this many consecutive steps with a NaN/inf loss or gradient norm)",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn one_f32() -> f32 {
     1.0
 }

@@ -222,6 +222,10 @@ pub struct TrainSection {
     /// `model.dtype: f32`).
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
+    /// Stop the run after this many consecutive steps whose loss or gradient norm is NaN/inf
+    /// (their updates are skipped; see `crate::guard`). Default 5.
+    #[serde(default = "super::max_nonfinite_steps")]
+    pub max_nonfinite_steps: u32,
 }
 
 /// A complete SFT recipe (`mmada-train sft --recipe FILE`).
@@ -269,6 +273,7 @@ impl Recipe for SftRecipe {
             return Err(err("train.grad_accum", "must be at least 1".into()));
         }
         validate_log_every(name, self.train.log_every)?;
+        super::validate_max_nonfinite(name, self.train.max_nonfinite_steps)?;
         validate_device(name, &self.train.device)
     }
 }
@@ -510,5 +515,82 @@ train: {max_steps: 3}
             e.contains("`train.mixed_precision`") && e.contains("model.dtype: f32"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Recipe YAML with `--set` overrides: no input panics; errors name the recipe file
+    //! (`PROPTEST_CASES=10000` for the long run).
+    use super::*;
+    use proptest::prelude::*;
+
+    const BASE: &str = "run: {name: t}\nmodel: {preset: tiny}\ntokenizer: {path: tok.json}\ndata:\n  lm: {batch_size: 2, sources: [{manifest: m.yaml}]}\noptimizer: {lr: 1.0e-4}\ntrain: {max_steps: 3}\n";
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("optimizer.lr".to_string()),
+            Just("train.max_steps".to_string()),
+            Just("train.max_nonfinite_steps".to_string()),
+            Just("data.lm.batch_size".to_string()),
+            Just("data.lm.sources".to_string()),
+            Just("checkpoint.keep_last".to_string()),
+            Just("schedule.kind".to_string()),
+            Just("model.overrides".to_string()),
+            Just("run".to_string()),
+            "[a-z_.]{0,20}",
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(".inf".to_string()),
+            Just("-1".to_string()),
+            Just("null".to_string()),
+            Just("[1, {a: 2}]".to_string()),
+            Just("{d_model: 8}".to_string()),
+            "[0-9eE.+-]{0,8}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+        ))]
+
+        /// `--set KEY=VALUE` with any key and value: a recipe or an error naming the file.
+        #[test]
+        fn set_overrides_never_panic(sets in proptest::collection::vec((key(), value(), any::<bool>()), 0..4)) {
+            let sets: Vec<String> = sets
+                .into_iter()
+                .map(|(k, v, eq)| if eq { format!("{k}={v}") } else { format!("{k}{v}") })
+                .collect();
+            match SftRecipe::parse(BASE, "recipes/r.yaml", &sets) {
+                Ok(r) => {
+                    // what parses, prints and parses back the same
+                    let again = SftRecipe::parse(&r.to_yaml(), "printed", &[]).unwrap();
+                    prop_assert_eq!(again.to_yaml(), r.to_yaml());
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains("recipes/r.yaml") || msg.contains("--set"), "{}", msg);
+                }
+            }
+        }
+
+        /// Any text as the recipe file.
+        #[test]
+        fn any_recipe_text_never_panics(text in any::<String>(), cut in 0usize..200) {
+            let mut t = BASE.to_string();
+            t.truncate(cut.min(t.len()));
+            t.push_str(&text);
+            for t in [text.as_str(), t.as_str()] {
+                if let Err(e) = SftRecipe::parse(t, "recipes/r.yaml", &[]) {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains("recipes/r.yaml"), "{}", msg);
+                }
+            }
+        }
     }
 }

@@ -323,6 +323,10 @@ pub struct GrpoTrainSection {
     /// `model.dtype: f32`). The reference model computes in the same precision.
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
+    /// Stop the run after this many consecutive steps whose loss or gradient norm is NaN/inf
+    /// (their updates are skipped; see `crate::guard`). Default 5.
+    #[serde(default = "super::max_nonfinite_steps")]
+    pub max_nonfinite_steps: u32,
 }
 
 /// A UniGRPO recipe (`mmada-train unigrpo --recipe …`).
@@ -447,6 +451,7 @@ impl Recipe for UniGrpoRecipe {
             return err("train.max_steps", "must be at least 1");
         }
         validate_log_every(name, self.train.log_every)?;
+        super::validate_max_nonfinite(name, self.train.max_nonfinite_steps)?;
         validate_device(name, &self.train.device)?;
         if self.reward_funcs.is_empty() {
             return err(

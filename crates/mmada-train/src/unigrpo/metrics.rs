@@ -121,6 +121,8 @@ pub fn report<B: AutodiffBackend>(
         "time/backward_s": t.backward_s,
         // all ranks roll out at the same time: global tokens over rank 0's rollout time
         "rollout_tokens_per_s": gen_tokens as f64 / t.rollout_s.max(1e-9),
+        // updates skipped for a NaN/inf loss or gradient norm (crate::guard)
+        "nonfinite_steps": session.guard.total(),
     });
     for (k, name) in breakdown.names.iter().enumerate() {
         let (m, s) = match breakdown.stats(k) {

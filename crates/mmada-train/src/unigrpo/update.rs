@@ -249,6 +249,7 @@ pub fn update<B: AutodiffBackend>(
             continue;
         }
         let mut acc: Option<GradientsParams> = None;
+        let mut local_loss = 0f32;
         for (k, b) in noised.batches[n].iter().enumerate() {
             if b.rows() == 0 {
                 continue;
@@ -257,7 +258,9 @@ pub fn update<B: AutodiffBackend>(
             let scores = scores(&model, b, recipe.grpo.ce_chunk_rows, &device);
             let out = unigrpo_loss_scores(scores, b, &old.old[n][k], refs, &loss_cfg)?;
             let scale = 1.0 / (nonempty as f32 * mu as f32);
-            sums[0] += out.loss.clone().into_scalar().elem::<f32>() * scale;
+            let l = out.loss.clone().into_scalar().elem::<f32>();
+            local_loss += l;
+            sums[0] += l * scale;
             sums[1] += out.policy_loss.clone().into_scalar().elem::<f32>() * scale;
             sums[2] += out.kl_loss.clone().into_scalar().elem::<f32>() * scale;
             sums[3] += out.stats.kl_mean * scale;
@@ -272,7 +275,11 @@ pub fn update<B: AutodiffBackend>(
         // a rank whose groups are all empty this iteration contributes zeros
         lr = schedule.lr(step * mu as u64 + n as u64);
         let gn;
-        (model, gn) = session.update(model, acc.unwrap_or_default(), lr)?;
+        if session.test_injects_nonfinite() {
+            local_loss = f32::NAN;
+            sums[0] = f32::NAN;
+        }
+        (model, gn) = session.guarded_update(model, acc.unwrap_or_default(), lr, local_loss)?;
         gn_sum += gn / mu as f32;
     }
     Ok((model, sums, gn_sum, lr))
