@@ -32,7 +32,7 @@ use crate::error::TrainError;
 use crate::optim::{self, AdamWOptim};
 use crate::recipe::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RunConfig, TokenizerSection,
+    RunConfig, Sharding, TokenizerSection,
 };
 use crate::run_dir::{RunDir, TrainerState, read_state, resolve, write_atomic};
 use crate::wandb_log::TrainerWandb;
@@ -83,6 +83,8 @@ pub struct CommonSections<'a> {
     pub max_steps: u64,
     /// `train.device`.
     pub device: &'a str,
+    /// `train.sharding`.
+    pub sharding: Sharding,
 }
 
 /// A trainer's recipe: the shared sections, for [`Session`] and the binary.
@@ -108,6 +110,7 @@ macro_rules! impl_train_recipe {
                     mixed_precision: self.train.mixed_precision,
                     max_steps: self.train.max_steps,
                     device: &self.train.device,
+                    sharding: self.train.sharding,
                 }
             }
         }
@@ -319,8 +322,11 @@ pub struct Session<'a, B: AutodiffBackend> {
     pub tok: TextTokenizer,
     /// Step, losses, data cursor and extras (saved in `trainer_state.json`).
     pub state: TrainerState,
-    /// AdamW and its state.
+    /// AdamW and its state (with `train.sharding` on several ranks: this rank's shard).
     pub optim: AdamWOptim<B>,
+    /// The owner rank of every parameter (in `LladaModel::params` order) when the optimizer
+    /// is sharded (`train.sharding` on several ranks); `None`: every rank updates everything.
+    pub owners: Option<Vec<usize>>,
     /// The checkpoint this run resumed from.
     pub resumed_from: Option<PathBuf>,
     /// The newest checkpoint written by this invocation.
@@ -384,7 +390,17 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         // train.mixed_precision: bf16 compute over the f32 master weights (not saved: the
         // checkpoint holds the parameters in checkpoint.model_dtype)
         let model = model.with_compute_dtype(sections.mixed_precision.compute_dtype());
-        let mut optim = optim::adamw::<B>(sections.optimizer);
+        let mut optim = optim::AdamW::<B>::new(sections.optimizer, sections.run.seed);
+        let owners = crate::dist::owners(&model, worker.world(), sections.sharding);
+        if let Some(owner) = &owners {
+            let mine = optim::param_infos(&model)
+                .into_iter()
+                .zip(owner)
+                .filter(|(_, r)| **r == worker.rank())
+                .map(|(i, _)| i.name)
+                .collect();
+            optim.set_owned(Some(mine));
+        }
         if let Some(dir) = &resumed_from {
             optim = optim::load_state(optim, &model, &dir.join("optimizer.safetensors"))?;
         }
@@ -395,6 +411,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
             tok,
             state,
             optim,
+            owners,
             resumed_from,
             last_checkpoint: None,
             interrupted: false,
@@ -465,20 +482,46 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
     /// Reduce (mean over ranks) → clip (global norm `optimizer.max_grad_norm`) → AdamW step
     /// at `lr`. Returns the updated model and the gradient norm before clipping.
     ///
+    /// With `train.sharding` on several ranks: `optimizer` all-reduces the gradients, clips
+    /// them (every rank has them all), updates the parameters this rank owns and broadcasts
+    /// every parameter from its owner; `optimizer_and_gradients` reduces each gradient to
+    /// its owner only, takes the global norm from the owners' per-parameter squared norms (a
+    /// small all-reduce), clips and updates the owned parameters, and broadcasts them. Both
+    /// give the weights of the unsharded run (see `crate::dist`).
+    ///
     /// # Errors
-    /// Collective errors of the gradient all-reduce.
+    /// Collective errors of the gradient reduction and the broadcasts.
     pub fn update(
         &mut self,
         model: LladaModel<B>,
         mut grads: GradientsParams,
         lr: f64,
     ) -> Result<(LladaModel<B>, f32), TrainError> {
-        if self.worker.world() > 1 {
-            grads = self.worker.reducer.mean_grads(&model, grads)?;
-        }
-        let norm =
-            optim::clip_global_norm(&model, &mut grads, self.sections.optimizer.max_grad_norm);
-        Ok((optim::step(&mut self.optim, model, grads, lr), norm))
+        let max_norm = self.sections.optimizer.max_grad_norm;
+        let Some(owners) = &self.owners else {
+            if self.worker.world() > 1 {
+                grads = self.worker.reducer.mean_grads(&model, grads)?;
+            }
+            let norm = optim::clip_global_norm(&model, &mut grads, max_norm);
+            return Ok((optim::step(&mut self.optim, model, grads, lr), norm));
+        };
+        let reducer = self.worker.reducer.as_mut();
+        let norm = match self.sections.sharding {
+            Sharding::OptimizerAndGradients => {
+                grads = crate::dist::reduce_grads_to_owners(reducer, &model, grads, owners)?;
+                let sq = crate::dist::gather_sq_norms(reducer, &model, &grads, owners)?;
+                let norm = optim::global_norm(&sq);
+                optim::clip_to_norm(&model, &mut grads, norm, max_norm);
+                norm
+            }
+            _ => {
+                grads = reducer.mean_grads(&model, grads)?;
+                optim::clip_global_norm(&model, &mut grads, max_norm)
+            }
+        };
+        let model = optim::step(&mut self.optim, model, grads, lr);
+        let model = crate::dist::broadcast_params(reducer, model, owners)?;
+        Ok((model, norm))
     }
 
     /// End of the optimizer work of a step: count it, combine this rank's step scalars over
@@ -558,9 +601,20 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         let every = self.sections.checkpoint.every;
         let periodic = every > 0 && step.is_multiple_of(every);
         let save_due = periodic || step == self.sections.max_steps || stop_requested || stop_after;
+        // a sharded optimizer's state is gathered to rank 0 first (every rank takes part)
+        let gathered = match (&self.owners, save_due) {
+            (Some(owners), true) => Some(crate::dist::gather_optimizer(
+                self.worker.reducer.as_mut(),
+                &self.optim,
+                model,
+                owners,
+            )?),
+            _ => None,
+        };
         if self.lead() && save_due {
             self.wandb.record(&mut self.state);
-            self.last_checkpoint = Some(self.save(model, reference)?);
+            let optim = gathered.as_ref().unwrap_or(&self.optim);
+            self.last_checkpoint = Some(self.save_with(model, reference, optim)?);
         }
         if self.worker.world() > 1 && (save_due || waited) {
             // the other ranks waited for rank 0's evaluation / checkpoint: a long deadline
@@ -575,8 +629,8 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
 
     /// Write the checkpoint of the current step atomically: `model/` (config.json,
     /// safetensors in `checkpoint.model_dtype`, tokenizer.json), `reference/` when a
-    /// reference model is kept, `optimizer.safetensors`, `trainer_state.json`; then `latest`
-    /// and `keep_last`.
+    /// reference model is kept, `optimizer.safetensors` (+ `master_weights.safetensors` with
+    /// f32 master weights), `trainer_state.json`; then `latest` and `keep_last`.
     ///
     /// # Errors
     /// Checkpoint and run-directory I/O errors naming the file.
@@ -584,6 +638,17 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         &self,
         model: &LladaModel<B>,
         reference: Option<&LladaModel<B::InnerBackend>>,
+    ) -> Result<PathBuf, TrainError> {
+        self.save_with(model, reference, &self.optim)
+    }
+
+    /// [`Session::save`] with the optimizer state of `optim` (the consolidated state of a
+    /// sharded optimizer).
+    fn save_with(
+        &self,
+        model: &LladaModel<B>,
+        reference: Option<&LladaModel<B::InnerBackend>>,
+        optim: &AdamWOptim<B>,
     ) -> Result<PathBuf, TrainError> {
         let step = self.state.step;
         let tmp = self.run.begin_checkpoint(step)?;
@@ -601,7 +666,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         if let Some(r) = reference {
             save_checkpoint(r, &self.cfg, &tmp.join("reference"), &opts)?;
         }
-        optim::save_state(&self.optim, model, &tmp.join("optimizer.safetensors"))?;
+        optim::save_state(optim, model, &tmp.join("optimizer.safetensors"))?;
         let text = serde_json::to_string_pretty(&self.state).expect("state serialises");
         write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
         Ok(self

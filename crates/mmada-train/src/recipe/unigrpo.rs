@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RecipeError, RunConfig, ScheduleSection, TokenizerSection, cpu, one_u64, validate_device,
+    RecipeError, Sharding, RunConfig, ScheduleSection, TokenizerSection, cpu, one_u64, validate_device,
     validate_log_every, yes,
 };
 
@@ -311,6 +311,11 @@ pub struct GrpoTrainSection {
     /// `model.dtype: f32`). The reference model computes in the same precision.
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
+    /// ZeRO sharding over data-parallel ranks: `none` (default), `optimizer` (stage 1:
+    /// AdamW state and master weights split over ranks), `optimizer_and_gradients` (stage 2:
+    /// gradients reduced to their owner only). Checkpoints stay consolidated either way.
+    #[serde(default)]
+    pub sharding: Sharding,
 }
 
 /// A UniGRPO recipe (`mmada-train unigrpo --recipe …`).
@@ -442,7 +447,7 @@ impl Recipe for UniGrpoRecipe {
                 "give at least one reward, e.g. `- kind: math_correctness`",
             );
         }
-        self.optimizer.validate(name)?;
+        self.optimizer.validate(name, self.model.dtype)?;
         self.schedule.validate(name)
     }
 }
