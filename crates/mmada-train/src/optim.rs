@@ -449,7 +449,11 @@ pub fn stochastic_round<B: Backend>(x: Tensor<B, 1>, dtype: DType, seed: u64) ->
         };
         bytes.extend_from_slice(&bits.to_le_bytes());
     }
-    Tensor::from_data(TensorData::from_bytes_vec(bytes, vec![n], DType::BF16), &device)
+    // `(&device, dtype)`: `from_data` with a bare device would convert to the default f32
+    Tensor::from_data(
+        TensorData::from_bytes_vec(bytes, vec![n], DType::BF16),
+        (&device, DType::BF16),
+    )
 }
 
 /// bf16 bits of a non-finite f32 (keep the sign and exponent, force a NaN payload bit).
