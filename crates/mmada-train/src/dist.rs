@@ -267,9 +267,9 @@ pub trait GradReducer<B: AutodiffBackend>: Send {
         values: &[f32],
         long: bool,
     ) -> Result<Vec<f32>, DistError>;
-    /// Broadcast a flat tensor from rank `root` (which passes `Some`; the others pass `None`
-    /// and `len`, the element count, for the 1-rank case) to every rank, bit-exact (ZeRO:
-    /// updated parameters and gathered optimizer state).
+    /// Broadcast a flat tensor of `len` elements of `dtype` from rank `root` (which passes
+    /// `Some`; the others pass `None`) to every rank, bit-exact (ZeRO: updated parameters and
+    /// gathered optimizer state).
     ///
     /// # Errors
     /// As [`GradReducer::mean_grads`]; [`DistError::Config`] when `root` passes `None`.
@@ -278,7 +278,15 @@ pub trait GradReducer<B: AutodiffBackend>: Send {
         what: &str,
         tensor: Option<Tensor<B::InnerBackend, 1>>,
         root: usize,
+        len: usize,
+        dtype: burn::tensor::DType,
     ) -> Result<Tensor<B::InnerBackend, 1>, DistError>;
+    /// Whether [`GradReducer::broadcast_flat`] may change the root's own bits (the multi-node
+    /// path through an all-reduce turns -0.0 into +0.0): the root then takes the broadcast
+    /// result too, so the replicas stay bit-identical.
+    fn replaces_root_copy(&self) -> bool {
+        false
+    }
     /// Mean over ranks of a flat tensor, delivered to rank `root` only (`None` elsewhere):
     /// ZeRO stage 2's gradient reduction to the owner.
     ///
@@ -336,6 +344,8 @@ impl<B: AutodiffBackend> GradReducer<B> for SingleDevice {
         what: &str,
         tensor: Option<Tensor<B::InnerBackend, 1>>,
         _root: usize,
+        _len: usize,
+        _dtype: burn::tensor::DType,
     ) -> Result<Tensor<B::InnerBackend, 1>, DistError> {
         tensor.ok_or_else(|| DistError::Config(format!("{what}: the only rank has no tensor")))
     }
@@ -462,6 +472,7 @@ pub struct CollectiveReducer<B: AutodiffBackend> {
     world: usize,
     device: burn::tensor::Device<B::InnerBackend>,
     timeout: Duration,
+    global: bool,
 }
 
 fn collective_err(
@@ -504,7 +515,16 @@ impl<B: AutodiffBackend> CollectiveReducer<B> {
             world,
             device,
             timeout,
+            global: false,
         })
+    }
+
+    /// Mark this reducer as part of a multi-node job: burn-collective 0.21 has no global
+    /// `reduce` / `broadcast` (`unimplemented!`), so [`GradReducer::broadcast_flat`] and
+    /// [`GradReducer::reduce_mean_to`] then go through the global all-reduce.
+    pub fn with_global(mut self, global: bool) -> Self {
+        self.global = global;
+        self
     }
 
     fn all_reduce_flat(
@@ -669,6 +689,8 @@ impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
         what: &str,
         tensor: Option<Tensor<B::InnerBackend, 1>>,
         root: usize,
+        len: usize,
+        dtype: burn::tensor::DType,
     ) -> Result<Tensor<B::InnerBackend, 1>, DistError> {
         if (root == self.rank) != tensor.is_some() {
             return Err(DistError::Config(format!(
@@ -676,6 +698,13 @@ impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
                 self.rank,
                 if tensor.is_some() { "sends" } else { "has no" }
             )));
+        }
+        if self.global {
+            // an all-reduce sum of the root's tensor and zeros elsewhere: every rank (the
+            // root included) keeps the result, so the copies are bit-identical (a -0.0 of
+            // the root becomes +0.0 everywhere)
+            let t = tensor.unwrap_or_else(|| Tensor::zeros([len], (&self.device, dtype)));
+            return self.all_reduce_flat(what, t, ReduceOperation::Sum);
         }
         let peer = self.peer;
         let prim = tensor.map(|t| t.into_primitive().tensor());
@@ -688,12 +717,21 @@ impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 
+    fn replaces_root_copy(&self) -> bool {
+        self.global
+    }
+
     fn reduce_mean_to(
         &mut self,
         what: &str,
         tensor: Tensor<B::InnerBackend, 1>,
         root: usize,
     ) -> Result<Option<Tensor<B::InnerBackend, 1>>, DistError> {
+        if self.global {
+            // all-reduce, and the ranks other than the root drop the result
+            let r = self.all_reduce_flat(what, tensor, ReduceOperation::Mean)?;
+            return Ok((root == self.rank).then_some(r));
+        }
         let peer = self.peer;
         let prim = tensor.into_primitive().tensor();
         let root_peer = PeerId(root as u32);
@@ -919,8 +957,9 @@ pub fn broadcast_params<B: AutodiffBackend>(
                 let send = (owner == rank)
                     .then(|| Tensor::cat(bucket.iter().map(|&i| flat(i)).collect(), 0));
                 let what = format!("parameter broadcast from rank {owner} (bucket {k})");
-                let got = reducer.broadcast_flat(&what, send, owner)?;
-                if owner == rank {
+                let len = bucket.iter().map(|&i| infos[i].numel()).sum();
+                let got = reducer.broadcast_flat(&what, send, owner, len, model.dtype())?;
+                if owner == rank && !reducer.replaces_root_copy() {
                     continue;
                 }
                 let mut off = 0;
@@ -989,6 +1028,8 @@ pub fn gather_optimizer<B: AutodiffBackend>(
             &format!("optimizer state gather ({})", info.name),
             send,
             owners[i],
+            parts * n,
+            burn::tensor::DType::F32,
         )?;
         if rank == 0 && owners[i] != 0 {
             let part = |k: usize| got.clone().slice(k * n..(k + 1) * n);
@@ -1370,7 +1411,8 @@ where
             config.clone(),
             cfg.timeout,
             abort.clone(),
-        )?;
+        )?
+        .with_global(cfg.nodes > 1);
         Ok(Worker {
             device: devices[i].clone(),
             reducer: Box::new(r),

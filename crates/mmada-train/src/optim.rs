@@ -122,9 +122,7 @@ pub fn partition(numels: &[usize], world: usize) -> Vec<usize> {
     let mut load = vec![0usize; world];
     let mut owner = vec![0usize; numels.len()];
     for i in order {
-        let r = (0..world)
-            .min_by_key(|&r| (load[r], r))
-            .expect("world ≥ 1");
+        let r = (0..world).min_by_key(|&r| (load[r], r)).expect("world ≥ 1");
         owner[i] = r;
         load[r] += numels[i];
     }
@@ -159,7 +157,10 @@ fn put_grad<B: AutodiffBackend>(
 }
 
 /// A parameter's value as a flat inner-backend tensor.
-fn param_value<B: AutodiffBackend>(model: &LladaModel<B>, id: ParamId) -> Tensor<B::InnerBackend, 1> {
+fn param_value<B: AutodiffBackend>(
+    model: &LladaModel<B>,
+    id: ParamId,
+) -> Tensor<B::InnerBackend, 1> {
     for (_, p) in model.params() {
         match p {
             ParamRef::Linear(w) | ParamRef::Matrix(w) if w.id == id => {
@@ -310,7 +311,12 @@ impl<B: AutodiffBackend> AdamW<B> {
     /// One AdamW update at learning rate `lr` of every owned parameter that has a gradient
     /// in `grads` (the gradients are consumed; parameters without one get no update and no
     /// state). Returns the model with the new values.
-    pub fn step(&mut self, model: LladaModel<B>, mut grads: GradientsParams, lr: f64) -> LladaModel<B> {
+    pub fn step(
+        &mut self,
+        model: LladaModel<B>,
+        mut grads: GradientsParams,
+        lr: f64,
+    ) -> LladaModel<B> {
         let mut values = HashMap::new();
         for info in param_infos(&model) {
             if !self.owns(&info.name) {
@@ -338,7 +344,10 @@ impl<B: AutodiffBackend> AdamW<B> {
         let wide = pdtype != DType::F32 && self.precision != Precision::Plain;
         let state = self.states.remove(name);
         let (p32, g) = if wide {
-            let master = match (self.precision, state.as_ref().and_then(|s| s.master.clone())) {
+            let master = match (
+                self.precision,
+                state.as_ref().and_then(|s| s.master.clone()),
+            ) {
                 (Precision::Master, Some(m)) => m,
                 _ => p.clone().cast(DType::F32),
             };
@@ -429,11 +438,7 @@ pub fn stochastic_round<B: Backend>(x: Tensor<B, 1>, dtype: DType, seed: u64) ->
     }
     let device = x.device();
     let n = x.dims()[0];
-    let v: Vec<f32> = x
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 data");
+    let v: Vec<f32> = x.into_data().convert::<f32>().to_vec().expect("f32 data");
     let mut s = seed;
     let mut bytes = Vec::with_capacity(2 * n);
     let mut r = 0u64;
@@ -658,7 +663,8 @@ pub fn save_state<B: AutodiffBackend>(
     }
     write_safetensors(&tensors, meta, path)?;
     if !masters.is_empty() {
-        let meta: HashMap<String, String> = [("format".to_string(), "f32 master weights".to_string())].into();
+        let meta: HashMap<String, String> =
+            [("format".to_string(), "f32 master weights".to_string())].into();
         write_safetensors(&masters, meta, &path.with_file_name(MASTER_FILE))?;
     }
     Ok(())
@@ -712,15 +718,16 @@ pub fn load_state<B: AutodiffBackend>(
         None
     };
     let mp = master_path.display().to_string();
-    let masters = match &master_bytes {
-        Some(b) => Some(safetensors::SafeTensors::deserialize(b).map_err(|e| {
-            OptimStateError::File {
-                path: mp.clone(),
-                message: e.to_string(),
-            }
-        })?),
-        None => None,
-    };
+    let masters =
+        match &master_bytes {
+            Some(b) => Some(safetensors::SafeTensors::deserialize(b).map_err(|e| {
+                OptimStateError::File {
+                    path: mp.clone(),
+                    message: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
     let read = |st: &safetensors::SafeTensors<'_>,
                 file: &str,
                 name: &str,

@@ -29,7 +29,9 @@ fn tiny_model(dtype: FloatDType) -> LladaModel<B> {
 /// `blocks.1.ff_norm.weight` is removed (a parameter that took no part).
 fn grads(model: &LladaModel<B>, step: usize, skip: bool) -> GradientsParams {
     let dev = Default::default();
-    let ids: Vec<i64> = (0..24).map(|i| ((i * 37 + step * 11) % 280) as i64).collect();
+    let ids: Vec<i64> = (0..24)
+        .map(|i| ((i * 37 + step * 11) % 280) as i64)
+        .collect();
     let ids = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &dev).reshape([2, 12]);
     let logits = model.forward(ids, &Attention::Full);
     let loss = (logits.clone() * logits).mean();
@@ -52,15 +54,7 @@ fn values(model: &LladaModel<B>) -> Vec<(String, Vec<f32>)> {
     model
         .named_tensors()
         .into_iter()
-        .map(|(n, t)| {
-            (
-                n,
-                t.to_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .unwrap(),
-            )
-        })
+        .map(|(n, t)| (n, t.to_data().convert::<f32>().to_vec::<f32>().unwrap()))
         .collect()
 }
 
@@ -109,14 +103,10 @@ fn adamw_equals_burn_adamw_skips_params_without_grad_and_resumes_exactly() {
             let path = tmp.path().join("optimizer.safetensors");
             optim::save_state(&ours, &b, &path).unwrap();
             let dir = tmp.path().join("model");
-            mmada_model::save_checkpoint(&b, &ModelConfig::tiny(), &dir, &f32_save())
-                .unwrap();
-            let (_, m) = mmada_model::load_checkpoint::<B>(
-                &dir,
-                &Default::default(),
-                FloatDType::F32,
-            )
-            .unwrap();
+            mmada_model::save_checkpoint(&b, &ModelConfig::tiny(), &dir, &f32_save()).unwrap();
+            let (_, m) =
+                mmada_model::load_checkpoint::<B>(&dir, &Default::default(), FloatDType::F32)
+                    .unwrap();
             let o = optim::load_state(AdamW::<B>::new(&s, 0), &m, &path).unwrap();
             resumed = Some((o, m));
         }
@@ -134,7 +124,11 @@ fn adamw_equals_burn_adamw_skips_params_without_grad_and_resumes_exactly() {
     assert!(ours.state("blocks.1.ff_norm.weight").is_none());
     assert_eq!(ours.state("blocks.1.attn_norm.weight").unwrap().time, 5);
     let (_, m) = resumed.unwrap();
-    assert_eq!(values(&m), vb, "save after 3 + load + 2 steps = 5 straight steps");
+    assert_eq!(
+        values(&m),
+        vb,
+        "save after 3 + load + 2 steps = 5 straight steps"
+    );
 }
 
 #[test]
@@ -142,14 +136,20 @@ fn stochastic_rounding_is_unbiased_and_seeded() {
     let dev = Default::default();
     // 1 + k/4 ulp of bf16 around 1.0 (ulp 2^-7)
     let n = 40_000;
-    let x: Vec<f32> = (0..n).map(|i| 1.0 + (i % 4) as f32 * 0.25 / 128.0).collect();
+    let x: Vec<f32> = (0..n)
+        .map(|i| 1.0 + (i % 4) as f32 * 0.25 / 128.0)
+        .collect();
     let t = Tensor::<Cpu, 1>::from_floats(x.as_slice(), &dev);
     let r = optim::stochastic_round(t.clone(), burn::tensor::DType::BF16, 11);
     assert_eq!(r.dtype(), burn::tensor::DType::BF16);
     let again = optim::stochastic_round(t.clone(), burn::tensor::DType::BF16, 11);
     let other = optim::stochastic_round(t, burn::tensor::DType::BF16, 12);
     assert_eq!(r.to_data(), again.to_data(), "same seed, same rounding");
-    assert_ne!(r.to_data(), other.to_data(), "another seed, another rounding");
+    assert_ne!(
+        r.to_data(),
+        other.to_data(),
+        "another seed, another rounding"
+    );
     let v: Vec<f32> = r.into_data().convert::<f32>().to_vec().unwrap();
     for k in 0..4 {
         let vals: Vec<f32> = v.iter().skip(k).step_by(4).copied().collect();
@@ -250,7 +250,9 @@ fn file_tensors(path: &Path) -> HashMap<String, Vec<f32>> {
                 safetensors::Dtype::BF16 => t
                     .data()
                     .chunks_exact(2)
-                    .map(|c| f32::from_bits(u32::from(u16::from_le_bytes(c.try_into().unwrap())) << 16))
+                    .map(|c| {
+                        f32::from_bits(u32::from(u16::from_le_bytes(c.try_into().unwrap())) << 16)
+                    })
                     .collect(),
                 d => panic!("{d:?}"),
             };
@@ -319,11 +321,17 @@ fn bf16_weights_learn_with_master_weights_or_stochastic_rounding() {
             if r != b {
                 off += 1;
                 let ulp = f32::from_bits(m.abs().to_bits() & 0x7f80_0000) / 128.0;
-                assert!((m - b).abs() <= 0.5 * ulp * 1.001, "{k}: master {m} → bf16 {b}");
+                assert!(
+                    (m - b).abs() <= 0.5 * ulp * 1.001,
+                    "{k}: master {m} → bf16 {b}"
+                );
             }
         }
     }
-    assert!(off * 10_000 <= n, "{off} of {n} bf16 weights are not the rounded master");
+    assert!(
+        off * 10_000 <= n,
+        "{off} of {n} bf16 weights are not the rounded master"
+    );
     let sr_ck = run(&grpo_recipe(
         tmp.path(),
         "stochastic",
@@ -389,9 +397,18 @@ fn bf16_weights_learn_with_master_weights_or_stochastic_rounding() {
         (0.8..1.2).contains(&(d_sr / d_master)),
         "stochastic mean |Δw| {d_sr:e} vs master {d_master:e}"
     );
-    assert!((0.8..1.2).contains(&slope), "stochastic updates biased: slope {slope}");
-    assert!(sr_changed > 2.0 * near_changed, "stochastic {sr_changed} vs nearest {near_changed}");
-    assert!(d_near < 0.1 * d_master, "round to nearest kept {d_near:e} of {d_master:e}");
+    assert!(
+        (0.8..1.2).contains(&slope),
+        "stochastic updates biased: slope {slope}"
+    );
+    assert!(
+        sr_changed > 2.0 * near_changed,
+        "stochastic {sr_changed} vs nearest {near_changed}"
+    );
+    assert!(
+        d_near < 0.1 * d_master,
+        "round to nearest kept {d_near:e} of {d_master:e}"
+    );
 }
 
 #[test]
@@ -399,7 +416,11 @@ fn bf16_master_weights_resume_bit_exactly_and_bf16_without_either_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let init = quickstart_init(tmp.path());
     let dev = Default::default();
-    let sets = ["model.dtype=bf16", "optimizer.master_weights=true", "train.max_steps=3"];
+    let sets = [
+        "model.dtype=bf16",
+        "optimizer.master_weights=true",
+        "train.max_steps=3",
+    ];
     let straight = grpo_recipe(tmp.path(), "straight", &init, &sets);
     let a = UniGrpo::run::<B>(&straight, &dev, &UniGrpoOptions::default(), &mut |_| {}).unwrap();
     let split = grpo_recipe(tmp.path(), "split", &init, &sets);
@@ -415,7 +436,11 @@ fn bf16_master_weights_resume_bit_exactly_and_bf16_without_either_is_refused() {
     let b = UniGrpo::run::<B>(&split, &dev, &o, &mut |_| {}).unwrap();
     assert_eq!(a.losses, b.losses);
     let (ca, cb) = (a.last_checkpoint.unwrap(), b.last_checkpoint.unwrap());
-    for f in ["model/model.safetensors", "optimizer.safetensors", optim::MASTER_FILE] {
+    for f in [
+        "model/model.safetensors",
+        "optimizer.safetensors",
+        optim::MASTER_FILE,
+    ] {
         assert_eq!(
             file_tensors(&ca.join(f)),
             file_tensors(&cb.join(f)),
@@ -423,7 +448,8 @@ fn bf16_master_weights_resume_bit_exactly_and_bf16_without_either_is_refused() {
         );
     }
     let text = std::fs::read_to_string(
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../recipes/quickstart_unigrpo.yaml"),
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../recipes/quickstart_unigrpo.yaml"),
     )
     .unwrap();
     let e = UniGrpoRecipe::parse(&text, "q.yaml", &["model.dtype=bf16".into()])
@@ -446,7 +472,8 @@ fn bf16_master_weights_resume_bit_exactly_and_bf16_without_either_is_refused() {
     assert!(e.contains("optimizer.bf16_rounding"), "{e}");
     // the 8B UniGRPO recipe parses (bf16 with master weights)
     let text = std::fs::read_to_string(
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../recipes/unigrpo_gsm8k.yaml"),
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../recipes/unigrpo_gsm8k.yaml"),
     )
     .unwrap();
     let r = UniGrpoRecipe::parse(&text, "unigrpo_gsm8k.yaml", &[]).unwrap();
@@ -506,7 +533,13 @@ fn file_rel_diff(a: &Path, b: &Path) -> f32 {
     names.sort();
     let mut yn: Vec<&String> = y.keys().collect();
     yn.sort();
-    assert_eq!(names, yn, "{} vs {}: tensor names", a.display(), b.display());
+    assert_eq!(
+        names,
+        yn,
+        "{} vs {}: tensor names",
+        a.display(),
+        b.display()
+    );
     let (mut d, mut m) = (0f32, 0f32);
     for n in names {
         for (p, q) in x[n].iter().zip(&y[n]) {
@@ -521,7 +554,14 @@ fn file_rel_diff(a: &Path, b: &Path) -> f32 {
 fn sft_sharded_equals_unsharded_on_2_and_3_ranks_and_resumes_across_layouts() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |r: &SftRecipe, ranks: usize, o: SftOptions| {
-        Sft::run_dp::<B>(r, &vec![Default::default(); ranks], &dist(), &o, &mut |_| {}).unwrap()
+        Sft::run_dp::<B>(
+            r,
+            &vec![Default::default(); ranks],
+            &dist(),
+            &o,
+            &mut |_| {},
+        )
+        .unwrap()
     };
     for ranks in [2, 3] {
         let base = run(
@@ -543,7 +583,9 @@ fn sft_sharded_equals_unsharded_on_2_and_3_ranks_and_resumes_across_layouts() {
                 &base_ck.join("optimizer.safetensors"),
                 &ck.join("optimizer.safetensors"),
             );
-            println!("SFT cpu:{ranks} sharding {mode} vs none, 5 steps: weights {dw:e}, optimizer state {ds:e} (max relative)");
+            println!(
+                "SFT cpu:{ranks} sharding {mode} vs none, 5 steps: weights {dw:e}, optimizer state {ds:e} (max relative)"
+            );
             assert!(dw <= 1e-6, "{mode} on {ranks}: weights {dw:e}");
             assert!(ds <= 1e-5, "{mode} on {ranks}: optimizer state {ds:e}");
             // with the deterministic reduction order (vendor/PATCHED.md 4) even bit-exact
@@ -565,7 +607,10 @@ fn sft_sharded_equals_unsharded_on_2_and_3_ranks_and_resumes_across_layouts() {
     let split = sft_recipe(
         tmp.path(),
         "split",
-        &["train.sharding=optimizer_and_gradients", "data.lm.batch_size=2"],
+        &[
+            "train.sharding=optimizer_and_gradients",
+            "data.lm.batch_size=2",
+        ],
     );
     let o = SftOptions {
         stop_after: Some(3),
@@ -579,11 +624,25 @@ fn sft_sharded_equals_unsharded_on_2_and_3_ranks_and_resumes_across_layouts() {
         ..Default::default()
     };
     let second = run(&unsharded, 2, o);
-    let (ca, cb) = (straight.last_checkpoint.unwrap(), second.last_checkpoint.unwrap());
-    let dw = file_rel_diff(&ca.join("model/model.safetensors"), &cb.join("model/model.safetensors"));
-    let ds = file_rel_diff(&ca.join("optimizer.safetensors"), &cb.join("optimizer.safetensors"));
-    println!("SFT 3 sharded ranks → resume on 2 unsharded vs straight on 2: weights {dw:e}, state {ds:e}");
-    assert!(dw <= 1e-6 && ds <= 1e-5, "resume across layouts: {dw:e} {ds:e}");
+    let (ca, cb) = (
+        straight.last_checkpoint.unwrap(),
+        second.last_checkpoint.unwrap(),
+    );
+    let dw = file_rel_diff(
+        &ca.join("model/model.safetensors"),
+        &cb.join("model/model.safetensors"),
+    );
+    let ds = file_rel_diff(
+        &ca.join("optimizer.safetensors"),
+        &cb.join("optimizer.safetensors"),
+    );
+    println!(
+        "SFT 3 sharded ranks → resume on 2 unsharded vs straight on 2: weights {dw:e}, state {ds:e}"
+    );
+    assert!(
+        dw <= 1e-6 && ds <= 1e-5,
+        "resume across layouts: {dw:e} {ds:e}"
+    );
 }
 
 #[test]
@@ -602,17 +661,31 @@ fn unigrpo_sharded_equals_unsharded_and_state_is_split() {
     };
     let base_sets = ["optimizer.lr=1e-3", "train.max_steps=3"];
     for ranks in [2, 3] {
-        let base = run(&grpo_recipe(tmp.path(), &format!("gnone{ranks}"), &init, &base_sets), ranks);
+        let base = run(
+            &grpo_recipe(tmp.path(), &format!("gnone{ranks}"), &init, &base_sets),
+            ranks,
+        );
         let bck = base.last_checkpoint.unwrap();
         for mode in ["optimizer", "optimizer_and_gradients"] {
             let set = format!("train.sharding={mode}");
             let mut sets = base_sets.to_vec();
             sets.push(&set);
-            let out = run(&grpo_recipe(tmp.path(), &format!("g{mode}{ranks}"), &init, &sets), ranks);
+            let out = run(
+                &grpo_recipe(tmp.path(), &format!("g{mode}{ranks}"), &init, &sets),
+                ranks,
+            );
             let ck = out.last_checkpoint.unwrap();
-            let dw = file_rel_diff(&bck.join("model/model.safetensors"), &ck.join("model/model.safetensors"));
-            let ds = file_rel_diff(&bck.join("optimizer.safetensors"), &ck.join("optimizer.safetensors"));
-            println!("UniGRPO cpu:{ranks} sharding {mode} vs none, 6 updates: weights {dw:e}, state {ds:e}");
+            let dw = file_rel_diff(
+                &bck.join("model/model.safetensors"),
+                &ck.join("model/model.safetensors"),
+            );
+            let ds = file_rel_diff(
+                &bck.join("optimizer.safetensors"),
+                &ck.join("optimizer.safetensors"),
+            );
+            println!(
+                "UniGRPO cpu:{ranks} sharding {mode} vs none, 6 updates: weights {dw:e}, state {ds:e}"
+            );
             assert!(dw <= 1e-6, "{mode} on {ranks}: weights {dw:e}");
             assert!(ds <= 1e-5, "{mode} on {ranks}: state {ds:e}");
             for f in ["model/model.safetensors", "optimizer.safetensors"] {
@@ -647,7 +720,7 @@ fn partition_is_balanced_whole_tensors_and_state_bytes_split() {
         let g = grads(&model, 0, false);
         let _ = full.step(model.clone(), g, 1e-3);
         let mut sum = 0;
-        for r in 0..world {
+        for (r, l) in load.iter().enumerate() {
             let mut o = AdamW::<B>::new(&s, 0);
             o.set_owned(Some(
                 infos
@@ -658,7 +731,7 @@ fn partition_is_balanced_whole_tensors_and_state_bytes_split() {
                     .collect(),
             ));
             let _ = o.step(model.clone(), grads(&model, 0, false), 1e-3);
-            assert_eq!(o.state_bytes(), load[r] * 8, "rank {r}: m and v in f32");
+            assert_eq!(o.state_bytes(), l * 8, "rank {r}: m and v in f32");
             sum += o.state_bytes();
         }
         assert_eq!(sum, full.state_bytes());

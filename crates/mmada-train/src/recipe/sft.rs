@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RecipeError, Sharding, RunConfig, ScheduleSection, TokenizerSection, cpu, one_f32, one_u64,
+    RecipeError, RunConfig, ScheduleSection, Sharding, TokenizerSection, cpu, one_f32, one_u64,
     validate_device, validate_log_every, yes,
 };
 

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RecipeError, Sharding, RunConfig, ScheduleSection, TokenizerSection, cpu, one_u64, validate_device,
-    validate_log_every, yes,
+    RecipeError, RunConfig, ScheduleSection, Sharding, TokenizerSection, cpu, one_u64,
+    validate_device, validate_log_every, yes,
 };
 
 serde_defaults! {
