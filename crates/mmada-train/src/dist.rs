@@ -47,6 +47,8 @@ use burn::tensor::{Tensor, TensorPrimitive};
 use mmada_model::LladaModel;
 use mmada_model::model::ParamRef;
 
+use crate::optim;
+
 /// An error of the data-parallel machinery.
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
@@ -321,6 +323,37 @@ pub trait GradReducer<B: AutodiffBackend>: Send {
         values: &[f32],
         long: bool,
     ) -> Result<Vec<f32>, DistError>;
+    /// Broadcast a flat tensor of `len` elements of `dtype` from rank `root` (which passes
+    /// `Some`; the others pass `None`) to every rank, bit-exact (ZeRO: updated parameters and
+    /// gathered optimizer state).
+    ///
+    /// # Errors
+    /// As [`GradReducer::mean_grads`]; [`DistError::Config`] when `root` passes `None`.
+    fn broadcast_flat(
+        &mut self,
+        what: &str,
+        tensor: Option<Tensor<B::InnerBackend, 1>>,
+        root: usize,
+        len: usize,
+        dtype: burn::tensor::DType,
+    ) -> Result<Tensor<B::InnerBackend, 1>, DistError>;
+    /// Whether [`GradReducer::broadcast_flat`] may change the root's own bits (the multi-node
+    /// path through an all-reduce turns -0.0 into +0.0): the root then takes the broadcast
+    /// result too, so the replicas stay bit-identical.
+    fn replaces_root_copy(&self) -> bool {
+        false
+    }
+    /// Mean over ranks of a flat tensor, delivered to rank `root` only (`None` elsewhere):
+    /// ZeRO stage 2's gradient reduction to the owner.
+    ///
+    /// # Errors
+    /// As [`GradReducer::mean_grads`].
+    fn reduce_mean_to(
+        &mut self,
+        what: &str,
+        tensor: Tensor<B::InnerBackend, 1>,
+        root: usize,
+    ) -> Result<Option<Tensor<B::InnerBackend, 1>>, DistError>;
     /// Wait until every rank arrives, with a deadline of [`IO_BARRIER_FACTOR`] × the
     /// per-call timeout: called by every rank after a step on which rank 0 alone evaluated or
     /// wrote a checkpoint (an 8B checkpoint with optimizer state is ~100 GB), so the others do
@@ -361,6 +394,24 @@ impl<B: AutodiffBackend> GradReducer<B> for SingleDevice {
         _long: bool,
     ) -> Result<Vec<f32>, DistError> {
         Ok(values.to_vec())
+    }
+    fn broadcast_flat(
+        &mut self,
+        what: &str,
+        tensor: Option<Tensor<B::InnerBackend, 1>>,
+        _root: usize,
+        _len: usize,
+        _dtype: burn::tensor::DType,
+    ) -> Result<Tensor<B::InnerBackend, 1>, DistError> {
+        tensor.ok_or_else(|| DistError::Config(format!("{what}: the only rank has no tensor")))
+    }
+    fn reduce_mean_to(
+        &mut self,
+        _what: &str,
+        tensor: Tensor<B::InnerBackend, 1>,
+        _root: usize,
+    ) -> Result<Option<Tensor<B::InnerBackend, 1>>, DistError> {
+        Ok(Some(tensor))
     }
     fn barrier(&mut self) -> Result<(), DistError> {
         Ok(())
@@ -477,6 +528,7 @@ pub struct CollectiveReducer<B: AutodiffBackend> {
     world: usize,
     device: burn::tensor::Device<B::InnerBackend>,
     timeout: Duration,
+    global: bool,
 }
 
 fn collective_err(
@@ -519,7 +571,16 @@ impl<B: AutodiffBackend> CollectiveReducer<B> {
             world,
             device,
             timeout,
+            global: false,
         })
+    }
+
+    /// Mark this reducer as part of a multi-node job: burn-collective 0.21 has no global
+    /// `reduce` / `broadcast` (`unimplemented!`), so [`GradReducer::broadcast_flat`] and
+    /// [`GradReducer::reduce_mean_to`] then go through the global all-reduce.
+    pub fn with_global(mut self, global: bool) -> Self {
+        self.global = global;
+        self
     }
 
     fn all_reduce_flat(
@@ -679,6 +740,71 @@ impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
         Ok(out)
     }
 
+    fn broadcast_flat(
+        &mut self,
+        what: &str,
+        tensor: Option<Tensor<B::InnerBackend, 1>>,
+        root: usize,
+        len: usize,
+        dtype: burn::tensor::DType,
+    ) -> Result<Tensor<B::InnerBackend, 1>, DistError> {
+        if (root == self.rank) != tensor.is_some() {
+            return Err(DistError::Config(format!(
+                "{what}: rank {} {} a tensor but the root is rank {root}",
+                self.rank,
+                if tensor.is_some() { "sends" } else { "has no" }
+            )));
+        }
+        if self.global {
+            // an all-reduce sum of the root's tensor and zeros elsewhere: every rank (the
+            // root included) keeps the result, so the copies are bit-identical (a -0.0 of
+            // the root becomes +0.0 everywhere)
+            let t = tensor.unwrap_or_else(|| Tensor::zeros([len], (&self.device, dtype)));
+            return self.all_reduce_flat(what, t, ReduceOperation::Sum);
+        }
+        let peer = self.peer;
+        let prim = tensor.map(|t| t.into_primitive().tensor());
+        let out = self
+            .comm
+            .call(what, self.timeout, move || {
+                burn_collective::broadcast::<B::InnerBackend>(peer, prim)
+            })?
+            .map_err(collective_err(self.rank, what))?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    fn replaces_root_copy(&self) -> bool {
+        self.global
+    }
+
+    fn reduce_mean_to(
+        &mut self,
+        what: &str,
+        tensor: Tensor<B::InnerBackend, 1>,
+        root: usize,
+    ) -> Result<Option<Tensor<B::InnerBackend, 1>>, DistError> {
+        if self.global {
+            // all-reduce, and the ranks other than the root drop the result
+            let r = self.all_reduce_flat(what, tensor, ReduceOperation::Mean)?;
+            return Ok((root == self.rank).then_some(r));
+        }
+        let peer = self.peer;
+        let prim = tensor.into_primitive().tensor();
+        let root_peer = PeerId(root as u32);
+        let out = self
+            .comm
+            .call(what, self.timeout, move || {
+                burn_collective::reduce::<B::InnerBackend>(
+                    peer,
+                    prim,
+                    ReduceOperation::Mean,
+                    root_peer,
+                )
+            })?
+            .map_err(collective_err(self.rank, what))?;
+        Ok(out.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t))))
+    }
+
     fn barrier(&mut self) -> Result<(), DistError> {
         let timeout = self.timeout * IO_BARRIER_FACTOR;
         self.sum_within(
@@ -709,6 +835,284 @@ impl<B: AutodiffBackend> GradReducer<B> for CollectiveReducer<B> {
                 finish_collective::<B::InnerBackend>(peer)
             })?
             .map_err(collective_err(self.rank, "finish"))
+    }
+}
+
+/// The owner rank of every parameter (`LladaModel::params` order) for `sharding` over
+/// `world` ranks ([`crate::optim::partition`]); `None` without sharding or with one rank.
+pub fn owners<B: Backend>(
+    model: &LladaModel<B>,
+    world: usize,
+    sharding: crate::recipe::Sharding,
+) -> Option<Vec<usize>> {
+    if world <= 1 || sharding == crate::recipe::Sharding::None {
+        return None;
+    }
+    let numels: Vec<usize> = optim::param_infos(model)
+        .iter()
+        .map(optim::ParamInfo::numel)
+        .collect();
+    Some(optim::partition(&numels, world))
+}
+
+/// Consecutive runs of `items` (indices into `infos`) of at most [`BUCKET_ELEMS`] elements
+/// (at least one item each).
+fn buckets(infos: &[optim::ParamInfo], items: &[usize]) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = vec![];
+    let mut elems = 0;
+    for &i in items {
+        let n = infos[i].numel();
+        match out.last_mut() {
+            Some(b) if elems + n <= BUCKET_ELEMS => {
+                b.push(i);
+                elems += n;
+            }
+            _ => {
+                out.push(vec![i]);
+                elems = n;
+            }
+        }
+    }
+    out
+}
+
+fn flat_grad<B: AutodiffBackend>(
+    grads: &mut GradientsParams,
+    info: &optim::ParamInfo,
+) -> Option<Tensor<B::InnerBackend, 1>> {
+    if info.dims.len() == 2 {
+        grads
+            .remove::<B::InnerBackend, 2>(info.id)
+            .map(|g| g.reshape([info.numel()]))
+    } else {
+        grads.remove::<B::InnerBackend, 1>(info.id)
+    }
+}
+
+/// ZeRO stage 2: the mean over ranks of every gradient, kept by the parameter's owner only
+/// (`owners`, from [`owners`]); the other ranks drop theirs. One `burn_collective::reduce`
+/// (mean, to the owner) per bucket of one owner's parameters, in `params` order. As
+/// [`GradReducer::mean_grads`], a parameter without a gradient on some ranks counts as zeros
+/// there, one without a gradient on every rank gets none.
+///
+/// # Errors
+/// Collective errors.
+pub fn reduce_grads_to_owners<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    model: &LladaModel<B>,
+    mut grads: GradientsParams,
+    owners: &[usize],
+) -> Result<GradientsParams, DistError> {
+    let infos = optim::param_infos(model);
+    let present: Vec<f32> = infos
+        .iter()
+        .map(|i| {
+            let has = if i.dims.len() == 2 {
+                grads.get::<B::InnerBackend, 2>(i.id).is_some()
+            } else {
+                grads.get::<B::InnerBackend, 1>(i.id).is_some()
+            };
+            f32::from(u8::from(has))
+        })
+        .collect();
+    let present = reducer.sum_labeled("gradient presence all-reduce", &present, false)?;
+    let rank = reducer.rank();
+    let mut out = GradientsParams::new();
+    for owner in 0..reducer.world() {
+        let items: Vec<usize> = (0..infos.len())
+            .filter(|&i| owners[i] == owner && present[i] > 0.0)
+            .collect();
+        for (k, bucket) in buckets(&infos, &items).into_iter().enumerate() {
+            let device = model.wte.weight.val().inner().device();
+            let flat: Vec<Tensor<B::InnerBackend, 1>> = bucket
+                .iter()
+                .map(|&i| {
+                    flat_grad::<B>(&mut grads, &infos[i])
+                        .unwrap_or_else(|| Tensor::zeros([infos[i].numel()], &device))
+                })
+                .collect();
+            let what = format!("gradient reduce to rank {owner} (bucket {k})");
+            let reduced = reducer.reduce_mean_to(&what, Tensor::cat(flat, 0), owner)?;
+            if let Some(reduced) = reduced.filter(|_| owner == rank) {
+                let mut off = 0;
+                for &i in &bucket {
+                    let info = &infos[i];
+                    let g = reduced.clone().slice(off..off + info.numel());
+                    off += info.numel();
+                    if info.dims.len() == 2 {
+                        out.register(info.id, g.reshape([info.dims[0], info.dims[1]]));
+                    } else {
+                        out.register(info.id, g);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every parameter's squared gradient norm ([`optim::grad_sq_norms`]) gathered from the
+/// owners (each rank fills the slots of the parameters it owns; a sum is an exact
+/// all-gather), so that [`optim::global_norm`] gives the same number on every rank and as
+/// without sharding. A slot is `None` where the owner has no gradient.
+///
+/// # Errors
+/// Collective errors.
+pub fn gather_sq_norms<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    model: &LladaModel<B>,
+    grads: &GradientsParams,
+    owners: &[usize],
+) -> Result<Vec<Option<f32>>, DistError> {
+    let rank = reducer.rank();
+    let mine = optim::grad_sq_norms(model, grads);
+    // two slots per parameter: presence and value
+    let mut v = vec![0f32; 2 * mine.len()];
+    for (i, s) in mine.iter().enumerate() {
+        if owners[i] == rank
+            && let Some(s) = s
+        {
+            v[2 * i] = 1.0;
+            v[2 * i + 1] = *s;
+        }
+    }
+    let all = reducer.sum_labeled("gradient norm all-gather", &v, false)?;
+    Ok((0..mine.len())
+        .map(|i| (all[2 * i] > 0.0).then_some(all[2 * i + 1]))
+        .collect())
+}
+
+/// ZeRO: every parameter's value broadcast from its owner (after the owner's update), one
+/// `burn_collective::broadcast` per bucket of one owner's parameters; bit-exact copies, so
+/// the replicas stay identical.
+///
+/// # Errors
+/// Collective errors.
+pub fn broadcast_params<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    model: LladaModel<B>,
+    owners: &[usize],
+) -> Result<LladaModel<B>, DistError> {
+    let infos = optim::param_infos(&model);
+    let rank = reducer.rank();
+    let mut values = std::collections::HashMap::new();
+    {
+        let params = model.params();
+        let flat = |i: usize| -> Tensor<B::InnerBackend, 1> {
+            let info = &infos[i];
+            match params[i].1 {
+                ParamRef::Linear(w) | ParamRef::Matrix(w) => {
+                    w.val().inner().reshape([info.numel()])
+                }
+                ParamRef::Vector(w) => w.val().inner(),
+            }
+        };
+        for owner in 0..reducer.world() {
+            let items: Vec<usize> = (0..infos.len()).filter(|&i| owners[i] == owner).collect();
+            for (k, bucket) in buckets(&infos, &items).into_iter().enumerate() {
+                let send = (owner == rank)
+                    .then(|| Tensor::cat(bucket.iter().map(|&i| flat(i)).collect(), 0));
+                let what = format!("parameter broadcast from rank {owner} (bucket {k})");
+                let len = bucket.iter().map(|&i| infos[i].numel()).sum();
+                let got = reducer.broadcast_flat(&what, send, owner, len, model.dtype())?;
+                if owner == rank && !reducer.replaces_root_copy() {
+                    continue;
+                }
+                let mut off = 0;
+                for &i in &bucket {
+                    let n = infos[i].numel();
+                    values.insert(infos[i].id, got.clone().slice(off..off + n));
+                    off += n;
+                }
+            }
+        }
+    }
+    Ok(optim::write_params(model, values))
+}
+
+/// The consolidated optimizer state of a sharded run, for rank 0's checkpoint: every
+/// parameter's state (moments, step count, master weights) broadcast from its owner, one
+/// parameter at a time (a bit-exact copy; every rank takes part, rank 0 keeps the result,
+/// the others return their own shard unchanged).
+///
+/// # Errors
+/// Collective errors.
+pub fn gather_optimizer<B: AutodiffBackend>(
+    reducer: &mut dyn GradReducer<B>,
+    optim: &optim::AdamW<B>,
+    model: &LladaModel<B>,
+    owners: &[usize],
+) -> Result<optim::AdamW<B>, DistError> {
+    let infos = optim::param_infos(model);
+    let rank = reducer.rank();
+    // which parameters have state, their step counts and whether a master copy exists
+    let mut v = vec![0f32; 3 * infos.len()];
+    for (i, info) in infos.iter().enumerate() {
+        if owners[i] == rank
+            && let Some(s) = optim.state(&info.name)
+        {
+            v[3 * i] = 1.0;
+            v[3 * i + 1] = s.time as f32;
+            v[3 * i + 2] = f32::from(u8::from(s.master.is_some()));
+        }
+    }
+    let meta = reducer.sum_labeled("optimizer state gather", &v, false)?;
+    let mut full = optim.clone();
+    full.set_owned(None);
+    for (i, info) in infos.iter().enumerate() {
+        if meta[3 * i] == 0.0 {
+            continue;
+        }
+        let n = info.numel();
+        let parts = if meta[3 * i + 2] > 0.0 { 3 } else { 2 };
+        let send = (owners[i] == rank).then(|| {
+            let s = optim.state(&info.name).expect("owner has the state");
+            let mut ts = vec![
+                s.exp_avg.clone().cast(burn::tensor::DType::F32),
+                s.exp_avg_sq.clone().cast(burn::tensor::DType::F32),
+            ];
+            if let Some(m) = &s.master {
+                ts.push(m.clone());
+            }
+            Tensor::cat(ts, 0)
+        });
+        let dtype = optim
+            .state(&info.name)
+            .map(|s| s.exp_avg.dtype())
+            .unwrap_or_else(|| state_dtype(optim, model));
+        let got = reducer.broadcast_flat(
+            &format!("optimizer state gather ({})", info.name),
+            send,
+            owners[i],
+            parts * n,
+            burn::tensor::DType::F32,
+        )?;
+        if rank == 0 && owners[i] != 0 {
+            let part = |k: usize| got.clone().slice(k * n..(k + 1) * n);
+            full.set_state(
+                &info.name,
+                Some(optim::ParamState {
+                    time: meta[3 * i + 1] as usize,
+                    exp_avg: part(0).cast(dtype),
+                    exp_avg_sq: part(1).cast(dtype),
+                    master: (parts == 3).then(|| part(2)),
+                }),
+            );
+        }
+    }
+    Ok(full)
+}
+
+/// The dtype AdamW keeps its moments in for `model` (see [`optim::Precision`]).
+fn state_dtype<B: AutodiffBackend>(
+    optim: &optim::AdamW<B>,
+    model: &LladaModel<B>,
+) -> burn::tensor::DType {
+    let d = model.dtype();
+    if d != burn::tensor::DType::F32 && optim.precision() != optim::Precision::Plain {
+        burn::tensor::DType::F32
+    } else {
+        d
     }
 }
 
@@ -1063,7 +1467,8 @@ where
             config.clone(),
             cfg.timeout,
             abort.clone(),
-        )?;
+        )?
+        .with_global(cfg.nodes > 1);
         Ok(Worker {
             device: devices[i].clone(),
             reducer: Box::new(r),

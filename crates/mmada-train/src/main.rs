@@ -703,7 +703,7 @@ fn plan_command(args: PlanArgs) -> Result<()> {
     println!("recipe {} (model config: {source})", args.recipe.display());
     if !what_if.is_empty() {
         println!(
-            "WHAT-IF (not implemented by the trainer yet): {}",
+            "WHAT-IF (overrides of the recipe; activation checkpointing is not implemented by the trainer yet): {}",
             what_if.join(", ")
         );
     }

@@ -1,18 +1,49 @@
-//! AdamW with PyTorch semantics, global-norm clipping, gradient accumulation, and optimizer
-//! state saved by parameter name.
+//! AdamW with PyTorch semantics (our own, no burn optimizer), f32 master weights or
+//! stochastic rounding for bf16 parameters, ZeRO-style ownership of parameters, global-norm
+//! clipping, gradient accumulation, and optimizer state saved by parameter name.
 //!
-//! burn's `AdamW` update is PyTorch's (decoupled decay `p ← p(1 − lr·wd)`, bias-corrected
-//! moments, `ε` outside the square root) but its *defaults* differ (ε 1e-5, wd 1e-4): they are
-//! always set from the recipe here. burn's `GradientClipping::Norm` clips per tensor, so the
-//! global norm (`torch.nn.utils.clip_grad_norm_`) is implemented in [`clip_global_norm`].
+//! # The update
+//! `torch.optim.AdamW` (PyTorch 2.x `torch/optim/adamw.py`, `_single_tensor_adamw`; Loshchilov
+//! & Hutter 2019, Algorithm 2), per parameter with its own step count `t`:
+//! ```text
+//! p ← p · (1 − lr·wd)                       decoupled weight decay
+//! m ← β₁·m + (1 − β₁)·g                     (first step: m = (1 − β₁)·g)
+//! v ← β₂·v + (1 − β₂)·g²
+//! p ← p − lr · (m / (1 − β₁ᵗ)) / (sqrt(v / (1 − β₂ᵗ)) + ε)     ε outside the square root
+//! ```
+//! The operations run in the order of burn 0.21's `AdamW` (`burn-optim` `optim/adamw.rs`),
+//! which computes the same formula, so that f32 training is bit-identical to the
+//! `OptimizerAdaptor<AdamW>` this module replaces (checked by a test).
+//!
+//! # Precision ([`Precision`])
+//! * [`Precision::Plain`]: the state lives in the parameter dtype and the update is written
+//!   in it (f32 training, and `train.mixed_precision: bf16` over f32 parameters).
+//! * [`Precision::Master`]: for parameters that are not f32 (`model.dtype: bf16`) the
+//!   optimizer keeps an f32 master copy of each parameter it owns (initialised from the
+//!   weights at its first update, or from `master_weights.safetensors` on resume), updates
+//!   the master with f32 moments and writes the master rounded to nearest back into the
+//!   model.
+//! * [`Precision::Stochastic`]: no master copy; the update is computed in f32 from the bf16
+//!   weight and rounded stochastically into bf16 (`P(round up) = distance / ulp`, from a
+//!   SplitMix64 stream seeded by the run seed, the parameter name and its step: reproducible,
+//!   and independent of the number of ranks). The rounding is done on the host (a device →
+//!   host → device copy of each updated parameter): fine on CPU and small models, slow on a
+//!   GPU at 8B, where the master copy is the better choice.
+//!
+//! # Ownership (ZeRO)
+//! [`AdamW::set_owned`] restricts the optimizer to a subset of parameters
+//! ([`partition`]): it keeps state (and master weights) only for them and ignores the
+//! gradients of the others, whose new values come from their owners
+//! (`crate::dist::broadcast_params`).
+//!
+//! burn's `GradientClipping::Norm` clips per tensor, so the global norm
+//! (`torch.nn.utils.clip_grad_norm_`) is implemented in [`clip_global_norm`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use burn::module::ParamId;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::record::AdaptorRecord;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
 use mmada_model::LladaModel;
@@ -20,28 +51,421 @@ use mmada_model::model::ParamRef;
 
 use crate::recipe::OptimizerSection;
 
-/// The optimizer type used by the trainers.
-pub type AdamWOptim<B> = OptimizerAdaptor<AdamW, LladaModel<B>, B>;
-
-/// Build AdamW from the recipe (every hyper-parameter set explicitly).
-pub fn adamw<B: AutodiffBackend>(s: &OptimizerSection) -> AdamWOptim<B> {
-    AdamWConfig::new()
-        .with_beta_1(s.beta1)
-        .with_beta_2(s.beta2)
-        .with_epsilon(s.eps)
-        .with_weight_decay(s.weight_decay)
-        .init::<B, LladaModel<B>>()
+/// How the update reaches parameters that are not f32 (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// State and update in the parameter dtype (f32 parameters).
+    Plain,
+    /// f32 master copy of every owned non-f32 parameter; the model gets it rounded to nearest.
+    Master,
+    /// No master copy: the f32 update is rounded stochastically into the parameter dtype.
+    Stochastic,
 }
 
-fn ids<B: Backend>(model: &LladaModel<B>) -> Vec<(String, ParamId, usize)> {
+/// One parameter of the model as the optimizer sees it: Hugging Face name, `ParamId`, burn
+/// dims (`[in, out]` for Linear weights) and whether it is a Linear weight (transposed in
+/// the torch layout of the checkpoint files).
+#[derive(Debug, Clone)]
+pub struct ParamInfo {
+    /// Hugging Face name without the `model.transformer.` prefix.
+    pub name: String,
+    /// The model's id of the parameter (differs between processes).
+    pub id: ParamId,
+    /// burn shape.
+    pub dims: Vec<usize>,
+    /// A Linear weight (burn `[in, out]`, torch `[out, in]`).
+    pub linear: bool,
+}
+
+impl ParamInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// Every parameter of `model` in the order of `LladaModel::params`.
+pub fn param_infos<B: Backend>(model: &LladaModel<B>) -> Vec<ParamInfo> {
     model
         .params()
         .into_iter()
-        .map(|(n, p)| match p {
-            ParamRef::Linear(w) | ParamRef::Matrix(w) => (n, w.id, 2),
-            ParamRef::Vector(w) => (n, w.id, 1),
+        .map(|(name, p)| match p {
+            ParamRef::Linear(w) => ParamInfo {
+                name,
+                id: w.id,
+                dims: w.val().dims().to_vec(),
+                linear: true,
+            },
+            ParamRef::Matrix(w) => ParamInfo {
+                name,
+                id: w.id,
+                dims: w.val().dims().to_vec(),
+                linear: false,
+            },
+            ParamRef::Vector(w) => ParamInfo {
+                name,
+                id: w.id,
+                dims: w.val().dims().to_vec(),
+                linear: false,
+            },
         })
         .collect()
+}
+
+/// The owner rank of every parameter (in `params` order) over `world` ranks: whole tensors,
+/// balanced by element count, deterministic (largest first, each to the least-loaded rank,
+/// ties to the lower parameter index and the lower rank: the greedy LPT schedule).
+pub fn partition(numels: &[usize], world: usize) -> Vec<usize> {
+    let world = world.max(1);
+    let mut order: Vec<usize> = (0..numels.len()).collect();
+    order.sort_by(|&a, &b| numels[b].cmp(&numels[a]).then(a.cmp(&b)));
+    let mut load = vec![0usize; world];
+    let mut owner = vec![0usize; numels.len()];
+    for i in order {
+        let r = (0..world).min_by_key(|&r| (load[r], r)).expect("world ≥ 1");
+        owner[i] = r;
+        load[r] += numels[i];
+    }
+    owner
+}
+
+/// A parameter's gradient as a flat inner-backend tensor (removed from `grads`).
+fn take_grad<B: AutodiffBackend>(
+    grads: &mut GradientsParams,
+    info: &ParamInfo,
+) -> Option<Tensor<B::InnerBackend, 1>> {
+    if info.dims.len() == 2 {
+        grads
+            .remove::<B::InnerBackend, 2>(info.id)
+            .map(|g| g.reshape([info.numel()]))
+    } else {
+        grads.remove::<B::InnerBackend, 1>(info.id)
+    }
+}
+
+/// Put a flat gradient back in `grads` with the parameter's shape.
+fn put_grad<B: AutodiffBackend>(
+    grads: &mut GradientsParams,
+    info: &ParamInfo,
+    g: Tensor<B::InnerBackend, 1>,
+) {
+    if info.dims.len() == 2 {
+        grads.register(info.id, g.reshape([info.dims[0], info.dims[1]]));
+    } else {
+        grads.register(info.id, g);
+    }
+}
+
+/// A parameter's value as a flat inner-backend tensor.
+fn param_value<B: AutodiffBackend>(
+    model: &LladaModel<B>,
+    id: ParamId,
+) -> Tensor<B::InnerBackend, 1> {
+    for (_, p) in model.params() {
+        match p {
+            ParamRef::Linear(w) | ParamRef::Matrix(w) if w.id == id => {
+                let v = w.val().inner();
+                let n = v.dims().iter().product::<usize>();
+                return v.reshape([n]);
+            }
+            ParamRef::Vector(w) if w.id == id => return w.val().inner(),
+            _ => {}
+        }
+    }
+    panic!("parameter {id} is not in the model")
+}
+
+/// Replaces parameter values by `ParamId` (flat tensors, reshaped to the parameter's dims),
+/// keeping `require_grad` as burn's optimizer adaptor does.
+struct Writer<B: Backend> {
+    values: HashMap<ParamId, Tensor<B, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Writer<AB::InnerBackend> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let tensor = match self.values.remove(&id) {
+            Some(v) => {
+                let dims: [usize; D] = tensor.dims();
+                let require_grad = tensor.is_require_grad();
+                let mut t = Tensor::<AB, D>::from_inner(v.reshape(dims));
+                if require_grad {
+                    t = t.require_grad();
+                }
+                t
+            }
+            None => tensor,
+        };
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+/// Write new values (flat inner tensors, by `ParamId`) into `model`'s parameters.
+pub fn write_params<B: AutodiffBackend>(
+    model: LladaModel<B>,
+    values: HashMap<ParamId, Tensor<B::InnerBackend, 1>>,
+) -> LladaModel<B> {
+    if values.is_empty() {
+        return model;
+    }
+    model.map(&mut Writer::<B::InnerBackend> { values })
+}
+
+/// AdamW state of one parameter (flat, burn layout).
+#[derive(Clone)]
+pub struct ParamState<B: Backend> {
+    /// The parameter's own step count `t` (bias correction).
+    pub time: usize,
+    /// First moment `m` (`exp_avg`).
+    pub exp_avg: Tensor<B, 1>,
+    /// Second moment `v` (`exp_avg_sq`).
+    pub exp_avg_sq: Tensor<B, 1>,
+    /// f32 master copy ([`Precision::Master`] with non-f32 parameters).
+    pub master: Option<Tensor<B, 1>>,
+}
+
+/// AdamW over the parameters of a [`LladaModel`], state keyed by Hugging Face name. `B` is
+/// the autodiff backend; the state lives on its inner backend.
+#[derive(Clone)]
+pub struct AdamW<B: AutodiffBackend> {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    precision: Precision,
+    seed: u64,
+    states: HashMap<String, ParamState<B::InnerBackend>>,
+    owned: Option<HashSet<String>>,
+}
+
+/// The optimizer type used by the trainers.
+pub type AdamWOptim<B> = AdamW<B>;
+
+/// Build AdamW from the recipe (every hyper-parameter set explicitly; burn's defaults differ
+/// from PyTorch's and are never used). `seed` seeds stochastic rounding.
+pub fn adamw<B: AutodiffBackend>(s: &OptimizerSection) -> AdamWOptim<B> {
+    AdamW::new(s, 0)
+}
+
+impl<B: AutodiffBackend> AdamW<B> {
+    /// AdamW with the recipe's hyper-parameters and precision (`optimizer.master_weights`,
+    /// `optimizer.bf16_rounding`); `seed` seeds stochastic rounding (the run seed).
+    pub fn new(s: &OptimizerSection, seed: u64) -> Self {
+        AdamW {
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            weight_decay: s.weight_decay,
+            precision: s.precision(),
+            seed,
+            states: HashMap::new(),
+            owned: None,
+        }
+    }
+
+    /// The precision mode.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Restrict the optimizer to the parameters named in `owned` (ZeRO: this rank's shard),
+    /// dropping the state of the others; `None`: every parameter.
+    pub fn set_owned(&mut self, owned: Option<HashSet<String>>) {
+        if let Some(o) = &owned {
+            self.states.retain(|n, _| o.contains(n));
+        }
+        self.owned = owned;
+    }
+
+    /// Whether this optimizer updates parameter `name`.
+    pub fn owns(&self, name: &str) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.contains(name))
+    }
+
+    /// The state of parameter `name`, if it has one.
+    pub fn state(&self, name: &str) -> Option<&ParamState<B::InnerBackend>> {
+        self.states.get(name)
+    }
+
+    /// Set (or with `None` remove) the state of parameter `name`.
+    pub fn set_state(&mut self, name: &str, state: Option<ParamState<B::InnerBackend>>) {
+        match state {
+            Some(s) => {
+                self.states.insert(name.to_string(), s);
+            }
+            None => {
+                self.states.remove(name);
+            }
+        }
+    }
+
+    /// Bytes of optimizer state held (moments and master weights), for the memory report.
+    pub fn state_bytes(&self) -> usize {
+        let b = |t: &Tensor<B::InnerBackend, 1>| t.dims()[0] * t.dtype().size();
+        self.states
+            .values()
+            .map(|s| b(&s.exp_avg) + b(&s.exp_avg_sq) + s.master.as_ref().map_or(0, b))
+            .sum()
+    }
+
+    /// One AdamW update at learning rate `lr` of every owned parameter that has a gradient
+    /// in `grads` (the gradients are consumed; parameters without one get no update and no
+    /// state). Returns the model with the new values.
+    pub fn step(
+        &mut self,
+        model: LladaModel<B>,
+        mut grads: GradientsParams,
+        lr: f64,
+    ) -> LladaModel<B> {
+        let mut values = HashMap::new();
+        for info in param_infos(&model) {
+            if !self.owns(&info.name) {
+                continue;
+            }
+            let Some(g) = take_grad::<B>(&mut grads, &info) else {
+                continue;
+            };
+            let p = param_value(&model, info.id);
+            let new = self.update_one(&info.name, p, g, lr);
+            values.insert(info.id, new);
+        }
+        write_params(model, values)
+    }
+
+    /// Update one parameter (flat `p`, `g`); returns its new value in `p`'s dtype.
+    fn update_one(
+        &mut self,
+        name: &str,
+        p: Tensor<B::InnerBackend, 1>,
+        g: Tensor<B::InnerBackend, 1>,
+        lr: f64,
+    ) -> Tensor<B::InnerBackend, 1> {
+        let pdtype = p.dtype();
+        let wide = pdtype != DType::F32 && self.precision != Precision::Plain;
+        let state = self.states.remove(name);
+        let (p32, g) = if wide {
+            let master = match (
+                self.precision,
+                state.as_ref().and_then(|s| s.master.clone()),
+            ) {
+                (Precision::Master, Some(m)) => m,
+                _ => p.clone().cast(DType::F32),
+            };
+            (master, g.cast(DType::F32))
+        } else {
+            (p.clone(), g)
+        };
+        // burn-optim 0.21 `AdaptiveMomentumW::transform`, op for op (bit-identical f32)
+        let factor_1 = 1.0 - self.beta1;
+        let factor_2 = 1.0 - self.beta2;
+        let (m, v, time) = match state {
+            Some(s) => (
+                s.exp_avg
+                    .mul_scalar(self.beta1)
+                    .add(g.clone().mul_scalar(factor_1)),
+                s.exp_avg_sq
+                    .mul_scalar(self.beta2)
+                    .add(g.square().mul_scalar(factor_2)),
+                s.time + 1,
+            ),
+            None => (
+                g.clone().mul_scalar(factor_1),
+                g.square().mul_scalar(factor_2),
+                1,
+            ),
+        };
+        let t = time as i32;
+        let m_hat = m.clone().div_scalar(1f32 - self.beta1.powi(t));
+        let v_hat = v.clone().div_scalar(1f32 - self.beta2.powi(t));
+        let delta = m_hat.div(v_hat.sqrt().add_scalar(self.eps));
+        // burn-optim 0.21 `AdamW::step`: decoupled decay, then the step
+        let decay = lr * f64::from(self.weight_decay);
+        let decayed = if decay == 0.0 {
+            p32
+        } else {
+            p32.mul_scalar(1.0 - decay)
+        };
+        let new32 = decayed - delta.mul_scalar(lr);
+        let (new, master) = if !wide {
+            (new32, None)
+        } else if self.precision == Precision::Master {
+            (new32.clone().cast(pdtype), Some(new32))
+        } else {
+            let seed = rounding_seed(self.seed, name, time as u64);
+            (stochastic_round(new32, pdtype, seed), None)
+        };
+        self.states.insert(
+            name.to_string(),
+            ParamState {
+                time,
+                exp_avg: m,
+                exp_avg_sq: v,
+                master,
+            },
+        );
+        new
+    }
+}
+
+/// SplitMix64 (Steele, Lea & Flood 2014): the stochastic-rounding stream.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The seed of one parameter's rounding at one step: run seed, FNV-1a of the name, step.
+fn rounding_seed(seed: u64, name: &str, time: u64) -> u64 {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut s = seed ^ h.rotate_left(17) ^ time.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    splitmix64(&mut s)
+}
+
+/// Round f32 values stochastically to bf16: add a uniform 16-bit integer to the f32 bit
+/// pattern and truncate the low 16 bits (so a value rounds away from zero with probability
+/// distance / ulp; unbiased in expectation). Non-finite values round to nearest. Other
+/// target dtypes than bf16 round to nearest.
+///
+/// # Panics
+/// Never for float tensors (the data conversion to f32 is infallible for them).
+pub fn stochastic_round<B: Backend>(x: Tensor<B, 1>, dtype: DType, seed: u64) -> Tensor<B, 1> {
+    if dtype != DType::BF16 {
+        return x.cast(dtype);
+    }
+    let device = x.device();
+    let n = x.dims()[0];
+    let v: Vec<f32> = x.into_data().convert::<f32>().to_vec().expect("f32 data");
+    let mut s = seed;
+    let mut bytes = Vec::with_capacity(2 * n);
+    let mut r = 0u64;
+    for (i, f) in v.iter().enumerate() {
+        let bits = if f.is_finite() {
+            if i % 4 == 0 {
+                r = splitmix64(&mut s);
+            }
+            let noise = ((r >> (16 * (i % 4))) & 0xffff) as u32;
+            (f.to_bits().wrapping_add(noise) >> 16) as u16
+        } else {
+            half_bits(*f)
+        };
+        bytes.extend_from_slice(&bits.to_le_bytes());
+    }
+    // `(&device, dtype)`: `from_data` with a bare device would convert to the default f32
+    Tensor::from_data(
+        TensorData::from_bytes_vec(bytes, vec![n], DType::BF16),
+        (&device, DType::BF16),
+    )
+}
+
+/// bf16 bits of a non-finite f32 (keep the sign and exponent, force a NaN payload bit).
+fn half_bits(f: f32) -> u16 {
+    let b = f.to_bits();
+    let hi = (b >> 16) as u16;
+    if f.is_nan() { hi | 0x0040 } else { hi }
 }
 
 /// `a + b` per parameter (gradient accumulation). Parameters missing in one side are taken
@@ -52,21 +476,64 @@ pub fn add_grads<B: AutodiffBackend>(
     mut b: GradientsParams,
 ) -> GradientsParams {
     let mut out = GradientsParams::new();
-    for (_, id, rank) in ids(model) {
-        macro_rules! acc {
-            ($d:literal) => {{
-                let x = a.remove::<B::InnerBackend, $d>(id);
-                let y = b.remove::<B::InnerBackend, $d>(id);
-                match (x, y) {
-                    (Some(x), Some(y)) => out.register(id, x + y),
-                    (Some(x), None) | (None, Some(x)) => out.register(id, x),
-                    (None, None) => {}
-                }
-            }};
+    for info in param_infos(model) {
+        let x = take_grad::<B>(&mut a, &info);
+        let y = take_grad::<B>(&mut b, &info);
+        match (x, y) {
+            (Some(x), Some(y)) => put_grad::<B>(&mut out, &info, x + y),
+            (Some(x), None) | (None, Some(x)) => put_grad::<B>(&mut out, &info, x),
+            (None, None) => {}
         }
-        if rank == 2 { acc!(2) } else { acc!(1) }
     }
     out
+}
+
+/// Squared L2 norm (f32 sum of the f32-cast squares) of every parameter's gradient in
+/// `params` order; `None` where a parameter has no gradient.
+pub fn grad_sq_norms<B: AutodiffBackend>(
+    model: &LladaModel<B>,
+    grads: &GradientsParams,
+) -> Vec<Option<f32>> {
+    param_infos(model)
+        .iter()
+        .map(|info| {
+            let s = if info.dims.len() == 2 {
+                grads
+                    .get::<B::InnerBackend, 2>(info.id)
+                    .map(|g| g.cast(DType::F32).powi_scalar(2).sum().into_scalar())
+            } else {
+                grads
+                    .get::<B::InnerBackend, 1>(info.id)
+                    .map(|g| g.cast(DType::F32).powi_scalar(2).sum().into_scalar())
+            };
+            s.map(burn::tensor::ElementConversion::elem::<f32>)
+        })
+        .collect()
+}
+
+/// The global norm from per-parameter squared norms ([`grad_sq_norms`]), summed in f64 in
+/// `params` order (the same number whatever the sharding).
+pub fn global_norm(sq: &[Option<f32>]) -> f32 {
+    sq.iter()
+        .flatten()
+        .fold(0f64, |a, s| a + f64::from(*s))
+        .sqrt() as f32
+}
+
+/// Scale every gradient in `grads` by `min(1, max_norm / (norm + 1e-6))`
+/// (`torch.nn.utils.clip_grad_norm_`); nothing when `max_norm ≤ 0`.
+pub fn clip_to_norm<B: AutodiffBackend>(
+    model: &LladaModel<B>,
+    grads: &mut GradientsParams,
+    norm: f32,
+    max_norm: f32,
+) {
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            scale_grads(model, grads, coef);
+        }
+    }
 }
 
 /// Global L2 norm of all gradients, and (when `max_norm > 0`) scale them by
@@ -77,49 +544,16 @@ pub fn clip_global_norm<B: AutodiffBackend>(
     grads: &mut GradientsParams,
     max_norm: f32,
 ) -> f32 {
-    let mut sq = 0f64;
-    let entries = ids(model);
-    for (_, id, rank) in &entries {
-        let s = if *rank == 2 {
-            grads
-                .get::<B::InnerBackend, 2>(*id)
-                .map(|g| g.cast(DType::F32).powi_scalar(2).sum().into_scalar())
-        } else {
-            grads
-                .get::<B::InnerBackend, 1>(*id)
-                .map(|g| g.cast(DType::F32).powi_scalar(2).sum().into_scalar())
-        };
-        if let Some(s) = s {
-            sq += burn::tensor::ElementConversion::elem::<f64>(s);
-        }
-    }
-    let norm = sq.sqrt() as f32;
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for (_, id, rank) in &entries {
-                if *rank == 2 {
-                    if let Some(g) = grads.remove::<B::InnerBackend, 2>(*id) {
-                        grads.register(*id, g * coef);
-                    }
-                } else if let Some(g) = grads.remove::<B::InnerBackend, 1>(*id) {
-                    grads.register(*id, g * coef);
-                }
-            }
-        }
-    }
+    let norm = global_norm(&grad_sq_norms(model, grads));
+    clip_to_norm(model, grads, norm, max_norm);
     norm
 }
 
 /// Multiply every gradient by `s` (loss scaling for accumulation done after the fact).
 pub fn scale_grads<B: AutodiffBackend>(model: &LladaModel<B>, grads: &mut GradientsParams, s: f32) {
-    for (_, id, rank) in ids(model) {
-        if rank == 2 {
-            if let Some(g) = grads.remove::<B::InnerBackend, 2>(id) {
-                grads.register(id, g * s);
-            }
-        } else if let Some(g) = grads.remove::<B::InnerBackend, 1>(id) {
-            grads.register(id, g * s);
+    for info in param_infos(model) {
+        if let Some(g) = take_grad::<B>(grads, &info) {
+            put_grad::<B>(grads, &info, g * s);
         }
     }
 }
@@ -147,58 +581,30 @@ pub enum OptimStateError {
     },
 }
 
-/// Save AdamW moments as `<hf name>.exp_avg` / `.exp_avg_sq` (PyTorch's names, torch layout,
-/// f32) plus `__metadata__.step` (the shared AdamW time step).
-///
-/// # Errors
-/// [`OptimStateError::File`].
-pub fn save_state<B: AutodiffBackend>(
-    optim: &AdamWOptim<B>,
-    model: &LladaModel<B>,
+/// The name of the master-weights file written next to `optimizer.safetensors`.
+pub const MASTER_FILE: &str = "master_weights.safetensors";
+
+/// Flat burn-layout data → torch-layout f32 bytes and shape.
+fn torch_bytes<B: Backend>(t: &Tensor<B, 1>, info: &ParamInfo) -> (Vec<usize>, Vec<u8>) {
+    let t = t.clone().cast(DType::F32);
+    let d = if info.dims.len() == 2 {
+        let m = t.reshape([info.dims[0], info.dims[1]]);
+        if info.linear {
+            m.transpose().into_data()
+        } else {
+            m.into_data()
+        }
+    } else {
+        t.into_data()
+    };
+    (d.shape.to_vec(), d.as_bytes().to_vec())
+}
+
+fn write_safetensors(
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    meta: HashMap<String, String>,
     path: &Path,
 ) -> Result<(), OptimStateError> {
-    let mut record = optim.to_record();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
-    let mut time = 0usize;
-    for (name, p) in model.params() {
-        let (id, linear) = match p {
-            ParamRef::Linear(w) => (w.id, true),
-            ParamRef::Matrix(w) => (w.id, false),
-            ParamRef::Vector(w) => (w.id, false),
-        };
-        let Some(rec) = record.remove(&id) else {
-            continue;
-        };
-        let (m1, m2, t) = match p {
-            ParamRef::Vector(_) => {
-                let s = rec.into_state::<1>();
-                (
-                    s.momentum.moment_1.into_data(),
-                    s.momentum.moment_2.into_data(),
-                    s.momentum.time,
-                )
-            }
-            _ => {
-                let s = rec.into_state::<2>();
-                let (a, b) = (s.momentum.moment_1, s.momentum.moment_2);
-                let (a, b) = if linear {
-                    (a.transpose(), b.transpose())
-                } else {
-                    (a, b)
-                };
-                (a.into_data(), b.into_data(), s.momentum.time)
-            }
-        };
-        time = t;
-        for (suffix, d) in [("exp_avg", m1), ("exp_avg_sq", m2)] {
-            let d = d.convert_dtype(DType::F32);
-            tensors.push((
-                format!("{name}.{suffix}"),
-                d.shape.to_vec(),
-                d.as_bytes().to_vec(),
-            ));
-        }
-    }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, s, b)| {
@@ -209,124 +615,195 @@ pub fn save_state<B: AutodiffBackend>(
             )
         })
         .collect();
-    let meta: HashMap<String, String> = [
-        ("step".to_string(), time.to_string()),
-        ("optimizer".into(), "adamw".into()),
-    ]
-    .into();
     safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| OptimStateError::File {
         path: path.display().to_string(),
         message: e.to_string(),
     })
 }
 
-/// Load moments written by [`save_state`] into a fresh optimizer for `model` (matched by
-/// parameter name, so the model's `ParamId`s may differ from the saving run's).
+/// Save the AdamW moments as `<hf name>.exp_avg` / `.exp_avg_sq` (PyTorch's names, torch
+/// layout, f32) plus `__metadata__.step` (the step count; a parameter whose count differs
+/// gets `__metadata__["step.<name>"]`) in `path`; with master weights also
+/// `master_weights.safetensors` (`<hf name>`, torch layout, f32) next to it. Parameters
+/// without state (never had a gradient) are left out. `optim` must hold every parameter's
+/// state (on several ranks: the consolidated copy, `crate::dist::gather_optimizer`).
 ///
 /// # Errors
-/// [`OptimStateError`] naming the parameter.
+/// [`OptimStateError::File`].
+pub fn save_state<B: AutodiffBackend>(
+    optim: &AdamWOptim<B>,
+    model: &LladaModel<B>,
+    path: &Path,
+) -> Result<(), OptimStateError> {
+    let infos = param_infos(model);
+    let with_state: Vec<(&ParamInfo, &ParamState<B::InnerBackend>)> = infos
+        .iter()
+        .filter_map(|i| optim.states.get(&i.name).map(|s| (i, s)))
+        .collect();
+    let time = with_state.iter().map(|(_, s)| s.time).max().unwrap_or(0);
+    let mut meta: HashMap<String, String> = [
+        ("step".to_string(), time.to_string()),
+        ("optimizer".into(), "adamw".into()),
+    ]
+    .into();
+    let mut tensors = vec![];
+    let mut masters = vec![];
+    for (info, s) in &with_state {
+        if s.time != time {
+            meta.insert(format!("step.{}", info.name), s.time.to_string());
+        }
+        for (suffix, t) in [("exp_avg", &s.exp_avg), ("exp_avg_sq", &s.exp_avg_sq)] {
+            let (shape, bytes) = torch_bytes(t, info);
+            tensors.push((format!("{}.{suffix}", info.name), shape, bytes));
+        }
+        if let Some(m) = &s.master {
+            let (shape, bytes) = torch_bytes(m, info);
+            masters.push((info.name.clone(), shape, bytes));
+        }
+    }
+    write_safetensors(&tensors, meta, path)?;
+    if !masters.is_empty() {
+        let meta: HashMap<String, String> =
+            [("format".to_string(), "f32 master weights".to_string())].into();
+        write_safetensors(&masters, meta, &path.with_file_name(MASTER_FILE))?;
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, OptimStateError> {
+    std::fs::read(path).map_err(|e| OptimStateError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Load state written by [`save_state`] (or by the burn-based optimizer before it, same
+/// format) into `optim` for the parameters it owns, matched by parameter name (the model's
+/// `ParamId`s may differ from the saving run's). A parameter with neither moment in the file
+/// starts without state; with master weights (`Precision::Master`, non-f32 parameters) the
+/// masters are read from `master_weights.safetensors` next to `path` when it exists (else
+/// they start from the weights).
+///
+/// # Errors
+/// [`OptimStateError`] naming the file and parameter (one moment missing, wrong shape).
 pub fn load_state<B: AutodiffBackend>(
-    optim: AdamWOptim<B>,
+    mut optim: AdamWOptim<B>,
     model: &LladaModel<B>,
     path: &Path,
 ) -> Result<AdamWOptim<B>, OptimStateError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| OptimStateError::File {
+    let bytes = read_file(path)?;
+    let file_err = |e: safetensors::SafeTensorError| OptimStateError::File {
         path: p.clone(),
         message: e.to_string(),
-    })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| OptimStateError::File {
-        path: p.clone(),
-        message: e.to_string(),
-    })?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| OptimStateError::File {
-            path: p.clone(),
-            message: e.to_string(),
-        })?;
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(file_err)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(file_err)?;
+    let meta = meta.metadata().clone().unwrap_or_default();
     let time: usize = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("step"))
+        .get("step")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| OptimStateError::File {
             path: p.clone(),
             message: "missing __metadata__.step".into(),
         })?;
     let device = model.wte.weight.val().device();
-    let dtype = model.dtype();
-    // burn's record map type (a no_std HashMap): start from the fresh optimizer's, emptied.
-    let mut record = optim.to_record();
-    record.clear();
-    for (name, pr) in model.params() {
-        let get = |suffix: &str, shape: &[usize]| -> Result<TensorData, OptimStateError> {
-            let key = format!("{name}.{suffix}");
-            let t = st.tensor(&key).map_err(|_| OptimStateError::Param {
-                path: p.clone(),
-                name: name.clone(),
-                message: format!("missing `{key}`"),
-            })?;
-            if t.shape() != shape {
+    let pdtype = model.dtype();
+    let wide = pdtype != DType::F32 && optim.precision != Precision::Plain;
+    let state_dtype = if wide { DType::F32 } else { pdtype };
+    let master_path = path.with_file_name(MASTER_FILE);
+    let master_bytes = if wide && optim.precision == Precision::Master && master_path.exists() {
+        Some(read_file(&master_path)?)
+    } else {
+        None
+    };
+    let mp = master_path.display().to_string();
+    let masters =
+        match &master_bytes {
+            Some(b) => Some(safetensors::SafeTensors::deserialize(b).map_err(|e| {
+                OptimStateError::File {
+                    path: mp.clone(),
+                    message: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
+    let read = |st: &safetensors::SafeTensors<'_>,
+                file: &str,
+                name: &str,
+                key: &str,
+                info: &ParamInfo|
+     -> Result<Option<Tensor<B::InnerBackend, 1>>, OptimStateError> {
+        let Ok(t) = st.tensor(key) else {
+            return Ok(None);
+        };
+        let torch: Vec<usize> = if info.linear {
+            vec![info.dims[1], info.dims[0]]
+        } else {
+            info.dims.clone()
+        };
+        if t.shape() != torch.as_slice() || t.dtype() != safetensors::Dtype::F32 {
+            return Err(OptimStateError::Param {
+                path: file.to_string(),
+                name: name.to_string(),
+                message: format!(
+                    "`{key}` is {:?} {:?}, the model needs F32 {torch:?}",
+                    t.dtype(),
+                    t.shape()
+                ),
+            });
+        }
+        let data = TensorData::from_bytes_vec(t.data().to_vec(), torch.clone(), DType::F32);
+        let flat = if info.dims.len() == 2 {
+            let m = Tensor::<B::InnerBackend, 2>::from_data(data, &device);
+            let m = if info.linear { m.transpose() } else { m };
+            m.reshape([info.numel()])
+        } else {
+            Tensor::<B::InnerBackend, 1>::from_data(data, &device)
+        };
+        Ok(Some(flat))
+    };
+    for info in param_infos(model) {
+        if !optim.owns(&info.name) {
+            continue;
+        }
+        let name = &info.name;
+        let m = read(&st, &p, name, &format!("{name}.exp_avg"), &info)?;
+        let v = read(&st, &p, name, &format!("{name}.exp_avg_sq"), &info)?;
+        let (m, v) = match (m, v) {
+            (Some(m), Some(v)) => (m, v),
+            (None, None) => {
+                optim.states.remove(name);
+                continue;
+            }
+            (m, _) => {
+                let missing = if m.is_none() { "exp_avg" } else { "exp_avg_sq" };
                 return Err(OptimStateError::Param {
                     path: p.clone(),
                     name: name.clone(),
-                    message: format!(
-                        "`{key}` has shape {:?}, the model needs {shape:?}",
-                        t.shape()
-                    ),
+                    message: format!("missing `{name}.{missing}` (the other moment is there)"),
                 });
             }
-            Ok(TensorData::from_bytes_vec(
-                t.data().to_vec(),
-                shape.to_vec(),
-                DType::F32,
-            ))
         };
-        match pr {
-            ParamRef::Vector(w) => {
-                let shape = w.val().dims().to_vec();
-                let m1 = Tensor::<B::InnerBackend, 1>::from_data(
-                    get("exp_avg", &shape)?,
-                    (&device, dtype),
-                );
-                let m2 = Tensor::<B::InnerBackend, 1>::from_data(
-                    get("exp_avg_sq", &shape)?,
-                    (&device, dtype),
-                );
-                let state = burn::optim::AdamWState::new(burn::optim::AdaptiveMomentumState {
-                    time,
-                    moment_1: m1,
-                    moment_2: m2,
-                    max_moment_2: None,
-                });
-                record.insert(w.id, AdaptorRecord::from_state(state));
-            }
-            ParamRef::Linear(w) | ParamRef::Matrix(w) => {
-                let linear = matches!(pr, ParamRef::Linear(_));
-                let dims = w.val().dims();
-                let torch = if linear { [dims[1], dims[0]] } else { dims };
-                let load = |suffix: &str| -> Result<Tensor<B::InnerBackend, 2>, OptimStateError> {
-                    let t = Tensor::<B::InnerBackend, 2>::from_data(
-                        get(suffix, &torch)?,
-                        (&device, dtype),
-                    );
-                    Ok(if linear {
-                        mmada_model::model::row_major(t.transpose())
-                    } else {
-                        t
-                    })
-                };
-                let state = burn::optim::AdamWState::new(burn::optim::AdaptiveMomentumState {
-                    time,
-                    moment_1: load("exp_avg")?,
-                    moment_2: load("exp_avg_sq")?,
-                    max_moment_2: None,
-                });
-                record.insert(w.id, AdaptorRecord::from_state(state));
-            }
-        }
+        let master = match &masters {
+            Some(ms) => read(ms, &mp, name, name, &info)?,
+            None => None,
+        };
+        let t = meta
+            .get(&format!("step.{name}"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(time);
+        optim.states.insert(
+            name.clone(),
+            ParamState {
+                time: t,
+                exp_avg: m.cast(state_dtype),
+                exp_avg_sq: v.cast(state_dtype),
+                master,
+            },
+        );
     }
-    Ok(optim.load_record(record))
+    Ok(optim)
 }
 
 /// One optimizer update: `model ← AdamW(model, grads, lr)`.
@@ -336,5 +813,5 @@ pub fn step<B: AutodiffBackend>(
     grads: GradientsParams,
     lr: f64,
 ) -> LladaModel<B> {
-    optim.step(lr, model, grads)
+    optim.step(model, grads, lr)
 }

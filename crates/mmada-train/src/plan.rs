@@ -131,24 +131,14 @@ pub enum PlanError {
     Sharding(String),
 }
 
-/// Data-parallel sharding of the training state (`train.sharding`).
+/// Data-parallel sharding of the training state (`train.sharding`, [`crate::recipe::Sharding`]).
 ///
 /// | mode | DeepSpeed | FSDP |
 /// |---|---|---|
 /// | `none` | ZeRO stage 0 (DDP) | `NO_SHARD` |
 /// | `optimizer` | ZeRO stage 1 | — |
 /// | `optimizer_and_gradients` | ZeRO stage 2 | `SHARD_GRAD_OP` |
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Sharding {
-    /// Every rank holds the full optimizer state and gradients (DDP).
-    #[default]
-    None,
-    /// AdamW moments (and master weights) sharded over the ranks; gradients all-reduced.
-    Optimizer,
-    /// Optimizer state and the accumulated gradients sharded (reduce to the owner).
-    OptimizerAndGradients,
-}
+pub use crate::recipe::Sharding;
 
 impl Sharding {
     /// Every mode, in order.
@@ -1045,11 +1035,11 @@ impl PlanInput {
             shape: ModelShape::from_config(cfg),
             param_dtype,
             compute_dtype: compute_of(param_dtype, recipe.train.mixed_precision),
-            master_weights: false,
-            moment_dtype: param_dtype,
+            master_weights: recipe.optimizer.master_weights && param_dtype != ParamDtype::F32,
+            moment_dtype: moments_of(param_dtype, &recipe.optimizer),
             devices_per_node,
             nodes,
-            sharding: Sharding::None,
+            sharding: recipe.train.sharding,
             activation_checkpointing: false,
             lora: None,
             accumulation: recipe.train.grad_accum,
@@ -1064,7 +1054,9 @@ impl PlanInput {
                     .filter(|(_, st)| st.batch_size > 0)
                     .count() as u64,
             },
-            logits: LogitsPath::AllPositions,
+            logits: LogitsPath::LossPositions {
+                chunk_rows: recipe.loss.ce_chunk_rows as u64,
+            },
             rollout: None,
         }
     }
@@ -1101,11 +1093,11 @@ impl PlanInput {
             shape: ModelShape::from_config(cfg),
             param_dtype,
             compute_dtype: compute_of(param_dtype, recipe.train.mixed_precision),
-            master_weights: false,
-            moment_dtype: param_dtype,
+            master_weights: recipe.optimizer.master_weights && param_dtype != ParamDtype::F32,
+            moment_dtype: moments_of(param_dtype, &recipe.optimizer),
             devices_per_node,
             nodes,
-            sharding: Sharding::None,
+            sharding: recipe.train.sharding,
             activation_checkpointing: false,
             lora: None,
             accumulation: groups.max(1),
@@ -1116,7 +1108,9 @@ impl PlanInput {
                 attention_bias: false,
                 loss_terms: 1,
             },
-            logits: LogitsPath::AllPositions,
+            logits: LogitsPath::LossPositions {
+                chunk_rows: g.ce_chunk_rows as u64,
+            },
             rollout: Some(RolloutPlan {
                 rows: rows * cfg_rows,
                 seq,
@@ -1135,6 +1129,16 @@ impl PlanInput {
         self.master_weights = true;
         self.moment_dtype = ParamDtype::F32;
         self
+    }
+}
+
+/// AdamW moments (`crate::optim`): f32 for bf16 parameters with a master copy or stochastic
+/// rounding, else the parameter dtype.
+fn moments_of(param: ParamDtype, opt: &crate::recipe::OptimizerSection) -> ParamDtype {
+    if opt.master_weights || opt.bf16_rounding == crate::recipe::Bf16Rounding::Stochastic {
+        ParamDtype::F32
+    } else {
+        param
     }
 }
 

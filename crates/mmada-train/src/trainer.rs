@@ -33,7 +33,7 @@ use crate::guard::{self, NonFiniteError, NonFiniteGuard};
 use crate::optim::{self, AdamWOptim};
 use crate::recipe::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RunConfig, TokenizerSection,
+    RunConfig, Sharding, TokenizerSection,
 };
 use crate::run_dir::{RunDir, TrainerState, read_state, resolve, write_atomic};
 use crate::wandb_log::TrainerWandb;
@@ -90,6 +90,8 @@ pub struct CommonSections<'a> {
     pub device: &'a str,
     /// `train.max_nonfinite_steps` ([`crate::guard`]).
     pub max_nonfinite_steps: u32,
+    /// `train.sharding`.
+    pub sharding: Sharding,
 }
 
 /// A trainer's recipe: the shared sections, for [`Session`] and the binary.
@@ -116,6 +118,7 @@ macro_rules! impl_train_recipe {
                     max_steps: self.train.max_steps,
                     device: &self.train.device,
                     max_nonfinite_steps: self.train.max_nonfinite_steps,
+                    sharding: self.train.sharding,
                 }
             }
         }
@@ -381,8 +384,11 @@ pub struct Session<'a, B: AutodiffBackend> {
     pub tok: TextTokenizer,
     /// Step, losses, data cursor and extras (saved in `trainer_state.json`).
     pub state: TrainerState,
-    /// AdamW and its state.
+    /// AdamW and its state (with `train.sharding` on several ranks: this rank's shard).
     pub optim: AdamWOptim<B>,
+    /// The owner rank of every parameter (in `LladaModel::params` order) when the optimizer
+    /// is sharded (`train.sharding` on several ranks); `None`: every rank updates everything.
+    pub owners: Option<Vec<usize>>,
     /// The checkpoint this run resumed from.
     pub resumed_from: Option<PathBuf>,
     /// The newest checkpoint written by this invocation.
@@ -449,7 +455,17 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         // train.mixed_precision: bf16 compute over the f32 master weights (not saved: the
         // checkpoint holds the parameters in checkpoint.model_dtype)
         let model = model.with_compute_dtype(sections.mixed_precision.compute_dtype());
-        let mut optim = optim::adamw::<B>(sections.optimizer);
+        let mut optim = optim::AdamW::<B>::new(sections.optimizer, sections.run.seed);
+        let owners = crate::dist::owners(&model, worker.world(), sections.sharding);
+        if let Some(owner) = &owners {
+            let mine = optim::param_infos(&model)
+                .into_iter()
+                .zip(owner)
+                .filter(|(_, r)| **r == worker.rank())
+                .map(|(i, _)| i.name)
+                .collect();
+            optim.set_owned(Some(mine));
+        }
         if let Some(dir) = &resumed_from {
             optim = optim::load_state(optim, &model, &dir.join("optimizer.safetensors"))?;
         }
@@ -466,6 +482,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
             tok,
             state,
             optim,
+            owners,
             resumed_from,
             last_checkpoint: None,
             interrupted: false,
@@ -537,25 +554,56 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
     /// Reduce (mean over ranks) → clip (global norm `optimizer.max_grad_norm`) → AdamW step
     /// at `lr`. Returns the updated model and the gradient norm before clipping.
     ///
+    /// With `train.sharding` on several ranks: `optimizer` all-reduces the gradients, clips
+    /// them (every rank has them all), updates the parameters this rank owns and broadcasts
+    /// every parameter from its owner; `optimizer_and_gradients` reduces each gradient to
+    /// its owner only, takes the global norm from the owners' per-parameter squared norms (a
+    /// small all-reduce), clips and updates the owned parameters, and broadcasts them. Both
+    /// give the weights of the unsharded run (see `crate::dist`).
+    ///
     /// # Errors
-    /// Collective errors of the gradient all-reduce.
+    /// Collective errors of the gradient reduction and the broadcasts.
     pub fn update(
         &mut self,
         model: LladaModel<B>,
         mut grads: GradientsParams,
         lr: f64,
     ) -> Result<(LladaModel<B>, f32), TrainError> {
-        if self.worker.world() > 1 {
-            grads = self.worker.reducer.mean_grads(&model, grads)?;
-        }
-        let norm =
-            optim::clip_global_norm(&model, &mut grads, self.sections.optimizer.max_grad_norm);
+        let max_norm = self.sections.optimizer.max_grad_norm;
+        let Some(owners) = &self.owners else {
+            if self.worker.world() > 1 {
+                grads = self.worker.reducer.mean_grads(&model, grads)?;
+            }
+            let norm = optim::clip_global_norm(&model, &mut grads, max_norm);
+            if !norm.is_finite() {
+                // crate::guard: the norm is the same on every rank (after the all-reduce), so
+                // every rank skips this update
+                return Ok((model, norm));
+            }
+            return Ok((optim::step(&mut self.optim, model, grads, lr), norm));
+        };
+        let reducer = self.worker.reducer.as_mut();
+        let norm = match self.sections.sharding {
+            Sharding::OptimizerAndGradients => {
+                grads = crate::dist::reduce_grads_to_owners(reducer, &model, grads, owners)?;
+                let sq = crate::dist::gather_sq_norms(reducer, &model, &grads, owners)?;
+                let norm = optim::global_norm(&sq);
+                optim::clip_to_norm(&model, &mut grads, norm, max_norm);
+                norm
+            }
+            _ => {
+                grads = reducer.mean_grads(&model, grads)?;
+                optim::clip_global_norm(&model, &mut grads, max_norm)
+            }
+        };
         if !norm.is_finite() {
-            // crate::guard: the norm is the same on every rank (after the all-reduce), so
-            // every rank skips this update
+            // crate::guard: the global norm is the same on every rank; nothing was updated, so
+            // the replicas stay equal without a broadcast
             return Ok((model, norm));
         }
-        Ok((optim::step(&mut self.optim, model, grads, lr), norm))
+        let model = optim::step(&mut self.optim, model, grads, lr);
+        let model = crate::dist::broadcast_params(reducer, model, owners)?;
+        Ok((model, norm))
     }
 
     /// The test hook [`RunOptions::test_nonfinite_steps`]: true once per listed step, on
@@ -692,7 +740,8 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                 guard::describe_checkpoint(self.newest_checkpoint())
             );
         }
-        if save_due && !nonfinite {
+        let save = save_due && !nonfinite;
+        if save {
             // every rank checks its (identical) replica, so all of them stop together
             let bad = guard::first_nonfinite_param(model).or_else(|| {
                 reference
@@ -708,9 +757,20 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                 .into());
             }
         }
-        if self.lead() && save_due && !nonfinite {
+        // a sharded optimizer's state is gathered to rank 0 first (every rank takes part)
+        let gathered = match (&self.owners, save) {
+            (Some(owners), true) => Some(crate::dist::gather_optimizer(
+                self.worker.reducer.as_mut(),
+                &self.optim,
+                model,
+                owners,
+            )?),
+            _ => None,
+        };
+        if self.lead() && save {
             self.wandb.record(&mut self.state);
-            self.last_checkpoint = Some(self.save(model, reference)?);
+            let optim = gathered.as_ref().unwrap_or(&self.optim);
+            self.last_checkpoint = Some(self.save_with(model, reference, optim)?);
         }
         if nonfinite && let Some(e) = self.guard.exhausted(step, self.newest_checkpoint()) {
             return Err(e.into());
@@ -735,8 +795,8 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
 
     /// Write the checkpoint of the current step atomically: `model/` (config.json,
     /// safetensors in `checkpoint.model_dtype`, tokenizer.json), `reference/` when a
-    /// reference model is kept, `optimizer.safetensors`, `trainer_state.json`; then `latest`
-    /// and `keep_last`.
+    /// reference model is kept, `optimizer.safetensors` (+ `master_weights.safetensors` with
+    /// f32 master weights), `trainer_state.json`; then `latest` and `keep_last`.
     ///
     /// # Errors
     /// Checkpoint and run-directory I/O errors naming the file.
@@ -744,6 +804,17 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         &self,
         model: &LladaModel<B>,
         reference: Option<&LladaModel<B::InnerBackend>>,
+    ) -> Result<PathBuf, TrainError> {
+        self.save_with(model, reference, &self.optim)
+    }
+
+    /// [`Session::save`] with the optimizer state of `optim` (the consolidated state of a
+    /// sharded optimizer).
+    fn save_with(
+        &self,
+        model: &LladaModel<B>,
+        reference: Option<&LladaModel<B::InnerBackend>>,
+        optim: &AdamWOptim<B>,
     ) -> Result<PathBuf, TrainError> {
         let step = self.state.step;
         let tmp = self.run.begin_checkpoint(step)?;
@@ -761,7 +832,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         if let Some(r) = reference {
             save_checkpoint(r, &self.cfg, &tmp.join("reference"), &opts)?;
         }
-        optim::save_state(&self.optim, model, &tmp.join("optimizer.safetensors"))?;
+        optim::save_state(optim, model, &tmp.join("optimizer.safetensors"))?;
         let text = serde_json::to_string_pretty(&self.state).expect("state serialises");
         write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
         Ok(self

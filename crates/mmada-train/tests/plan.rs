@@ -231,10 +231,7 @@ fn cli_table_labels_what_ifs_and_names_the_missing_config() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        text.contains("WHAT-IF (not implemented by the trainer yet)"),
-        "{text}"
-    );
+    assert!(text.contains("WHAT-IF (overrides of the recipe"), "{text}");
     assert!(
         text.contains("largest micro-batch: 4 rows × 1539 positions"),
         "{text}"

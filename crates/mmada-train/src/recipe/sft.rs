@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RecipeError, RunConfig, ScheduleSection, TokenizerSection, cpu, one_f32, one_u64,
+    RecipeError, RunConfig, ScheduleSection, Sharding, TokenizerSection, cpu, one_f32, one_u64,
     validate_device, validate_log_every, yes,
 };
 
@@ -226,6 +226,11 @@ pub struct TrainSection {
     /// (their updates are skipped; see `crate::guard`). Default 5.
     #[serde(default = "super::max_nonfinite_steps")]
     pub max_nonfinite_steps: u32,
+    /// ZeRO sharding over data-parallel ranks: `none` (default), `optimizer` (stage 1:
+    /// AdamW state and master weights split over ranks), `optimizer_and_gradients` (stage 2:
+    /// gradients reduced to their owner only). Checkpoints stay consolidated either way.
+    #[serde(default)]
+    pub sharding: Sharding,
 }
 
 /// A complete SFT recipe (`mmada-train sft --recipe FILE`).
@@ -263,7 +268,7 @@ impl Recipe for SftRecipe {
         let err = |key: &str, message: String| RecipeError::key(name, key, message);
         self.model.validate(name, self.train.mixed_precision)?;
         self.schedule.validate(name)?;
-        self.optimizer.validate(name)?;
+        self.optimizer.validate(name, self.model.dtype)?;
         self.loss.validate(name)?;
         self.data.validate(name)?;
         if self.train.max_steps == 0 {

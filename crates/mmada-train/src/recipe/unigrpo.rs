@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RecipeError, RunConfig, ScheduleSection, TokenizerSection, cpu, one_u64, validate_device,
-    validate_log_every, yes,
+    RecipeError, RunConfig, ScheduleSection, Sharding, TokenizerSection, cpu, one_u64,
+    validate_device, validate_log_every, yes,
 };
 
 serde_defaults! {
@@ -327,6 +327,11 @@ pub struct GrpoTrainSection {
     /// (their updates are skipped; see `crate::guard`). Default 5.
     #[serde(default = "super::max_nonfinite_steps")]
     pub max_nonfinite_steps: u32,
+    /// ZeRO sharding over data-parallel ranks: `none` (default), `optimizer` (stage 1:
+    /// AdamW state and master weights split over ranks), `optimizer_and_gradients` (stage 2:
+    /// gradients reduced to their owner only). Checkpoints stay consolidated either way.
+    #[serde(default)]
+    pub sharding: Sharding,
 }
 
 /// A UniGRPO recipe (`mmada-train unigrpo --recipe …`).
@@ -459,7 +464,7 @@ impl Recipe for UniGrpoRecipe {
                 "give at least one reward, e.g. `- kind: math_correctness`",
             );
         }
-        self.optimizer.validate(name)?;
+        self.optimizer.validate(name, self.model.dtype)?;
         self.schedule.validate(name)
     }
 }

@@ -16,7 +16,8 @@ pub(crate) fn all_reduce_sum_centralized<B: Backend>(
 ) -> CollectiveTensorMap<B> {
     // Get corresponding devices for each peer
     let peer_devices = get_peer_devices::<B>(&tensors);
-    let central_device = *tensors.keys().next().unwrap();
+    // mmada-rs patch: the lowest peer id (not the HashMap's first key) is the central peer
+    let central_device = *tensors.keys().min_by_key(|id| id.0).unwrap();
 
     // Reduce to central device
     let central_tensor = reduce_sum_centralized::<B>(tensors, &central_device);

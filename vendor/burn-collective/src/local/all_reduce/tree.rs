@@ -17,10 +17,13 @@ pub(crate) fn all_reduce_sum_tree<B: Backend>(
     let mut input = tensors.into_iter().collect::<Vec<_>>();
 
     // Sort to put devices of the same type together
+    // mmada-rs patch: ties broken by peer id, so the summation order (and the rounding of
+    // the result) does not depend on the HashMap's iteration order (3+ peers on one device
+    // type gave run-to-run different sums)
     input.sort_by(|a, b| {
         let dev_a = B::float_device(&a.1);
         let dev_b = B::float_device(&b.1);
-        dev_a.id().cmp(&dev_b.id())
+        dev_a.id().cmp(&dev_b.id()).then(a.0.0.cmp(&b.0.0))
     });
     // Recursive all-reduce
     let out = all_reduce_sum_tree_inner::<B>(input, arity);

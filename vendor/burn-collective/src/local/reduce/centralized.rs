@@ -20,7 +20,10 @@ pub(crate) fn reduce_sum_centralized<B: Backend>(
         .expect("Source device id is in the map");
     let central_device = B::float_device(&central_tensor);
 
-    for (_, tensor) in tensors {
+    // mmada-rs patch: in peer-id order (a deterministic summation order)
+    let mut rest: Vec<_> = tensors.into_iter().collect();
+    rest.sort_by_key(|(id, _)| id.0);
+    for (_, tensor) in rest {
         let rhs = B::float_to_device(tensor.clone(), &central_device);
         central_tensor = B::float_add(central_tensor, rhs);
     }

@@ -11,24 +11,20 @@ pub(crate) fn reduce_sum_tree<B: Backend>(
     root: &PeerId,
     arity: u32,
 ) -> B::FloatTensorPrimitive {
-    // Convert hash map to vector of key-value pairs because order matters
-    let mut input = vec![];
-    let root_tensor = tensors.remove(root).unwrap();
-    for (_, tensor) in tensors.drain() {
-        input.push(tensor);
-    }
-
-    // Sort to put devices of the same type together
+    // mmada-rs patch: every tensor, the root's included, in the order of the tree all-reduce
+    // (device id, then peer id), and the sum moved to the root's device: the summation order
+    // no longer depends on the HashMap's iteration order nor on which peer is the root, so a
+    // reduce gives the bits of the all-reduce (upstream: root first, then the others in
+    // HashMap order).
+    let root_device = B::float_device(tensors.get(root).unwrap());
+    let mut input: Vec<(PeerId, B::FloatTensorPrimitive)> = tensors.drain().collect();
     input.sort_by(|a, b| {
-        let dev_a = B::float_device(a);
-        let dev_b = B::float_device(b);
-        dev_a.id().cmp(&dev_b.id())
+        let dev_a = B::float_device(&a.1);
+        let dev_b = B::float_device(&b.1);
+        dev_a.id().cmp(&dev_b.id()).then(a.0.0.cmp(&b.0.0))
     });
-
-    // put the root first
-    input.insert(0, root_tensor);
-
-    reduce_sum_tree_inner::<B>(input, arity)
+    let input: Vec<B::FloatTensorPrimitive> = input.into_iter().map(|(_, t)| t).collect();
+    B::float_to_device(reduce_sum_tree_inner::<B>(input, arity), &root_device)
 }
 
 /// Recursive function that sums `tensors`
