@@ -183,8 +183,9 @@ pub fn unified_loss<B: Backend, M: HiddenStates<B>>(
 }
 
 /// [`unified_loss`] with the LM head applied `ce_chunk_rows` rows at a time (recipe
-/// `loss.ce_chunk_rows`; see [`crate::head`]). Each non-empty stream keeps one
-/// `[d_model, vocab]` f32 gradient buffer until the backward.
+/// `loss.ce_chunk_rows`; see [`crate::head`]), or over full logits when `ce_chunk_rows` is 0.
+/// Each non-empty stream keeps one `[d_model, vocab]` f32 gradient buffer until the
+/// backward.
 ///
 /// # Errors
 /// [`DiffusionError::Length`] when an array does not match the batch shape.
@@ -234,10 +235,14 @@ pub fn unified_loss_chunked<B: Backend, M: HiddenStates<B>>(
     };
     let ids: Vec<i32> = batch.ids.iter().map(|&x| x as i32).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, l]), device);
-    let scores = Scores::Hidden {
-        hidden: model.hidden(ids, &attention),
-        head: model.lm_head(),
-        chunk_rows: ce_chunk_rows,
+    let scores = if ce_chunk_rows == 0 {
+        Scores::Logits(model.logits(ids, &attention))
+    } else {
+        Scores::Hidden {
+            hidden: model.hidden(ids, &attention),
+            head: model.lm_head(),
+            chunk_rows: ce_chunk_rows,
+        }
     };
 
     // t2i: mean over non-ignored labels of the image slice

@@ -385,12 +385,7 @@ impl<B: Backend> LladaModel<B> {
     /// stream and norms stay in the parameter dtype, and the logits are returned in f32 for an
     /// f32 loss (PyTorch autocast runs `cross_entropy` in f32).
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>, attention: &Attention<B>) -> Tensor<B, 3> {
-        let h = self.hidden(input_ids, attention);
-        let [b, l, d] = h.dims();
-        let v = self.ff_out.weight.val().dims()[1];
-        self.lm_head()
-            .logits(h.reshape([b * l, d]))
-            .reshape([b, l, v])
+        self.lm_head().logits3(self.hidden(input_ids, attention))
     }
 
     /// The final hidden states `[batch, seq, d_model]` (after `ln_f`, before the LM head), in
@@ -603,26 +598,28 @@ pub struct LmHead<B: Backend> {
 }
 
 impl<B: Backend> LmHead<B> {
-    /// `h`: `[rows, d_model]` → logits `[rows, vocab]` (f32 under a compute dtype, else the
-    /// weight's dtype).
-    pub fn logits(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// `h`: `[batch, seq, d_model]` → logits `[batch, seq, vocab]` (f32 under a compute dtype,
+    /// else the weight's dtype), with the ops of `Linear::forward` / [`LladaModel::forward`]
+    /// (a batched matmul per sequence, so a row's logits do not depend on the other rows of
+    /// the batch).
+    pub fn logits3(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match self.compute {
-            None => {
-                let y = h.matmul(self.weight.clone());
-                match &self.bias {
-                    Some(b) => y + b.clone().unsqueeze::<2>(),
-                    None => y,
-                }
-            }
+            None => burn::tensor::module::linear(h, self.weight.clone(), self.bias.clone()),
             Some(c) => {
-                let y = cast_to(h, c).matmul(cast_to(self.weight.clone(), c));
+                let y = cast_to(h, c).matmul(cast_to(self.weight.clone(), c).unsqueeze::<3>());
                 let y = match &self.bias {
-                    Some(b) => y + cast_to(b.clone(), c).unsqueeze::<2>(),
+                    Some(b) => y + cast_to(b.clone(), c).unsqueeze::<3>(),
                     None => y,
                 };
                 cast_to(y, FloatDType::F32)
             }
         }
+    }
+
+    /// `h`: `[rows, d_model]` → logits `[rows, vocab]`: [`LmHead::logits3`] on one sequence.
+    pub fn logits(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, _] = h.dims();
+        self.logits3(h.unsqueeze::<3>()).reshape([n, self.vocab()])
     }
 
     /// The same head detached from the autodiff graph (for passes that compute their own
@@ -678,12 +675,8 @@ impl<B: Backend> Denoiser<B> for LladaModel<B> {
         start: usize,
         len: usize,
     ) -> Tensor<B, 3> {
-        let h = self.hidden(ids, attention).narrow(1, start, len);
-        let [b, w, d] = h.dims();
-        let v = self.ff_out.weight.val().dims()[1];
         self.lm_head()
-            .logits(h.reshape([b * w, d]))
-            .reshape([b, w, v])
+            .logits3(self.hidden(ids, attention).narrow(1, start, len))
     }
 
     fn input_vocab(&self) -> Option<usize> {

@@ -1054,9 +1054,7 @@ impl PlanInput {
                     .filter(|(_, st)| st.batch_size > 0)
                     .count() as u64,
             },
-            logits: LogitsPath::LossPositions {
-                chunk_rows: recipe.loss.ce_chunk_rows as u64,
-            },
+            logits: logits_path(recipe.loss.ce_chunk_rows),
             rollout: None,
         }
     }
@@ -1108,9 +1106,7 @@ impl PlanInput {
                 attention_bias: false,
                 loss_terms: 1,
             },
-            logits: LogitsPath::LossPositions {
-                chunk_rows: g.ce_chunk_rows as u64,
-            },
+            logits: logits_path(g.ce_chunk_rows),
             rollout: Some(RolloutPlan {
                 rows: rows * cfg_rows,
                 seq,
@@ -1129,6 +1125,16 @@ impl PlanInput {
         self.master_weights = true;
         self.moment_dtype = ParamDtype::F32;
         self
+    }
+}
+
+/// `loss.ce_chunk_rows` / `grpo.ce_chunk_rows`: 0 = full logits, else the chunked head.
+fn logits_path(ce_chunk_rows: usize) -> LogitsPath {
+    match ce_chunk_rows {
+        0 => LogitsPath::AllPositions,
+        n => LogitsPath::LossPositions {
+            chunk_rows: n as u64,
+        },
     }
 }
 

@@ -130,6 +130,42 @@ fn gradient_accumulation_equals_the_big_batch() {
     assert!(moved, "training did not change the weights");
 }
 
+/// `loss.ce_chunk_rows > 0` (the LM head only at the masked positions, in chunks, over hidden
+/// states) trains like the full-logits default: same losses, same weights up to float
+/// rounding, with a chunk that splits the rows.
+#[test]
+fn chunked_lm_head_trains_like_full_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = arith_recipe(tmp.path(), "full", "");
+    let full = run(&with(&base, &["train.max_steps=3"]), None, None);
+    let chunked = run(
+        &with(
+            &base,
+            &[
+                "train.max_steps=3",
+                "loss.ce_chunk_rows=7",
+                "run.name=chunked",
+            ],
+        ),
+        None,
+        None,
+    );
+    assert_eq!(full.losses.len(), 3);
+    for (a, b) in full.losses.iter().zip(&chunked.losses) {
+        assert!(
+            ((a - b) / a).abs() < 1e-5,
+            "step loss {a} (full) vs {b} (chunked)"
+        );
+    }
+    let (wa, wb) = (
+        weights(full.last_checkpoint.as_ref().unwrap()),
+        weights(chunked.last_checkpoint.as_ref().unwrap()),
+    );
+    let worst = max_abs_diff(&wa, &wb);
+    println!("chunked head: max |Δw| after 3 steps = {worst:e}");
+    assert!(worst < 1e-5, "weights differ by {worst}");
+}
+
 #[test]
 fn resume_is_bit_identical_and_survives_a_crash_mid_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();

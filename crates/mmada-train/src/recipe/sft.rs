@@ -20,7 +20,7 @@ serde_defaults! {
     squash: ResizeMode = ResizeMode::Squash;
     cond_dropout: f32 = 0.1;
     default_eps: f32 = 1e-3;
-    ce_chunk: usize = mmada_diffusion::DEFAULT_CE_CHUNK_ROWS;
+    ce_chunk: usize = 0;
 }
 
 /// One dataset of a stream.
@@ -160,9 +160,11 @@ pub struct LossSection {
     /// `training.cond_dropout_prob`, 0.1 in every config).
     #[serde(default = "cond_dropout")]
     pub cond_dropout_prob: f32,
-    /// Rows of hidden states per LM-head chunk (default 1024): the head and the
-    /// cross-entropy run only at the scored positions, this many rows at a time, so the
-    /// `[rows, vocab]` logits never exist for the whole batch (`mmada_diffusion::head`).
+    /// `0` (default): the LM head over every position (full logits). `N > 0`: the head and
+    /// the cross-entropy only at the scored positions, `N` rows of hidden states at a time,
+    /// so the `[rows, vocab]` logits never exist for the whole batch
+    /// (`mmada_diffusion::head`; same losses and gradients; on CPU/Flex it is not faster yet,
+    /// see the README).
     #[serde(default = "ce_chunk")]
     pub ce_chunk_rows: usize,
 }
@@ -300,13 +302,6 @@ impl LossSection {
                     format!("{v}: must be in [0, 1]"),
                 ));
             }
-        }
-        if self.ce_chunk_rows == 0 {
-            return Err(RecipeError::key(
-                name,
-                "loss.ce_chunk_rows",
-                "0: must be at least 1 (rows per LM-head chunk)",
-            ));
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ serde_defaults! {
     default_timesteps: u32 = 1000;
     default_lower: f32 = 0.1;
     default_upper: f32 = 0.9;
-    ce_chunk: usize = mmada_diffusion::DEFAULT_CE_CHUNK_ROWS;
+    ce_chunk: usize = 0;
 }
 
 /// `prompts.template`: how a prompt example becomes prompt text.
@@ -182,9 +182,10 @@ pub struct GrpoSection {
     /// Prompt masking probability of `estimator: d1` (d1 default 0.15).
     #[serde(default = "default_p_mask_prompt")]
     pub p_mask_prompt: f32,
-    /// Rows of hidden states per LM-head chunk for every log-probability (policy, old
-    /// policy, reference; default 1024): the head runs only at the scored completion
-    /// tokens, this many rows at a time (`mmada_diffusion::head`).
+    /// `0` (default): every log-probability (policy, old policy, reference) from full logits.
+    /// `N > 0`: the head only at the scored completion tokens, `N` rows of hidden states at
+    /// a time (`mmada_diffusion::head`; same values and gradients; on CPU/Flex it is not
+    /// faster yet, see the README).
     #[serde(default = "ce_chunk")]
     pub ce_chunk_rows: usize,
 }
@@ -264,12 +265,6 @@ impl GrpoSection {
             return err(
                 "grpo.num_iterations",
                 "0 is invalid: need at least 1".into(),
-            );
-        }
-        if self.ce_chunk_rows == 0 {
-            return err(
-                "grpo.ce_chunk_rows",
-                "0 is invalid: need at least 1 row per LM-head chunk".into(),
             );
         }
         if !(0.0..1.0).contains(&self.epsilon) {

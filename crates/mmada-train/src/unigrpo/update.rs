@@ -161,13 +161,16 @@ fn logprobs<IB: Backend>(
 }
 
 /// The model's [`Scores::Hidden`] on `b`'s input: the head is applied only at the scored
-/// completion tokens, `chunk_rows` rows at a time.
+/// completion tokens, `chunk_rows` rows at a time; full logits when `chunk_rows` is 0.
 fn scores<B: Backend>(
     m: &LladaModel<B>,
     b: &GrpoBatch,
     chunk_rows: usize,
     device: &B::Device,
 ) -> Scores<B> {
+    if chunk_rows == 0 {
+        return Scores::Logits(m.forward(b.input::<B>(device), &Attention::Full));
+    }
     Scores::Hidden {
         hidden: m.hidden(b.input::<B>(device), &Attention::Full),
         head: m.lm_head(),
