@@ -29,6 +29,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use burn::tensor::{IndexingUpdateOp, s};
 use mmada_model::LmHead;
+use mmada_model::model::float_dtype;
 
 /// Default rows per head chunk (`loss.ce_chunk_rows`): 1 024 rows × 126 464 vocab × 4 bytes
 /// = 0.5 GB per `[rows, vocab]` f32 buffer for LLaDA's vocabulary.
@@ -244,6 +245,13 @@ fn head_pass<B: Backend>(
     let chunk = chunk_rows.max(1);
     let mm = head.matmul_dtype();
     let w_mm = head.weight.clone().cast(mm);
+    // the head with its weight cast once, not once per chunk (`LmHead::logits` casts only
+    // what is not yet in the compute dtype)
+    let head = LmHead {
+        weight: w_mm.clone(),
+        bias: head.bias.clone(),
+        compute: head.compute,
+    };
     let mut logps = Vec::with_capacity(n.div_ceil(chunk));
     let mut g_h = Vec::new();
     let mut g_w: Option<Tensor<B, 2>> = None;
@@ -318,15 +326,6 @@ fn attach<B: Backend>(h: Tensor<B, 2>, head: &LmHead<B>, g: HeadGrads<B>) -> Ten
     }
     let z = z.reshape([1]);
     z.clone() - z.detach()
-}
-
-fn float_dtype(d: DType) -> FloatDType {
-    match d {
-        DType::F64 => FloatDType::F64,
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        _ => FloatDType::F32,
-    }
 }
 
 #[cfg(test)]

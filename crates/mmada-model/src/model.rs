@@ -107,7 +107,8 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
-pub(crate) fn float_dtype(d: DType) -> FloatDType {
+/// The [`FloatDType`] of a tensor's [`DType`] (f32 for anything that is not f64 / f16 / bf16).
+pub fn float_dtype(d: DType) -> FloatDType {
     match d {
         DType::F64 => FloatDType::F64,
         DType::F16 => FloatDType::F16,

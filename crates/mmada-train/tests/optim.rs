@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+mod common;
+
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor};
 use mmada_model::backend::{Cpu, CpuAutodiff};
@@ -480,42 +482,21 @@ fn bf16_master_weights_resume_bit_exactly_and_bf16_without_either_is_refused() {
     assert!(r.optimizer.master_weights);
 }
 
+/// [`common::sft_recipe`] with this file's base: lm batch 6, clip 0.5, cosine schedule with
+/// 2 warm-up steps, 5 steps, no periodic checkpoint (keep 5); then `sets`.
 fn sft_recipe(dir: &Path, name: &str, sets: &[&str]) -> SftRecipe {
-    let data = dir.join("data");
-    if !data.join("arith.jsonl").is_file() {
-        mmada_train::synth::write_arithmetic(&data, 200, 7).unwrap();
-    }
-    let text = format!(
-        r#"
-run: {{name: {name}, output_dir: "{out}", seed: 3}}
-model:
-  preset: tiny
-  overrides: {{d_model: 32, n_layers: 2, n_heads: 2, n_kv_heads: 2, mlp_hidden_size: 64}}
-tokenizer: {{path: "{tok}"}}
-data:
-  layout: {{max_seq_length: 32, max_lm_len: 40}}
-  lm:
-    batch_size: 6
-    sources:
-      - inline:
-          name: arithmetic
-          task: chat
-          source: {{path: "{jsonl}"}}
-          format: jsonl
-          fields: {{question: question, answer: answer}}
-          license: MIT
-          split: train
-optimizer: {{lr: 1.0e-3, max_grad_norm: 0.5}}
-schedule: {{kind: cosine, warmup_steps: 2, min_lr_scale: 0.1}}
-train: {{max_steps: 5}}
-checkpoint: {{every: 0, keep_last: 5}}
-"#,
-        out = dir.join("runs").display(),
-        tok = data.join("tokenizer.json").display(),
-        jsonl = data.join("arith.jsonl").display(),
-    );
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    SftRecipe::parse(&text, name, &sets).unwrap()
+    let mut all = vec![
+        "data.lm.batch_size=6",
+        "optimizer.max_grad_norm=0.5",
+        "schedule.kind=cosine",
+        "schedule.warmup_steps=2",
+        "schedule.min_lr_scale=0.1",
+        "train.max_steps=5",
+        "checkpoint.every=0",
+        "checkpoint.keep_last=5",
+    ];
+    all.extend_from_slice(sets);
+    common::sft_recipe(dir, name, &all)
 }
 
 fn dist() -> mmada_train::dist::DistConfig {
