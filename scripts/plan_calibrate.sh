@@ -13,6 +13,7 @@
 #   bash scripts/plan_calibrate.sh                 # the three default cases
 #   CASES="512:8:8:1376:1024:2" STEPS=2 bash scripts/plan_calibrate.sh
 #   PRECISION=bf16 bash scripts/plan_calibrate.sh  # train.mixed_precision: bf16 (slow on CPU)
+#   CKPT=true bash scripts/plan_calibrate.sh       # train.activation_checkpointing: true
 #
 # A case is d_model:n_layers:n_heads:mlp_hidden:seq:rows. Needs `cargo build --workspace`
 # first (uses target/debug/mmada-train, or $MMADA_TRAIN). Prints a markdown table.
@@ -21,6 +22,7 @@ cd "$(dirname "$0")/.."
 BIN=${MMADA_TRAIN:-target/debug/mmada-train}
 STEPS=${STEPS:-2}
 PRECISION=${PRECISION:-no}
+CKPT=${CKPT:-false}
 CASES=${CASES:-"256:4:4:688:256:8 384:6:6:1024:512:4 512:8:8:1376:1024:2"}
 [ -x "$BIN" ] || { echo "build first: cargo build --workspace ($BIN missing)" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "/usr/bin/time (GNU time) is needed for the peak RSS" >&2; exit 1; }
@@ -54,17 +56,18 @@ data:
           split: train
 optimizer: {lr: 1.0e-4, weight_decay: 0.01, max_grad_norm: 1.0}
 schedule: {kind: constant}
-train: {max_steps: $STEPS, log_every: 1, device: cpu, mixed_precision: $PRECISION}
+train: {max_steps: $STEPS, log_every: 1, device: cpu, mixed_precision: $PRECISION, activation_checkpointing: $CKPT}
 checkpoint: {every: 0, keep_last: 1, model_dtype: f32}
 EOF
 }
 
-peak_kb() { # recipe → max RSS in KiB of `mmada-train sft`
-  /usr/bin/time -f "%M" -o "$work/time.txt" "$BIN" sft --recipe "$1" >/dev/null 2>"$work/log.txt" || {
+peak_kb() { # recipe → max RSS in KiB of `mmada-train sft` (wall seconds in $work/wall.txt)
+  /usr/bin/time -f "%M %e" -o "$work/time.txt" "$BIN" sft --recipe "$1" >/dev/null 2>"$work/log.txt" || {
     cat "$work/log.txt" >&2
     exit 1
   }
-  tail -n 1 "$work/time.txt"
+  tail -n 1 "$work/time.txt" | cut -d' ' -f2 >"$work/wall.txt"
+  tail -n 1 "$work/time.txt" | cut -d' ' -f1
 }
 
 planned() { # recipe → planned total bytes
@@ -76,8 +79,10 @@ base_kb=$(peak_kb "$work/base.yaml")
 base_plan=$(planned "$work/base.yaml")
 echo "baseline (d 32, 1 block, 1 × 32): peak RSS $((base_kb / 1024)) MiB (planned $((base_plan / 1048576)) MiB)"
 echo
-echo "| d_model | blocks | heads | mlp | rows × seq | params | planned MiB | measured MiB (peak − baseline) | error |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "precision $PRECISION, activation checkpointing $CKPT, $STEPS steps"
+echo
+echo "| d_model | blocks | heads | mlp | rows × seq | params | planned MiB | measured MiB (peak − baseline) | error | wall s |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 i=0
 for c in $CASES; do
   IFS=: read -r d l h m s r <<<"$c"
@@ -86,12 +91,12 @@ for c in $CASES; do
   kb=$(peak_kb "$work/case$i.yaml")
   p=$(planned "$work/case$i.yaml")
   params=$("$BIN" plan --recipe "$work/case$i.yaml" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["params"])')
-  python3 - "$d" "$l" "$h" "$m" "$r" "$s" "$params" "$p" "$kb" "$base_kb" "$base_plan" <<'EOF'
+  python3 - "$d" "$l" "$h" "$m" "$r" "$s" "$params" "$p" "$kb" "$base_kb" "$base_plan" "$(cat "$work/wall.txt")" <<'EOF'
 import sys
-d, l, h, m, r, s, params, p, kb, base_kb, base_plan = sys.argv[1:]
+d, l, h, m, r, s, params, p, kb, base_kb, base_plan, wall = sys.argv[1:]
 planned = (int(p) - int(base_plan)) / 2**20
 measured = (int(kb) - int(base_kb)) / 1024
 err = (planned - measured) / measured * 100
-print(f"| {d} | {l} | {h} | {m} | {r} × {s} | {int(params)/1e6:.1f} M | {planned:.0f} | {measured:.0f} | {err:+.1f} % |")
+print(f"| {d} | {l} | {h} | {m} | {r} × {s} | {int(params)/1e6:.1f} M | {planned:.0f} | {measured:.0f} | {err:+.1f} % | {wall} |")
 EOF
 done

@@ -48,8 +48,12 @@ impl<B: Backend> Attention<B> {
         Attention::KeyPadding(mask.greater_elem(0))
     }
 
-    /// The additive f32 bias `[batch, 1, q, k]` (or `None` for full attention).
-    fn bias(&self, seq: usize) -> Option<Tensor<B, 4>> {
+    /// The additive f32 bias `[batch, 1, q, k]` (or `None` for full attention) that every
+    /// block adds to its attention scores for a canvas of `seq` positions.
+    ///
+    /// # Panics
+    /// When the mask's length differs from `seq`.
+    pub fn bias(&self, seq: usize) -> Option<Tensor<B, 4>> {
         match self {
             Attention::Full => None,
             Attention::KeyPadding(m) => {

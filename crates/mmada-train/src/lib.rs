@@ -13,6 +13,8 @@
 //!   `train.max_nonfinite_steps`, no non-finite checkpoint).
 //! * [`optim`]: AdamW (PyTorch semantics), global-norm clipping, accumulation, named state.
 //! * [`plan`]: the memory planner (bytes per device, line by line; `mmada-train plan`).
+//! * [`recompute`]: activation checkpointing per transformer block
+//!   (`train.activation_checkpointing`).
 //! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
 //! * [`pretok`]: `data pretokenize` over a recipe (the tables: `mmada_data::code_table`).
 //! * [`run_dir`]: run directory, atomic checkpoints, `latest`, `keep_last`.
@@ -31,6 +33,7 @@ pub mod optim;
 pub mod plan;
 pub mod pretok;
 pub mod recipe;
+pub mod recompute;
 pub mod run_dir;
 pub mod schedule;
 pub mod sft;

@@ -158,14 +158,14 @@ struct PlanArgs {
     /// Nodes.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// What-if (not in the trainer yet): sharding none | optimizer | optimizer_and_gradients.
+    /// What-if: sharding none | optimizer | optimizer_and_gradients (recipe `train.sharding`).
     #[arg(long)]
     sharding: Option<String>,
-    /// What-if (not in the trainer yet): per-block activation checkpointing.
+    /// What-if: per-block activation checkpointing (recipe `train.activation_checkpointing`).
     #[arg(long)]
     activation_checkpointing: bool,
-    /// What-if (not in the trainer yet): bf16 parameters with an f32 master copy and f32
-    /// AdamW moments held by the optimizer (sharded with it).
+    /// What-if: bf16 parameters with an f32 master copy and f32 AdamW moments held by the
+    /// optimizer, sharded with it (recipe `optimizer.master_weights`).
     #[arg(long)]
     master_weights: bool,
     /// What-if (issue 18): the LM head and cross-entropy only at the loss positions, this

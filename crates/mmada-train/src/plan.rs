@@ -1040,7 +1040,7 @@ impl PlanInput {
             devices_per_node,
             nodes,
             sharding: recipe.train.sharding,
-            activation_checkpointing: false,
+            activation_checkpointing: recipe.train.activation_checkpointing,
             lora: None,
             accumulation: recipe.train.grad_accum,
             micro: MicroBatch {
@@ -1096,7 +1096,7 @@ impl PlanInput {
             devices_per_node,
             nodes,
             sharding: recipe.train.sharding,
-            activation_checkpointing: false,
+            activation_checkpointing: recipe.train.activation_checkpointing,
             lora: None,
             accumulation: groups.max(1),
             micro: MicroBatch {

@@ -14,15 +14,18 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
-use mmada_diffusion::unified_loss_chunked;
+use mmada_diffusion::{UnifiedBatch, unified_loss_chunked};
 use mmada_model::LladaModel;
 use serde_json::json;
 
 use crate::data::{StreamKind, TrainData, purpose};
 use crate::dist::Worker;
 use crate::recipe::SftRecipe;
+use crate::recompute::Recompute;
 use crate::schedule::Schedule;
-use crate::trainer::{Combine, RunOptions, Session, TrainLoop, TrainRecipe, accumulate};
+use crate::trainer::{
+    Combine, RunOptions, Session, TrainLoop, TrainRecipe, accumulate, accumulate_grads,
+};
 
 pub use crate::error::TrainError;
 pub use crate::trainer::{Resume, load_tokenizer, model_config};
@@ -274,13 +277,19 @@ fn accumulate_step<B: AutodiffBackend>(
         let (batch, noise) = data.noise(&rows, step, st.rows, purpose::MASK)?;
         st.rows += n_rows as u64;
         st.noise.add(&noise);
+        let recompute = recipe
+            .train
+            .activation_checkpointing
+            .then(|| Recompute::new(model));
+        let loss_of = |b: &UnifiedBatch| match &recompute {
+            Some(r) => unified_loss_chunked(r, b, t2i_att, chunk, &device),
+            None => unified_loss_chunked(model, b, t2i_att, chunk, &device),
+        };
         let losses = if world > 1 {
             let (shard, scale) = crate::shard::shard_batch(&batch, rank, world);
-            scale.apply(unified_loss_chunked(
-                model, &shard, t2i_att, chunk, &device,
-            )?)
+            scale.apply(loss_of(&shard)?)
         } else {
-            unified_loss_chunked(model, &batch, t2i_att, chunk, &device)?
+            loss_of(&batch)?
         };
         let l = &recipe.loss;
         let total = losses.total(l.t2i_coeff, l.lm_coeff, l.mmu_coeff) / accum as f32;
@@ -289,7 +298,10 @@ fn accumulate_step<B: AutodiffBackend>(
         st.losses[2] += losses.lm.into_scalar().elem::<f32>() / a;
         st.losses[3] += losses.mmu.into_scalar().elem::<f32>() / a;
         st.losses[0] += total.clone().into_scalar().elem::<f32>();
-        acc = Some(accumulate(model, acc, total));
+        acc = Some(match recompute {
+            Some(r) => accumulate_grads(model, acc, r.backward(total)),
+            None => accumulate(model, acc, total),
+        });
     }
     Ok((acc.expect("at least one micro-batch"), st))
 }

@@ -356,7 +356,20 @@ pub fn accumulate<B: AutodiffBackend>(
     acc: Option<GradientsParams>,
     loss: Tensor<B, 1>,
 ) -> GradientsParams {
-    let grads = GradientsParams::from_grads(loss.backward(), model);
+    accumulate_grads(
+        model,
+        acc,
+        GradientsParams::from_grads(loss.backward(), model),
+    )
+}
+
+/// `acc + grads` per parameter ([`accumulate`] for gradients computed elsewhere, e.g. by
+/// `crate::recompute::Recompute::backward`).
+pub fn accumulate_grads<B: AutodiffBackend>(
+    model: &LladaModel<B>,
+    acc: Option<GradientsParams>,
+    grads: GradientsParams,
+) -> GradientsParams {
     match acc {
         None => grads,
         Some(a) => optim::add_grads(model, a, grads),

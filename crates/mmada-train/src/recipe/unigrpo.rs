@@ -327,6 +327,11 @@ pub struct GrpoTrainSection {
     /// gradients reduced to their owner only). Checkpoints stay consolidated either way.
     #[serde(default)]
     pub sharding: Sharding,
+    /// Activation checkpointing per transformer block (`crate::recompute`): the forward keeps
+    /// only each block's input and the backward recomputes one block at a time. Same
+    /// gradients, about a third more compute, activations bounded by one block. Default false.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 /// A UniGRPO recipe (`mmada-train unigrpo --recipe …`).

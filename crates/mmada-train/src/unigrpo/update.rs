@@ -10,6 +10,7 @@ use mmada_diffusion::grpo::{
     GroupAdvantages, GrpoBatch, TailPad, completion_mask, noise_completion, noise_d1,
     unigrpo_loss_scores,
 };
+use mmada_model::model::HiddenStates;
 use mmada_model::{Attention, LladaModel};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -19,8 +20,9 @@ use super::rollout::Rollout;
 use crate::data::derive_seed;
 use crate::error::TrainError;
 use crate::recipe::{Estimator, UniGrpoRecipe};
+use crate::recompute::Recompute;
 use crate::schedule::Schedule;
-use crate::trainer::{Session, accumulate};
+use crate::trainer::{Session, accumulate, accumulate_grads};
 
 /// The noised training rows of a step: `batches[n][k]` is prompt group `k` (of this rank)
 /// in inner iteration `n`.
@@ -162,14 +164,14 @@ fn logprobs<IB: Backend>(
 
 /// The model's [`Scores::Hidden`] on `b`'s input: the head is applied only at the scored
 /// completion tokens, `chunk_rows` rows at a time; full logits when `chunk_rows` is 0.
-fn scores<B: Backend>(
-    m: &LladaModel<B>,
+fn scores<B: Backend, M: HiddenStates<B>>(
+    m: &M,
     b: &GrpoBatch,
     chunk_rows: usize,
     device: &B::Device,
 ) -> Scores<B> {
     if chunk_rows == 0 {
-        return Scores::Logits(m.forward(b.input::<B>(device), &Attention::Full));
+        return Scores::Logits(m.logits(b.input::<B>(device), &Attention::Full));
     }
     Scores::Hidden {
         hidden: m.hidden(b.input::<B>(device), &Attention::Full),
@@ -258,7 +260,15 @@ pub fn update<B: AutodiffBackend>(
                 continue;
             }
             let refs = old.reference[n][k].as_deref();
-            let scores = scores(&model, b, recipe.grpo.ce_chunk_rows, &device);
+            let recompute = recipe
+                .train
+                .activation_checkpointing
+                .then(|| Recompute::new(&model));
+            let chunk = recipe.grpo.ce_chunk_rows;
+            let scores = match &recompute {
+                Some(r) => scores(r, b, chunk, &device),
+                None => scores(&model, b, chunk, &device),
+            };
             let out = unigrpo_loss_scores(scores, b, &old.old[n][k], refs, &loss_cfg)?;
             let scale = 1.0 / (nonempty as f32 * mu as f32);
             let l = out.loss.clone().into_scalar().elem::<f32>();
@@ -273,7 +283,10 @@ pub fn update<B: AutodiffBackend>(
             sums[7] += out.stats.rows as f32;
             // × world: the mean over ranks of the shard gradients is the 1-device sum
             let loss = out.loss * crate::shard::group_loss_scale(world, nonempty);
-            acc = Some(accumulate(&model, acc, loss));
+            acc = Some(match recompute {
+                Some(r) => accumulate_grads(&model, acc, r.backward(loss)),
+                None => accumulate(&model, acc, loss),
+            });
         }
         // a rank whose groups are all empty this iteration contributes zeros
         lr = schedule.lr(step * mu as u64 + n as u64);
