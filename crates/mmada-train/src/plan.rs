@@ -828,25 +828,28 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
             ),
         );
     }
-    if input.activation_checkpointing {
+    let ckpt = input.activation_checkpointing;
+    if ckpt {
+        // crate::recompute: the forward keeps the block inputs; the loss and its backward run
+        // on the final norm; then the blocks are recomputed one at a time while the gradients
+        // accumulate (peak at block 0: every gradient, block 0's input and graph)
         push(
             lines::ACTIVATIONS,
             Phase::Step,
-            block_inputs + block.tensors + final_norm,
+            block_inputs + final_norm,
             format!(
-                "block inputs {} × {n_layers} + one block {} + final norm {} (without checkpointing: {} × {n_layers})",
+                "block inputs {} × {n_layers} + final norm {} (without checkpointing: {} per block × {n_layers})",
                 gib(bld * r),
-                gib(block.tensors),
                 gib(final_norm),
                 gib(block.tensors)
             ),
         );
         push(
             lines::SCORES,
-            Phase::Step,
+            Phase::Backward,
             block.scores,
             format!(
-                "one block: {b}×{h}×{l}² × {} B (without checkpointing: × {n_layers})",
+                "one recomputed block: {b}×{h}×{l}² × {} B (without checkpointing: × {n_layers})",
                 8 + c
             ),
         );
@@ -920,7 +923,7 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
     push(lines::LOGITS, Phase::Step, logits, logits_detail);
     push(
         lines::BACKWARD,
-        Phase::Step,
+        if ckpt { Phase::Backward } else { Phase::Step },
         3 * b * h * l * l * 4,
         format!("3 × [{b}, {h}, {l}, {l}] f32 (softmax gradient chain of one block)"),
     );
@@ -932,12 +935,22 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         full_grads,
         format!("one backward's {pt} × {r} B (burn returns every gradient at once)"),
     );
-    push(
-        lines::LAST_BLOCK,
-        Phase::Backward,
-        block.tensors + block.scores + 3 * b * h * l * l * 4,
-        "block 0's activations, scores and softmax gradients".into(),
-    );
+    if ckpt {
+        push(
+            lines::LAST_BLOCK,
+            Phase::Backward,
+            bld * r + block.tensors,
+            "block 0's input and recomputed activations (its scores and softmax gradients above)"
+                .into(),
+        );
+    } else {
+        push(
+            lines::LAST_BLOCK,
+            Phase::Backward,
+            block.tensors + block.scores + 3 * b * h * l * l * 4,
+            "block 0's activations, scores and softmax gradients".into(),
+        );
+    }
 
     // ---- rollout
     if let Some(ro) = &input.rollout {
@@ -1291,8 +1304,9 @@ mod tests {
         let bld = 1024 * 4096;
         assert_eq!(
             off.bytes_of(lines::ACTIVATIONS) - on.bytes_of(lines::ACTIVATIONS),
-            31 * blk.tensors - 32 * bld * 4
+            32 * blk.tensors - 32 * bld * 4
         );
+        assert_eq!(on.bytes_of(lines::LAST_BLOCK), bld * 4 + blk.tensors);
         assert_eq!(on.bytes_of(lines::SCORES), blk.scores);
         assert_eq!(
             off.activations_with_checkpointing,
