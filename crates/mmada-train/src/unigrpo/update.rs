@@ -1,7 +1,7 @@
 //! UniGRPO phases 3–5: noising the completions, old-policy (and reference) log-probs, and
 //! the μ clipped-objective updates.
 
-use burn::module::AutodiffModule;
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -200,7 +200,10 @@ pub fn old_logprobs<B: AutodiffBackend>(
     chunk_rows: usize,
     device: &B::Device,
 ) -> Result<OldLogprobs, TrainError> {
-    let old_model = model.valid();
+    // untracked autodiff tensors rather than `model.valid()`: the inner backend's softmax
+    // rounds differently, and the first of the μ updates must see a ratio of exactly 1, as
+    // upstream does (docs/activation-checkpointing.md)
+    let old_model = model.clone().no_grad();
     let mut out = OldLogprobs {
         old: vec![],
         reference: vec![],
