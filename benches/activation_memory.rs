@@ -52,7 +52,8 @@ fn config() -> ModelConfig {
 /// A loss over every position's log-probabilities (as the masked-diffusion losses at t → 1).
 fn loss<B: AutodiffBackend, M: HiddenStates<B>>(m: &M) -> Tensor<B, 1> {
     let ids: Vec<i64> = (0..ROWS * SEQ).map(|i| (i * 37 % 300) as i64).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [ROWS, SEQ]), &Default::default());
+    let ids =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [ROWS, SEQ]), &Default::default());
     let logits = m.lm_head().logits3(m.hidden(ids, &Attention::Full));
     log_softmax(logits, 2).slice([0..ROWS, 0..SEQ, 0..8]).mean()
 }

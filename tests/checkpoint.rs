@@ -241,9 +241,10 @@ fn missing_tensor_is_named() {
         m.remove("model.transformer.blocks.1.up_proj.weight");
     });
     let e = load_err(&dir);
+    let cfg = ModelConfig::from_file(&fixture_weights().join("config.json")).unwrap();
     assert!(
         e.contains("missing tensor `model.transformer.blocks.1.up_proj.weight`")
-            && e.contains("[128, 64]"),
+            && e.contains(&format!("[{}, {}]", cfg.mlp_hidden_size, cfg.d_model)),
         "{e}"
     );
 }
@@ -271,13 +272,16 @@ fn wrong_shape_names_tensor_and_both_shapes() {
         let t = m
             .get_mut("model.transformer.blocks.0.k_proj.weight")
             .unwrap();
-        t.1 = vec![32, 128];
+        t.1 = vec![t.1[0] / 2, t.1[1] * 2];
     });
     let e = load_err(&dir);
+    // the sizes from the fixture's config: k_proj is [n_kv_heads · head_dim, d_model]
+    let cfg = ModelConfig::from_file(&fixture_weights().join("config.json")).unwrap();
+    let (d, kv) = (cfg.d_model, cfg.n_kv_heads * cfg.d_model / cfg.n_heads);
     assert!(
         e.contains("`model.transformer.blocks.0.k_proj.weight`")
-            && e.contains("[32, 128]")
-            && e.contains("[64, 64]"),
+            && e.contains(&format!("[{}, {}]", kv / 2, d * 2))
+            && e.contains(&format!("[{kv}, {d}]")),
         "{e}"
     );
     // `inspect`-style verification reports the same without loading

@@ -779,7 +779,9 @@ fn sft_sharded_over_two_processes_equals_unsharded() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let ck = tmp.path().join(format!("runs/{mode}/checkpoints/step-000005"));
+        let ck = tmp
+            .path()
+            .join(format!("runs/{mode}/checkpoints/step-000005"));
         let dw = file_rel_diff(
             &base.join("model/model.safetensors"),
             &ck.join("model/model.safetensors"),
