@@ -29,7 +29,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use burn::tensor::{IndexingUpdateOp, s};
 use mmada_model::LmHead;
-use mmada_model::model::float_dtype;
+use mmada_model::model::{float_dtype, stop_grad};
 
 /// Default rows per head chunk (`loss.ce_chunk_rows`): 1 024 rows × 126 464 vocab × 4 bytes
 /// = 0.5 GB per `[rows, vocab]` f32 buffer for LLaDA's vocabulary.
@@ -112,7 +112,7 @@ impl<B: Backend> Scores<B> {
                 head,
                 chunk_rows,
             } => {
-                let h = gather_rows(hidden.clone(), positions).detach();
+                let h = stop_grad(gather_rows(hidden.clone(), positions));
                 head_pass(&h, &head.detach(), &tg, None, *chunk_rows).0
             }
         }
@@ -159,7 +159,7 @@ impl<B: Backend> Scores<B> {
                 let tracked = h.is_require_grad() || head.weight.is_require_grad();
                 let u = tracked.then(|| w.clone().neg());
                 let (logp, grads) =
-                    head_pass(&h.clone().detach(), &head.detach(), &tg, u, *chunk_rows);
+                    head_pass(&stop_grad(h.clone()), &head.detach(), &tg, u, *chunk_rows);
                 let value = (logp * w).sum().neg().reshape([1]);
                 match grads {
                     Some(g) => value + attach(h, head, g),
@@ -180,7 +180,7 @@ impl<B: Backend> Scores<B> {
         match self {
             Scores::Logits(_) => {
                 let z = (self.logprobs(positions, targets) * u).sum().reshape([1]);
-                z.clone() - z.detach()
+                z.clone() - stop_grad(z)
             }
             Scores::Hidden {
                 hidden,
@@ -190,7 +190,7 @@ impl<B: Backend> Scores<B> {
                 let h = gather_rows(hidden.clone(), positions);
                 let tg = targets_tensor::<B>(targets, &self.device());
                 let (_, grads) = head_pass(
-                    &h.clone().detach(),
+                    &stop_grad(h.clone()),
                     &head.detach(),
                     &tg,
                     Some(u),
@@ -325,7 +325,7 @@ fn attach<B: Backend>(h: Tensor<B, 2>, head: &LmHead<B>, g: HeadGrads<B>) -> Ten
                 .sum();
     }
     let z = z.reshape([1]);
-    z.clone() - z.detach()
+    z.clone() - stop_grad(z)
 }
 
 #[cfg(test)]
@@ -564,5 +564,140 @@ mod tests {
         .logprobs(&pos, &tg);
         a.into_data()
             .assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+    }
+}
+
+#[cfg(test)]
+mod profile {
+    use std::time::Instant;
+
+    use burn::backend::Autodiff;
+    use burn::tensor::Distribution;
+    use mmada_model::backend::Cpu;
+
+    use super::*;
+
+    type Ad = Autodiff<Cpu>;
+
+    /// Manual profile (not a check): `cargo test --workspace --lib -- head::profile
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn head_paths() {
+        let (n_all, d, v) = (1024, 256, 58_560);
+        let dev = Default::default();
+        let h0 = Tensor::<Ad, 2>::random([n_all, d], Distribution::Normal(0., 1.), &dev);
+        let w0 = Tensor::<Ad, 2>::random([d, v], Distribution::Normal(0., 0.02), &dev);
+        let pos: Vec<usize> = (0..n_all).filter(|k| k % 2 == 0).collect();
+        let tg: Vec<i64> = pos.iter().map(|&k| ((k * 13) % v) as i64).collect();
+        let wt: Vec<f32> = vec![1.0; pos.len()];
+        let t = |name: &str, f: &mut dyn FnMut()| {
+            f();
+            let s = Instant::now();
+            for _ in 0..3 {
+                f();
+            }
+            eprintln!("{name}: {:.3} s", s.elapsed().as_secs_f64() / 3.0);
+        };
+        for path in ["full", "chunked"] {
+            let mut fwd_s = 0.0;
+            let mut bwd_s = 0.0;
+            for _ in 0..3 {
+                let h = h0.clone().require_grad();
+                let w = w0.clone().require_grad();
+                let head = LmHead {
+                    weight: w.clone(),
+                    bias: None,
+                    compute: None,
+                };
+                let s0 = Instant::now();
+                let hidden = h.clone().reshape([1, n_all, d]);
+                let scores = if path == "full" {
+                    Scores::Logits(head.logits3(hidden))
+                } else {
+                    Scores::Hidden {
+                        hidden,
+                        head,
+                        chunk_rows: 1024,
+                    }
+                };
+                let loss = scores.weighted_ce(&pos, &tg, &wt);
+                let _ = loss.clone().into_scalar();
+                fwd_s += s0.elapsed().as_secs_f64();
+                let s1 = Instant::now();
+                let g = loss.backward();
+                let _ = w.grad(&g).unwrap().slice([0..1, 0..1]).into_data();
+                let _ = h.grad(&g).unwrap().slice([0..1, 0..1]).into_data();
+                bwd_s += s1.elapsed().as_secs_f64();
+            }
+            eprintln!(
+                "{path}: forward {:.3} s, backward {:.3} s",
+                fwd_s / 3.0,
+                bwd_s / 3.0
+            );
+        }
+        type I = Cpu;
+        let hi = Tensor::<I, 2>::random([512, d], Distribution::Normal(0., 1.), &dev);
+        let wi = Tensor::<I, 2>::random([d, v], Distribution::Normal(0., 0.02), &dev);
+        let gi = Tensor::<I, 2>::random([512, v], Distribution::Normal(0., 1.), &dev);
+        t("h·W [512,256]x[256,58560]", &mut || {
+            let _ = hi
+                .clone()
+                .matmul(wi.clone())
+                .slice([0..1, 0..1])
+                .into_data();
+        });
+        t("G·Wᵀ (view)", &mut || {
+            let _ = gi
+                .clone()
+                .matmul(wi.clone().transpose())
+                .slice([0..1, 0..1])
+                .into_data();
+        });
+        let wt_rm = Tensor::<I, 2>::from_data(wi.clone().transpose().into_data(), &dev);
+        t("G·Wᵀ (row-major copy)", &mut || {
+            let _ = gi
+                .clone()
+                .matmul(wt_rm.clone())
+                .slice([0..1, 0..1])
+                .into_data();
+        });
+        t("hᵀ·G (view)", &mut || {
+            let _ = hi
+                .clone()
+                .transpose()
+                .matmul(gi.clone())
+                .slice([0..1, 0..1])
+                .into_data();
+        });
+        let ht_rm = Tensor::<I, 2>::from_data(hi.clone().transpose().into_data(), &dev);
+        t("hᵀ·G (row-major copy)", &mut || {
+            let _ = ht_rm
+                .clone()
+                .matmul(gi.clone())
+                .slice([0..1, 0..1])
+                .into_data();
+        });
+        t("log_softmax [512,58560]", &mut || {
+            let _ = log_softmax(gi.clone(), 1).slice([0..1, 0..1]).into_data();
+        });
+        t("exp", &mut || {
+            let _ = gi.clone().exp().slice([0..1, 0..1]).into_data();
+        });
+        let tgi = Tensor::<I, 2, Int>::from_data(
+            TensorData::new(
+                (0..512).map(|k| (k * 13 % v) as i32).collect::<Vec<_>>(),
+                [512, 1],
+            ),
+            &dev,
+        );
+        let ui = Tensor::<I, 2>::ones([512, 1], &dev);
+        t("scatter add", &mut || {
+            let _ = gi
+                .clone()
+                .scatter(1, tgi.clone(), ui.clone(), IndexingUpdateOp::Add)
+                .slice([0..1, 0..1])
+                .into_data();
+        });
     }
 }

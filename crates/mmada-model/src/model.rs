@@ -238,6 +238,14 @@ pub fn row_major<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     Tensor::from_data(t.into_data(), (&device, dtype))
 }
 
+/// `t` cut from the autodiff graph and not tracked: `torch.Tensor.detach()`. burn 0.21's
+/// `Tensor::detach` keeps `require_grad` (a detached parameter or intermediate becomes a new
+/// leaf whose downstream ops are recorded and back-propagated); this also clears it. No op on
+/// a backend without autodiff.
+pub fn stop_grad<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    t.detach().set_require_grad(false)
+}
+
 /// `t` in `dtype` (no op when it already is).
 fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
     if t.dtype() == DType::from(dtype) {
@@ -627,12 +635,14 @@ impl<B: Backend> LmHead<B> {
         self.logits3(h.unsqueeze::<3>()).reshape([n, self.vocab()])
     }
 
-    /// The same head detached from the autodiff graph (for passes that compute their own
-    /// gradients).
+    /// The same head off the autodiff graph and untracked (for passes that compute their own
+    /// gradients). burn's `Tensor::detach` keeps `require_grad`, so a detached parameter is a
+    /// new tracked leaf and every op on it would still be recorded (and back-propagated, into
+    /// nothing); [`stop_grad`] drops the flag too.
     pub fn detach(&self) -> Self {
         Self {
-            weight: self.weight.clone().detach(),
-            bias: self.bias.clone().map(Tensor::detach),
+            weight: stop_grad(self.weight.clone()),
+            bias: self.bias.clone().map(stop_grad),
             compute: self.compute,
         }
     }

@@ -130,14 +130,18 @@ fn gradient_accumulation_equals_the_big_batch() {
     assert!(moved, "training did not change the weights");
 }
 
-/// `loss.ce_chunk_rows > 0` (the LM head only at the masked positions, in chunks, over hidden
-/// states) trains like the full-logits default: same losses, same weights up to float
+/// `loss.ce_chunk_rows > 0` (the default: the LM head only at the masked positions, in
+/// chunks, over hidden states) trains like full logits (`loss.ce_chunk_rows: 0`): same losses, same weights up to float
 /// rounding, with a chunk that splits the rows.
 #[test]
 fn chunked_lm_head_trains_like_full_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let base = arith_recipe(tmp.path(), "full", "");
-    let full = run(&with(&base, &["train.max_steps=3"]), None, None);
+    let full = run(
+        &with(&base, &["train.max_steps=3", "loss.ce_chunk_rows=0"]),
+        None,
+        None,
+    );
     let chunked = run(
         &with(
             &base,

@@ -20,7 +20,7 @@ serde_defaults! {
     squash: ResizeMode = ResizeMode::Squash;
     cond_dropout: f32 = 0.1;
     default_eps: f32 = 1e-3;
-    ce_chunk: usize = 0;
+    ce_chunk: usize = mmada_diffusion::DEFAULT_CE_CHUNK_ROWS;
 }
 
 /// One dataset of a stream.
@@ -160,11 +160,11 @@ pub struct LossSection {
     /// `training.cond_dropout_prob`, 0.1 in every config).
     #[serde(default = "cond_dropout")]
     pub cond_dropout_prob: f32,
-    /// `0` (default): the LM head over every position (full logits). `N > 0`: the head and
-    /// the cross-entropy only at the scored positions, `N` rows of hidden states at a time,
-    /// so the `[rows, vocab]` logits never exist for the whole batch
-    /// (`mmada_diffusion::head`; same losses and gradients; on CPU/Flex it is not faster yet,
-    /// see the README).
+    /// `N > 0` (default 1024): the LM head and the cross-entropy only at the scored
+    /// positions, `N` rows of hidden states at a time, so the `[rows, vocab]` logits never
+    /// exist for the whole batch (`mmada_diffusion::head`; same losses and gradients; about
+    /// 2× faster training steps on CPU at vocab 58 560, see the README). `0`: the head over
+    /// every position (full logits).
     #[serde(default = "ce_chunk")]
     pub ce_chunk_rows: usize,
 }

@@ -27,7 +27,7 @@ serde_defaults! {
     default_timesteps: u32 = 1000;
     default_lower: f32 = 0.1;
     default_upper: f32 = 0.9;
-    ce_chunk: usize = 0;
+    ce_chunk: usize = mmada_diffusion::DEFAULT_CE_CHUNK_ROWS;
 }
 
 /// `prompts.template`: how a prompt example becomes prompt text.
@@ -182,10 +182,9 @@ pub struct GrpoSection {
     /// Prompt masking probability of `estimator: d1` (d1 default 0.15).
     #[serde(default = "default_p_mask_prompt")]
     pub p_mask_prompt: f32,
-    /// `0` (default): every log-probability (policy, old policy, reference) from full logits.
-    /// `N > 0`: the head only at the scored completion tokens, `N` rows of hidden states at
-    /// a time (`mmada_diffusion::head`; same values and gradients; on CPU/Flex it is not
-    /// faster yet, see the README).
+    /// `N > 0` (default 1024): every log-probability (policy, old policy, reference) with
+    /// the head only at the scored completion tokens, `N` rows of hidden states at a time
+    /// (`mmada_diffusion::head`; same values and gradients). `0`: from full logits.
     #[serde(default = "ce_chunk")]
     pub ce_chunk_rows: usize,
 }
