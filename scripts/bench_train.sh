@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Training step side by side with the PyTorch peer (issue 18): forward + backward + AdamW of
+# the d_model 256 / 4-block / vocab 58 560 model at batch 4 × 256, 2 threads, in one run:
+#   * ours: benches/model.rs `forward_backward_adamw_{head_chunked,full_logits}` (criterion,
+#     median of 10 steps; the pretraining loss on a seeded draw, about half the tokens masked);
+#   * the peer: ../shared/bench/torch_peer/bench.py (median of 5 steps; its SFT loss, prompt
+#     = seq/4, answer tokens masked at random).
+# Prints tokens/s of each and the ratios. Needs python3 with torch (PEER_PYTHON=…/python).
+# Run on an idle machine: both sides use the same 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PEER_PYTHON:-python3}
+PEER=${PEER_DIR:-../shared/bench/torch_peer}
+cargo test --workspace --bench model --no-run 2>&1 | tail -n 1
+bin=$(ls -t target/debug/deps/model-* | grep -v '\.d$' | head -n 1)
+peer=$("$PY" "$PEER/bench.py" --threads 2 --train-steps 5 --gen-length 32 --gen-steps 2 \
+  --block-length 32 2>/dev/null | tail -n 1)
+ours=$("$bin" --bench 'forward_backward_adamw_(head_chunked|full_logits)$' --warm-up-time 1 \
+  --measurement-time 20 2>&1 | grep -E '^llada|time:' | grep -v '%')
+python3 - "$peer" "$ours" <<'PYEOF'
+import json, re, sys
+peer = json.loads(sys.argv[1])["train"]
+tokens = peer["batch"] * peer["seq"]
+rows = [("PyTorch peer (fp32, eager)", peer["median_step_s"])]
+name = None
+for line in sys.argv[2].splitlines():
+    if line.startswith("llada"):
+        name = line.split("/")[-1].strip()
+    elif "time:" in line and name:
+        mid = re.findall(r"([0-9.]+) (ms|s)", line)[1]
+        rows.append((f"mmada-rs {name}", float(mid[0]) / (1000 if mid[1] == "ms" else 1)))
+print(f"| implementation | step s | tokens/s | vs peer |\n|---|---|---|---|")
+for n, s in rows:
+    print(f"| {n} | {s:.2f} | {tokens / s:.0f} | {peer['median_step_s'] / s:.2f}× |")
+PYEOF
