@@ -98,10 +98,18 @@ fn loss<B: Backend>(
         Path::HeadChunked => Scores::Hidden {
             hidden: model.hidden(ids, &Attention::Full),
             head: model.lm_head(),
-            chunk_rows: DEFAULT_CE_CHUNK_ROWS,
+            chunk_rows: chunk_rows(),
         },
     };
     pretrain_loss(scores, &x0, &noised).unwrap()
+}
+
+/// Rows per head chunk: `MMADA_CE_CHUNK_ROWS` or the recipes' default.
+fn chunk_rows() -> usize {
+    std::env::var("MMADA_CE_CHUNK_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_CE_CHUNK_ROWS)
 }
 
 fn benches(c: &mut Criterion) {

@@ -31,9 +31,12 @@ use burn::tensor::{IndexingUpdateOp, s};
 use mmada_model::LmHead;
 use mmada_model::model::{float_dtype, stop_grad};
 
-/// Default rows per head chunk (`loss.ce_chunk_rows`): 1 024 rows × 126 464 vocab × 4 bytes
-/// = 0.5 GB per `[rows, vocab]` f32 buffer for LLaDA's vocabulary.
-pub const DEFAULT_CE_CHUNK_ROWS: usize = 1024;
+/// Default rows per head chunk (`loss.ce_chunk_rows`, `grpo.ce_chunk_rows`): 256 rows ×
+/// 126 464 vocab × 4 bytes = 0.13 GB per `[rows, vocab]` f32 buffer for LLaDA's vocabulary.
+/// Measured on the CPU (d_model 256, vocab 58 560, 512 scored rows, one training step): 256-row
+/// chunks take 7.6 s and 729 MB peak RSS against 10.0 s and 898 MB for 1 024-row chunks (the
+/// head pass keeps about four `[rows, vocab]` buffers per chunk).
+pub const DEFAULT_CE_CHUNK_ROWS: usize = 256;
 
 /// What a loss reads its log-probabilities from.
 #[derive(Debug, Clone)]
