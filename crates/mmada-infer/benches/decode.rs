@@ -18,7 +18,8 @@
 //!
 //! One run of each variant, back to back, prints a JSON line to stdout: NFE, refreshes, cache
 //! hits, seconds, new tokens/s and the speed-up over `none, full head` measured in the same
-//! run. `scripts/bench_decode.sh` runs this and the PyTorch peer back to back. The criterion
+//! run (`MMADA_BENCH_ONLY="name|name"` runs the named variants only, the first as the
+//! reference). `scripts/bench_decode.sh` runs this and the PyTorch peer back to back. The criterion
 //! group times the three fast variants (window head, prefix, dual with threshold).
 
 use std::time::Instant;
@@ -116,7 +117,10 @@ fn bench(c: &mut Criterion) {
             with(CacheMode::Dual, Some(0.9)),
         ),
     ];
-    let only: Option<String> = std::env::var("MMADA_BENCH_ONLY").ok();
+    // `MMADA_BENCH_ONLY="none, window head|prefix, threshold 0.9"`: these variants only
+    let only: Option<Vec<String>> = std::env::var("MMADA_BENCH_ONLY")
+        .ok()
+        .map(|o| o.split('|').map(str::to_string).collect());
     // a short warm-up call (thread pool, allocator)
     let _ = run(
         &model,
@@ -127,7 +131,7 @@ fn bench(c: &mut Criterion) {
     );
     let mut reference: Option<f64> = None;
     for (name, d, g) in &variants {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
             continue;
         }
         let t0 = Instant::now();

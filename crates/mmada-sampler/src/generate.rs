@@ -5,7 +5,9 @@
 //! softmax in float64: [`GenerateConfig::confidence_f64`]).
 //!
 //! The canvas `x` (`[batch, prompt_len + gen_length]`) lives on the host; each step sends it to
-//! the device, runs the denoiser on the **full** canvas (no KV cache, as upstream) and reads back
+//! the device, runs the denoiser on the **full** canvas (no KV cache, as upstream; or, with
+//! [`GenerateConfig::cache`], only the current block — and the suffix for the prefix cache —
+//! against keys and values refreshed at the block start, Fast-dLLM) and reads back
 //! only `[batch, window]` reductions (argmax ids and confidences) of the window of positions
 //! that can be unmasked in this step — the current block, extended to the left when earlier
 //! positions are still masked (a prompt that contains the mask id). Positions outside that window
