@@ -14,7 +14,7 @@ use burn::tensor::{Bool, Tensor, TensorData};
 use common::{Fixture, fixture_root};
 use mmada_model::backend::Cpu;
 use mmada_model::{FloatDType, load_checkpoint};
-use mmada_sampler::{GenerateConfig, UniformSource, generate};
+use mmada_sampler::{CacheMode, GenerateConfig, UniformSource, generate};
 use serde_json::Value;
 
 /// A randomness source that counts draws: greedy low-confidence decoding must use none.
@@ -41,11 +41,16 @@ fn meta(case: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(case.join("meta.json")).unwrap()).unwrap()
 }
 
-fn run_case(case: &Path) -> String {
+/// Runs one case; `cache` other than `none` refreshes its key/value cache at every step
+/// (`refresh_every: 1`), which must be the uncached sampler exactly.
+fn run_case(case: &Path, cache: CacheMode) -> String {
     let name = case.file_name().unwrap().to_string_lossy().to_string();
+    let name = format!("{name} (cache {cache:?})");
     let meta = meta(case);
-    let config: GenerateConfig = serde_json::from_value(meta["params"].clone())
+    let mut config: GenerateConfig = serde_json::from_value(meta["params"].clone())
         .unwrap_or_else(|e| panic!("{name}: params do not deserialise: {e}"));
+    config.cache = cache;
+    config.refresh_every = usize::from(cache != CacheMode::None);
     config.validate().unwrap();
     let weights = meta["weights"]
         .as_str()
@@ -100,6 +105,8 @@ fn run_case(case: &Path) -> String {
     // NFE = number of model calls recorded upstream
     let calls = meta["stats"]["num_model_calls"].as_u64().unwrap() as usize;
     assert_eq!(out.nfe, calls, "{name}: nfe");
+    let refreshes = if cache == CacheMode::None { 0 } else { calls };
+    assert_eq!((out.refreshes, out.cache_hits), (refreshes, 0), "{name}");
     // transfers per step sum to the generated length per row
     for r in 0..b {
         let total: usize = trace.transfers.iter().map(|t| t[r]).sum();
@@ -124,7 +131,9 @@ fn generate_matches_official_pytorch_every_step() {
         "expected the 7 generate fixture cases, found {cases:?}"
     );
     for c in &cases {
-        println!("{}", run_case(c));
+        for cache in [CacheMode::None, CacheMode::Prefix, CacheMode::Dual] {
+            println!("{}", run_case(c, cache));
+        }
     }
 }
 

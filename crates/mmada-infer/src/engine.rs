@@ -49,6 +49,13 @@ pub struct Generation {
     /// `early_stop` ended the batch before its last block (the rest are still `mask_id`).
     /// Throughput (tokens/s) counts these.
     pub decoded: usize,
+    /// Forwards of the batch that refreshed the key/value cache (0 without `cache`).
+    pub refreshes: usize,
+    /// Forwards of the batch run against the cache (0 without `cache`).
+    pub cache_hits: usize,
+    /// Tokens committed per row per forward in the batch
+    /// ([`mmada_sampler::Completions::tokens_per_forward`]).
+    pub tokens_per_forward: f64,
 }
 
 fn template_for(kind: TemplateArg, dir: &Path, cfg: &ModelConfig) -> Option<ChatTemplate> {
@@ -253,10 +260,14 @@ impl<B: Backend> Engine<B> {
         )
         .context("sampling")?;
         let new_tokens = b * out.decoded;
+        let tpf = out.tokens_per_forward();
         tracing::info!(
             batch = b,
             prompt_len = out.padded_len,
             nfe = out.nfe,
+            refreshes = out.refreshes,
+            cache_hits = out.cache_hits,
+            tokens_per_forward = format!("{tpf:.2}"),
             new_tokens,
             seconds = format!("{:.3}", out.seconds),
             tokens_per_s = format!("{:.1}", new_tokens as f64 / out.seconds.max(1e-9)),
@@ -273,6 +284,9 @@ impl<B: Backend> Engine<B> {
                     seconds: out.seconds,
                     batch: b,
                     decoded: out.decoded,
+                    refreshes: out.refreshes,
+                    cache_hits: out.cache_hits,
+                    tokens_per_forward: tpf,
                 })
             })
             .collect()

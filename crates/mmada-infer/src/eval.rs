@@ -162,6 +162,7 @@ pub fn run<B: Backend>(
     };
     let mut correct = 0usize;
     let mut nfe_total = 0usize;
+    let (mut refreshes, mut cache_hits) = (0usize, 0usize);
     let decoded_total: usize = gens.iter().map(|g| g.decoded).sum();
     for (i, ((it, u), g)) in items.iter().zip(&user).zip(&gens).enumerate() {
         let extracted = completion_answer(&g.text);
@@ -171,6 +172,8 @@ pub fn run<B: Backend>(
         correct += usize::from(ok);
         if i % g.batch.max(1) == 0 {
             nfe_total += g.nfe;
+            refreshes += g.refreshes;
+            cache_hits += g.cache_hits;
         }
         if let Some(w) = out.as_mut() {
             let rec = serde_json::json!({
@@ -196,6 +199,13 @@ pub fn run<B: Backend>(
     let n = items.len();
     let new_tokens: usize = decoded_total;
     let acc = correct as f64 / n as f64;
+    // tokens committed per row per forward over the run: Σ committed / Σ forwards, per item
+    let row_forwards: usize = gens.iter().map(|g| g.nfe).sum();
+    let committed: f64 = gens
+        .iter()
+        .map(|g| g.tokens_per_forward * g.nfe as f64)
+        .sum();
+    let tokens_per_forward = committed / row_forwards.max(1) as f64;
     tracing::info!(
         correct,
         items = n,
@@ -213,9 +223,18 @@ pub fn run<B: Backend>(
             "correct": correct,
             "accuracy": acc,
             "nfe": nfe_total,
+            "refreshes": refreshes,
+            "cache_hits": cache_hits,
+            "tokens_per_forward": tokens_per_forward,
             "new_tokens": new_tokens,
             "seconds": secs,
             "tokens_per_s": new_tokens as f64 / secs.max(1e-9),
+            "checkpoint": m.checkpoint.as_ref().map(|p| p.display().to_string()),
+            "dtype": format!("{:?}", engine.model.dtype()),
+            "batch_size": batch_size,
+            "prompt_template": template,
+            "limit": e.limit,
+            "sampling": &config,
         })
     );
     println!("accuracy {correct}/{n} = {:.2}%", 100.0 * acc);

@@ -238,9 +238,16 @@ fn run_generate<B: Backend>(
         .chunks(s.batch_size.unwrap_or(1).max(1))
         .map(|c| c[0].nfe)
         .sum();
+    let (refreshes, cache_hits): (usize, usize) = gens
+        .chunks(s.batch_size.unwrap_or(1).max(1))
+        .map(|c| (c[0].refreshes, c[0].cache_hits))
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     tracing::info!(
         prompts = gens.len(),
         nfe,
+        refreshes,
+        cache_hits,
+        cache = ?config.cache,
         new_tokens,
         seconds = format!("{secs:.3}"),
         tokens_per_s = format!("{:.1}", new_tokens as f64 / secs.max(1e-9)),

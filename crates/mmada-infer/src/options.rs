@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use mmada_model::FloatDType;
-use mmada_sampler::{Preset, Remasking, SamplerSection};
+use mmada_sampler::{CacheMode, Preset, Remasking, SamplerSection};
 use serde::Deserialize;
 
 /// Command-line spelling of the sampler's [`Preset`]s. The values are listed in `--help`.
@@ -31,6 +31,9 @@ pub enum PresetArg {
     LladaGsm8k,
     /// MMaDA paper text evaluation: gen_length 1024, steps 512, block_length 64.
     MmadaPaper,
+    /// Fast decoding: the lengths of `default` with --cache prefix and --threshold 0.9
+    /// (Fast-dLLM); explicit options override each.
+    Fast,
 }
 
 impl From<PresetArg> for Preset {
@@ -39,6 +42,28 @@ impl From<PresetArg> for Preset {
             PresetArg::Default => Preset::Default,
             PresetArg::LladaGsm8k => Preset::LladaGsm8k,
             PresetArg::MmadaPaper => Preset::MmadaPaper,
+            PresetArg::Fast => Preset::Fast,
+        }
+    }
+}
+
+/// Key/value cache names accepted on the command line ([`CacheMode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    /// Every step runs the whole canvas (upstream LLaDA).
+    None,
+    /// Reuse the keys/values of the prompt and the decoded blocks (Fast-dLLM prefix cache).
+    Prefix,
+    /// Also reuse those of the masked positions after the block (Fast-dLLM dual cache).
+    Dual,
+}
+
+impl From<CacheArg> for CacheMode {
+    fn from(c: CacheArg) -> Self {
+        match c {
+            CacheArg::None => CacheMode::None,
+            CacheArg::Prefix => CacheMode::Prefix,
+            CacheArg::Dual => CacheMode::Dual,
         }
     }
 }
@@ -162,7 +187,8 @@ impl_or!(ModelArgs {
 pub struct SamplingArgs {
     /// Published settings for gen_length / steps / block_length (explicit values override):
     /// default = 128 / 128 / 32 (LLaDA generate.py), llada-gsm8k = 256 / 256 / 8,
-    /// mmada-paper = 1024 / 512 / 64.
+    /// mmada-paper = 1024 / 512 / 64, fast = 128 / 128 / 32 with --cache prefix and
+    /// --threshold 0.9.
     #[arg(long, value_enum)]
     pub preset: Option<PresetArg>,
     /// Number of generated tokens (multiple of block_length).
@@ -206,6 +232,18 @@ pub struct SamplingArgs {
     /// tokenizer's vocabulary without the mask token [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub full_vocab: Option<bool>,
+    /// Key/value cache: prefix reuses the prompt's and decoded blocks' keys/values between
+    /// refreshes, dual also the masked suffix's (Fast-dLLM); an approximation refreshed at
+    /// every block start [default: none, prefix for --preset fast].
+    #[arg(long, value_enum)]
+    pub cache: Option<CacheArg>,
+    /// With --cache: also refresh every N steps of a block (1 = every step = no cache)
+    /// [default: 0 = block starts only].
+    #[arg(long)]
+    pub refresh_every: Option<usize>,
+    /// With --cache: positions next to the block recomputed at every cached step [default: 0].
+    #[arg(long)]
+    pub vicinity: Option<usize>,
     /// Prompts decoded together (left-padded, key-padding mask) [default: 1 for generate,
     /// 4 for eval].
     #[arg(long)]
@@ -229,6 +267,9 @@ impl From<SamplingArgs> for SamplerSection {
             early_stop: a.early_stop,
             full_vocab: a.full_vocab,
             sample_vocab: None,
+            cache: a.cache.map(Into::into),
+            refresh_every: a.refresh_every,
+            vicinity: a.vicinity,
             batch_size: a.batch_size,
         }
     }
@@ -516,12 +557,17 @@ mod tests {
         let yaml = "sampling: {preset: mmada-paper, gen_length: 64, steps: 32, block_length: 16, \
             temperature: 0.5, cfg_scale: 1.0, remasking: entropy, logits_eos_inf: true, \
             confidence_eos_eot_inf: true, confidence_f64: true, threshold: 0.9, early_stop: true, \
-            full_vocab: false, sample_vocab: 99, batch_size: 2}\n";
+            full_vocab: false, sample_vocab: 99, cache: dual, refresh_every: 4, vicinity: 2, \
+            batch_size: 2}\n";
         let c = FileConfig::from_yaml(yaml, "t.yaml").unwrap();
         let s = &c.sampling;
         assert_eq!(s.preset, Some(Preset::MmadaPaper));
         assert_eq!(s.remasking, Some(Remasking::Entropy));
         assert_eq!((s.sample_vocab, s.batch_size), (Some(99), Some(2)));
+        assert_eq!(
+            (s.cache, s.refresh_every, s.vicinity),
+            (Some(CacheMode::Dual), Some(4), Some(2))
+        );
         let text = serde_norway::to_string(s).unwrap();
         assert!(text.contains("preset: mmada-paper"), "{text}");
         assert_eq!(serde_norway::from_str::<SamplerSection>(&text).unwrap(), *s);
@@ -539,6 +585,9 @@ mod tests {
             threshold: Some(0.9),
             early_stop: Some(true),
             full_vocab: Some(false),
+            cache: Some(CacheArg::Dual),
+            refresh_every: Some(4),
+            vicinity: Some(2),
             batch_size: Some(2),
         };
         let from_cli = SamplerSection::from(cli);

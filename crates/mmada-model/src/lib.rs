@@ -9,6 +9,8 @@
 //! * [`checkpoint`]: load / save safetensors (single or sharded; BF16 / F16 / F32). The only
 //!   module that does file I/O.
 //! * [`init`]: mitchell random initialisation.
+//! * [`kv`]: the key/value cache of fast decoding ([`KvCache`], Fast-dLLM prefix / dual
+//!   cache) and the model's cached forward.
 //! * [`backend`]: backend aliases and device strings.
 //!
 //! Source of the ported semantics: `../shared/docs/mmada-spec.md` §1 and upstream
@@ -18,6 +20,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod init;
+pub mod kv;
 pub mod model;
 pub mod tokens;
 
@@ -26,5 +29,6 @@ pub use checkpoint::{
     CheckpointError, DiskDtype, SaveOptions, load_checkpoint, load_weights, save_checkpoint,
 };
 pub use config::{ConfigError, ModelConfig, ModelType};
+pub use kv::{KvCache, KvCacheError};
 pub use model::{Attention, Denoiser, HiddenStates, LladaModel, LmHead, ParamSource};
 pub use tokens::TokenLayout;

@@ -15,6 +15,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
+use crate::kv::{KvCache, KvCacheError, KvUse};
 
 /// The additive bias for attention scores that must be ignored: `finfo(float32).min`, as
 /// upstream (`LLaDAModel.forward` uses `torch.finfo(dtype).min`, never `-inf`, spec §1.3).
@@ -279,6 +280,22 @@ impl<B: Backend> LladaBlock<B> {
         bias: Option<&Tensor<B, 4>>,
         compute: Option<FloatDType>,
     ) -> Tensor<B, 3> {
+        self.forward_kv(x, rope, bias, compute, KvUse::Keep)
+    }
+
+    /// [`LladaBlock::forward_in`] with the keys and values of the block's positions handed to
+    /// `kv` after RoPE (KV-cached decoding, [`crate::kv`]): kept, also stored, or spliced into
+    /// cached ones, so that the queries `x` (`[batch, q, d_model]`, `rope` of their positions)
+    /// attend to every cached position. With [`KvUse::Keep`] and [`KvUse::Store`] the ops are
+    /// those of `forward_in`, so the result is the same bit for bit.
+    pub(crate) fn forward_kv(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        bias: Option<&Tensor<B, 4>>,
+        compute: Option<FloatDType>,
+        kv: KvUse<'_, B>,
+    ) -> Tensor<B, 3> {
         let [b, l, d] = x.dims();
         let residual = float_dtype(x.dtype());
         let hd = d / self.n_heads;
@@ -291,14 +308,16 @@ impl<B: Backend> LladaBlock<B> {
         let v = v.reshape([b, l, self.n_kv_heads, hd]).swap_dims(1, 2);
         let q = apply_rope(q, &rope.0, &rope.1);
         let k = apply_rope(k, &rope.0, &rope.1);
+        let (k, v) = kv.apply(k, v);
+        let lk = k.dims()[2];
         let (k, v) = if self.n_kv_heads != self.n_heads {
             // torch `repeat_interleave(n_heads / n_kv_heads, dim=1)`: kv head j serves query
             // heads j·r .. j·r + r.
             let r = self.n_heads / self.n_kv_heads;
             let rep = |t: Tensor<B, 4>| {
                 t.unsqueeze_dim::<5>(2)
-                    .expand([b, self.n_kv_heads, r, l, hd])
-                    .reshape([b, self.n_heads, l, hd])
+                    .expand([b, self.n_kv_heads, r, lk, hd])
+                    .reshape([b, self.n_heads, lk, hd])
             };
             (rep(k), rep(v))
         } else {
@@ -378,6 +397,44 @@ pub trait Denoiser<B: Backend> {
         } else {
             logits
         }
+    }
+
+    /// [`Denoiser::window_logits`] from a full forward that also returns the keys and values
+    /// of every layer at every canvas position ([`KvCache`]) for later
+    /// [`Denoiser::window_logits_cached`] calls. The logits equal those of `window_logits` bit
+    /// for bit (a cache refresh runs exactly the uncached computation). Default: no cache
+    /// (`None`; the sampler then runs every step uncached and counts no cache hit).
+    fn window_logits_caching(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention: &Attention<B>,
+        start: usize,
+        len: usize,
+    ) -> (Tensor<B, 3>, Option<KvCache<B>>) {
+        (self.window_logits(ids, attention, start, len), None)
+    }
+
+    /// The logits of positions `start .. start + len` (`[batch, len, vocab]`) from a forward of
+    /// the query positions `query.0 .. query.0 + query.1` only (which must contain the
+    /// window): their keys and values are recomputed from `ids` (`[batch, seq]`, the whole
+    /// canvas), every other position's come from `cache` (Fast-dLLM prefix / dual cache; an
+    /// approximation for a bidirectional model, exact only where the cached positions did not
+    /// change since the refresh). Default: [`Denoiser::window_logits`] (the cache ignored).
+    ///
+    /// # Errors
+    /// [`KvCacheError`] when the cache does not fit the call (batch, canvas length, layers) or
+    /// the query range does not contain the window.
+    fn window_logits_cached(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention: &Attention<B>,
+        cache: &KvCache<B>,
+        query: (usize, usize),
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor<B, 3>, KvCacheError> {
+        let _ = (cache, query);
+        Ok(self.window_logits(ids, attention, start, len))
     }
 
     /// Number of input ids the network accepts (its embedding rows), when known, so that
@@ -692,6 +749,37 @@ impl<B: Backend> Denoiser<B> for LladaModel<B> {
     ) -> Tensor<B, 3> {
         self.lm_head()
             .logits3(self.hidden(ids, attention).narrow(1, start, len))
+    }
+
+    fn window_logits_caching(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention: &Attention<B>,
+        start: usize,
+        len: usize,
+    ) -> (Tensor<B, 3>, Option<KvCache<B>>) {
+        let (h, cache) = self.hidden_caching(ids, attention);
+        (self.lm_head().logits3(h.narrow(1, start, len)), Some(cache))
+    }
+
+    fn window_logits_cached(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention: &Attention<B>,
+        cache: &KvCache<B>,
+        query: (usize, usize),
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor<B, 3>, KvCacheError> {
+        let (qs, ql) = query;
+        if start < qs || start + len > qs + ql {
+            return Err(KvCacheError::WindowOutsideQueries {
+                window: (start, len),
+                query,
+            });
+        }
+        let h = self.hidden_cached(ids, attention, cache, qs, ql)?;
+        Ok(self.lm_head().logits3(h.narrow(1, start - qs, len)))
     }
 
     fn input_vocab(&self) -> Option<usize> {

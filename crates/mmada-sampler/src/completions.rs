@@ -47,6 +47,26 @@ pub struct Completions {
     pub padded_len: usize,
     /// Wall time of the call (padding, sampling, reading the canvas back), seconds.
     pub seconds: f64,
+    /// Forwards that refreshed the key/value cache ([`crate::GenerateOutput::refreshes`]).
+    pub refreshes: usize,
+    /// Forwards run against the cache ([`crate::GenerateOutput::cache_hits`]).
+    pub cache_hits: usize,
+    /// Canvas positions per row run through the network over all forwards
+    /// ([`crate::GenerateOutput::positions`]).
+    pub positions: usize,
+    /// Tokens committed over all rows ([`crate::GenerateOutput::committed`]).
+    pub committed: usize,
+}
+
+impl Completions {
+    /// Tokens committed per row per denoiser call ([`crate::GenerateOutput::tokens_per_forward`]).
+    pub fn tokens_per_forward(&self) -> f64 {
+        if self.nfe == 0 || self.rows.is_empty() {
+            0.0
+        } else {
+            self.committed as f64 / (self.rows.len() * self.nfe) as f64
+        }
+    }
 }
 
 /// Generates one completion per prompt in a single batch with [`generate`].
@@ -137,5 +157,9 @@ where
         decoded: (out.blocks * config.block_length).min(config.gen_length),
         padded_len: lp,
         seconds: t0.elapsed().as_secs_f64(),
+        refreshes: out.refreshes,
+        cache_hits: out.cache_hits,
+        positions: out.positions,
+        committed: out.committed,
     })
 }

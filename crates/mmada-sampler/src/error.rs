@@ -92,6 +92,10 @@ pub enum SamplerError {
         /// What is wrong.
         reason: String,
     },
+    /// The key/value cache did not fit a cached forward (a sampler fault: the cache is
+    /// refreshed on the canvas it is used with).
+    #[error("KV-cached forward: {0}")]
+    KvCache(#[from] mmada_model::KvCacheError),
     /// Reading a tensor back from the device failed.
     #[error("reading tensor data from the device failed: {0}")]
     Data(String),

@@ -5,7 +5,9 @@
 //! softmax in float64: [`GenerateConfig::confidence_f64`]).
 //!
 //! The canvas `x` (`[batch, prompt_len + gen_length]`) lives on the host; each step sends it to
-//! the device, runs the denoiser on the **full** canvas (no KV cache, as upstream) and reads back
+//! the device, runs the denoiser on the **full** canvas (no KV cache, as upstream; or, with
+//! [`GenerateConfig::cache`], only the current block — and the suffix for the prefix cache —
+//! against keys and values refreshed at the block start, Fast-dLLM) and reads back
 //! only `[batch, window]` reductions (argmax ids and confidences) of the window of positions
 //! that can be unmasked in this step — the current block, extended to the left when earlier
 //! positions are still masked (a prompt that contains the mask id). Positions outside that window
@@ -14,7 +16,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
-use mmada_model::{Attention, Denoiser, TokenLayout};
+use mmada_model::{Attention, Denoiser, KvCache, TokenLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::SamplerError;
@@ -44,6 +46,26 @@ pub enum Remasking {
     /// `'neg_entropy'` target computes `−Σ p ln(p + 1e-10)` (the entropy itself, despite its
     /// comment), which would commit the *least* certain positions first; the Dream sign is used.
     Entropy,
+}
+
+/// Which keys and values a decoding step reuses (NVlabs/Fast-dLLM `llada/generate.py`:
+/// `generate_with_prefix_cache`, `generate_with_dual_cache`). Every block starts with a
+/// refresh: one uncached forward of the whole canvas that also fills the cache
+/// ([`Denoiser::window_logits_caching`]); the other steps of the block run only their query
+/// positions against it ([`Denoiser::window_logits_cached`]). LLaDA attends bidirectionally,
+/// so a cached step is an approximation (the cached positions do not see the tokens unmasked
+/// since the refresh); [`GenerateConfig::refresh_every`] `= 1` is the uncached sampler exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Every step runs the whole canvas (upstream LLaDA `generate.py`).
+    #[default]
+    None,
+    /// Queries = the current window and every position after it; the prefix (prompt and
+    /// decoded blocks) comes from the cache.
+    Prefix,
+    /// Queries = the current window only; the prefix and the masked suffix come from the cache.
+    Dual,
 }
 
 fn default_128() -> usize {
@@ -131,6 +153,24 @@ pub struct GenerateConfig {
     /// `eot_id`. Default `false` (every block is decoded, as `generate.py`).
     #[serde(default)]
     pub early_stop: bool,
+    /// Key/value cache of the decoding steps ([`CacheMode`]; default `none`). Combines with
+    /// every other option (threshold decoding, CFG, key padding, early stop). A denoiser
+    /// without a cache ([`Denoiser::window_logits_caching`] returns `None`) runs uncached
+    /// and reports no cache hit ([`GenerateOutput::cache_hits`]).
+    #[serde(default)]
+    pub cache: CacheMode,
+    /// With a cache: also refresh it every `refresh_every` steps of a block (step `j` of a
+    /// block refreshes when `j % refresh_every == 0`; the block's first step always does).
+    /// `0` (default) = at block starts only; `1` = every step, which is the uncached sampler
+    /// bit for bit. Fast-dLLM refreshes at block starts only.
+    #[serde(default)]
+    pub refresh_every: usize,
+    /// With a cache: a vicinity refresh (dInfer) — the query range of a cached step is widened
+    /// by this many positions before the window (and, with the dual cache, after it), so that
+    /// the positions next to the block are recomputed at every step instead of read from the
+    /// cache. Default 0.
+    #[serde(default)]
+    pub vicinity: usize,
 }
 
 impl GenerateConfig {
@@ -153,6 +193,9 @@ impl GenerateConfig {
             sample_vocab: None,
             threshold: None,
             early_stop: false,
+            cache: CacheMode::None,
+            refresh_every: 0,
+            vicinity: 0,
         }
     }
 
@@ -289,6 +332,29 @@ pub struct GenerateOutput<B: Backend> {
     pub seconds: f64,
     /// Per-step trace when requested.
     pub trace: Option<GenerateTrace>,
+    /// Forwards that refreshed the key/value cache (whole canvas; `0` without a cache).
+    pub refreshes: usize,
+    /// Forwards that ran only their query positions against the cache (`nfe = refreshes +
+    /// cache_hits` with a cache; `0` without one, or when the denoiser has no cache).
+    pub cache_hits: usize,
+    /// Canvas positions per row run through the network, summed over the forwards (the
+    /// work: `nfe · (Lp + G)` without a cache).
+    pub positions: usize,
+    /// Tokens committed per row, summed over the rows (`B · G` without an early stop).
+    pub committed: usize,
+}
+
+impl<B: Backend> GenerateOutput<B> {
+    /// Tokens per forward (dInfer's TPF): tokens committed per row per denoiser call,
+    /// `committed / (B · nfe)` (`G / steps` with the fixed schedule; higher with threshold
+    /// decoding). `0` when no call ran.
+    pub fn tokens_per_forward(&self, batch: usize) -> f64 {
+        if self.nfe == 0 || batch == 0 {
+            0.0
+        } else {
+            self.committed as f64 / (batch * self.nfe) as f64
+        }
+    }
 }
 
 /// LLaDA `generate` (spec §4.1; upstream ML-GSAI/LLaDA `generate.py::generate`).
@@ -404,6 +470,8 @@ where
     let mut transfers = Vec::new();
     let mut unmask_step = vec![-1i64; b * l];
     let mut nfe = 0usize;
+    let (mut refreshes, mut cache_hits, mut positions, mut committed) = (0, 0, 0, 0);
+    let mut cache: Option<KvCache<B>> = None;
     let mut global_step = 0i64;
     let mut blocks = 0usize;
 
@@ -441,7 +509,32 @@ where
                 .unwrap_or(bs)
                 .min(bs);
             let w = be - ws;
-
+            // Cache: refresh at the block start and every `refresh_every` steps, else run the
+            // queries (prefix: window .. canvas end; dual: the window) against the cache.
+            let refresh = j == 0
+                || cache.is_none()
+                || (config.refresh_every > 0 && j.is_multiple_of(config.refresh_every));
+            let pass = if config.cache == CacheMode::None {
+                Pass::Plain
+            } else if let (false, Some(c)) = (refresh, &cache) {
+                let qs = ws.saturating_sub(config.vicinity);
+                let qe = match config.cache {
+                    CacheMode::Dual => (be + config.vicinity).min(l),
+                    _ => l,
+                };
+                Pass::Cached(c, (qs, qe - qs))
+            } else {
+                Pass::Refresh(&mut cache)
+            };
+            positions += match &pass {
+                Pass::Cached(_, (_, n)) => *n,
+                _ => l,
+            };
+            match &pass {
+                Pass::Plain => {}
+                Pass::Refresh(_) => refreshes += 1,
+                Pass::Cached(..) => cache_hits += 1,
+            }
             let logits = denoise(
                 model,
                 &x,
@@ -454,7 +547,13 @@ where
                 mask,
                 &attention,
                 &device,
+                pass,
             )?;
+            if config.cache != CacheMode::None && cache.is_none() {
+                // the denoiser has no cache: every step ran uncached
+                refreshes = 0;
+                cache_hits = 0;
+            }
             nfe += 1;
             if nfe == 1 {
                 // Denoisers without `input_vocab`: the ids are checked against the logits width.
@@ -490,11 +589,14 @@ where
                         n_done += 1;
                     }
                 }
+                committed += n_done;
                 step_transfers.push(n_done);
             }
             transfers.push(step_transfers);
             global_step += 1;
         }
+        // the cache holds the keys of this block's masks: the next block starts with a refresh
+        cache = None;
         // mmu_generate_fast: stop once every row's block ends in a stop id.
         if config.early_stop
             && blk + 1 < num_blocks
@@ -511,6 +613,10 @@ where
         nfe,
         blocks,
         seconds: t0.elapsed().as_secs_f64(),
+        refreshes,
+        cache_hits,
+        positions,
+        committed,
         trace: record_trace.then_some(GenerateTrace {
             batch: b,
             seq_len: l,
@@ -553,6 +659,18 @@ fn check_prompt_ids(ids: &[i64], lp: usize, vocab: Option<usize>) -> Result<(), 
     Ok(())
 }
 
+/// How one denoiser call uses the key/value cache.
+pub(crate) enum Pass<'c, B: Backend> {
+    /// No cache: [`Denoiser::window_logits`].
+    Plain,
+    /// A full forward that (re)fills the cache ([`Denoiser::window_logits_caching`]); the slot
+    /// stays `None` for a denoiser without a cache.
+    Refresh(&'c mut Option<KvCache<B>>),
+    /// Only the query positions `(start, len)` against the cache
+    /// ([`Denoiser::window_logits_cached`]).
+    Cached(&'c KvCache<B>, (usize, usize)),
+}
+
 /// One denoiser call on the canvas (with CFG when `cfg_scale > 0`), returning the logits of the
 /// window `[ws, ws + w)`: `[B, w, vocab]`.
 #[allow(clippy::too_many_arguments)]
@@ -568,11 +686,25 @@ pub(crate) fn denoise<B, D>(
     mask: i64,
     attention: &Attention<B>,
     device: &B::Device,
+    pass: Pass<'_, B>,
 ) -> Result<Tensor<B, 3>, SamplerError>
 where
     B: Backend,
     D: Denoiser<B> + ?Sized,
 {
+    let call = |ids: Tensor<B, 2, Int>| -> Result<Tensor<B, 3>, SamplerError> {
+        Ok(match pass {
+            Pass::Plain => model.window_logits(ids, attention, ws, w),
+            Pass::Refresh(slot) => {
+                let (logits, cache) = model.window_logits_caching(ids, attention, ws, w);
+                *slot = cache;
+                logits
+            }
+            Pass::Cached(cache, query) => {
+                model.window_logits_cached(ids, attention, cache, query, ws, w)?
+            }
+        })
+    };
     if cfg_scale > 0.0 {
         // un_x = x with prompt positions set to mask; one forward on [x; un_x]
         let mut both = Vec::with_capacity(2 * b * l);
@@ -582,15 +714,14 @@ where
                 .zip(prompt_index)
                 .map(|(&t, &p)| if p { mask } else { t }),
         );
-        let logits =
-            model.window_logits(host::int_tensor(&both, 2 * b, l, device), attention, ws, w);
+        let logits = call(host::int_tensor(&both, 2 * b, l, device))?;
         check_logits(&logits, 2 * b, w)?;
         let cond = logits.clone().narrow(0, 0, b);
         let un = logits.narrow(0, b, b);
         // un + (cfg + 1) * (cond - un)
         Ok(un.clone() + (cond - un).mul_scalar(cfg_scale + 1.0))
     } else {
-        let logits = model.window_logits(host::int_tensor(x, b, l, device), attention, ws, w);
+        let logits = call(host::int_tensor(x, b, l, device))?;
         check_logits(&logits, b, w)?;
         Ok(logits)
     }

@@ -28,6 +28,8 @@
 //! Tensor shapes are written `[batch, seq, vocab]`. Every sampler can return a per-step trace
 //! so tests compare each intermediate canvas with the upstream fixtures.
 
+#[cfg(test)]
+mod cache_tests;
 pub mod completions;
 pub mod error;
 pub mod generate;
@@ -44,7 +46,7 @@ pub mod section;
 
 pub use completions::{Completion, Completions, generate_completions};
 pub use error::SamplerError;
-pub use generate::{GenerateConfig, GenerateOutput, GenerateTrace, Remasking, generate};
+pub use generate::{CacheMode, GenerateConfig, GenerateOutput, GenerateTrace, Remasking, generate};
 pub use loglik::{LoglikConfig, LoglikOutput, MaskSource, StratifiedMasks, log_likelihood};
 pub use maskgit::{MaskGitRandomness, T2iConfig, T2iInputs, T2iOutput, T2iTrace, t2i_generate};
 pub use rng::{SeededRng, UniformSource};

@@ -9,17 +9,19 @@ use mmada_model::{FloatDType, LladaModel, ModelConfig};
 
 use crate::{GenerateConfig, SeededRng, generate, generate_completions, host};
 
-const MASK: u32 = 300;
+pub(crate) const MASK: u32 = 300;
 const PAD: i64 = 281;
 
-fn tiny_model() -> (ModelConfig, LladaModel<Cpu>) {
+pub(crate) fn tiny_model() -> (ModelConfig, LladaModel<Cpu>) {
     let cfg = ModelConfig::tiny();
     let model = mmada_model::init::init_model::<Cpu>(&cfg, 3, &Default::default(), FloatDType::F32);
     (cfg, model)
 }
 
 /// Left-pads `rows` with [`PAD`] and returns the prompt and the key-padding mask.
-fn left_padded(rows: &[Vec<i64>]) -> (Tensor<Cpu, 2, Int>, Option<Tensor<Cpu, 2, Bool>>) {
+pub(crate) fn left_padded(
+    rows: &[Vec<i64>],
+) -> (Tensor<Cpu, 2, Int>, Option<Tensor<Cpu, 2, Bool>>) {
     let lp = rows.iter().map(Vec::len).max().unwrap();
     let mut ids = Vec::new();
     let mut keep = Vec::new();

@@ -135,6 +135,18 @@ fn three_steps_on_gsm8k_log_rewards_and_losses_and_checkpoint_reloads() {
         assert!((l - pk).abs() < 1e-5, "loss {l} != policy + kl {pk}");
         assert!(row["completions/max_length"].as_f64().unwrap() <= 8.0);
     }
+    // rollout counters: 2 groups × (1 block of 4 steps), no cache, 8 tokens in 4 calls
+    for row in &rows {
+        assert_eq!(row["rollout/nfe"], 8);
+        assert_eq!(
+            (
+                row["rollout/refreshes"].as_u64(),
+                row["rollout/cache_hits"].as_u64()
+            ),
+            (Some(0), Some(0))
+        );
+        assert_eq!(row["rollout/tokens_per_forward"].as_f64(), Some(2.0));
+    }
     // Step 2 of the first invocation: the old policy of its 2nd inner update differs -> KL > 0.
     assert!(rows.iter().any(|r| r["kl"].as_f64().unwrap() > 0.0));
 
@@ -148,6 +160,27 @@ fn three_steps_on_gsm8k_log_rewards_and_losses_and_checkpoint_reloads() {
             .unwrap();
     assert_eq!(state["step"], 3);
     assert_eq!(state["extra"]["prompt_cursor"], 6);
+}
+
+/// `rollout.cache: prefix`: each group's block refreshes once and runs its other 3 steps
+/// against the cache; the metrics row counts them.
+#[test]
+fn rollout_cache_is_used_and_counted_in_the_metrics() {
+    let Some(data) = shared_data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe(&data, tmp.path(), &["rollout.cache=prefix".to_string()]);
+    let opts = UniGrpoOptions {
+        stop_after: Some(1),
+        ..Default::default()
+    };
+    let out = UniGrpo::run::<CpuAutodiff>(&r, &Default::default(), &opts, &mut |_| {}).unwrap();
+    let text = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(row["rollout/nfe"], 8, "{row}");
+    assert_eq!(row["rollout/refreshes"], 2, "{row}");
+    assert_eq!(row["rollout/cache_hits"], 6, "{row}");
+    assert_eq!(row["rollout/tokens_per_forward"].as_f64(), Some(2.0));
+    assert!(row["time/rollout_s"].as_f64().is_some_and(|s| s > 0.0));
 }
 
 #[test]

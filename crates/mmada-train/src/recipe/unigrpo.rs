@@ -349,7 +349,8 @@ pub struct UniGrpoRecipe {
     pub grpo: GrpoSection,
     /// Rollout sampler: the sampler settings section `mmada-infer`'s `sampling:` uses
     /// ([`SamplerSection`]: `steps`, `block_length`, `temperature`, `cfg_scale`, `remasking`,
-    /// `threshold`, `sample_vocab`, …; unknown keys rejected). `gen_length` is
+    /// `threshold`, `cache` (`none` / `prefix` / `dual`), `refresh_every`, `vicinity`,
+    /// `sample_vocab`, …; unknown keys rejected). `gen_length` is
     /// `grpo.max_completion_length`; `steps` and `block_length` default to it; ids are the
     /// tokenizer's.
     #[serde(default)]

@@ -46,6 +46,8 @@ pub struct Times {
     pub logprob_s: f64,
     /// The μ training forward + backward + optimizer steps.
     pub backward_s: f64,
+    /// The rollout sampler's counters (rank 0's groups).
+    pub rollout: super::rollout::RolloutCounters,
 }
 
 /// The update statistics of a step, combined over ranks.
@@ -121,6 +123,11 @@ pub fn report<B: AutodiffBackend>(
         "time/backward_s": t.backward_s,
         // all ranks roll out at the same time: global tokens over rank 0's rollout time
         "rollout_tokens_per_s": gen_tokens as f64 / t.rollout_s.max(1e-9),
+        // rollout sampler counters of rank 0's groups (rollout.cache, rollout.threshold)
+        "rollout/nfe": t.rollout.nfe,
+        "rollout/refreshes": t.rollout.refreshes,
+        "rollout/cache_hits": t.rollout.cache_hits,
+        "rollout/tokens_per_forward": t.rollout.tokens_per_forward(),
         // updates skipped for a NaN/inf loss or gradient norm (crate::guard)
         "nonfinite_steps": session.guard.total(),
     });

@@ -169,8 +169,8 @@ impl TrainLoop for UniGrpo {
                 gen_cfg: &gen_cfg,
                 examples: &examples,
             };
-            let rollouts =
-                rollout::roll_out(&ctx, &model.valid(), &my_groups, cursor, step, &device)?;
+            let (rollouts, counters) =
+                rollout::roll_out_counted(&ctx, &model.valid(), &my_groups, cursor, step, &device)?;
             let rollout_s = t_roll.elapsed().as_secs_f64();
             let scored = rollout::score(recipe, &rewards, &rollouts, s.worker.reducer.as_mut())?;
             let t_upd = Instant::now();
@@ -188,6 +188,7 @@ impl TrainLoop for UniGrpo {
                 update_s: t_upd.elapsed().as_secs_f64(),
                 logprob_s,
                 backward_s: t_bwd.elapsed().as_secs_f64(),
+                rollout: counters,
             };
             let sync_every = recipe.grpo.sync_ref_model_steps;
             if sync_every > 0 && (step + 1).is_multiple_of(sync_every) && reference.is_some() {

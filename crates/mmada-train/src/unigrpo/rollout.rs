@@ -105,12 +105,32 @@ pub struct RolloutCtx<'a> {
     pub examples: &'a [Example],
 }
 
-/// Phase 1: sample `G` completions of each of this rank's prompt groups (`slots`, prompt
-/// `cursor + slot` of the examples) with the policy, without graph, through the shared
-/// generation layer ([`generate_completions`], as `mmada-infer generate`): a completion ends
-/// at the first EOS or EOT. Group `slot` draws from `derive_seed(seed, ROLLOUT, step, slot)`.
-/// The training row keeps the generated ids through the stop token (an EOT stays, as
-/// generated) and pads with EOS.
+/// Sampler counters of a rollout phase (this rank's prompt groups), summed over its
+/// [`generate_completions`] calls (one per group).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RolloutCounters {
+    /// Denoiser calls.
+    pub nfe: usize,
+    /// Calls that refreshed the key/value cache (`rollout.cache`; 0 without one).
+    pub refreshes: usize,
+    /// Calls run against the cache.
+    pub cache_hits: usize,
+    /// Tokens committed, over all completions.
+    pub committed: usize,
+    /// Σ over calls of the rows decoded together (`G` per group call): the denominator of
+    /// [`RolloutCounters::tokens_per_forward`].
+    pub row_forwards: usize,
+}
+
+impl RolloutCounters {
+    /// Tokens committed per completion per denoiser call (dInfer's TPF; `gen_length / steps`
+    /// with the fixed schedule, more with `rollout.threshold`).
+    pub fn tokens_per_forward(&self) -> f64 {
+        self.committed as f64 / self.row_forwards.max(1) as f64
+    }
+}
+
+/// [`roll_out_counted`] without the counters.
 ///
 /// # Errors
 /// Tokenizer and sampler errors.
@@ -122,6 +142,27 @@ pub fn roll_out<B: Backend>(
     step: u64,
     device: &B::Device,
 ) -> Result<Vec<Rollout>, TrainError> {
+    Ok(roll_out_counted(ctx, policy, slots, cursor, step, device)?.0)
+}
+
+/// Phase 1: sample `G` completions of each of this rank's prompt groups (`slots`, prompt
+/// `cursor + slot` of the examples) with the policy, without graph, through the shared
+/// generation layer ([`generate_completions`], as `mmada-infer generate`): a completion ends
+/// at the first EOS or EOT. Group `slot` draws from `derive_seed(seed, ROLLOUT, step, slot)`.
+/// The training row keeps the generated ids through the stop token (an EOT stays, as
+/// generated) and pads with EOS. Returns the rollouts and the sampler's counters.
+///
+/// # Errors
+/// Tokenizer and sampler errors.
+pub fn roll_out_counted<B: Backend>(
+    ctx: &RolloutCtx<'_>,
+    policy: &LladaModel<B>,
+    slots: &[usize],
+    cursor: usize,
+    step: u64,
+    device: &B::Device,
+) -> Result<(Vec<Rollout>, RolloutCounters), TrainError> {
+    let mut counters = RolloutCounters::default();
     let (recipe, tok) = (ctx.recipe, ctx.tok);
     let layout = *tok.layout();
     let g = recipe.grpo.num_generations;
@@ -146,6 +187,11 @@ pub fn roll_out<B: Backend>(
             &mut rng,
             device,
         )?;
+        counters.nfe += out.nfe;
+        counters.refreshes += out.refreshes;
+        counters.cache_hits += out.cache_hits;
+        counters.committed += out.committed;
+        counters.row_forwards += out.rows.len() * out.nfe;
         for (r, c) in out.rows.into_iter().enumerate() {
             let kept = if c.terminated {
                 c.ids.len() + 1
@@ -169,7 +215,7 @@ pub fn roll_out<B: Backend>(
             });
         }
     }
-    Ok(rollouts)
+    Ok((rollouts, counters))
 }
 
 /// `<BOS>` + the tokens of `text`, keeping the last `max_len` ids when longer (dLLM-RL
