@@ -9,15 +9,18 @@
 //! * [`checkpoint`]: load / save safetensors (single or sharded; BF16 / F16 / F32). The only
 //!   module that does file I/O.
 //! * [`init`]: mitchell random initialisation.
+//! * [`lora`]: LoRA adapters on the block projections; [`adapter`]: their PEFT files.
 //! * [`backend`]: backend aliases and device strings.
 //!
 //! Source of the ported semantics: `../shared/docs/mmada-spec.md` §1 and upstream
 //! `Gen-Verse/MMaDA/models/modeling_llada.py` at `3cdb870`.
 
+pub mod adapter;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod init;
+pub mod lora;
 pub mod model;
 pub mod tokens;
 

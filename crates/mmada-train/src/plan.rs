@@ -284,9 +284,10 @@ pub enum LoraTarget {
     FfOut,
 }
 
-/// LoRA adapters (for later): rank `r` on the listed Linears of every block. Each adapter
-/// adds `r·(in + out)` trainable parameters; the base weights stay frozen (no gradient, no
-/// optimizer state).
+/// LoRA adapters (`lora:`, `mmada_model::lora`): rank `r` on the listed Linears of every
+/// block. Each adapter adds `r·(in + out)` trainable f32 parameters; the base weights stay
+/// frozen (no gradient, no optimizer state) in `model.dtype`; the UniGRPO reference is the
+/// base with the adapters off (no copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lora {
     /// The adapter rank `r`.
@@ -296,6 +297,28 @@ pub struct Lora {
 }
 
 impl Lora {
+    /// The adapters of a recipe's `lora:` section.
+    pub fn from_section(l: &crate::recipe::LoraSection) -> Self {
+        let targets = l
+            .target_modules
+            .iter()
+            .filter_map(|t| match t.as_str() {
+                "q_proj" => Some(LoraTarget::QProj),
+                "k_proj" => Some(LoraTarget::KProj),
+                "v_proj" => Some(LoraTarget::VProj),
+                "attn_out" => Some(LoraTarget::AttnOut),
+                "ff_proj" => Some(LoraTarget::FfProj),
+                "up_proj" => Some(LoraTarget::UpProj),
+                "ff_out" => Some(LoraTarget::FfOut),
+                _ => None,
+            })
+            .collect();
+        Lora {
+            rank: l.r as u64,
+            targets,
+        }
+    }
+
     /// Trainable adapter parameters over all blocks.
     pub fn params(&self, s: &ModelShape) -> u64 {
         let (d, m) = (s.d_model, s.mlp_hidden);
@@ -434,6 +457,8 @@ pub mod lines {
     pub const COMPUTE_WEIGHTS: &str = "compute weights";
     /// f32 master copy held by the optimizer.
     pub const MASTER_WEIGHTS: &str = "master weights";
+    /// LoRA adapters (f32) over the frozen base.
+    pub const ADAPTERS: &str = "lora adapters";
     /// One backward's full gradient set.
     pub const GRADIENTS: &str = "gradients";
     /// The gradient accumulator (`grad_accum > 1`, several UniGRPO groups per rank).
@@ -712,6 +737,10 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
     };
     let p = s.params();
     let pt = input.lora.as_ref().map_or(p, |l| l.params(s));
+    // LoRA: the adapters, their gradients and moments are f32 whatever `model.dtype`; the
+    // frozen base has none (and needs no master copy)
+    let lora = input.lora.is_some();
+    let (r_t, sm) = if lora { (4, 4) } else { (r, sm) };
     let (b, l, d, m, h, v) = (
         input.micro.rows,
         input.micro.seq,
@@ -742,7 +771,15 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
             input.param_dtype.as_str()
         ),
     );
-    if input.master_weights {
+    if lora {
+        push(
+            lines::ADAPTERS,
+            Phase::Resident,
+            pt * 4,
+            format!("LoRA A + B: {pt} × 4 B (f32) over the frozen base"),
+        );
+    }
+    if input.master_weights && !lora {
         push(
             lines::MASTER_WEIGHTS,
             Phase::Resident,
@@ -750,15 +787,15 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
             format!("{pt} × 4 B (f32) / {n_opt} (the optimizer shard's)"),
         );
     }
-    let full_grads = pt * r;
+    let full_grads = pt * r_t;
     if input.accumulation > 1 {
         let (bytes, how) = if input.sharding == Sharding::OptimizerAndGradients {
             (
                 div_ceil(full_grads, world),
-                format!("{pt} × {r} B / {world} (the owner's shard of the sum)"),
+                format!("{pt} × {r_t} B / {world} (the owner's shard of the sum)"),
             )
         } else {
-            (full_grads, format!("{pt} × {r} B (optim::add_grads)"))
+            (full_grads, format!("{pt} × {r_t} B (optim::add_grads)"))
         };
         push(lines::GRAD_ACCUMULATOR, Phase::Resident, bytes, how);
     }
@@ -768,11 +805,18 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         div_ceil(2 * pt * sm, n_opt),
         format!(
             "AdamW m + v: 2 × {pt} × {sm} B ({}) / {n_opt}",
-            input.moment_dtype.as_str()
+            if lora { "f32" } else { input.moment_dtype.as_str() }
         ),
     );
     if let Some(ro) = &input.rollout {
-        if ro.reference_model {
+        if ro.reference_model && lora {
+            push(
+                lines::REFERENCE_MODEL,
+                Phase::Resident,
+                0,
+                "the base with the adapters off: shares the frozen weights".into(),
+            );
+        } else if ro.reference_model {
             push(
                 lines::REFERENCE_MODEL,
                 Phase::Resident,
@@ -792,9 +836,9 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         push(
             lines::COLLECTIVE,
             Phase::Resident,
-            3 * e * r,
+            3 * e * r_t,
             format!(
-                "3 × {e} elements × {r} B: concatenated bucket, a child's bucket and the sum (tree all-reduce)"
+                "3 × {e} elements × {r_t} B: concatenated bucket, a child's bucket and the sum (tree all-reduce)"
             ),
         );
     }
@@ -930,7 +974,7 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         lines::GRADIENTS,
         Phase::Backward,
         full_grads,
-        format!("one backward's {pt} × {r} B (burn returns every gradient at once)"),
+        format!("one backward's {pt} × {r_t} B (burn returns every gradient at once)"),
     );
     push(
         lines::LAST_BLOCK,
@@ -1041,7 +1085,7 @@ impl PlanInput {
             nodes,
             sharding: recipe.train.sharding,
             activation_checkpointing: false,
-            lora: None,
+            lora: recipe.lora.as_ref().map(Lora::from_section),
             accumulation: recipe.train.grad_accum,
             micro: MicroBatch {
                 rows,
@@ -1097,7 +1141,7 @@ impl PlanInput {
             nodes,
             sharding: recipe.train.sharding,
             activation_checkpointing: false,
-            lora: None,
+            lora: recipe.lora.as_ref().map(Lora::from_section),
             accumulation: groups.max(1),
             micro: MicroBatch {
                 rows,
