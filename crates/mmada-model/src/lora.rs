@@ -219,6 +219,29 @@ impl LoraConfig {
     }
 }
 
+thread_local! {
+    /// This thread's LoRA dropout stream: (seed, masks drawn since it was set).
+    static DROPOUT_STREAM: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Restart this thread's LoRA dropout stream at `seed` (the trainer calls it before every
+/// step with a seed derived from the run seed, the step and the rank).
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_STREAM.with(|c| c.set((seed, 0)));
+}
+
+/// The seed of the next dropout mask of this thread: SplitMix64 of (seed, index).
+fn next_dropout_seed() -> u64 {
+    DROPOUT_STREAM.with(|c| {
+        let (seed, n) = c.get();
+        c.set((seed, n + 1));
+        let mut z = seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
 /// One LoRA adapter on a Linear layer: `Δy = scaling · dropout(x)·A·B`.
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
@@ -236,14 +259,18 @@ impl<B: Backend> LoraLinear<B> {
     /// The adapter's update for `x` `[batch, seq, in]` → `[batch, seq, out]`, in `compute`
     /// when given, else in the adapter's dtype (PEFT casts `x` to `lora_A.weight.dtype`).
     /// Dropout (PEFT `nn.Dropout(p)`: zero with probability `p`, survivors scaled by
-    /// `1/(1-p)`) applies only when the backend tracks gradients (a training pass), drawing
-    /// from the backend RNG (seeded per step by the trainer).
+    /// `1/(1-p)`) applies only when the backend tracks gradients (a training pass); each mask
+    /// is drawn from the backend RNG seeded just before the draw from this thread's dropout
+    /// stream ([`seed_dropout`]), so a resumed run draws the masks of the uninterrupted one.
+    /// (Flex keeps one RNG slot per process: threads that draw masks concurrently, e.g.
+    /// data-parallel ranks on Flex devices, can take each other's seeds.)
     pub fn delta(&self, x: Tensor<B, 3>, compute: Option<FloatDType>) -> Tensor<B, 3> {
         let a = self.lora_a.val();
         let c = compute.unwrap_or_else(|| float_dtype(a.dtype()));
         let x = cast_to(x, c);
         let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
             let keep = 1.0 - self.dropout;
+            B::seed(&x.device(), next_dropout_seed());
             let mask = x.random_like(Distribution::Bernoulli(keep));
             (x * mask) * (1.0 / keep)
         } else {

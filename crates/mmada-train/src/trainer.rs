@@ -650,7 +650,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                 self.state.step,
                 self.worker.rank() as u64,
             );
-            B::seed(&self.worker.device, seed);
+            mmada_model::lora::seed_dropout(seed);
         }
     }
 
