@@ -58,6 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg_json = json.load(open(os.path.join(args.base, "config.json")))
     cfg = m.LLaDAConfig(**{k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")})
+    cfg.use_cache = False  # transformers 5 no longer sets it on every config
     model = m.LLaDAModelLM(cfg, init_params=False)
     sd = load_file(os.path.join(args.base, "model.safetensors"))
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -79,6 +80,9 @@ def main() -> None:
     if os.path.exists(resaved):
         shutil.rmtree(resaved)
     pm.save_pretrained(resaved)
+    readme = os.path.join(resaved, "README.md")  # PEFT's model card stub
+    if os.path.exists(readme):
+        os.remove(readme)
     merged_model = pm.merge_and_unload()
     with torch.no_grad():
         merged = merged_model(input_ids=ids).logits.float()

@@ -112,17 +112,14 @@ fn our_adapter_gives_the_peft_logits_over_the_official_model() {
     assert_eq!(cfg, lora_config());
     let on = logits(&model, &want.ids);
     let d_on = max_diff(&on, &want.on);
-    let d_base = max_diff(&logits(&model.without_lora(), &want.ids), &want.base);
     let moved = max_diff(&want.on, &want.base);
-    println!("adapter on vs PEFT: {d_on:e}; adapters off vs PEFT disable_adapter: {d_base:e} (the adapter moves the logits by {moved:e})");
+    println!("adapter on vs PEFT: {d_on:e} (the adapter moves the logits by {moved:e})");
     assert!(moved > 0.1, "the fixture adapter barely changes the logits ({moved})");
     // the forward parity tolerance of tests/parity_forward.rs
     assert!(d_on <= 1e-5, "adapter-on logits differ from PEFT by {d_on}");
-    // without_lora keeps the module to save (ln_f) as trained; PEFT's disable_adapter uses
-    // the original ln_f: compare the plain base for the off case
+    // PEFT's disable_adapter (the original ln_f, no LoRA) is the plain base
     let d_plain = max_diff(&logits(&base(), &want.ids), &want.base);
     assert!(d_plain <= 1e-5, "base logits differ from the official model by {d_plain}");
-    let _ = d_base;
     let merged = logits(&model.merge_lora(), &want.ids);
     let d_merged = max_diff(&merged, &want.merged);
     assert!(d_merged <= 1e-5, "merged logits differ from PEFT merge_and_unload by {d_merged}");
