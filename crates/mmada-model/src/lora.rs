@@ -11,9 +11,12 @@
 //! uniform in `±1/√in`) and `B` `[r, out]` (PEFT `lora_B.weight` `[out, r]`) initialised to
 //! zero, so a fresh adapter leaves the model's output unchanged bit for bit (`y + 0`).
 //!
-//! The adapter branch runs in the adapter dtype (f32) over `x` cast to it, or in the model's
-//! compute dtype under mixed precision, and is cast back to the base output's dtype, as
-//! PEFT does (`x = x.to(lora_A.weight.dtype)`, `result.to(torch_result_dtype)`).
+//! The adapter parameters are f32 (PEFT's `autocast_adapter_dtype`); the adapter branch runs
+//! in the dtype of its input (the base's activations: f32 over an f32 base, exactly PEFT's
+//! `x.to(lora_A.weight.dtype)`; bf16 over a bf16 base, as PEFT under bf16 autocast, so no f32
+//! copy of every projection input is kept for the backward) or in the model's compute dtype
+//! under mixed precision, and is added in the base output's dtype
+//! (`result.to(torch_result_dtype)`).
 //!
 //! Module names are the upstream ones (`q_proj`, `k_proj`, `v_proj`, `attn_out`, `ff_proj`,
 //! `up_proj`, `ff_out` inside `model.transformer.blocks.N`); the LM head
@@ -257,7 +260,7 @@ pub struct LoraLinear<B: Backend> {
 
 impl<B: Backend> LoraLinear<B> {
     /// The adapter's update for `x` `[batch, seq, in]` → `[batch, seq, out]`, in `compute`
-    /// when given, else in the adapter's dtype (PEFT casts `x` to `lora_A.weight.dtype`).
+    /// when given, else in `x`'s dtype (the f32 `A`, `B` are cast to it; see the module docs).
     /// Dropout (PEFT `nn.Dropout(p)`: zero with probability `p`, survivors scaled by
     /// `1/(1-p)`) applies only when the backend tracks gradients (a training pass); each mask
     /// is drawn from the backend RNG seeded just before the draw from this thread's dropout
@@ -266,7 +269,7 @@ impl<B: Backend> LoraLinear<B> {
     /// data-parallel ranks on Flex devices, can take each other's seeds.)
     pub fn delta(&self, x: Tensor<B, 3>, compute: Option<FloatDType>) -> Tensor<B, 3> {
         let a = self.lora_a.val();
-        let c = compute.unwrap_or_else(|| float_dtype(a.dtype()));
+        let c = compute.unwrap_or_else(|| float_dtype(x.dtype()));
         let x = cast_to(x, c);
         let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
             let keep = 1.0 - self.dropout;

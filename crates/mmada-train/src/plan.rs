@@ -294,9 +294,25 @@ pub struct Lora {
     pub rank: u64,
     /// The adapted Linears.
     pub targets: Vec<LoraTarget>,
+    /// `lora.dropout > 0`: each adapter keeps its dropout mask and dropped input.
+    pub dropout: bool,
 }
 
 impl Lora {
+    /// Activation elements one block's adapters keep per position for the backward: the
+    /// `x·A` product `[.., r]` of every target, and with dropout the mask and the dropped
+    /// input `[.., in]` of every target (2 × in).
+    pub fn activations_per_position(&self, s: &ModelShape) -> u64 {
+        let (d, m) = (s.d_model, s.mlp_hidden);
+        self.targets
+            .iter()
+            .map(|t| {
+                let inp = if *t == LoraTarget::FfOut { m } else { d };
+                self.rank + if self.dropout { 2 * inp } else { 0 }
+            })
+            .sum()
+    }
+
     /// The adapters of a recipe's `lora:` section.
     pub fn from_section(l: &crate::recipe::LoraSection) -> Self {
         let targets = l
@@ -316,6 +332,7 @@ impl Lora {
         Lora {
             rank: l.r as u64,
             targets,
+            dropout: l.dropout > 0.0,
         }
     }
 
@@ -459,6 +476,8 @@ pub mod lines {
     pub const MASTER_WEIGHTS: &str = "master weights";
     /// LoRA adapters (f32) over the frozen base.
     pub const ADAPTERS: &str = "lora adapters";
+    /// What the adapters keep for the backward (`x·A`, dropout masks).
+    pub const LORA_ACTIVATIONS: &str = "lora activations";
     /// One backward's full gradient set.
     pub const GRADIENTS: &str = "gradients";
     /// The gradient accumulator (`grad_accum > 1`, several UniGRPO groups per rank).
@@ -914,6 +933,31 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
                 "{b}×{h}×{l}² × {} B (f32 exp input + exp + probs) = {} per block × {n_layers}",
                 8 + c,
                 gib(block.scores)
+            ),
+        );
+    }
+    if let Some(lo) = &input.lora {
+        // the adapter branch computes in the activations' dtype (`c`)
+        let per_block = b * l * lo.activations_per_position(s) * c;
+        let blocks = if input.activation_checkpointing {
+            1
+        } else {
+            n_layers
+        };
+        push(
+            lines::LORA_ACTIVATIONS,
+            Phase::Step,
+            per_block * blocks,
+            format!(
+                "{} per block × {blocks}: x·A [.., {}] of {} targets{}",
+                gib(per_block),
+                lo.rank,
+                lo.targets.len(),
+                if lo.dropout {
+                    " + dropout mask and dropped input [.., in] each"
+                } else {
+                    ""
+                }
             ),
         );
     }
@@ -1392,11 +1436,93 @@ mod tests {
     }
 
     #[test]
+    fn lora_r8_on_d512_keeps_under_2_percent_of_the_optimizer_state() {
+        // d_model 512, 8 blocks, MLP 1536 (LLaDA's ×3), GPT-2 vocabulary (50 304 rows)
+        let shape = ModelShape {
+            d_model: 512,
+            n_layers: 8,
+            n_heads: 8,
+            n_kv_heads: 8,
+            mlp_hidden: 1536,
+            vocab: 50_304,
+        };
+        let mut i = input();
+        i.shape = shape;
+        let full = plan(&i).unwrap();
+        i.lora = Some(Lora {
+            rank: 8,
+            targets: vec![
+                LoraTarget::QProj,
+                LoraTarget::KProj,
+                LoraTarget::VProj,
+                LoraTarget::AttnOut,
+                LoraTarget::FfProj,
+                LoraTarget::UpProj,
+                LoraTarget::FfOut,
+            ],
+            dropout: false,
+        });
+        let lora = plan(&i).unwrap();
+        // per block 8·(4·(512 + 512) + 3·(512 + 1536)) = 81 920; × 8 blocks
+        assert_eq!(lora.trainable, 655_360);
+        let ratio = lora.bytes_of(lines::OPTIMIZER_STATE) as f64
+            / full.bytes_of(lines::OPTIMIZER_STATE) as f64;
+        assert!(ratio <= 0.02, "optimizer state ratio {ratio}");
+        assert_eq!(
+            lora.bytes_of(lines::OPTIMIZER_STATE),
+            8 * 655_360,
+            "f32 m + v"
+        );
+        // the frozen base keeps its bytes; nothing else is trained
+        assert_eq!(
+            lora.bytes_of(lines::COMPUTE_WEIGHTS),
+            full.bytes_of(lines::COMPUTE_WEIGHTS)
+        );
+        assert_eq!(lora.bytes_of(lines::ADAPTERS), 4 * 655_360);
+        assert_eq!(lora.bytes_of(lines::GRADIENTS), 4 * 655_360);
+    }
+
+    #[test]
+    fn lora_over_a_bf16_base_has_f32_adapters_and_no_reference_copy() {
+        let mut i = input();
+        i.param_dtype = ParamDtype::Bf16;
+        i.compute_dtype = ParamDtype::Bf16;
+        i.moment_dtype = ParamDtype::Bf16;
+        i.master_weights = true;
+        i.rollout = Some(RolloutPlan {
+            rows: 8,
+            seq: 512,
+            reference_model: true,
+            logprob_values: 1000,
+        });
+        let full = plan(&i).unwrap();
+        assert_eq!(full.bytes_of(lines::REFERENCE_MODEL), 2 * llada().params());
+        i.lora = Some(Lora {
+            rank: 16,
+            targets: vec![LoraTarget::QProj, LoraTarget::VProj],
+            dropout: true,
+        });
+        let p = plan(&i).unwrap();
+        let pt = p.trainable;
+        assert_eq!(p.bytes_of(lines::REFERENCE_MODEL), 0);
+        assert_eq!(p.bytes_of(lines::MASTER_WEIGHTS), 0);
+        assert_eq!(p.bytes_of(lines::OPTIMIZER_STATE), 8 * pt);
+        assert_eq!(p.bytes_of(lines::COMPUTE_WEIGHTS), 2 * llada().params());
+        // x·A (r = 16) and the dropout mask + dropped input (2 × 4096) of q and v, bf16
+        let (b, l) = (i.micro.rows, i.micro.seq);
+        assert_eq!(
+            p.bytes_of(lines::LORA_ACTIVATIONS),
+            b * l * 2 * (16 + 2 * 4096) * 2 * 32
+        );
+    }
+
+    #[test]
     fn lora_counts_adapter_parameters_only() {
         let mut i = input();
         i.lora = Some(Lora {
             rank: 16,
             targets: vec![LoraTarget::QProj, LoraTarget::VProj, LoraTarget::FfOut],
+            dropout: false,
         });
         let p = plan(&i).unwrap();
         // per block 16·((4096+4096) + (4096+4096) + (4096+12288)) = 16·32768 = 524288; × 32
