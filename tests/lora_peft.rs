@@ -21,9 +21,13 @@ fn fixtures() -> PathBuf {
 }
 
 fn base() -> LladaModel<Cpu> {
-    load_checkpoint::<Cpu>(&fixtures().join("weights"), &Default::default(), FloatDType::F32)
-        .unwrap()
-        .1
+    load_checkpoint::<Cpu>(
+        &fixtures().join("weights"),
+        &Default::default(),
+        FloatDType::F32,
+    )
+    .unwrap()
+    .1
 }
 
 /// The settings of the committed adapter: r 4, α 8, every block projection, and the final
@@ -114,15 +118,24 @@ fn our_adapter_gives_the_peft_logits_over_the_official_model() {
     let d_on = max_diff(&on, &want.on);
     let moved = max_diff(&want.on, &want.base);
     println!("adapter on vs PEFT: {d_on:e} (the adapter moves the logits by {moved:e})");
-    assert!(moved > 0.1, "the fixture adapter barely changes the logits ({moved})");
+    assert!(
+        moved > 0.1,
+        "the fixture adapter barely changes the logits ({moved})"
+    );
     // the forward parity tolerance of tests/parity_forward.rs
     assert!(d_on <= 1e-5, "adapter-on logits differ from PEFT by {d_on}");
     // PEFT's disable_adapter (the original ln_f, no LoRA) is the plain base
     let d_plain = max_diff(&logits(&base(), &want.ids), &want.base);
-    assert!(d_plain <= 1e-5, "base logits differ from the official model by {d_plain}");
+    assert!(
+        d_plain <= 1e-5,
+        "base logits differ from the official model by {d_plain}"
+    );
     let merged = logits(&model.merge_lora(), &want.ids);
     let d_merged = max_diff(&merged, &want.merged);
-    assert!(d_merged <= 1e-5, "merged logits differ from PEFT merge_and_unload by {d_merged}");
+    assert!(
+        d_merged <= 1e-5,
+        "merged logits differ from PEFT merge_and_unload by {d_merged}"
+    );
 }
 
 #[test]

@@ -213,7 +213,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, Option<String>), L
     if !path.is_file() {
         return Err(bad(
             &path,
-            format!("not found: an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (PEFT save_pretrained)"),
+            format!(
+                "not found: an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (PEFT save_pretrained)"
+            ),
         ));
     }
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
@@ -241,7 +243,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, Option<String>), L
         if key(flag).and_then(Value::as_bool) == Some(true) {
             return Err(bad(
                 &path,
-                format!("`{flag}: true` is not supported (plain LoRA only: scaling alpha/r, no DoRA, torch [out, in] layout)"),
+                format!(
+                    "`{flag}: true` is not supported (plain LoRA only: scaling alpha/r, no DoRA, torch [out, in] layout)"
+                ),
             ));
         }
     }
@@ -286,7 +290,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, Option<String>), L
             if !MODULES_TO_SAVE.contains(&short) {
                 return Err(bad(
                     &path,
-                    format!("modules_to_save `{m}`: only transformer.wte, transformer.ln_f and transformer.ff_out (the LM head) are supported"),
+                    format!(
+                        "modules_to_save `{m}`: only transformer.wte, transformer.ln_f and transformer.ff_out (the LM head) are supported"
+                    ),
                 ));
             }
             cfg.modules_to_save.push(short.to_string());
@@ -391,7 +397,9 @@ pub fn load_adapter<B: Backend>(
                 if shape.to_vec() != expect {
                     return Err(bad(
                         &path,
-                        format!("tensor `{name}` has shape {shape:?} but the model's is {expect:?}"),
+                        format!(
+                            "tensor `{name}` has shape {shape:?} but the model's is {expect:?}"
+                        ),
                     ));
                 }
                 match m {
@@ -418,7 +426,10 @@ pub fn load_adapter<B: Backend>(
                 };
                 return Err(bad(
                     &path,
-                    format!("tensor `{name}` is not a LoRA weight of a block projection ({:?}) nor a module to save{hint}", crate::lora::TARGET_MODULES),
+                    format!(
+                        "tensor `{name}` is not a LoRA weight of a block projection ({:?}) nor a module to save{hint}",
+                        crate::lora::TARGET_MODULES
+                    ),
                 ));
             }
         }

@@ -211,7 +211,9 @@ impl LoraConfig {
             if !MODULES_TO_SAVE.contains(&m.as_str()) {
                 return err(
                     "modules_to_save",
-                    format!("`{m}`: must be one of {MODULES_TO_SAVE:?} (top-level modules of model.transformer)"),
+                    format!(
+                        "`{m}`: must be one of {MODULES_TO_SAVE:?} (top-level modules of model.transformer)"
+                    ),
                 );
             }
             if self.modules_to_save[..i].contains(m) {

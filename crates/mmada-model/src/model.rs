@@ -301,7 +301,10 @@ impl<B: Backend> LladaBlock<B> {
         let h = self.ff_norm.forward(x.clone());
         let gate = silu(self.project(LoraTarget::FfProj, h.clone(), compute));
         let up = self.project(LoraTarget::UpProj, h, compute);
-        x + cast_to(self.project(LoraTarget::FfOut, gate * up, compute), residual)
+        x + cast_to(
+            self.project(LoraTarget::FfOut, gate * up, compute),
+            residual,
+        )
     }
 }
 

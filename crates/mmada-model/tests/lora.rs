@@ -8,7 +8,9 @@ use burn::module::{AutodiffModule, Param};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData};
-use mmada_model::adapter::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, load_adapter, save_adapter};
+use mmada_model::adapter::{
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, load_adapter, save_adapter,
+};
 use mmada_model::backend::Cpu;
 use mmada_model::init::init_model;
 use mmada_model::lora::{LoraConfig, LoraTarget};
@@ -47,7 +49,11 @@ fn randomise_b<B: Backend>(mut m: LladaModel<B>) -> LladaModel<B> {
         for t in LoraTarget::ALL {
             if let Some(a) = lora.slot(t).as_mut() {
                 let dims = a.lora_b.val().dims();
-                let r = Tensor::<B, 2>::random(dims, Distribution::Normal(0.0, 0.05), &Default::default());
+                let r = Tensor::<B, 2>::random(
+                    dims,
+                    Distribution::Normal(0.0, 0.05),
+                    &Default::default(),
+                );
                 a.lora_b = Param::from_tensor(r);
             }
         }
@@ -92,11 +98,19 @@ fn merged_weights_give_the_adapter_on_logits() {
     let base = init_model::<Cpu>(&cfg, 3, &Default::default(), FloatDType::F32);
     let base_logits = logits(&base, &cfg);
     let mut lc = LoraConfig::new(8, 16.0);
-    lc.target_modules = vec!["q_proj".into(), "v_proj".into(), "ff_out".into(), "up_proj".into()];
+    lc.target_modules = vec![
+        "q_proj".into(),
+        "v_proj".into(),
+        "ff_out".into(),
+        "up_proj".into(),
+    ];
     let model = randomise_b(base.with_lora(&lc, 2).unwrap());
     let on = logits(&model, &cfg);
     let moved = max_abs_diff(&on, &base_logits);
-    assert!(moved > 1e-2, "the adapters barely change the logits ({moved})");
+    assert!(
+        moved > 1e-2,
+        "the adapters barely change the logits ({moved})"
+    );
     let merged = model.merge_lora();
     assert!(!merged.has_lora());
     let m = logits(&merged, &cfg);
@@ -193,7 +207,11 @@ fn peft_files_round_trip_bit_for_bit_with_peft_names() {
     assert_eq!(found, lc);
     assert_eq!(logits(&loaded, &cfg), logits(&model, &cfg));
     // the same A and B (burn layout) after the round trip
-    for (x, y) in loaded.lora_tensors().iter().zip(model.lora_tensors().iter()) {
+    for (x, y) in loaded
+        .lora_tensors()
+        .iter()
+        .zip(model.lora_tensors().iter())
+    {
         assert_eq!(x.0, y.0);
         assert_eq!(x.1.to_data(), y.1.to_data(), "{}", x.0);
     }
@@ -206,7 +224,14 @@ fn bad_adapters_are_refused_naming_the_tensor() {
     let base = init_model::<Cpu>(&cfg, 3, &Default::default(), FloatDType::F32);
     let lc = LoraConfig::new(4, 8.0);
     let out = dir.path().join("adapter");
-    save_adapter(&base.clone().with_lora(&lc, 1).unwrap(), &lc, &out, None, false).unwrap();
+    save_adapter(
+        &base.clone().with_lora(&lc, 1).unwrap(),
+        &lc,
+        &out,
+        None,
+        false,
+    )
+    .unwrap();
     // a base with other dimensions: the shapes do not fit
     let mut other = cfg.clone();
     other.d_model = 2 * cfg.d_model;
@@ -219,11 +244,15 @@ fn bad_adapters_are_refused_naming_the_tensor() {
     let z = vec![0u8; 4 * 4 * cfg.d_model];
     tensors.insert(
         format!("{PEFT_PREFIX}ff_out.lora_A.weight"),
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, cfg.d_model], &z).unwrap(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, cfg.d_model], &z)
+            .unwrap(),
     );
     safetensors::serialize_to_file(&tensors, None, &out.join(ADAPTER_WEIGHTS)).unwrap();
     let e = load_adapter(base.clone(), &out).unwrap_err().to_string();
-    assert!(e.contains("ff_out.lora_A.weight") && e.contains("LM head"), "{e}");
+    assert!(
+        e.contains("ff_out.lora_A.weight") && e.contains("LM head"),
+        "{e}"
+    );
     // not a LoRA adapter
     std::fs::write(out.join(ADAPTER_CONFIG), r#"{"peft_type": "IA3"}"#).unwrap();
     let e = load_adapter(base, &out).unwrap_err().to_string();
@@ -237,8 +266,16 @@ fn lora_settings_are_checked() {
     lc.r = 4;
     lc.target_modules = vec!["o_proj".into()];
     let e = lc.validate().unwrap_err().to_string();
-    assert!(e.contains("lora.target_modules") && e.contains("attn_out"), "{e}");
+    assert!(
+        e.contains("lora.target_modules") && e.contains("attn_out"),
+        "{e}"
+    );
     lc.target_modules = vec!["q_proj".into()];
     lc.dropout = 1.0;
-    assert!(lc.validate().unwrap_err().to_string().contains("lora.dropout"));
+    assert!(
+        lc.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("lora.dropout")
+    );
 }

@@ -824,7 +824,13 @@ fn run() -> Result<ExitCode> {
                 copy_sidecars_from: None,
             };
             let lora = mmada_train::merge_lora_checkpoint(&checkpoint, &adapter, &out, &opts)
-                .with_context(|| format!("merging {} into {}", adapter.display(), checkpoint.display()))?;
+                .with_context(|| {
+                    format!(
+                        "merging {} into {}",
+                        adapter.display(),
+                        checkpoint.display()
+                    )
+                })?;
             tracing::info!(out = %out.display(), r = lora.r, alpha = lora.alpha, targets = ?lora.target_modules, "merged LoRA checkpoint written");
         }
         Command::Plan(args) => plan_command(args)?,

@@ -824,7 +824,11 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         div_ceil(2 * pt * sm, n_opt),
         format!(
             "AdamW m + v: 2 × {pt} × {sm} B ({}) / {n_opt}",
-            if lora { "f32" } else { input.moment_dtype.as_str() }
+            if lora {
+                "f32"
+            } else {
+                input.moment_dtype.as_str()
+            }
         ),
     );
     if let Some(ro) = &input.rollout {

@@ -467,7 +467,11 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                 // seed), then the adapter of the checkpoint
                 let state = read_state(dir)?;
                 if worker.rank() == 0 {
-                    tracing::info!("resuming LoRA from {} at step {}", dir.display(), state.step);
+                    tracing::info!(
+                        "resuming LoRA from {} at step {}",
+                        dir.display(),
+                        state.step
+                    );
                 }
                 let cfg = model_config(sections.model, sections.tokenizer, &tok, base)?;
                 let model = base_model::<B>(sections, &cfg, base, &device)?;
@@ -477,7 +481,10 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                     && found.alpha == lora.alpha
                     && found.dropout == lora.dropout
                     && found.modules_to_save == lora.modules_to_save
-                    && lora.target_modules.iter().all(|t| found.target_modules.contains(t))
+                    && lora
+                        .target_modules
+                        .iter()
+                        .all(|t| found.target_modules.contains(t))
                     && found.target_modules.len() == lora.target_modules.len();
                 if !same {
                     return Err(TrainError::Other(format!(
@@ -931,9 +938,11 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
             optim::save_state(optim, model, &tmp.join("optimizer.safetensors"))?;
             let text = serde_json::to_string_pretty(&self.state).expect("state serialises");
             write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
-            return Ok(self
-                .run
-                .commit_checkpoint(&tmp, step, self.sections.checkpoint.keep_last)?);
+            return Ok(self.run.commit_checkpoint(
+                &tmp,
+                step,
+                self.sections.checkpoint.keep_last,
+            )?);
         }
         let opts = SaveOptions {
             dtype: self.sections.checkpoint.model_dtype.disk(),

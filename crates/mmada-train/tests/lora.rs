@@ -28,7 +28,11 @@ const LORA: &[&str] = &[
 /// take a dropout seed.
 static FLEX_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn run_sft(r: &mmada_train::recipe::SftRecipe, resume: Option<Resume>, stop: Option<u64>) -> SftOutcome {
+fn run_sft(
+    r: &mmada_train::recipe::SftRecipe,
+    resume: Option<Resume>,
+    stop: Option<u64>,
+) -> SftOutcome {
     let opts = RunOptions {
         resume,
         stop_after: stop,
@@ -79,17 +83,28 @@ fn lora_sft_trains_only_adapters_and_resumes_bit_exactly() {
     let ckpt = a.last_checkpoint.clone().unwrap();
     // a PEFT adapter, the optimizer state of the adapters only, no model copy
     assert!(ckpt.join("adapter/adapter_config.json").is_file());
-    assert!(!ckpt.join("model").exists(), "a LoRA checkpoint holds no model copy");
+    assert!(
+        !ckpt.join("model").exists(),
+        "a LoRA checkpoint holds no model copy"
+    );
     let names = tensor_names(&ckpt.join("optimizer.safetensors"));
     // 7 targets × 2 blocks × (A, B) × (exp_avg, exp_avg_sq)
     assert_eq!(names.len(), 7 * 2 * 2 * 2, "{names:?}");
-    assert!(names.iter().all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")),
+        "{names:?}"
+    );
     // the preset-initialised base is written once for the adapter
     let base_dir = a.run_dir.join("base_model");
     assert!(base_dir.join("model.safetensors").is_file());
     let json: serde_json::Value =
         serde_json::from_slice(&bytes(&ckpt.join("adapter/adapter_config.json"))).unwrap();
-    assert_eq!(json["base_model_name_or_path"], base_dir.display().to_string());
+    assert_eq!(
+        json["base_model_name_or_path"],
+        base_dir.display().to_string()
+    );
     assert_eq!(json["lora_dropout"], 0.1);
 
     // stop after 3 steps, resume: same losses, same adapter and optimizer bytes
@@ -113,7 +128,10 @@ fn lora_sft_trains_only_adapters_and_resumes_bit_exactly() {
     };
     let lc = mmada_train::merge_lora_checkpoint(&base_dir, &ckpt, &merged, &opts).unwrap();
     assert_eq!((lc.r, lc.alpha), (4, 8.0));
-    assert!(merged.join("tokenizer.json").is_file(), "the base's tokenizer is copied");
+    assert!(
+        merged.join("tokenizer.json").is_file(),
+        "the base's tokenizer is copied"
+    );
     let dev = Default::default();
     let (cfg, base) = load_checkpoint::<Cpu>(&base_dir, &dev, FloatDType::F32).unwrap();
     let (on, _) = mmada_model::adapter::load_adapter(base, &ckpt.join("adapter")).unwrap();
@@ -124,7 +142,9 @@ fn lora_sft_trains_only_adapters_and_resumes_bit_exactly() {
 }
 
 fn logits(m: &LladaModel<Cpu>, cfg: &ModelConfig) -> Vec<f32> {
-    let v: Vec<i32> = (0..24).map(|i| ((i * 7 + 3) % cfg.vocab_size) as i32).collect();
+    let v: Vec<i32> = (0..24)
+        .map(|i| ((i * 7 + 3) % cfg.vocab_size) as i32)
+        .collect();
     let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(v, [2, 12]), &Default::default());
     m.forward(ids, &Attention::Full)
         .into_data()
@@ -191,11 +211,14 @@ fn lora_unigrpo_uses_the_base_as_reference_and_resumes_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let dev = Default::default();
     let straight = grpo_recipe(tmp.path(), "straight", &[]);
-    let a = UniGrpo::run::<CpuAutodiff>(&straight, &dev, &RunOptions::default(), &mut |_| {})
-        .unwrap();
+    let a =
+        UniGrpo::run::<CpuAutodiff>(&straight, &dev, &RunOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(a.final_step, 3);
     let ca = a.last_checkpoint.unwrap();
-    assert!(!ca.join("reference").exists(), "the reference is the base, not saved");
+    assert!(
+        !ca.join("reference").exists(),
+        "the reference is the base, not saved"
+    );
     assert!(!ca.join("model").exists());
     let names = tensor_names(&ca.join("adapter/adapter_model.safetensors"));
     assert_eq!(names.len(), 3 * 2 * 2, "{names:?}");
@@ -222,7 +245,10 @@ fn lora_unigrpo_uses_the_base_as_reference_and_resumes_bit_exactly() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!(rows.iter().any(|r| r["kl"].as_f64().unwrap() > 0.0), "{rows:?}");
+    assert!(
+        rows.iter().any(|r| r["kl"].as_f64().unwrap() > 0.0),
+        "{rows:?}"
+    );
 }
 
 #[test]
@@ -231,15 +257,31 @@ fn lora_recipe_keys_are_checked() {
     let sync = ["grpo.sync_ref_model_steps=2".to_string()];
     let base = grpo_recipe(tmp.path(), "x", &[]);
     let yaml = base.to_yaml();
-    let e = UniGrpoRecipe::parse(&yaml, "r.yaml", &sync).unwrap_err().to_string();
-    assert!(e.contains("grpo.sync_ref_model_steps") && e.contains("lora"), "{e}");
+    let e = UniGrpoRecipe::parse(&yaml, "r.yaml", &sync)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("grpo.sync_ref_model_steps") && e.contains("lora"),
+        "{e}"
+    );
     let bad = ["lora.target_modules=[o_proj]".to_string()];
-    let e = UniGrpoRecipe::parse(&yaml, "r.yaml", &bad).unwrap_err().to_string();
-    assert!(e.contains("lora.target_modules") && e.contains("attn_out"), "{e}");
+    let e = UniGrpoRecipe::parse(&yaml, "r.yaml", &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora.target_modules") && e.contains("attn_out"),
+        "{e}"
+    );
     let bad = ["lora.rank=4".to_string()];
-    let e = UniGrpoRecipe::parse(&yaml, "r.yaml", &bad).unwrap_err().to_string();
+    let e = UniGrpoRecipe::parse(&yaml, "r.yaml", &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("rank"), "{e}");
     // a bf16 base needs no master weights when only the f32 adapters learn
-    let ok = common::sft_recipe(tmp.path(), "bf16", &["lora.r=2", "lora.alpha=2", "model.dtype=bf16"]);
+    let ok = common::sft_recipe(
+        tmp.path(),
+        "bf16",
+        &["lora.r=2", "lora.alpha=2", "model.dtype=bf16"],
+    );
     assert!(ok.lora.is_some());
 }

@@ -247,7 +247,9 @@ fn reference_model<B: AutodiffBackend>(
     let compute = recipe.train.mixed_precision.compute_dtype();
     if recipe.lora.is_some() {
         // LoRA: the base with the adapters off, sharing the frozen base tensors (no copy)
-        return Ok(Some(model.valid().without_lora().with_compute_dtype(compute)));
+        return Ok(Some(
+            model.valid().without_lora().with_compute_dtype(compute),
+        ));
     }
     Ok(Some(match &s.resumed_from {
         Some(dir) => {
