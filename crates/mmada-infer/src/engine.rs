@@ -151,9 +151,12 @@ pub fn check_vocab(tok: &TextTokenizer, cfg: &ModelConfig, path: &Path) -> Resul
 }
 
 impl<B: Backend> Engine<B> {
-    /// Loads `dir` (config.json, weights, tokenizer) onto `device`.
+    /// Loads `dir` (config.json, weights, tokenizer) onto `device`, with the LoRA `adapter`
+    /// (a PEFT adapter directory or a LoRA training checkpoint) merged into the weights when
+    /// given.
     pub fn load(
         dir: &Path,
+        adapter: Option<&Path>,
         tokenizer: Option<&Path>,
         template: TemplateArg,
         device: &B::Device,
@@ -170,6 +173,22 @@ impl<B: Backend> Engine<B> {
         let t0 = Instant::now();
         let (_, model) = mmada_model::load_checkpoint::<B>(dir, device, dtype)
             .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        let model = match adapter {
+            None => model,
+            Some(a) => {
+                let a = mmada_model::adapter::resolve_adapter_dir(a);
+                let (model, lora) = mmada_model::adapter::load_adapter(model, &a)
+                    .with_context(|| format!("loading LoRA adapter {}", a.display()))?;
+                tracing::info!(
+                    adapter = %a.display(),
+                    r = lora.r,
+                    alpha = lora.alpha,
+                    targets = ?lora.target_modules,
+                    "LoRA adapter merged"
+                );
+                model.merge_lora()
+            }
+        };
         tracing::info!(
             checkpoint = %dir.display(),
             params = cfg.num_params(),

@@ -152,6 +152,7 @@ fn load<B: Backend>(
     let dir = require_checkpoint(m)?;
     Engine::load(
         &dir,
+        m.adapter.as_deref(),
         m.tokenizer.as_deref(),
         m.template.unwrap_or(default_template),
         device,

@@ -152,6 +152,11 @@ pub struct ModelArgs {
     /// --tokenizer is given).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// LoRA adapter over the checkpoint: a PEFT adapter directory (adapter_config.json +
+    /// adapter_model.safetensors) or a LoRA training checkpoint (its `adapter/`); merged
+    /// into the weights at load (`W + (alpha/r)·B·A`).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// tokenizer.json to use instead of the checkpoint's (MMaDA special tokens it lacks are
     /// added; the result must match the model's vocabulary).
     #[arg(long)]
@@ -173,6 +178,7 @@ pub struct ModelArgs {
 
 impl_or!(ModelArgs {
     checkpoint,
+    adapter,
     tokenizer,
     device,
     dtype,

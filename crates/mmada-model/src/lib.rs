@@ -11,16 +11,19 @@
 //! * [`init`]: mitchell random initialisation.
 //! * [`kv`]: the key/value cache of fast decoding ([`KvCache`], Fast-dLLM prefix / dual
 //!   cache) and the model's cached forward.
+//! * [`lora`]: LoRA adapters on the block projections; [`adapter`]: their PEFT files.
 //! * [`backend`]: backend aliases and device strings.
 //!
 //! Source of the ported semantics: `../shared/docs/mmada-spec.md` §1 and upstream
 //! `Gen-Verse/MMaDA/models/modeling_llada.py` at `3cdb870`.
 
+pub mod adapter;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod init;
 pub mod kv;
+pub mod lora;
 pub mod model;
 pub mod tokens;
 

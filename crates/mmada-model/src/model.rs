@@ -16,6 +16,7 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::kv::{KvCache, KvCacheError, KvUse};
+use crate::lora::LoraTarget;
 
 /// The additive bias for attention scores that must be ignored: `finfo(float32).min`, as
 /// upstream (`LLaDAModel.forward` uses `torch.finfo(dtype).min`, never `-inf`, spec §1.3).
@@ -202,13 +203,15 @@ pub struct LladaBlock<B: Backend> {
     pub n_heads: usize,
     /// Key/value heads.
     pub n_kv_heads: usize,
+    /// LoRA adapters on the projections ([`crate::lora`]); `None`: the plain block.
+    pub lora: Option<crate::lora::BlockLora<B>>,
 }
 
 /// `x · W` of a [`Linear`] (no bias in LLaDA), computed in `compute` when given: the input
 /// and the weight are cast to `compute` (tracked by autodiff, so the weight's gradient arrives
 /// in the parameter's own dtype) and the product stays in `compute`, as a matmul under
 /// PyTorch's `torch.autocast(dtype=torch.bfloat16)`.
-fn linear_in<B: Backend>(
+pub(crate) fn linear_in<B: Backend>(
     layer: &Linear<B>,
     x: Tensor<B, 3>,
     compute: Option<FloatDType>,
@@ -300,9 +303,9 @@ impl<B: Backend> LladaBlock<B> {
         let residual = float_dtype(x.dtype());
         let hd = d / self.n_heads;
         let h = self.attn_norm.forward(x.clone());
-        let q = linear_in(&self.q_proj, h.clone(), compute);
-        let k = linear_in(&self.k_proj, h.clone(), compute);
-        let v = linear_in(&self.v_proj, h, compute);
+        let q = self.project(LoraTarget::QProj, h.clone(), compute);
+        let k = self.project(LoraTarget::KProj, h.clone(), compute);
+        let v = self.project(LoraTarget::VProj, h, compute);
         let q = q.reshape([b, l, self.n_heads, hd]).swap_dims(1, 2);
         let k = k.reshape([b, l, self.n_kv_heads, hd]).swap_dims(1, 2);
         let v = v.reshape([b, l, self.n_kv_heads, hd]).swap_dims(1, 2);
@@ -325,11 +328,14 @@ impl<B: Backend> LladaBlock<B> {
         };
         let o = scaled_dot_product_attention(q, k, v, bias);
         let o = o.swap_dims(1, 2).reshape([b, l, d]);
-        let x = x + cast_to(linear_in(&self.attn_out, o, compute), residual);
+        let x = x + cast_to(self.project(LoraTarget::AttnOut, o, compute), residual);
         let h = self.ff_norm.forward(x.clone());
-        let gate = silu(linear_in(&self.ff_proj, h.clone(), compute));
-        let up = linear_in(&self.up_proj, h, compute);
-        x + cast_to(linear_in(&self.ff_out, gate * up, compute), residual)
+        let gate = silu(self.project(LoraTarget::FfProj, h.clone(), compute));
+        let up = self.project(LoraTarget::UpProj, h, compute);
+        x + cast_to(
+            self.project(LoraTarget::FfOut, gate * up, compute),
+            residual,
+        )
     }
 }
 
@@ -560,6 +566,7 @@ impl<B: Backend> LladaModel<B> {
                 ff_out: linear(source, p("ff_out"), d, m)?,
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
+                lora: None,
             });
         }
         let ln_f = norm(source, "ln_f.weight".into())?;
@@ -575,7 +582,9 @@ impl<B: Backend> LladaModel<B> {
     }
 
     /// Every parameter by Hugging Face name (without the `model.transformer.` prefix), in the
-    /// order of the upstream state dict.
+    /// order of the upstream state dict; a block's LoRA adapters ([`crate::lora`]) follow
+    /// its base parameters as `blocks.N.{target}.lora_A.weight` / `lora_B.weight` (torch
+    /// layout `[r, in]` / `[out, r]`).
     pub fn params(&self) -> Vec<(String, ParamRef<'_, B>)> {
         let mut out = Vec::with_capacity(3 + 9 * self.blocks.len());
         out.push(("wte.weight".to_string(), ParamRef::Matrix(&self.wte.weight)));
@@ -590,6 +599,7 @@ impl<B: Backend> LladaModel<B> {
             out.push((p("ff_proj"), ParamRef::Linear(&b.ff_proj.weight)));
             out.push((p("up_proj"), ParamRef::Linear(&b.up_proj.weight)));
             out.push((p("ff_out"), ParamRef::Linear(&b.ff_out.weight)));
+            crate::lora::block_lora_params(i, b, &mut out);
         }
         out.push((
             "ln_f.weight".to_string(),
@@ -602,12 +612,14 @@ impl<B: Backend> LladaModel<B> {
         out
     }
 
-    /// Every parameter with its Hugging Face name (without the `model.transformer.` prefix),
-    /// in torch layout (`[out, in]` for Linear weights, `[d]` for norms), in the order of the
-    /// upstream state dict.
+    /// Every base parameter with its Hugging Face name (without the `model.transformer.`
+    /// prefix), in torch layout (`[out, in]` for Linear weights, `[d]` for norms), in the
+    /// order of the upstream state dict: what a checkpoint holds. LoRA adapters are not
+    /// included (see [`LladaModel::lora_tensors`]).
     pub fn named_tensors(&self) -> Vec<(String, NamedTensor<B>)> {
         self.params()
             .into_iter()
+            .filter(|(n, _)| !crate::lora::is_adapter_name(n))
             .map(|(n, p)| (n, p.torch_tensor()))
             .collect()
     }

@@ -43,6 +43,10 @@ pub mod purpose {
     pub const CAPTION_DROPOUT: u64 = 4;
     /// Mixture order of a stream (plus the stream index).
     pub const MIXTURE: u64 = 16;
+    /// Initial LoRA `A` matrices.
+    pub const LORA_INIT: u64 = 5;
+    /// LoRA dropout masks of a step (the backend RNG is seeded with it; index = rank).
+    pub const LORA_DROPOUT: u64 = 6;
 }
 
 /// A seed for one consumer: SplitMix64 over `(seed, purpose, step, index)`.

@@ -21,6 +21,9 @@ pub enum TrainError {
     /// Model config problem.
     #[error(transparent)]
     Config(#[from] mmada_model::ConfigError),
+    /// LoRA adapter problem (settings, adapter files).
+    #[error(transparent)]
+    Lora(#[from] mmada_model::lora::LoraError),
     /// Optimizer state problem.
     #[error(transparent)]
     Optim(#[from] crate::optim::OptimStateError),

@@ -71,3 +71,31 @@ pub fn init_checkpoint(
     );
     save_checkpoint(&model, cfg, out, opts)
 }
+
+/// `mmada-train merge-lora`: load the Hugging Face checkpoint `base` (in f32 on the CPU),
+/// apply the PEFT LoRA adapter `adapter` (an adapter directory, or a LoRA training
+/// checkpoint holding `adapter/`), fold it into the weights (`W + (alpha/r)·B·A`, modules to
+/// save replacing their base weights) and write a plain Hugging Face checkpoint at `out`
+/// (config.json, weights in `opts.dtype`, the base's tokenizer / remote-code files).
+/// Returns the adapter's settings.
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] / [`TrainError::Lora`] naming the file or tensor at fault.
+pub fn merge_lora_checkpoint(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    opts: &SaveOptions,
+) -> Result<mmada_model::lora::LoraConfig, error::TrainError> {
+    let device = Default::default();
+    let (cfg, model) =
+        mmada_model::load_checkpoint::<mmada_model::backend::Cpu>(base, &device, FloatDType::F32)?;
+    let dir = mmada_model::adapter::resolve_adapter_dir(adapter);
+    let (model, lora) = mmada_model::adapter::load_adapter(model, &dir)?;
+    let mut opts = opts.clone();
+    if opts.copy_sidecars_from.is_none() {
+        opts.copy_sidecars_from = Some(base.to_path_buf());
+    }
+    save_checkpoint(&model.merge_lora(), &cfg, out, &opts)?;
+    Ok(lora)
+}

@@ -96,6 +96,29 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Fold a LoRA adapter (PEFT format, or a LoRA training checkpoint) into its base
+    /// checkpoint and write a merged Hugging Face checkpoint: W + (alpha/r)·B·A.
+    MergeLora {
+        /// The base Hugging Face checkpoint directory (config.json + safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The adapter: a directory with adapter_config.json + adapter_model.safetensors, or
+        /// a LoRA training checkpoint (runs/NAME/checkpoints/step-N, its adapter/).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory (written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// On-disk dtype: bf16, f16 or f32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Split weights into shards of at most this many MB.
+        #[arg(long)]
+        shard_mb: Option<u64>,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Per-device memory plan of a recipe (weights, gradients, optimizer state, activations,
     /// logits, rollout, collective buckets) and whether it fits the GPU. Reads only the
     /// model's config.json (or a preset), never the weights.
@@ -785,6 +808,30 @@ fn run() -> Result<ExitCode> {
             mmada_train::init_checkpoint(&cfg, seed, &out, &opts)
                 .with_context(|| format!("writing {}", out.display()))?;
             tracing::info!(out = %out.display(), params = cfg.num_params(), "initialised model");
+        }
+        Command::MergeLora {
+            checkpoint,
+            adapter,
+            out,
+            dtype,
+            shard_mb,
+            overwrite,
+        } => {
+            let opts = SaveOptions {
+                dtype: parse_disk_dtype(&dtype)?,
+                max_shard_bytes: shard_mb.map(|m| m * 1_000_000),
+                overwrite,
+                copy_sidecars_from: None,
+            };
+            let lora = mmada_train::merge_lora_checkpoint(&checkpoint, &adapter, &out, &opts)
+                .with_context(|| {
+                    format!(
+                        "merging {} into {}",
+                        adapter.display(),
+                        checkpoint.display()
+                    )
+                })?;
+            tracing::info!(out = %out.display(), r = lora.r, alpha = lora.alpha, targets = ?lora.target_modules, "merged LoRA checkpoint written");
         }
         Command::Plan(args) => plan_command(args)?,
         Command::Data { command } => data_cmd::run(command)?,

@@ -710,7 +710,6 @@ pub fn load_state<B: AutodiffBackend>(
     let device = model.wte.weight.val().device();
     let pdtype = model.dtype();
     let wide = pdtype != DType::F32 && optim.precision != Precision::Plain;
-    let state_dtype = if wide { DType::F32 } else { pdtype };
     let master_path = path.with_file_name(MASTER_FILE);
     let master_bytes = if wide && optim.precision == Precision::Master && master_path.exists() {
         Some(read_file(&master_path)?)
@@ -793,6 +792,13 @@ pub fn load_state<B: AutodiffBackend>(
             .get(&format!("step.{name}"))
             .and_then(|s| s.parse().ok())
             .unwrap_or(time);
+        // each parameter's own dtype: LoRA adapters are f32 over a bf16 base
+        let own = param_value(model, info.id).dtype();
+        let state_dtype = if own != DType::F32 && optim.precision != Precision::Plain {
+            DType::F32
+        } else {
+            own
+        };
         optim.states.insert(
             name.clone(),
             ParamState {

@@ -284,18 +284,58 @@ pub enum LoraTarget {
     FfOut,
 }
 
-/// LoRA adapters (for later): rank `r` on the listed Linears of every block. Each adapter
-/// adds `r·(in + out)` trainable parameters; the base weights stay frozen (no gradient, no
-/// optimizer state).
+/// LoRA adapters (`lora:`, `mmada_model::lora`): rank `r` on the listed Linears of every
+/// block. Each adapter adds `r·(in + out)` trainable f32 parameters; the base weights stay
+/// frozen (no gradient, no optimizer state) in `model.dtype`; the UniGRPO reference is the
+/// base with the adapters off (no copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lora {
     /// The adapter rank `r`.
     pub rank: u64,
     /// The adapted Linears.
     pub targets: Vec<LoraTarget>,
+    /// `lora.dropout > 0`: each adapter keeps its dropout mask and dropped input.
+    pub dropout: bool,
 }
 
 impl Lora {
+    /// Activation elements one block's adapters keep per position for the backward: the
+    /// `x·A` product `[.., r]` of every target, and with dropout the mask and the dropped
+    /// input `[.., in]` of every target (2 × in).
+    pub fn activations_per_position(&self, s: &ModelShape) -> u64 {
+        let (d, m) = (s.d_model, s.mlp_hidden);
+        self.targets
+            .iter()
+            .map(|t| {
+                let inp = if *t == LoraTarget::FfOut { m } else { d };
+                self.rank + if self.dropout { 2 * inp } else { 0 }
+            })
+            .sum()
+    }
+
+    /// The adapters of a recipe's `lora:` section.
+    pub fn from_section(l: &crate::recipe::LoraSection) -> Self {
+        let targets = l
+            .target_modules
+            .iter()
+            .filter_map(|t| match t.as_str() {
+                "q_proj" => Some(LoraTarget::QProj),
+                "k_proj" => Some(LoraTarget::KProj),
+                "v_proj" => Some(LoraTarget::VProj),
+                "attn_out" => Some(LoraTarget::AttnOut),
+                "ff_proj" => Some(LoraTarget::FfProj),
+                "up_proj" => Some(LoraTarget::UpProj),
+                "ff_out" => Some(LoraTarget::FfOut),
+                _ => None,
+            })
+            .collect();
+        Lora {
+            rank: l.r as u64,
+            targets,
+            dropout: l.dropout > 0.0,
+        }
+    }
+
     /// Trainable adapter parameters over all blocks.
     pub fn params(&self, s: &ModelShape) -> u64 {
         let (d, m) = (s.d_model, s.mlp_hidden);
@@ -434,6 +474,10 @@ pub mod lines {
     pub const COMPUTE_WEIGHTS: &str = "compute weights";
     /// f32 master copy held by the optimizer.
     pub const MASTER_WEIGHTS: &str = "master weights";
+    /// LoRA adapters (f32) over the frozen base.
+    pub const ADAPTERS: &str = "lora adapters";
+    /// What the adapters keep for the backward (`x·A`, dropout masks).
+    pub const LORA_ACTIVATIONS: &str = "lora activations";
     /// One backward's full gradient set.
     pub const GRADIENTS: &str = "gradients";
     /// The gradient accumulator (`grad_accum > 1`, several UniGRPO groups per rank).
@@ -712,6 +756,10 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
     };
     let p = s.params();
     let pt = input.lora.as_ref().map_or(p, |l| l.params(s));
+    // LoRA: the adapters, their gradients and moments are f32 whatever `model.dtype`; the
+    // frozen base has none (and needs no master copy)
+    let lora = input.lora.is_some();
+    let (r_t, sm) = if lora { (4, 4) } else { (r, sm) };
     let (b, l, d, m, h, v) = (
         input.micro.rows,
         input.micro.seq,
@@ -742,7 +790,15 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
             input.param_dtype.as_str()
         ),
     );
-    if input.master_weights {
+    if lora {
+        push(
+            lines::ADAPTERS,
+            Phase::Resident,
+            pt * 4,
+            format!("LoRA A + B: {pt} × 4 B (f32) over the frozen base"),
+        );
+    }
+    if input.master_weights && !lora {
         push(
             lines::MASTER_WEIGHTS,
             Phase::Resident,
@@ -750,15 +806,15 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
             format!("{pt} × 4 B (f32) / {n_opt} (the optimizer shard's)"),
         );
     }
-    let full_grads = pt * r;
+    let full_grads = pt * r_t;
     if input.accumulation > 1 {
         let (bytes, how) = if input.sharding == Sharding::OptimizerAndGradients {
             (
                 div_ceil(full_grads, world),
-                format!("{pt} × {r} B / {world} (the owner's shard of the sum)"),
+                format!("{pt} × {r_t} B / {world} (the owner's shard of the sum)"),
             )
         } else {
-            (full_grads, format!("{pt} × {r} B (optim::add_grads)"))
+            (full_grads, format!("{pt} × {r_t} B (optim::add_grads)"))
         };
         push(lines::GRAD_ACCUMULATOR, Phase::Resident, bytes, how);
     }
@@ -768,11 +824,22 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         div_ceil(2 * pt * sm, n_opt),
         format!(
             "AdamW m + v: 2 × {pt} × {sm} B ({}) / {n_opt}",
-            input.moment_dtype.as_str()
+            if lora {
+                "f32"
+            } else {
+                input.moment_dtype.as_str()
+            }
         ),
     );
     if let Some(ro) = &input.rollout {
-        if ro.reference_model {
+        if ro.reference_model && lora {
+            push(
+                lines::REFERENCE_MODEL,
+                Phase::Resident,
+                0,
+                "the base with the adapters off: shares the frozen weights".into(),
+            );
+        } else if ro.reference_model {
             push(
                 lines::REFERENCE_MODEL,
                 Phase::Resident,
@@ -792,9 +859,9 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         push(
             lines::COLLECTIVE,
             Phase::Resident,
-            3 * e * r,
+            3 * e * r_t,
             format!(
-                "3 × {e} elements × {r} B: concatenated bucket, a child's bucket and the sum (tree all-reduce)"
+                "3 × {e} elements × {r_t} B: concatenated bucket, a child's bucket and the sum (tree all-reduce)"
             ),
         );
     }
@@ -876,6 +943,31 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
             ),
         );
     }
+    if let Some(lo) = &input.lora {
+        // the adapter branch computes in the activations' dtype (`c`)
+        let per_block = b * l * lo.activations_per_position(s) * c;
+        let blocks = if input.activation_checkpointing {
+            1
+        } else {
+            n_layers
+        };
+        push(
+            lines::LORA_ACTIVATIONS,
+            Phase::Step,
+            per_block * blocks,
+            format!(
+                "{} per block × {blocks}: x·A [.., {}] of {} targets{}",
+                gib(per_block),
+                lo.rank,
+                lo.targets.len(),
+                if lo.dropout {
+                    " + dropout mask and dropped input [.., in] each"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
     if input.micro.attention_bias {
         push(
             lines::BIAS,
@@ -933,7 +1025,7 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         lines::GRADIENTS,
         Phase::Backward,
         full_grads,
-        format!("one backward's {pt} × {r} B (burn returns every gradient at once)"),
+        format!("one backward's {pt} × {r_t} B (burn returns every gradient at once)"),
     );
     if ckpt {
         push(
@@ -1054,7 +1146,7 @@ impl PlanInput {
             nodes,
             sharding: recipe.train.sharding,
             activation_checkpointing: recipe.train.activation_checkpointing,
-            lora: None,
+            lora: recipe.lora.as_ref().map(Lora::from_section),
             accumulation: recipe.train.grad_accum,
             micro: MicroBatch {
                 rows,
@@ -1110,7 +1202,7 @@ impl PlanInput {
             nodes,
             sharding: recipe.train.sharding,
             activation_checkpointing: recipe.train.activation_checkpointing,
-            lora: None,
+            lora: recipe.lora.as_ref().map(Lora::from_section),
             accumulation: groups.max(1),
             micro: MicroBatch {
                 rows,
@@ -1362,11 +1454,93 @@ mod tests {
     }
 
     #[test]
+    fn lora_r8_on_d512_keeps_under_2_percent_of_the_optimizer_state() {
+        // d_model 512, 8 blocks, MLP 1536 (LLaDA's ×3), GPT-2 vocabulary (50 304 rows)
+        let shape = ModelShape {
+            d_model: 512,
+            n_layers: 8,
+            n_heads: 8,
+            n_kv_heads: 8,
+            mlp_hidden: 1536,
+            vocab: 50_304,
+        };
+        let mut i = input();
+        i.shape = shape;
+        let full = plan(&i).unwrap();
+        i.lora = Some(Lora {
+            rank: 8,
+            targets: vec![
+                LoraTarget::QProj,
+                LoraTarget::KProj,
+                LoraTarget::VProj,
+                LoraTarget::AttnOut,
+                LoraTarget::FfProj,
+                LoraTarget::UpProj,
+                LoraTarget::FfOut,
+            ],
+            dropout: false,
+        });
+        let lora = plan(&i).unwrap();
+        // per block 8·(4·(512 + 512) + 3·(512 + 1536)) = 81 920; × 8 blocks
+        assert_eq!(lora.trainable, 655_360);
+        let ratio = lora.bytes_of(lines::OPTIMIZER_STATE) as f64
+            / full.bytes_of(lines::OPTIMIZER_STATE) as f64;
+        assert!(ratio <= 0.02, "optimizer state ratio {ratio}");
+        assert_eq!(
+            lora.bytes_of(lines::OPTIMIZER_STATE),
+            8 * 655_360,
+            "f32 m + v"
+        );
+        // the frozen base keeps its bytes; nothing else is trained
+        assert_eq!(
+            lora.bytes_of(lines::COMPUTE_WEIGHTS),
+            full.bytes_of(lines::COMPUTE_WEIGHTS)
+        );
+        assert_eq!(lora.bytes_of(lines::ADAPTERS), 4 * 655_360);
+        assert_eq!(lora.bytes_of(lines::GRADIENTS), 4 * 655_360);
+    }
+
+    #[test]
+    fn lora_over_a_bf16_base_has_f32_adapters_and_no_reference_copy() {
+        let mut i = input();
+        i.param_dtype = ParamDtype::Bf16;
+        i.compute_dtype = ParamDtype::Bf16;
+        i.moment_dtype = ParamDtype::Bf16;
+        i.master_weights = true;
+        i.rollout = Some(RolloutPlan {
+            rows: 8,
+            seq: 512,
+            reference_model: true,
+            logprob_values: 1000,
+        });
+        let full = plan(&i).unwrap();
+        assert_eq!(full.bytes_of(lines::REFERENCE_MODEL), 2 * llada().params());
+        i.lora = Some(Lora {
+            rank: 16,
+            targets: vec![LoraTarget::QProj, LoraTarget::VProj],
+            dropout: true,
+        });
+        let p = plan(&i).unwrap();
+        let pt = p.trainable;
+        assert_eq!(p.bytes_of(lines::REFERENCE_MODEL), 0);
+        assert_eq!(p.bytes_of(lines::MASTER_WEIGHTS), 0);
+        assert_eq!(p.bytes_of(lines::OPTIMIZER_STATE), 8 * pt);
+        assert_eq!(p.bytes_of(lines::COMPUTE_WEIGHTS), 2 * llada().params());
+        // x·A (r = 16) and the dropout mask + dropped input (2 × 4096) of q and v, bf16
+        let (b, l) = (i.micro.rows, i.micro.seq);
+        assert_eq!(
+            p.bytes_of(lines::LORA_ACTIVATIONS),
+            b * l * 2 * (16 + 2 * 4096) * 2 * 32
+        );
+    }
+
+    #[test]
     fn lora_counts_adapter_parameters_only() {
         let mut i = input();
         i.lora = Some(Lora {
             rank: 16,
             targets: vec![LoraTarget::QProj, LoraTarget::VProj, LoraTarget::FfOut],
+            dropout: false,
         });
         let p = plan(&i).unwrap();
         // per block 16·((4096+4096) + (4096+4096) + (4096+12288)) = 16·32768 = 524288; × 32

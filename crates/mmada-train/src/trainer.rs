@@ -26,7 +26,7 @@ use mmada_data::TextTokenizer;
 use mmada_model::checkpoint::SaveOptions;
 use mmada_model::{LladaModel, ModelConfig, save_checkpoint};
 
-use crate::data::derive_seed;
+use crate::data::{derive_seed, purpose};
 use crate::dist::Worker;
 use crate::error::TrainError;
 use crate::guard::{self, NonFiniteError, NonFiniteGuard};
@@ -92,6 +92,8 @@ pub struct CommonSections<'a> {
     pub max_nonfinite_steps: u32,
     /// `train.sharding`.
     pub sharding: Sharding,
+    /// `lora:` (absent: full fine-tuning).
+    pub lora: Option<&'a crate::recipe::LoraSection>,
 }
 
 /// A trainer's recipe: the shared sections, for [`Session`] and the binary.
@@ -119,6 +121,7 @@ macro_rules! impl_train_recipe {
                     device: &self.train.device,
                     max_nonfinite_steps: self.train.max_nonfinite_steps,
                     sharding: self.train.sharding,
+                    lora: self.lora.as_ref(),
                 }
             }
         }
@@ -376,6 +379,33 @@ pub fn accumulate_grads<B: AutodiffBackend>(
     }
 }
 
+/// The folder of a run directory holding the base model of a LoRA run initialised from a
+/// preset (written once at the start; `base_model_name_or_path` of its adapters).
+pub const LORA_BASE_DIR: &str = "base_model";
+
+/// The base model of a run: `model.checkpoint` loaded in `model.dtype`, or the preset
+/// initialised with the run seed (the same weights on every call).
+///
+/// # Errors
+/// Checkpoint errors naming the file or tensor.
+fn base_model<B: AutodiffBackend>(
+    sections: CommonSections<'_>,
+    cfg: &ModelConfig,
+    base: &Path,
+    device: &B::Device,
+) -> Result<LladaModel<B>, TrainError> {
+    let dtype = sections.model.dtype.float();
+    Ok(match &sections.model.checkpoint {
+        Some(dir) => mmada_model::load_weights::<B>(&resolve(base, dir), cfg, device, dtype)?,
+        None => mmada_model::init::init_model::<B>(
+            cfg,
+            derive_seed(sections.run.seed, 0, 0, 0),
+            device,
+            dtype,
+        ),
+    })
+}
+
 /// How per-rank step scalars combine in [`Session::sync`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Combine {
@@ -410,6 +440,10 @@ pub struct Session<'a, B: AutodiffBackend> {
     pub interrupted: bool,
     /// The non-finite guard ([`crate::guard`]).
     pub guard: NonFiniteGuard,
+    /// Under LoRA: the base model's checkpoint directory, recorded in every adapter's
+    /// `adapter_config.json` (`model.checkpoint`, or `base_model/` in the run directory for
+    /// a preset-initialised base).
+    pub lora_base: Option<PathBuf>,
     sections: CommonSections<'a>,
     opts: &'a RunOptions,
     wandb: TrainerWandb,
@@ -440,6 +474,49 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         let resumed_from = resume_dir(&run, opts.resume.as_ref(), base)?;
         let dtype = sections.model.dtype.float();
         let (cfg, model, state) = match &resumed_from {
+            Some(dir) if sections.lora.is_some() => {
+                let lora = sections.lora.expect("guarded");
+                // LoRA: the frozen base again (model.checkpoint, or the preset with the run
+                // seed), then the adapter of the checkpoint
+                let state = read_state(dir)?;
+                if worker.rank() == 0 {
+                    tracing::info!(
+                        "resuming LoRA from {} at step {}",
+                        dir.display(),
+                        state.step
+                    );
+                }
+                let cfg = model_config(sections.model, sections.tokenizer, &tok, base)?;
+                let model = base_model::<B>(sections, &cfg, base, &device)?;
+                let adapter = dir.join(mmada_model::adapter::CHECKPOINT_ADAPTER_DIR);
+                let (model, found) = mmada_model::adapter::load_adapter(model, &adapter)?;
+                let same = found.r == lora.r
+                    && found.alpha == lora.alpha
+                    && found.dropout == lora.dropout
+                    && found.modules_to_save == lora.modules_to_save
+                    && lora
+                        .target_modules
+                        .iter()
+                        .all(|t| found.target_modules.contains(t))
+                    && found.target_modules.len() == lora.target_modules.len();
+                if !same {
+                    return Err(TrainError::Other(format!(
+                        "{}: the checkpoint's adapter (r {}, alpha {}, dropout {}, targets {:?}, modules_to_save {:?}) differs from the recipe's lora: section (r {}, alpha {}, dropout {}, targets {:?}, modules_to_save {:?}): resume with the recipe the run was started with",
+                        adapter.display(),
+                        found.r,
+                        found.alpha,
+                        found.dropout,
+                        found.target_modules,
+                        found.modules_to_save,
+                        lora.r,
+                        lora.alpha,
+                        lora.dropout,
+                        lora.target_modules,
+                        lora.modules_to_save
+                    )));
+                }
+                (cfg, model, state)
+            }
             Some(dir) => {
                 let state = read_state(dir)?;
                 if worker.rank() == 0 {
@@ -451,20 +528,36 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
             }
             None => {
                 let cfg = model_config(sections.model, sections.tokenizer, &tok, base)?;
-                let model = match &sections.model.checkpoint {
-                    Some(dir) => {
-                        mmada_model::load_weights::<B>(&resolve(base, dir), &cfg, &device, dtype)?
+                let model = base_model::<B>(sections, &cfg, base, &device)?;
+                let model = match sections.lora {
+                    Some(lora) => {
+                        if sections.model.checkpoint.is_none() && worker.rank() == 0 {
+                            // the adapter needs its base: a preset-initialised one is written
+                            // once, next to the checkpoints
+                            let dir = run.root().join(LORA_BASE_DIR);
+                            let opts = SaveOptions {
+                                dtype: sections.model.dtype.disk(),
+                                overwrite: true,
+                                ..Default::default()
+                            };
+                            save_checkpoint(&model, &cfg, &dir, &opts)?;
+                            let tok_path = dir.join("tokenizer.json");
+                            tok.inner()
+                                .save(&tok_path, false)
+                                .map_err(|e| TrainError::io(&tok_path, e))?;
+                        }
+                        let seed = derive_seed(sections.run.seed, purpose::LORA_INIT, 0, 0);
+                        model.with_lora(lora, seed)?
                     }
-                    None => mmada_model::init::init_model::<B>(
-                        &cfg,
-                        derive_seed(sections.run.seed, 0, 0, 0),
-                        &device,
-                        dtype,
-                    ),
+                    None => model,
                 };
                 (cfg, model, TrainerState::new(sections.run.seed))
             }
         };
+        let lora_base = sections.lora.map(|_| match &sections.model.checkpoint {
+            Some(dir) => resolve(base, dir),
+            None => run.root().join(LORA_BASE_DIR),
+        });
         // train.mixed_precision: bf16 compute over the f32 master weights (not saved: the
         // checkpoint holds the parameters in checkpoint.model_dtype)
         let model = model.with_compute_dtype(sections.mixed_precision.compute_dtype());
@@ -489,6 +582,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
             .unwrap_or(0);
         let session = Session {
             guard: NonFiniteGuard::new(sections.max_nonfinite_steps, nonfinite),
+            lora_base,
             worker,
             run,
             cfg,
@@ -561,7 +655,23 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                 .map_err(|e| TrainError::io(&path, e))?;
             self.metrics = Some(file);
         }
+        self.seed_lora_dropout();
         Ok(())
+    }
+
+    /// Under LoRA with `dropout > 0`: seed the backend RNG (which draws the dropout masks)
+    /// for the step about to run, from the run seed, the step and the rank, so a resumed run
+    /// draws the masks of the uninterrupted one.
+    fn seed_lora_dropout(&self) {
+        if self.sections.lora.is_some_and(|l| l.dropout > 0.0) {
+            let seed = derive_seed(
+                self.sections.run.seed,
+                purpose::LORA_DROPOUT,
+                self.state.step,
+                self.worker.rank() as u64,
+            );
+            mmada_model::lora::seed_dropout(seed);
+        }
     }
 
     /// Reduce (mean over ranks) → clip (global norm `optimizer.max_grad_norm`) → AdamW step
@@ -796,6 +906,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
             self.interrupted = true;
             self.wandb.preempting();
         }
+        self.seed_lora_dropout();
         Ok(stop_requested || stop_after)
     }
 
@@ -831,6 +942,21 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
     ) -> Result<PathBuf, TrainError> {
         let step = self.state.step;
         let tmp = self.run.begin_checkpoint(step)?;
+        if let Some(lora) = self.sections.lora {
+            // LoRA: the PEFT adapter (+ modules to save) instead of the model; the KL
+            // reference is the base, not saved
+            let base = self.lora_base.as_ref().map(|p| p.display().to_string());
+            let dir = tmp.join(mmada_model::adapter::CHECKPOINT_ADAPTER_DIR);
+            mmada_model::adapter::save_adapter(model, lora, &dir, base.as_deref(), false)?;
+            optim::save_state(optim, model, &tmp.join("optimizer.safetensors"))?;
+            let text = serde_json::to_string_pretty(&self.state).expect("state serialises");
+            write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
+            return Ok(self.run.commit_checkpoint(
+                &tmp,
+                step,
+                self.sections.checkpoint.keep_last,
+            )?);
+        }
         let opts = SaveOptions {
             dtype: self.sections.checkpoint.model_dtype.disk(),
             ..Default::default()

@@ -246,6 +246,34 @@ pub fn resolve_manifest(
     })
 }
 
+/// The `lora:` section ([`mmada_model::lora::LoraConfig`]): `r`, `alpha`, `dropout`,
+/// `target_modules` (upstream block projection names), `modules_to_save` (`wte`, `ln_f`,
+/// `ff_out` = the LM head).
+pub use mmada_model::lora::LoraConfig as LoraSection;
+
+/// Checks of an optional `lora:` section, with the key path (`lora.r`, …) of a bad value.
+///
+/// # Errors
+/// [`RecipeError::Key`] naming `lora.<field>`.
+pub(crate) fn validate_lora(name: &str, lora: Option<&LoraSection>) -> Result<(), RecipeError> {
+    let Some(l) = lora else { return Ok(()) };
+    l.validate().map_err(|e| match e {
+        mmada_model::lora::LoraError::Config { field, message } => {
+            RecipeError::key(name, &format!("lora.{field}"), message)
+        }
+        other => RecipeError::key(name, "lora", other.to_string()),
+    })
+}
+
+/// The dtype of the parameters the optimizer updates: `model.dtype`, except under LoRA
+/// without modules to save, where only the f32 adapters learn (the base may be bf16).
+pub(crate) fn trained_dtype(model: &ModelSection, lora: Option<&LoraSection>) -> ParamDtype {
+    match lora {
+        Some(l) if l.modules_to_save.is_empty() => ParamDtype::F32,
+        _ => model.dtype,
+    }
+}
+
 /// `run:` — identity of the run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -268,6 +268,11 @@ pub struct SftRecipe {
     /// Metrics sinks.
     #[serde(default)]
     pub logging: LoggingSection,
+    /// LoRA adapters (absent: full fine-tuning): the base is frozen (no gradient, no
+    /// optimizer state; `model.dtype: bf16` holds it in bf16), the f32 adapters learn, and
+    /// checkpoints hold a PEFT adapter (`adapter/`) instead of the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::LoraSection>,
 }
 
 impl Recipe for SftRecipe {
@@ -275,7 +280,9 @@ impl Recipe for SftRecipe {
         let err = |key: &str, message: String| RecipeError::key(name, key, message);
         self.model.validate(name, self.train.mixed_precision)?;
         self.schedule.validate(name)?;
-        self.optimizer.validate(name, self.model.dtype)?;
+        super::validate_lora(name, self.lora.as_ref())?;
+        self.optimizer
+            .validate(name, super::trained_dtype(&self.model, self.lora.as_ref()))?;
         self.loss.validate(name)?;
         self.data.validate(name)?;
         if self.train.max_steps == 0 {

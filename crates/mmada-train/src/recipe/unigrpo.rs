@@ -371,6 +371,11 @@ pub struct UniGrpoRecipe {
     /// section and code path as SFT ([`crate::wandb_log`]).
     #[serde(default)]
     pub logging: LoggingSection,
+    /// LoRA adapters (absent: full fine-tuning), as SFT's `lora:`. The KL reference
+    /// (`kl_reference: reference_model`) is then the base with the adapters off: no second
+    /// copy of the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::LoraSection>,
 }
 
 impl UniGrpoRecipe {
@@ -464,7 +469,15 @@ impl Recipe for UniGrpoRecipe {
                 "give at least one reward, e.g. `- kind: math_correctness`",
             );
         }
-        self.optimizer.validate(name, self.model.dtype)?;
+        super::validate_lora(name, self.lora.as_ref())?;
+        if self.lora.is_some() && self.grpo.sync_ref_model_steps > 0 {
+            return err(
+                "grpo.sync_ref_model_steps",
+                "must be 0 with lora: the reference is the base model with the adapters off",
+            );
+        }
+        self.optimizer
+            .validate(name, super::trained_dtype(&self.model, self.lora.as_ref()))?;
         self.schedule.validate(name)
     }
 }

@@ -235,7 +235,8 @@ impl TrainLoop for UniGrpo {
 }
 
 /// The frozen reference model of `kl_reference: reference_model` (β > 0): the resumed
-/// checkpoint's `reference/`, else the initial policy.
+/// checkpoint's `reference/`, else the initial policy; under LoRA the base model (the
+/// policy with its adapters off).
 fn reference_model<B: AutodiffBackend>(
     recipe: &UniGrpoRecipe,
     s: &Session<'_, B>,
@@ -245,6 +246,12 @@ fn reference_model<B: AutodiffBackend>(
         return Ok(None);
     }
     let compute = recipe.train.mixed_precision.compute_dtype();
+    if recipe.lora.is_some() {
+        // LoRA: the base with the adapters off, sharing the frozen base tensors (no copy)
+        return Ok(Some(
+            model.valid().without_lora().with_compute_dtype(compute),
+        ));
+    }
     Ok(Some(match &s.resumed_from {
         Some(dir) => {
             let dtype = recipe.model.dtype.float();
