@@ -89,9 +89,12 @@ impl<'m, B: AutodiffBackend> Recompute<'m, B> {
                     .expect("a block's input reaches its output");
                 out = add_grads(model, out, GradientsParams::from_grads(grads, block));
             }
-            let e = model.wte.forward(s.ids);
-            let grads = (e * Tensor::from_inner(g)).sum().backward();
-            out = add_grads(model, out, GradientsParams::from_grads(grads, &model.wte));
+            if model.wte.weight.is_require_grad() {
+                // (a frozen embedding, e.g. under LoRA, has nothing to receive)
+                let e = model.wte.forward(s.ids);
+                let grads = (e * Tensor::from_inner(g)).sum().backward();
+                out = add_grads(model, out, GradientsParams::from_grads(grads, &model.wte));
+            }
         }
         out
     }
@@ -219,6 +222,53 @@ mod tests {
     fn checkpointed_gradients_equal_plain_ones() {
         let worst = compare(None, ModelConfig::tiny());
         assert_eq!(worst, 0.0, "max relative difference {worst}");
+    }
+
+    /// LoRA (frozen base, f32 adapters, no dropout): only the adapters get gradients, the
+    /// same as without checkpointing.
+    #[test]
+    fn checkpointed_lora_gradients_equal_plain_ones() {
+        let lora: mmada_model::lora::LoraConfig =
+            serde_json::from_value(serde_json::json!({"r": 4, "alpha": 8.0})).unwrap();
+        let m = init_model::<B>(
+            &ModelConfig::tiny(),
+            3,
+            &Default::default(),
+            FloatDType::F32,
+        )
+        .with_lora(&lora, 1)
+        .unwrap();
+        let plain = GradientsParams::from_grads(loss(&m, 0).backward(), &m);
+        let r = Recompute::new(&m);
+        let l = loss(&r, 0);
+        let ckpt = r.backward(l);
+        assert_eq!(
+            plain.len(),
+            ckpt.len(),
+            "the same parameters have gradients"
+        );
+        assert_eq!(
+            plain.len(),
+            2 * 7 * 2,
+            "A and B of 7 projections × 2 blocks"
+        );
+        assert_eq!(flat_present(&m, &plain), flat_present(&m, &ckpt));
+    }
+
+    /// [`flat`] of the parameters that have a gradient.
+    fn flat_present(m: &LladaModel<B>, g: &GradientsParams) -> Vec<(String, Vec<f32>)> {
+        type I = <B as AutodiffBackend>::InnerBackend;
+        param_infos(m)
+            .into_iter()
+            .filter_map(|p| {
+                let d = if p.dims.len() == 2 {
+                    g.get::<I, 2>(p.id).map(|t| t.into_data())
+                } else {
+                    g.get::<I, 1>(p.id).map(|t| t.into_data())
+                }?;
+                Some((p.name, d.convert::<f32>().to_vec::<f32>().unwrap()))
+            })
+            .collect()
     }
 
     #[test]

@@ -255,8 +255,23 @@ pub use mmada_model::lora::LoraConfig as LoraSection;
 ///
 /// # Errors
 /// [`RecipeError::Key`] naming `lora.<field>`.
-pub(crate) fn validate_lora(name: &str, lora: Option<&LoraSection>) -> Result<(), RecipeError> {
+pub(crate) fn validate_lora(
+    name: &str,
+    lora: Option<&LoraSection>,
+    activation_checkpointing: bool,
+) -> Result<(), RecipeError> {
     let Some(l) = lora else { return Ok(()) };
+    if activation_checkpointing && l.dropout > 0.0 {
+        // the recomputed forward would draw other dropout masks than the first one
+        return Err(RecipeError::key(
+            name,
+            "lora.dropout",
+            format!(
+                "{} with train.activation_checkpointing: true is not supported (the block recomputation would draw new dropout masks); set lora.dropout: 0 or train.activation_checkpointing: false",
+                l.dropout
+            ),
+        ));
+    }
     l.validate().map_err(|e| match e {
         mmada_model::lora::LoraError::Config { field, message } => {
             RecipeError::key(name, &format!("lora.{field}"), message)

@@ -280,7 +280,11 @@ impl Recipe for SftRecipe {
         let err = |key: &str, message: String| RecipeError::key(name, key, message);
         self.model.validate(name, self.train.mixed_precision)?;
         self.schedule.validate(name)?;
-        super::validate_lora(name, self.lora.as_ref())?;
+        super::validate_lora(
+            name,
+            self.lora.as_ref(),
+            self.train.activation_checkpointing,
+        )?;
         self.optimizer
             .validate(name, super::trained_dtype(&self.model, self.lora.as_ref()))?;
         self.loss.validate(name)?;

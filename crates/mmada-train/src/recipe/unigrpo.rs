@@ -469,7 +469,11 @@ impl Recipe for UniGrpoRecipe {
                 "give at least one reward, e.g. `- kind: math_correctness`",
             );
         }
-        super::validate_lora(name, self.lora.as_ref())?;
+        super::validate_lora(
+            name,
+            self.lora.as_ref(),
+            self.train.activation_checkpointing,
+        )?;
         if self.lora.is_some() && self.grpo.sync_ref_model_steps > 0 {
             return err(
                 "grpo.sync_ref_model_steps",
