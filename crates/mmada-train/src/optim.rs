@@ -472,16 +472,26 @@ fn half_bits(f: f32) -> u16 {
 /// from the other.
 pub fn add_grads<B: AutodiffBackend>(
     model: &LladaModel<B>,
+    a: GradientsParams,
+    b: GradientsParams,
+) -> GradientsParams {
+    add_grads_of::<B>(&param_infos(model), a, b)
+}
+
+/// [`add_grads`] over the parameters `infos` only (from [`param_infos`], computed once by a
+/// caller that adds many times); gradients of other parameters are dropped.
+pub fn add_grads_of<B: AutodiffBackend>(
+    infos: &[ParamInfo],
     mut a: GradientsParams,
     mut b: GradientsParams,
 ) -> GradientsParams {
     let mut out = GradientsParams::new();
-    for info in param_infos(model) {
-        let x = take_grad::<B>(&mut a, &info);
-        let y = take_grad::<B>(&mut b, &info);
+    for info in infos {
+        let x = take_grad::<B>(&mut a, info);
+        let y = take_grad::<B>(&mut b, info);
         match (x, y) {
-            (Some(x), Some(y)) => put_grad::<B>(&mut out, &info, x + y),
-            (Some(x), None) | (None, Some(x)) => put_grad::<B>(&mut out, &info, x),
+            (Some(x), Some(y)) => put_grad::<B>(&mut out, info, x + y),
+            (Some(x), None) | (None, Some(x)) => put_grad::<B>(&mut out, info, x),
             (None, None) => {}
         }
     }

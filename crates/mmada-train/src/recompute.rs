@@ -28,7 +28,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor};
 use mmada_model::model::{Attention, Denoiser, HiddenStates, LladaModel, LmHead, rope_tables};
 
-use crate::optim::add_grads;
+use crate::optim::{add_grads_of, param_infos};
 
 /// A [`HiddenStates`] view of a model that records only block inputs in the forward; the
 /// loss built on it is back-propagated with [`Recompute::backward`], never with
@@ -78,6 +78,8 @@ impl<'m, B: AutodiffBackend> Recompute<'m, B> {
         // ln_f, the LM head, and anything else the loss touched directly
         let mut out = GradientsParams::from_grads(grads, model);
         let compute = model.effective_compute_dtype();
+        // the parameter table once per backward, not once per block
+        let infos = param_infos(model);
         for (s, g) in saved.into_iter().zip(tops) {
             let Some(mut g) = g else { continue };
             for (block, x) in model.blocks.iter().zip(s.inputs).rev() {
@@ -87,13 +89,14 @@ impl<'m, B: AutodiffBackend> Recompute<'m, B> {
                 g = x
                     .grad_remove(&mut grads)
                     .expect("a block's input reaches its output");
-                out = add_grads(model, out, GradientsParams::from_grads(grads, block));
+                out = add_grads_of::<B>(&infos, out, GradientsParams::from_grads(grads, block));
             }
             if model.wte.weight.is_require_grad() {
                 // (a frozen embedding, e.g. under LoRA, has nothing to receive)
                 let e = model.wte.forward(s.ids);
                 let grads = (e * Tensor::from_inner(g)).sum().backward();
-                out = add_grads(model, out, GradientsParams::from_grads(grads, &model.wte));
+                out =
+                    add_grads_of::<B>(&infos, out, GradientsParams::from_grads(grads, &model.wte));
             }
         }
         out
@@ -178,24 +181,11 @@ mod tests {
         la * 0.3 - lb
     }
 
+    /// Every parameter's gradient, by name (each parameter must have one).
     fn flat(m: &LladaModel<B>, g: &GradientsParams) -> Vec<(String, Vec<f32>)> {
-        type I = <B as AutodiffBackend>::InnerBackend;
-        param_infos(m)
-            .into_iter()
-            .map(|p| {
-                let d = if p.dims.len() == 2 {
-                    g.get::<I, 2>(p.id).map(|t| t.into_data())
-                } else {
-                    g.get::<I, 1>(p.id).map(|t| t.into_data())
-                };
-                let v = d
-                    .unwrap_or_else(|| panic!("no gradient for {}", p.name))
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .unwrap();
-                (p.name, v)
-            })
-            .collect()
+        let v = flat_present(m, g);
+        assert_eq!(v.len(), param_infos(m).len(), "a parameter has no gradient");
+        v
     }
 
     fn compare(compute: Option<FloatDType>, cfg: ModelConfig) -> f32 {
