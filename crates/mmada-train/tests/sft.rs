@@ -5,48 +5,27 @@ use mmada_train::recipe::Recipe as _;
 use mmada_train::trainer::TrainLoop as _;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use mmada_model::backend::{Cpu, CpuAutodiff};
 use mmada_model::{FloatDType, load_checkpoint};
 use mmada_train::recipe::SftRecipe;
 use mmada_train::sft::{Resume, Sft, SftOptions, SftOutcome};
 
-fn arith_recipe(dir: &Path, name: &str, extra: &str) -> SftRecipe {
-    let data = dir.join("data");
-    if !data.join("arith.jsonl").is_file() {
-        mmada_train::synth::write_arithmetic(&data, 200, 7).unwrap();
-    }
-    let text = format!(
-        r#"
-run: {{name: {name}, output_dir: "{out}", seed: 3}}
-model:
-  preset: tiny
-  overrides: {{d_model: 32, n_layers: 2, n_heads: 2, n_kv_heads: 2, mlp_hidden_size: 64}}
-tokenizer: {{path: "{tok}"}}
-data:
-  layout: {{max_seq_length: 32, max_lm_len: 40}}
-  lm:
-    batch_size: 4
-    sources:
-      - inline:
-          name: arithmetic
-          task: chat
-          source: {{path: "{jsonl}"}}
-          format: jsonl
-          fields: {{question: question, answer: answer}}
-          license: MIT
-          split: train
-optimizer: {{lr: 1.0e-3}}
-schedule: {{kind: cosine, warmup_steps: 2, min_lr_scale: 0.1}}
-train: {{max_steps: 6}}
-checkpoint: {{every: 0, keep_last: 2}}
-{extra}
-"#,
-        out = dir.join("runs").display(),
-        tok = data.join("tokenizer.json").display(),
-        jsonl = data.join("arith.jsonl").display(),
-    );
-    // `extra` may repeat a top-level section: later keys win through --set style overrides
-    SftRecipe::parse(&text, name, &[]).unwrap()
+/// [`common::sft_recipe`] with this file's schedule: cosine, 2 warm-up steps, floor 0.1; no
+/// periodic checkpoint, keep 2.
+fn arith_recipe(dir: &Path, name: &str) -> SftRecipe {
+    common::sft_recipe(
+        dir,
+        name,
+        &[
+            "schedule.kind=cosine",
+            "schedule.warmup_steps=2",
+            "schedule.min_lr_scale=0.1",
+            "checkpoint.every=0",
+            "checkpoint.keep_last=2",
+        ],
+    )
 }
 
 fn with(recipe: &SftRecipe, sets: &[&str]) -> SftRecipe {
@@ -78,7 +57,7 @@ fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn gradient_accumulation_equals_the_big_batch() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = arith_recipe(tmp.path(), "big", "");
+    let base = arith_recipe(tmp.path(), "big");
     let big = run(&with(&base, &["train.max_steps=2"]), None, None);
     let acc = run(
         &with(
@@ -136,7 +115,7 @@ fn gradient_accumulation_equals_the_big_batch() {
 #[test]
 fn chunked_lm_head_trains_like_full_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = arith_recipe(tmp.path(), "full", "");
+    let base = arith_recipe(tmp.path(), "full");
     let full = run(
         &with(&base, &["train.max_steps=3", "loss.ce_chunk_rows=0"]),
         None,
@@ -173,7 +152,7 @@ fn chunked_lm_head_trains_like_full_logits() {
 #[test]
 fn resume_is_bit_identical_and_survives_a_crash_mid_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = arith_recipe(tmp.path(), "straight", "");
+    let base = arith_recipe(tmp.path(), "straight");
     let straight = run(&base, None, None);
     assert_eq!(straight.losses.len(), 6);
 
@@ -345,7 +324,7 @@ checkpoint: {{every: 12, keep_last: 1}}
 #[test]
 fn wandb_offline_mode_spools_the_metric_rows_for_a_later_sync() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = arith_recipe(tmp.path(), "wb", "");
+    let base = arith_recipe(tmp.path(), "wb");
     let recipe = with(
         &base,
         &[
@@ -390,7 +369,7 @@ fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
 #[test]
 fn bf16_mixed_precision_trains_f32_master_weights_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let f32_run = arith_recipe(tmp.path(), "f32", "");
+    let f32_run = arith_recipe(tmp.path(), "f32");
     let mixed = with(
         &f32_run,
         &[
@@ -496,7 +475,7 @@ fn bf16_mixed_precision_trains_f32_master_weights_and_resumes_exactly() {
 fn activation_checkpointing_trains_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let base = with(
-        &arith_recipe(tmp.path(), "plain", ""),
+        &arith_recipe(tmp.path(), "plain"),
         &[
             "train.max_steps=3",
             "train.grad_accum=2",
