@@ -453,6 +453,21 @@ pub struct Session<'a, B: AutodiffBackend> {
 }
 
 impl<'a, B: AutodiffBackend> Session<'a, B> {
+    /// The base model of the run as it was before training: `model.checkpoint`, or the
+    /// preset initialised with the run seed (in `model.dtype`, without adapters). A LoRA
+    /// run's resumed KL reference takes its modules to save from it.
+    ///
+    /// # Errors
+    /// Checkpoint errors naming the file or tensor.
+    pub fn base_model(&self) -> Result<LladaModel<B>, TrainError> {
+        base_model::<B>(
+            self.sections,
+            &self.cfg,
+            &self.opts.base_dir,
+            &self.worker.device,
+        )
+    }
+
     /// Open a run on `worker`: the tokenizer, the run directory, the resume point (refusing
     /// to start over existing checkpoints), the model (resumed, loaded from
     /// `model.checkpoint`, or initialised from the preset with the run seed) with the compute

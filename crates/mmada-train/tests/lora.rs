@@ -207,10 +207,21 @@ lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj, ff_out]}}
 
 #[test]
 fn lora_unigrpo_uses_the_base_as_reference_and_resumes_bit_exactly() {
+    unigrpo_resumes_bit_exactly(&[], 3 * 2 * 2);
+}
+
+/// With modules to save, the reference keeps the base's modules (PEFT's `original_module`):
+/// a resumed run rebuilds them from the base, not from the trained copies in the adapter.
+#[test]
+fn lora_unigrpo_with_modules_to_save_resumes_bit_exactly() {
+    unigrpo_resumes_bit_exactly(&["lora.modules_to_save=[ln_f, ff_out]"], 3 * 2 * 2 + 2);
+}
+
+fn unigrpo_resumes_bit_exactly(sets: &[&str], adapter_tensors: usize) {
     let _rng = FLEX_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let dev = Default::default();
-    let straight = grpo_recipe(tmp.path(), "straight", &[]);
+    let straight = grpo_recipe(tmp.path(), "straight", sets);
     let a =
         UniGrpo::run::<CpuAutodiff>(&straight, &dev, &RunOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(a.final_step, 3);
@@ -221,8 +232,8 @@ fn lora_unigrpo_uses_the_base_as_reference_and_resumes_bit_exactly() {
     );
     assert!(!ca.join("model").exists());
     let names = tensor_names(&ca.join("adapter/adapter_model.safetensors"));
-    assert_eq!(names.len(), 3 * 2 * 2, "{names:?}");
-    let split = grpo_recipe(tmp.path(), "split", &[]);
+    assert_eq!(names.len(), adapter_tensors, "{names:?}");
+    let split = grpo_recipe(tmp.path(), "split", sets);
     let stop = RunOptions {
         stop_after: Some(2),
         ..Default::default()

@@ -246,11 +246,24 @@ fn reference_model<B: AutodiffBackend>(
         return Ok(None);
     }
     let compute = recipe.train.mixed_precision.compute_dtype();
-    if recipe.lora.is_some() {
+    if let Some(lora) = &recipe.lora {
         // LoRA: the base with the adapters off, sharing the frozen base tensors (no copy)
-        return Ok(Some(
-            model.valid().without_lora().with_compute_dtype(compute),
-        ));
+        let mut reference = model.valid().without_lora();
+        if s.resumed_from.is_some() && !lora.modules_to_save.is_empty() {
+            // the modules to save are trained in the policy: the reference keeps the base's
+            // (PEFT's `original_module`), rebuilt from the base checkpoint or preset (a
+            // fresh run's reference holds them from its start)
+            let base = s.base_model()?.valid();
+            for m in &lora.modules_to_save {
+                match m.as_str() {
+                    "wte" => reference.wte = base.wte.clone(),
+                    "ln_f" => reference.ln_f = base.ln_f.clone(),
+                    "ff_out" => reference.ff_out = base.ff_out.clone(),
+                    other => unreachable!("lora.modules_to_save `{other}` passed validation"),
+                }
+            }
+        }
+        return Ok(Some(reference.with_compute_dtype(compute)));
     }
     Ok(Some(match &s.resumed_from {
         Some(dir) => {
