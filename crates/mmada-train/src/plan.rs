@@ -296,6 +296,9 @@ pub struct Lora {
     pub targets: Vec<LoraTarget>,
     /// `lora.dropout > 0`: each adapter keeps its dropout mask and dropped input.
     pub dropout: bool,
+    /// `lora.modules_to_save`: top-level modules (`wte`, `ln_f`, `ff_out`) trained in full
+    /// in `model.dtype` next to the adapters (PEFT `modules_to_save`).
+    pub modules_to_save: Vec<String>,
 }
 
 impl Lora {
@@ -333,10 +336,24 @@ impl Lora {
             rank: l.r as u64,
             targets,
             dropout: l.dropout > 0.0,
+            modules_to_save: l.modules_to_save.clone(),
         }
     }
 
-    /// Trainable adapter parameters over all blocks.
+    /// Parameters of the modules to save (trained in full): `wte` `vocab × d`, `ln_f` `d`,
+    /// `ff_out` `d × vocab`.
+    pub fn saved_params(&self, s: &ModelShape) -> u64 {
+        self.modules_to_save
+            .iter()
+            .map(|m| match m.as_str() {
+                "ln_f" => s.d_model,
+                // wte, ff_out
+                _ => s.d_model * s.vocab,
+            })
+            .sum()
+    }
+
+    /// Trainable adapter parameters over all blocks (without the modules to save).
     pub fn params(&self, s: &ModelShape) -> u64 {
         let (d, m) = (s.d_model, s.mlp_hidden);
         let kv = s.n_kv_heads * s.head_dim();
@@ -755,11 +772,22 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         world
     };
     let p = s.params();
-    let pt = input.lora.as_ref().map_or(p, |l| l.params(s));
-    // LoRA: the adapters, their gradients and moments are f32 whatever `model.dtype`; the
-    // frozen base has none (and needs no master copy)
+    // LoRA: the adapters (`pa`), their gradients and moments are f32 whatever
+    // `model.dtype`; the modules to save (`ps`) train in full in `model.dtype` (`r`, moments
+    // in `sm`); the frozen base has no gradient, no moments and no master copy
+    let pa = input.lora.as_ref().map_or(p, |l| l.params(s));
+    let ps = input.lora.as_ref().map_or(0, |l| l.saved_params(s));
+    let pt = pa + ps;
     let lora = input.lora.is_some();
-    let (r_t, sm) = if lora { (4, 4) } else { (r, sm) };
+    let (r_t, sm_a) = if lora { (4, 4) } else { (r, sm) };
+    // one set of gradients and one AdamW moment, in bytes
+    let grad_set = pa * r_t + ps * r;
+    let moment_set = pa * sm_a + ps * sm;
+    let grad_how = if ps > 0 {
+        format!("{pa} × {r_t} B + {ps} × {r} B (modules to save)")
+    } else {
+        format!("{pt} × {r_t} B")
+    };
     let (b, l, d, m, h, v) = (
         input.micro.rows,
         input.micro.seq,
@@ -794,8 +822,8 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         push(
             lines::ADAPTERS,
             Phase::Resident,
-            pt * 4,
-            format!("LoRA A + B: {pt} × 4 B (f32) over the frozen base"),
+            pa * 4,
+            format!("LoRA A + B: {pa} × 4 B (f32) over the frozen base"),
         );
     }
     if input.master_weights && !lora {
@@ -806,38 +834,51 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
             format!("{pt} × 4 B (f32) / {n_opt} (the optimizer shard's)"),
         );
     }
-    let full_grads = pt * r_t;
+    let full_grads = grad_set;
     if input.accumulation > 1 {
         let (bytes, how) = if input.sharding == Sharding::OptimizerAndGradients {
             (
                 div_ceil(full_grads, world),
-                format!("{pt} × {r_t} B / {world} (the owner's shard of the sum)"),
+                format!("{grad_how} / {world} (the owner's shard of the sum)"),
             )
         } else {
-            (full_grads, format!("{pt} × {r_t} B (optim::add_grads)"))
+            (full_grads, format!("{grad_how} (optim::add_grads)"))
         };
         push(lines::GRAD_ACCUMULATOR, Phase::Resident, bytes, how);
     }
     push(
         lines::OPTIMIZER_STATE,
         Phase::Resident,
-        div_ceil(2 * pt * sm, n_opt),
-        format!(
-            "AdamW m + v: 2 × {pt} × {sm} B ({}) / {n_opt}",
-            if lora {
-                "f32"
-            } else {
+        div_ceil(2 * moment_set, n_opt),
+        if ps > 0 {
+            format!(
+                "AdamW m + v: 2 × ({pa} × 4 B (f32) + {ps} × {sm} B ({})) / {n_opt}",
                 input.moment_dtype.as_str()
-            }
-        ),
+            )
+        } else {
+            format!(
+                "AdamW m + v: 2 × {pt} × {sm_a} B ({}) / {n_opt}",
+                if lora {
+                    "f32"
+                } else {
+                    input.moment_dtype.as_str()
+                }
+            )
+        },
     );
     if let Some(ro) = &input.rollout {
         if ro.reference_model && lora {
             push(
                 lines::REFERENCE_MODEL,
                 Phase::Resident,
-                0,
-                "the base with the adapters off: shares the frozen weights".into(),
+                ps * r,
+                if ps > 0 {
+                    format!(
+                        "the base with the adapters off: shares the frozen weights, keeps the original modules to save ({ps} × {r} B)"
+                    )
+                } else {
+                    "the base with the adapters off: shares the frozen weights".into()
+                },
             );
         } else if ro.reference_model {
             push(
@@ -1025,7 +1066,7 @@ pub fn plan(input: &PlanInput) -> Result<MemoryPlan, PlanError> {
         lines::GRADIENTS,
         Phase::Backward,
         full_grads,
-        format!("one backward's {pt} × {r_t} B (burn returns every gradient at once)"),
+        format!("one backward's {grad_how} (burn returns every gradient at once)"),
     );
     if ckpt {
         push(
@@ -1479,6 +1520,7 @@ mod tests {
                 LoraTarget::FfOut,
             ],
             dropout: false,
+            modules_to_save: vec![],
         });
         let lora = plan(&i).unwrap();
         // per block 8·(4·(512 + 512) + 3·(512 + 1536)) = 81 920; × 8 blocks
@@ -1519,6 +1561,7 @@ mod tests {
             rank: 16,
             targets: vec![LoraTarget::QProj, LoraTarget::VProj],
             dropout: true,
+            modules_to_save: vec![],
         });
         let p = plan(&i).unwrap();
         let pt = p.trainable;
@@ -1541,11 +1584,43 @@ mod tests {
             rank: 16,
             targets: vec![LoraTarget::QProj, LoraTarget::VProj, LoraTarget::FfOut],
             dropout: false,
+            modules_to_save: vec![],
         });
         let p = plan(&i).unwrap();
         // per block 16·((4096+4096) + (4096+4096) + (4096+12288)) = 16·32768 = 524288; × 32
         assert_eq!(p.trainable, 524_288 * 32);
         assert_eq!(p.bytes_of(lines::OPTIMIZER_STATE), 8 * 524_288 * 32);
         assert_eq!(p.bytes_of(lines::COMPUTE_WEIGHTS), 4 * llada().params());
+    }
+
+    #[test]
+    fn lora_modules_to_save_train_in_full_in_the_model_dtype() {
+        let mut i = input();
+        i.param_dtype = ParamDtype::Bf16;
+        i.compute_dtype = ParamDtype::Bf16;
+        i.moment_dtype = ParamDtype::Bf16;
+        i.rollout = Some(RolloutPlan {
+            rows: 8,
+            seq: 512,
+            reference_model: true,
+            logprob_values: 1000,
+        });
+        i.lora = Some(Lora {
+            rank: 16,
+            targets: vec![LoraTarget::QProj, LoraTarget::VProj],
+            dropout: false,
+            modules_to_save: vec!["ln_f".into(), "ff_out".into()],
+        });
+        let p = plan(&i).unwrap();
+        // adapters 16·(2·(4096 + 4096))·32 = 8 388 608 f32; saved 4096 + 4096·126 464 bf16
+        let pa = 8_388_608u64;
+        let ps = 4096 + 4096 * 126_464u64;
+        assert_eq!(p.trainable, pa + ps);
+        assert_eq!(p.bytes_of(lines::ADAPTERS), 4 * pa);
+        assert_eq!(p.bytes_of(lines::GRADIENTS), 4 * pa + 2 * ps);
+        assert_eq!(p.bytes_of(lines::OPTIMIZER_STATE), 2 * (4 * pa + 2 * ps));
+        // the reference keeps the original modules to save (PEFT original_module)
+        assert_eq!(p.bytes_of(lines::REFERENCE_MODEL), 2 * ps);
+        assert_eq!(p.bytes_of(lines::COMPUTE_WEIGHTS), 2 * llada().params());
     }
 }

@@ -139,6 +139,32 @@ fn lora_sft_trains_only_adapters_and_resumes_bit_exactly() {
     let diff = max_diff(&logits(&on, &cfg), &logits(&m, &cfg));
     println!("merged checkpoint vs adapter-on logits: max |Δ| = {diff:e}");
     assert!(diff <= 1e-5, "merged logits differ by {diff}");
+    // the command line writes the same checkpoint; it refuses to overwrite without --overwrite
+    let cli = tmp.join("merged-cli");
+    let merge = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mmada-train"))
+            .arg("merge-lora")
+            .arg("--checkpoint")
+            .arg(&base_dir)
+            .arg("--adapter")
+            .arg(&ckpt)
+            .arg("--out")
+            .arg(&cli)
+            .args(["--dtype", "f32"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = merge(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_same_tensors(
+        &merged.join("model.safetensors"),
+        &cli.join("model.safetensors"),
+    );
+    let again = merge(&[]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("--overwrite"), "{err}");
+    assert!(merge(&["--overwrite"]).status.success());
 }
 
 fn logits(m: &LladaModel<Cpu>, cfg: &ModelConfig) -> Vec<f32> {
