@@ -9,7 +9,7 @@
 # Re-running starts over: it deletes runs/quickstart (this script's own run directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q -p mmada-train -p mmada-infer
+cargo build -q --workspace --bins
 rm -rf runs/quickstart
 ./target/debug/mmada-train synth --out runs/quickstart-data
 ./target/debug/mmada-train sft --recipe recipes/quickstart.yaml "$@"

@@ -599,13 +599,20 @@ fn adapter_flag_equals_the_merged_checkpoint() {
     };
     let with_adapter = gen_ids(&dir, Some(&adapter));
     assert_eq!(with_adapter, gen_ids(&merged, None));
-    assert_ne!(with_adapter, gen_ids(&dir, None), "the adapter changed nothing");
+    assert_ne!(
+        with_adapter,
+        gen_ids(&dir, None),
+        "the adapter changed nothing"
+    );
     let (a, b, c) = (
         loglik(&dir, Some(&adapter)),
         loglik(&merged, None),
         loglik(&dir, None),
     );
-    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs merged {b}");
+    assert!(
+        (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+        "{a} vs merged {b}"
+    );
     assert!((a - c).abs() > 1e-3, "adapter {a} vs base {c}");
     // a missing adapter directory is a clear error naming it
     let missing = tmp.path().join("nope");

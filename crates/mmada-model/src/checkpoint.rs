@@ -127,7 +127,9 @@ pub enum CheckpointError {
         dtype: String,
     },
     /// The destination exists and overwriting was not requested.
-    #[error("{path} already exists and is not empty (pass `--overwrite` on the command line, `SaveOptions::overwrite` in code, to replace it)")]
+    #[error(
+        "{path} already exists and is not empty (pass `--overwrite` on the command line, `SaveOptions::overwrite` in code, to replace it)"
+    )]
     Exists {
         /// The destination.
         path: PathBuf,

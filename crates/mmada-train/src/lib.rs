@@ -13,6 +13,7 @@
 //!   `train.max_nonfinite_steps`, no non-finite checkpoint).
 //! * [`optim`]: AdamW (PyTorch semantics), global-norm clipping, accumulation, named state.
 //! * [`plan`]: the memory planner (bytes per device, line by line; `mmada-train plan`).
+//! * [`plot`]: PNG training curves and sample grids from a run directory (`mmada-train plot`).
 //! * [`recompute`]: activation checkpointing per transformer block
 //!   (`train.activation_checkpointing`).
 //! * [`schedule`]: cosine (upstream, with `min_lr_scale`), linear, constant, warmup-stable-decay.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod guard;
 pub mod optim;
 pub mod plan;
+pub mod plot;
 pub mod pretok;
 pub mod recipe;
 pub mod recompute;

@@ -52,6 +52,18 @@ enum Command {
         /// The run directory (runs/<name>).
         run_dir: PathBuf,
     },
+    /// Draw a run's curves from RUN_DIR/metrics.jsonl into RUN_DIR/plots/metrics.png (SFT:
+    /// loss, eval loss, lr, grad norm; UniGRPO: reward, per-reward means, KL, clip ratio,
+    /// completion length, ...) and tile PNG samples (RUN_DIR/samples/, or --images DIR) into
+    /// RUN_DIR/plots/samples.png. Every training run does this when it ends.
+    Plot {
+        /// The run directory (runs/<name>).
+        run_dir: PathBuf,
+        /// A folder of PNG/JPEG images (text-to-image outputs) to tile instead of
+        /// RUN_DIR/samples/.
+        #[arg(long)]
+        images: Option<PathBuf>,
+    },
     /// Write the quickstart's generated data: arithmetic Q&A (jsonl) and a character-level
     /// tokenizer.json.
     Synth {
@@ -590,6 +602,18 @@ fn train<T: TrainCommand>(args: TrainArgs) -> Result<ExitCode> {
         run_dir.display(),
         last.map_or_else(|| "-".into(), |p| p.display().to_string())
     );
+    // the curves of the run (rank 0 writes metrics.jsonl); a plotting failure never fails
+    // the run
+    if run_dir.join("metrics.jsonl").is_file() {
+        match mmada_train::plot::plot_run(&run_dir, None) {
+            Ok(files) => {
+                for p in [&files.metrics, &files.samples].into_iter().flatten() {
+                    tracing::info!("plot: {}", p.display());
+                }
+            }
+            Err(e) => tracing::warn!("plotting {}: {e}", run_dir.display()),
+        }
+    }
     Ok(exit_status(interrupted))
 }
 
@@ -769,6 +793,19 @@ fn run() -> Result<ExitCode> {
         Command::Orchestrator { port } => {
             tracing::info!(port, "global orchestrator listening (Ctrl-C stops it)");
             tokio_runtime()?.block_on(burn_collective::start_global_orchestrator(port));
+        }
+        Command::Plot { run_dir, images } => {
+            let files = mmada_train::plot::plot_run(&run_dir, images.as_deref())
+                .with_context(|| format!("plotting {}", run_dir.display()))?;
+            if files.metrics.is_none() && files.samples.is_none() {
+                anyhow::bail!(
+                    "{}: nothing to plot (no metrics.jsonl values, no PNG under samples/; pass --images DIR for a folder of images)",
+                    run_dir.display()
+                );
+            }
+            for p in [&files.metrics, &files.samples].into_iter().flatten() {
+                println!("{}", p.display());
+            }
         }
         Command::WandbSync { run_dir } => {
             let endpoint = mmada_wandb::Endpoint::from_env(None)?;

@@ -156,14 +156,21 @@ fn lora_sft_trains_only_adapters_and_resumes_bit_exactly() {
             .unwrap()
     };
     let out = merge(&[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_same_tensors(
         &merged.join("model.safetensors"),
         &cli.join("model.safetensors"),
     );
     let again = merge(&[]);
     let err = String::from_utf8_lossy(&again.stderr);
-    assert!(!again.status.success() && err.contains("--overwrite"), "{err}");
+    assert!(
+        !again.status.success() && err.contains("--overwrite"),
+        "{err}"
+    );
     assert!(merge(&["--overwrite"]).status.success());
 }
 

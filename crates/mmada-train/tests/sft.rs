@@ -499,3 +499,59 @@ fn activation_checkpointing_trains_bit_identically() {
     );
     assert_eq!(worst, 0.0, "weights differ by {worst}");
 }
+
+/// `mmada-train sft` ends by drawing `plots/metrics.png` from its metrics.jsonl: the PNG has
+/// the grid size of its panels, and the train-loss curve is the logged losses, step by step.
+/// `mmada-train plot RUN_DIR` redraws it, and refuses a folder that is no run.
+#[test]
+fn a_run_ends_with_its_curves_drawn_from_metrics_jsonl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = with(
+        &arith_recipe(tmp.path(), "plotted"),
+        &["train.max_steps=4", "train.log_every=1"],
+    );
+    let file = tmp.path().join("recipe.yaml");
+    std::fs::write(&file, r.to_yaml()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_mmada-train");
+    let out = std::process::Command::new(bin)
+        .args(["sft", "--recipe"])
+        .arg(&file)
+        .env_remove("WORLD_SIZE")
+        .env_remove("RANK")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run_dir = tmp.path().join("runs/plotted");
+    let png = run_dir.join("plots/metrics.png");
+    let rows = mmada_train::plot::read_metrics(&run_dir.join("metrics.jsonl")).unwrap();
+    let panels = mmada_train::plot::panels(&rows);
+    let img = image::open(&png).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        mmada_train::plot::grid_size(panels.len())
+    );
+    assert_eq!(panels[0].title, "train loss");
+    let logged: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| (r["step"].as_f64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(logged.len(), 4);
+    assert_eq!(panels[0].series[0].points, logged);
+    // the command redraws the same picture
+    let before = std::fs::read(&png).unwrap();
+    std::fs::remove_file(&png).unwrap();
+    let again = std::process::Command::new(bin)
+        .arg("plot")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("metrics.png"));
+    assert_eq!(std::fs::read(&png).unwrap(), before);
+    let none = std::process::Command::new(bin)
+        .args(["plot", "/nonexistent/run"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(!none.status.success() && err.contains("not a run directory"), "{err}");
+}

@@ -14,7 +14,8 @@
 //! - [`query_resume_status`]: `RunResumeStatus`, the server's view of an existing run (history
 //!   line count and tail, summary, runtime) as a [`WandbResumeState`], for a trainer that resumes
 //!   without a saved one.
-//! - `testing` (feature `test-support`): a loopback fake server and helpers for tests.
+//! - `testing`: a loopback fake server and helpers for tests (always compiled, so the
+//!   crate has one feature set under `cargo build` and `cargo test`).
 //! - [`MetricsLog`]: the local `RUN_DIR/metrics.jsonl`, independent of wandb.
 //!
 //! The API key comes from `WANDB_API_KEY` or `~/.netrc` only ([`Endpoint::from_env`]); it is
@@ -34,7 +35,6 @@ mod sync;
 mod transport;
 mod worker;
 
-#[cfg(feature = "test-support")]
 pub mod testing;
 
 pub use auth::{ApiKey, DEFAULT_BASE_URL, Endpoint};

@@ -1,14 +1,11 @@
-//! Test support (feature `test-support`): a loopback fake wandb server (127.0.0.1 only) that
+//! Test support: a loopback fake wandb server (127.0.0.1 only) that
 //! records every request, applies file_stream updates with the server's overwrite semantics,
 //! answers `Viewer`, `UpsertBucket` and `RunResumeStatus` from its in-memory runs, and can be
 //! told to fail or hang; plus short client timings and spool helpers.
 //!
-//! Used by this crate's integration tests and by trainer tests in other crates:
-//!
-//! ```toml
-//! [dev-dependencies]
-//! mmada-wandb = { workspace = true, features = ["test-support"] }
-//! ```
+//! Used by this crate's integration tests and by trainer tests in other crates. It is
+//! compiled always (no feature): a test-only feature would give the crate, and every crate
+//! above it, a second build under `cargo test`.
 //!
 //! ```ignore
 //! use crate::testing::{FakeServer, endpoint, fast_config};
