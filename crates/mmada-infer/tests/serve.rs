@@ -142,7 +142,10 @@ fn endpoints_answer_in_openai_shapes() {
     let (st, health) = s.get("/health");
     assert_eq!(st, 200);
     let health: Value = serde_json::from_str(&health).unwrap();
-    assert_eq!((health["status"].as_str(), health["model"].as_str()), (Some("ok"), Some("tiny")));
+    assert_eq!(
+        (health["status"].as_str(), health["model"].as_str()),
+        (Some("ok"), Some("tiny"))
+    );
     assert_eq!(health["images"], false);
     let (st, models) = s.get("/v1/models");
     assert_eq!(st, 200);
@@ -197,7 +200,10 @@ fn endpoints_answer_in_openai_shapes() {
         // a shorter answer ended on its own
         assert_eq!(c["choices"][0]["finish_reason"], "stop", "{c}");
     }
-    assert_eq!(c["mmada"]["nfe"], 8, "gen_length 8 = 2 blocks of 4, one step per token");
+    assert_eq!(
+        c["mmada"]["nfe"], 8,
+        "gen_length 8 = 2 blocks of 4, one step per token"
+    );
     body["max_tokens"] = json!(0);
     let (st, c) = s.post("/v1/chat/completions", &body);
     error_of(st, &c, 400, "max_tokens");
@@ -248,7 +254,11 @@ fn greedy_answers_equal_generate_and_streams_concatenate_to_them() {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap())
             .collect();
-        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["object"] == "chat.completion.chunk")
+        );
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
         let text: String = chunks
             .iter()
@@ -280,7 +290,10 @@ fn greedy_answers_equal_generate_and_streams_concatenate_to_them() {
         assert_eq!(last["choices"].as_array().unwrap().len(), 0);
         assert_eq!(last["usage"], c["usage"]);
     }
-    assert!(nonempty > 0, "every answer was empty: the comparison says little");
+    assert!(
+        nonempty > 0,
+        "every answer was empty: the comparison says little"
+    );
 
     // raw completions = generate --template none
     let want = generate_cli(&ckpt, "2 + 3 =", &["--template", "none"]);
@@ -305,7 +318,10 @@ fn greedy_answers_equal_generate_and_streams_concatenate_to_them() {
     body["cache"] = json!("prefix");
     let (st, c) = s.post("/v1/chat/completions", &body);
     assert_eq!(st, 200, "{c}");
-    assert_eq!(c["mmada"]["nfe"], 2, "threshold 0 commits a whole block per step: {c}");
+    assert_eq!(
+        c["mmada"]["nfe"], 2,
+        "threshold 0 commits a whole block per step: {c}"
+    );
 }
 
 #[test]
@@ -315,7 +331,11 @@ fn bad_requests_get_openai_json_errors() {
     let key = Some("sekrit");
     let post = |path: &str, body: Value| s.post_raw(path, body.to_string().into_bytes(), key);
     // authentication
-    let (st, v) = s.post_raw("/v1/chat/completions", chat_body("hi").to_string().into(), None);
+    let (st, v) = s.post_raw(
+        "/v1/chat/completions",
+        chat_body("hi").to_string().into(),
+        None,
+    );
     error_of(st, &v, 401, "invalid_api_key");
     let (st, v) = s.post_raw(
         "/v1/chat/completions",
@@ -362,7 +382,10 @@ fn bad_requests_get_openai_json_errors() {
     };
     let (st, v) = post("/v1/chat/completions", img("data:image/png;base64,!!!"));
     error_of(st, &v, 400, "invalid_image");
-    let (st, v) = post("/v1/chat/completions", img("data:image/png;base64,aGVsbG8="));
+    let (st, v) = post(
+        "/v1/chat/completions",
+        img("data:image/png;base64,aGVsbG8="),
+    );
     error_of(st, &v, 400, "not a readable image");
     let (st, v) = post("/v1/chat/completions", img("https://example.com/cat.png"));
     error_of(st, &v, 400, "fetches nothing");
@@ -464,7 +487,10 @@ fn fifty_concurrent_requests_complete() {
     let batched = lat
         .iter()
         .filter(|(_, _, v)| {
-            v["mmada"]["batch"].as_u64().or(v["mmada"][0]["batch"].as_u64()) > Some(1)
+            v["mmada"]["batch"]
+                .as_u64()
+                .or(v["mmada"][0]["batch"].as_u64())
+                > Some(1)
         })
         .count();
     assert!(batched > 0, "no request shared a batch");
@@ -555,10 +581,25 @@ fn images_generate_and_are_understood() {
     assert_eq!(pngs[0].dimensions(), (32, 32));
     let out = tmp.path().join("t2i");
     let r = run(&[
-        "generate", "--mode", "t2i", "--checkpoint", ckpt.to_str().unwrap(),
-        "--vq-checkpoint", vqs, "--resolution", "32", "--t2i-text-len", "16",
-        "--timesteps", "4", "--seed", "3", "--prompt", "a red square",
-        "--out", out.to_str().unwrap(),
+        "generate",
+        "--mode",
+        "t2i",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--vq-checkpoint",
+        vqs,
+        "--resolution",
+        "32",
+        "--t2i-text-len",
+        "16",
+        "--timesteps",
+        "4",
+        "--seed",
+        "3",
+        "--prompt",
+        "a red square",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(r.ok, "{}", r.stderr);
     let cli = image::open(out.join("0000.png")).unwrap().to_rgb8();
@@ -591,7 +632,10 @@ fn images_generate_and_are_understood() {
     assert_eq!(img["b64_json"], data[0]["b64_json"]);
     assert_eq!(ev.last().unwrap()["type"], "done");
     // bad image requests
-    let (st, v) = s.post("/v1/images/generations", &json!({"prompt": "x", "size": "30x30"}));
+    let (st, v) = s.post(
+        "/v1/images/generations",
+        &json!({"prompt": "x", "size": "30x30"}),
+    );
     error_of(st, &v, 400, "size");
     let (st, v) = s.post(
         "/v1/images/generations",
@@ -604,7 +648,11 @@ fn images_generate_and_are_understood() {
     // image understanding: a data-URL image part = generate --mode mmu --image
     let png_path = tmp.path().join("a.png");
     image::RgbImage::from_fn(48, 40, |x, y| {
-        image::Rgb([(x * 5 % 256) as u8, (y * 6 % 256) as u8, (x * y % 256) as u8])
+        image::Rgb([
+            (x * 5 % 256) as u8,
+            (y * 6 % 256) as u8,
+            (x * y % 256) as u8,
+        ])
     })
     .save(&png_path)
     .unwrap();
@@ -617,10 +665,27 @@ fn images_generate_and_are_understood() {
     assert_eq!(st, 200, "{v}");
     let want = {
         let r = run(&[
-            "generate", "--mode", "mmu", "--image", png_path.to_str().unwrap(),
-            "--checkpoint", ckpt.to_str().unwrap(), "--vq-checkpoint", vqs,
-            "--resolution", "32", "--template", "mmada", "--prompt", "What is this?",
-            "--gen-length", "32", "--block-length", "16", "--steps", "16",
+            "generate",
+            "--mode",
+            "mmu",
+            "--image",
+            png_path.to_str().unwrap(),
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--vq-checkpoint",
+            vqs,
+            "--resolution",
+            "32",
+            "--template",
+            "mmada",
+            "--prompt",
+            "What is this?",
+            "--gen-length",
+            "32",
+            "--block-length",
+            "16",
+            "--steps",
+            "16",
         ]);
         assert!(r.ok, "{}", r.stderr);
         r.stdout.strip_suffix('\n').unwrap().to_string()

@@ -514,7 +514,11 @@ impl AppState {
 }
 
 fn decode_data_url(url: &str) -> Result<mmada_vq::RgbImage, ApiError> {
-    let bad = |m: String| ApiError::bad_request(m).param("messages").code("invalid_image");
+    let bad = |m: String| {
+        ApiError::bad_request(m)
+            .param("messages")
+            .code("invalid_image")
+    };
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(bad(
             "image_url must be a data URL (data:image/png;base64,…): this server fetches nothing"
@@ -522,7 +526,9 @@ fn decode_data_url(url: &str) -> Result<mmada_vq::RgbImage, ApiError> {
         ));
     };
     let Some((meta, data)) = rest.split_once(',') else {
-        return Err(bad("image_url: a data URL needs a `,` before the data".into()));
+        return Err(bad(
+            "image_url: a data URL needs a `,` before the data".into()
+        ));
     };
     if !meta.ends_with(";base64") {
         return Err(bad("image_url: only base64 data URLs are supported".into()));
@@ -530,8 +536,11 @@ fn decode_data_url(url: &str) -> Result<mmada_vq::RgbImage, ApiError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
         .map_err(|e| bad(format!("image_url: the base64 data does not decode: {e}")))?;
-    mmada_data::image::decode_image(&bytes)
-        .map_err(|e| bad(format!("image_url: not a readable image (jpeg, png, webp): {e}")))
+    mmada_data::image::decode_image(&bytes).map_err(|e| {
+        bad(format!(
+            "image_url: not a readable image (jpeg, png, webp): {e}"
+        ))
+    })
 }
 
 /// A finished answer.
@@ -563,7 +572,11 @@ fn answer_of(s: &AppState, done: worker::TextDone, max_tokens: Option<usize>) ->
         g.text.clone()
     };
     Answer {
-        finish_reason: if g.terminated && !cut { "stop" } else { "length" },
+        finish_reason: if g.terminated && !cut {
+            "stop"
+        } else {
+            "length"
+        },
         completion_tokens: ids_cut.len(),
         prompt_tokens: done.prompt_tokens,
         text,
@@ -586,7 +599,9 @@ fn usage(prompt: usize, completion: usize) -> Value {
 }
 
 /// Waits for a text job's answer (non-streaming).
-async fn wait_text(mut rx: mpsc::UnboundedReceiver<TextEvent>) -> Result<worker::TextDone, ApiError> {
+async fn wait_text(
+    mut rx: mpsc::UnboundedReceiver<TextEvent>,
+) -> Result<worker::TextDone, ApiError> {
     while let Some(e) = rx.recv().await {
         if let TextEvent::Done(r) = e {
             return r;
@@ -773,35 +788,36 @@ fn stream_text(
     let (out, out_rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let created = now();
-        let chunk = |delta: Option<&str>, role: bool, finish: Option<&str>, extra: Option<Value>| {
-            let mut v = match kind {
-                StreamKind::Chat => {
-                    let mut d = serde_json::Map::new();
-                    if role {
-                        d.insert("role".into(), json!("assistant"));
+        let chunk =
+            |delta: Option<&str>, role: bool, finish: Option<&str>, extra: Option<Value>| {
+                let mut v = match kind {
+                    StreamKind::Chat => {
+                        let mut d = serde_json::Map::new();
+                        if role {
+                            d.insert("role".into(), json!("assistant"));
+                        }
+                        if let Some(t) = delta {
+                            d.insert("content".into(), json!(t));
+                        }
+                        json!({
+                            "id": id, "object": "chat.completion.chunk", "created": created,
+                            "model": s.model_name,
+                            "choices": [{"index": 0, "delta": d, "logprobs": null,
+                                         "finish_reason": finish}],
+                        })
                     }
-                    if let Some(t) = delta {
-                        d.insert("content".into(), json!(t));
-                    }
-                    json!({
-                        "id": id, "object": "chat.completion.chunk", "created": created,
+                    StreamKind::Completion => json!({
+                        "id": id, "object": "text_completion", "created": created,
                         "model": s.model_name,
-                        "choices": [{"index": 0, "delta": d, "logprobs": null,
+                        "choices": [{"index": 0, "text": delta.unwrap_or(""), "logprobs": null,
                                      "finish_reason": finish}],
-                    })
+                    }),
+                };
+                if let Some(x) = extra {
+                    v["mmada"] = x;
                 }
-                StreamKind::Completion => json!({
-                    "id": id, "object": "text_completion", "created": created,
-                    "model": s.model_name,
-                    "choices": [{"index": 0, "text": delta.unwrap_or(""), "logprobs": null,
-                                 "finish_reason": finish}],
-                }),
+                sse_json(&v)
             };
-            if let Some(x) = extra {
-                v["mmada"] = x;
-            }
-            sse_json(&v)
-        };
         let start = canvas.then(|| json!({"gen_length": gen_length, "prompt_tokens": prompt_len}));
         let first = chunk(
             (kind == StreamKind::Chat).then_some(""),

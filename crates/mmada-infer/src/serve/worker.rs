@@ -223,19 +223,21 @@ impl<B: Backend> Worker<B> {
         let config = jobs[0].config.clone();
         let seed = jobs[0].seed;
         let t0 = Instant::now();
-        let out = self.engine.generate_batch_observed(&prompts, &config, seed, &mut |e| {
-            for (r, j) in jobs.iter().enumerate() {
-                if j.watch {
-                    let row = r * e.seq_len + e.prompt_len..(r + 1) * e.seq_len;
-                    let _ = j.tx.send(TextEvent::Step {
-                        step: e.step,
-                        block: e.block,
-                        generated: e.canvas[row.clone()].to_vec(),
-                        unmask: e.unmask_step[row].to_vec(),
-                    });
+        let out = self
+            .engine
+            .generate_batch_observed(&prompts, &config, seed, &mut |e| {
+                for (r, j) in jobs.iter().enumerate() {
+                    if j.watch {
+                        let row = r * e.seq_len + e.prompt_len..(r + 1) * e.seq_len;
+                        let _ = j.tx.send(TextEvent::Step {
+                            step: e.step,
+                            block: e.block,
+                            generated: e.canvas[row.clone()].to_vec(),
+                            unmask: e.unmask_step[row].to_vec(),
+                        });
+                    }
                 }
-            }
-        });
+            });
         tracing::debug!(
             batch = jobs.len(),
             seconds = t0.elapsed().as_secs_f64(),
@@ -253,9 +255,8 @@ impl<B: Backend> Worker<B> {
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "generation failed");
                 for j in &jobs {
-                    let _ = j
-                        .tx
-                        .send(TextEvent::Done(Err(ApiError::internal(format!("{e:#}")))));
+                    let _ =
+                        j.tx.send(TextEvent::Done(Err(ApiError::internal(format!("{e:#}")))));
                 }
             }
         }
@@ -266,7 +267,10 @@ impl<B: Backend> Worker<B> {
         let Some(img) = &j.image else {
             return Ok(j.prompt.clone());
         };
-        let coder = self.coder.as_ref().map_err(|e| ApiError::bad_request(e.clone()))?;
+        let coder = self
+            .coder
+            .as_ref()
+            .map_err(|e| ApiError::bad_request(e.clone()))?;
         let codes = encode_rgb(
             &self.engine,
             coder,
@@ -333,15 +337,8 @@ impl<B: Backend> Worker<B> {
                 });
             };
             let seed = j.seed.wrapping_add(index as u64);
-            let img = t2i_one(
-                &self.engine,
-                coder,
-                &setup,
-                &j.prompt,
-                seed,
-                &mut observer,
-            )
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            let img = t2i_one(&self.engine, coder, &setup, &j.prompt, seed, &mut observer)
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
             let b64 = png_b64(&img.image)?;
             let _ = j.tx.send(ImageEvent::Image {
                 index,
