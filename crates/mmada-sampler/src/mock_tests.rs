@@ -104,7 +104,9 @@ impl UniformSource for Scripted {
 fn observer_sees_every_step_and_the_block_ends() {
     let m = FnDenoiser::new(|_, i| one_hot(i % 5, i as f32));
     let c = cfg(6, 4, 2);
-    let mut seen: Vec<(usize, usize, bool, Vec<i64>, Vec<i64>)> = Vec::new();
+    /// (step, block, block_done, canvas, unmask_step) of one event.
+    type Seen = (usize, usize, bool, Vec<i64>, Vec<i64>);
+    let mut seen: Vec<Seen> = Vec::new();
     let out = generate_observed(
         &m,
         prompt(&[&[1, 2]]),

@@ -315,7 +315,7 @@ impl<B: Backend> Worker<B> {
                     return;
                 }
                 let preview = (j.preview_every > 0
-                    && (e.step % j.preview_every == 0 || e.step + 1 == steps))
+                    && (e.step.is_multiple_of(j.preview_every) || e.step + 1 == steps))
                     .then(|| {
                         let codes: Vec<u32> = e.sampled[..e.seq_len]
                             .iter()
