@@ -10,7 +10,8 @@ use burn::tensor::backend::Backend;
 use mmada_data::{ChatTemplate, Message, Role, TextTokenizer};
 use mmada_model::{FloatDType, LladaModel, ModelConfig, ModelType};
 use mmada_sampler::{
-    GenerateConfig, SamplerError, SamplerSection, SeededRng, generate_completions,
+    GenerateConfig, SamplerError, SamplerSection, SeededRng, StepEvent,
+    generate_completions_observed,
 };
 
 use crate::options::TemplateArg;
@@ -81,6 +82,22 @@ fn template_for(kind: TemplateArg, dir: &Path, cfg: &ModelConfig) -> Option<Chat
             })
         }
     }
+}
+
+/// Prompt ids of a conversation: `<BOS>` + the tokenised turns, chat-templated (the turns +
+/// the assistant header) when `template` is set, else the turns' contents concatenated.
+pub fn chat_ids(
+    tok: &TextTokenizer,
+    template: Option<&ChatTemplate>,
+    messages: &[Message],
+) -> Result<Vec<u32>> {
+    let text = match template {
+        Some(t) => t.render(messages, true),
+        None => messages.iter().map(|m| m.content.as_str()).collect(),
+    };
+    let mut ids = vec![tok.layout().bos_id];
+    ids.extend(tok.encode(&text)?);
+    Ok(ids)
 }
 
 /// Loads the tokenizer of `dir` (or `explicit`) and checks that it fits the model: every id
@@ -209,19 +226,14 @@ impl<B: Backend> Engine<B> {
     /// Prompt ids: `<BOS>` + the tokenised prompt, chat-templated (one user turn + the
     /// assistant header) when a template is set.
     pub fn prompt_ids(&self, user: &str) -> Result<Vec<u32>> {
-        let text = match &self.template {
-            Some(t) => t.render(
-                &[Message {
-                    role: Role::User,
-                    content: user.to_string(),
-                }],
-                true,
-            ),
-            None => user.to_string(),
-        };
-        let mut ids = vec![self.tok.layout().bos_id];
-        ids.extend(self.tok.encode(&text)?);
-        Ok(ids)
+        chat_ids(
+            &self.tok,
+            self.template.as_ref(),
+            &[Message {
+                role: Role::User,
+                content: user.to_string(),
+            }],
+        )
     }
 
     /// The sampler configuration of the `sampling` settings for this checkpoint
@@ -247,7 +259,7 @@ impl<B: Backend> Engine<B> {
         Ok(text.trim().to_string())
     }
 
-    /// Generates for one batch of prompt id rows with [`generate_completions`] (left-padded
+    /// Generates for one batch of prompt id rows with [`mmada_sampler::generate_completions`] (left-padded
     /// with the pad id and a key-padding mask when their lengths differ; answers cut at the
     /// first EOS / EOT). `config` comes from [`Engine::sampler_config`].
     pub fn generate_batch(
@@ -255,6 +267,18 @@ impl<B: Backend> Engine<B> {
         prompts: &[Vec<u32>],
         config: &GenerateConfig,
         seed: u64,
+    ) -> Result<Vec<Generation>> {
+        self.generate_batch_observed(prompts, config, seed, &mut |_| {})
+    }
+
+    /// [`Engine::generate_batch`] with `observer` called after every denoising step
+    /// ([`mmada_sampler::generate_completions_observed`]).
+    pub fn generate_batch_observed(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerateConfig,
+        seed: u64,
+        observer: &mut dyn FnMut(&StepEvent<'_>),
     ) -> Result<Vec<Generation>> {
         ensure!(!prompts.is_empty(), "no prompts");
         let b = prompts.len();
@@ -268,7 +292,7 @@ impl<B: Backend> Engine<B> {
             );
         }
         let l = self.tok.layout();
-        let out = generate_completions::<B, _>(
+        let out = generate_completions_observed::<B, _>(
             &self.model,
             prompts,
             config,
@@ -276,6 +300,7 @@ impl<B: Backend> Engine<B> {
             l.pad_id,
             &mut SeededRng::new(seed),
             &self.device,
+            observer,
         )
         .context("sampling")?;
         let new_tokens = b * out.decoded;

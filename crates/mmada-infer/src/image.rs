@@ -15,8 +15,8 @@ use mmada_data::image::{image_transform, open_image};
 use mmada_data::layout::{mmu_generation_prompt, t2i_layout};
 use mmada_data::{Preprocess, ResizeMode};
 use mmada_diffusion::MaskSchedule;
-use mmada_sampler::{SeededRng, T2iConfig, T2iInputs, t2i_generate};
-use mmada_vq::VqCoder;
+use mmada_sampler::{SeededRng, T2iConfig, T2iInputs, T2iStepEvent, t2i_generate_observed};
+use mmada_vq::{Grid, RgbImage, VqCoder};
 
 use crate::engine::Engine;
 use crate::options::{GenerateArgs, ModelArgs, impl_or};
@@ -110,35 +110,53 @@ impl ImageArgs {
         Ok(r)
     }
 
-    fn coder<B: Backend>(&self, device: &B::Device) -> Result<VqCoder<B>> {
+    /// The MAGVIT-v2 coder of `--vq-checkpoint` (default [`mmada_vq::HF_REPO`]).
+    pub fn coder<B: Backend>(&self, device: &B::Device) -> Result<VqCoder<B>> {
         let spec = self.vq_checkpoint.as_deref().unwrap_or(mmada_vq::HF_REPO);
         VqCoder::load(spec, device).with_context(|| format!("loading the image tokenizer {spec}"))
     }
 }
 
-/// `generate --mode t2i`: one image per prompt, MaskGIT sampling over `N = (R/16)²` slots of
-/// the t2i layout (`[iPAD]* <|t2i|> <BOS> caption <EOS> <|soi|> [MASK]*N <|eoi|>`, with the
-/// empty-caption prompt for guidance), codes decoded with MAGVIT-v2, written as
-/// `OUT/NNNN.png` plus `OUT/codes.jsonl` (index, prompt, file, grid, codes, nfe, seed).
-pub fn run_t2i<B: Backend>(
+/// The t2i settings of one server or command: the MaskGIT config over `N = (R/16)²` slots, the
+/// text length `P` and the code grid.
+#[derive(Debug, Clone)]
+pub struct T2iSetup {
+    /// MaskGIT settings (codebook cut to the model's, ids from the tokenizer).
+    pub config: T2iConfig,
+    /// Text length `P` of the t2i layout.
+    pub text_len: usize,
+    /// The code grid of the resolution.
+    pub grid: Grid,
+}
+
+/// Overrides of the t2i settings (`None` = the sampler's default).
+#[derive(Debug, Clone, Default)]
+pub struct T2iKnobs {
+    /// MaskGIT steps.
+    pub timesteps: Option<usize>,
+    /// Guidance `w`.
+    pub guidance_scale: Option<f64>,
+    /// Initial temperature.
+    pub temperature: Option<f64>,
+    /// Mask schedule name (cosine, linear, powK, sigmoid).
+    pub noise_schedule: Option<String>,
+}
+
+/// Builds and validates the t2i settings for images of `res × res` pixels.
+pub fn t2i_setup<B: Backend>(
     engine: &Engine<B>,
-    m: &ModelArgs,
-    g: &GenerateArgs,
-    a: &ImageArgs,
-    prompts: &[String],
-) -> Result<()> {
-    let out = g
-        .out
-        .as_deref()
-        .context("--mode t2i writes images: pass --out DIR")?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let res = a.resolution()?;
-    let coder = a.coder::<B>(&engine.device)?;
+    coder: &VqCoder<B>,
+    res: u32,
+    text_len: usize,
+    knobs: &T2iKnobs,
+) -> Result<T2iSetup> {
+    ensure!(
+        res > 0 && res.is_multiple_of(16),
+        "resolution {res}: must be a positive multiple of 16 (MAGVIT-v2 downsamples by 16)"
+    );
     let grid = coder.grid(res as usize, res as usize)?;
-    let n = grid.len();
     let t = *engine.tok.layout();
-    let p = a.t2i_text_len.unwrap_or(512);
-    let mut config = T2iConfig::from_layout(&t, n);
+    let mut config = T2iConfig::from_layout(&t, grid.len());
     config.codebook_size = config
         .codebook_size
         .min(engine.cfg.codebook_size.unwrap_or(config.codebook_size));
@@ -149,22 +167,53 @@ pub fn run_t2i<B: Backend>(
         config.image_token_offset,
         config.image_token_offset + config.codebook_size
     );
-    if let Some(s) = a.timesteps {
+    if let Some(s) = knobs.timesteps {
         config.timesteps = s;
     }
-    if let Some(w) = a.guidance_scale {
+    if let Some(w) = knobs.guidance_scale {
         config.guidance_scale = w;
     }
-    if let Some(tm) = a.t2i_temperature {
+    if let Some(tm) = knobs.temperature {
         config.temperature = tm;
     }
-    if let Some(s) = &a.noise_schedule {
+    if let Some(s) = &knobs.noise_schedule {
         config.noise_schedule =
-            MaskSchedule::parse(s).with_context(|| format!("--noise-schedule {s}"))?;
+            MaskSchedule::parse(s).with_context(|| format!("noise schedule {s}"))?;
     }
     config.validate().context("t2i settings")?;
-    tracing::info!(?config, text_len = p, resolution = res, "t2i sampler");
-    let seed = m.seed.unwrap_or(0);
+    Ok(T2iSetup {
+        config,
+        text_len,
+        grid,
+    })
+}
+
+/// One generated image.
+pub struct T2iImage {
+    /// The `N` codes, row-major over the grid.
+    pub codes: Vec<u32>,
+    /// The decoded picture.
+    pub image: RgbImage,
+    /// Denoiser evaluations.
+    pub nfe: usize,
+}
+
+/// Generates one image for `caption` (t2i layout
+/// `[iPAD]* <|t2i|> <BOS> caption <EOS> <|soi|> [MASK]*N <|eoi|>`, the empty caption for
+/// guidance) with the MaskGIT sampler seeded with `seed`, `observer` called after every step,
+/// and decodes it with MAGVIT-v2.
+pub fn t2i_one<B: Backend>(
+    engine: &Engine<B>,
+    coder: &VqCoder<B>,
+    setup: &T2iSetup,
+    caption: &str,
+    seed: u64,
+    observer: &mut dyn FnMut(&T2iStepEvent<'_>),
+) -> Result<T2iImage> {
+    let config = &setup.config;
+    let n = config.seq_len;
+    let t = *engine.tok.layout();
+    let p = setup.text_len;
     let prompt_tensors = |drop: bool, caption: &str| -> Result<(Vec<i64>, Vec<bool>)> {
         let ids = engine.tok.encode(caption)?;
         let s = t2i_layout(&ids, &vec![0; n], p, drop, &t)?;
@@ -183,51 +232,94 @@ pub fn run_t2i<B: Backend>(
             .collect();
         Ok((ids, s.attention_mask))
     };
+    let (ids, mask) = prompt_tensors(false, caption)?;
+    let l = ids.len();
+    let int =
+        |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, l]), &engine.device);
+    let boolean =
+        |v: Vec<bool>| Tensor::<B, 2, Bool>::from_data(TensorData::new(v, [1, l]), &engine.device);
+    let mut inputs = T2iInputs::new(int(ids), Some(boolean(mask)));
+    if config.guidance_scale > 0.0 {
+        let (uids, umask) = prompt_tensors(true, "")?;
+        inputs = inputs.with_uncond(int(uids), Some(boolean(umask)));
+    }
+    let mut rng = SeededRng::new(seed);
+    let gen_ = t2i_generate_observed(&engine.model, inputs, config, &mut rng, false, observer)
+        .context("t2i sampling")?;
+    let codes: Vec<u32> = gen_
+        .codes
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .map_err(|e| anyhow::anyhow!("reading codes: {e:?}"))?
+        .into_iter()
+        .map(|c| c.clamp(0, config.codebook_size as i64 - 1) as u32)
+        .collect();
+    let image = coder
+        .decode_codes(std::slice::from_ref(&codes), setup.grid)?
+        .remove(0);
+    Ok(T2iImage {
+        codes,
+        image,
+        nfe: gen_.nfe,
+    })
+}
+
+/// `generate --mode t2i`: one image per prompt, MaskGIT sampling over `N = (R/16)²` slots of
+/// the t2i layout ([`t2i_one`]), codes decoded with MAGVIT-v2, written as `OUT/NNNN.png` plus
+/// `OUT/codes.jsonl` (index, prompt, file, grid, codes, nfe, seed).
+pub fn run_t2i<B: Backend>(
+    engine: &Engine<B>,
+    m: &ModelArgs,
+    g: &GenerateArgs,
+    a: &ImageArgs,
+    prompts: &[String],
+) -> Result<()> {
+    let out = g
+        .out
+        .as_deref()
+        .context("--mode t2i writes images: pass --out DIR")?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let res = a.resolution()?;
+    let coder = a.coder::<B>(&engine.device)?;
+    let setup = t2i_setup(
+        engine,
+        &coder,
+        res,
+        a.t2i_text_len.unwrap_or(512),
+        &T2iKnobs {
+            timesteps: a.timesteps,
+            guidance_scale: a.guidance_scale,
+            temperature: a.t2i_temperature,
+            noise_schedule: a.noise_schedule.clone(),
+        },
+    )
+    .map_err(|e| match a.noise_schedule.as_deref() {
+        Some(s) if MaskSchedule::parse(s).is_err() => e.context(format!("--noise-schedule {s}")),
+        _ => e,
+    })?;
+    tracing::info!(config = ?setup.config, text_len = setup.text_len, resolution = res, "t2i sampler");
+    let seed = m.seed.unwrap_or(0);
+    let grid = setup.grid;
     let mut jsonl = std::io::BufWriter::new(
         std::fs::File::create(out.join("codes.jsonl"))
             .with_context(|| format!("creating {}", out.join("codes.jsonl").display()))?,
     );
     for (i, prompt) in prompts.iter().enumerate() {
         let t0 = Instant::now();
-        let (ids, mask) = prompt_tensors(false, prompt)?;
-        let l = ids.len();
-        let int = |v: Vec<i64>| {
-            Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, l]), &engine.device)
-        };
-        let boolean = |v: Vec<bool>| {
-            Tensor::<B, 2, Bool>::from_data(TensorData::new(v, [1, l]), &engine.device)
-        };
-        let mut inputs = T2iInputs::new(int(ids), Some(boolean(mask)));
-        if config.guidance_scale > 0.0 {
-            let (uids, umask) = prompt_tensors(true, "")?;
-            inputs = inputs.with_uncond(int(uids), Some(boolean(umask)));
-        }
         let s = seed.wrapping_add(i as u64);
-        let mut rng = SeededRng::new(s);
-        let gen_ = t2i_generate(&engine.model, inputs, &config, &mut rng, false)
-            .context("t2i sampling")?;
-        let codes: Vec<u32> = gen_
-            .codes
-            .into_data()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .map_err(|e| anyhow::anyhow!("reading codes: {e:?}"))?
-            .into_iter()
-            .map(|c| c.clamp(0, config.codebook_size as i64 - 1) as u32)
-            .collect();
-        let img = coder
-            .decode_codes(std::slice::from_ref(&codes), grid)?
-            .remove(0);
+        let gen_ = t2i_one(engine, &coder, &setup, prompt, s, &mut |_| {})?;
         let file = format!("{i:04}.png");
         let path = out.join(&file);
-        img.save(&path)
+        gen_.image
+            .save(&path)
             .with_context(|| format!("writing {}", path.display()))?;
         let rec = serde_json::json!({
             "index": i,
             "prompt": prompt,
             "file": file,
             "grid": [grid.h, grid.w],
-            "codes": codes,
+            "codes": gen_.codes,
             "nfe": gen_.nfe,
             "seed": s,
             "seconds": t0.elapsed().as_secs_f64(),
@@ -270,15 +362,30 @@ fn encode_image<B: Backend>(engine: &Engine<B>, a: &ImageArgs, path: &Path) -> R
         ImageModeArg::Squash => ResizeMode::Squash,
     };
     let img = open_image(path).with_context(|| format!("reading --image {}", path.display()))?;
+    let coder = a.coder::<B>(&engine.device)?;
+    let codes = encode_rgb(engine, &coder, &img, res, mode)
+        .with_context(|| format!("encoding {}", path.display()))?;
+    tracing::info!(image = %path.display(), codes = codes.len(), resolution = res, "image encoded");
+    Ok(codes)
+}
+
+/// Preprocesses `img` (`mode` at `res × res`) and encodes it into MAGVIT-v2 codes, checked
+/// against the model's codebook.
+pub fn encode_rgb<B: Backend>(
+    engine: &Engine<B>,
+    coder: &VqCoder<B>,
+    img: &RgbImage,
+    res: u32,
+    mode: ResizeMode,
+) -> Result<Vec<u32>> {
     let px = image_transform(
-        &img,
+        img,
         &Preprocess {
             resolution: res,
             mode,
         },
     )
-    .with_context(|| format!("preprocessing {}", path.display()))?;
-    let coder = a.coder::<B>(&engine.device)?;
+    .context("preprocessing the image")?;
     let codes = coder.encode_pixels(&[px])?.remove(0);
     let t = engine.tok.layout();
     if let Some(&c) = codes.iter().find(|&&c| c >= t.codebook_size) {
@@ -287,6 +394,5 @@ fn encode_image<B: Backend>(engine: &Engine<B>, a: &ImageArgs, path: &Path) -> R
             t.codebook_size
         );
     }
-    tracing::info!(image = %path.display(), codes = codes.len(), resolution = res, "image encoded");
     Ok(codes)
 }

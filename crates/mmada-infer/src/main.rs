@@ -6,6 +6,7 @@
 //!   an image ([`image`]).
 //! * `eval`: GSM8K / MATH-500 accuracy with the answer extraction of `mmada-rewards`.
 //! * `loglik`: Monte-Carlo log-likelihood of an answer given a prompt.
+//! * `serve`: an OpenAI-compatible HTTP server and the web demo page ([`serve`]).
 //!
 //! Options can also come from a YAML file (`--config`, [`options::FileConfig`]).
 
@@ -14,6 +15,7 @@ mod eval;
 mod image;
 mod inspect;
 mod options;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -111,6 +113,18 @@ enum Command {
         common: CommonArgs,
         #[command(flatten, next_help_heading = "Likelihood")]
         loglik: LoglikArgs,
+    },
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions,
+    /// /v1/images/generations, /v1/models, /health) and the web demo at `/`: chat, image
+    /// understanding, text-to-image, with the denoising shown live. Loopback by default.
+    /// The sampling options are the defaults of requests that do not set them.
+    Serve {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten, next_help_heading = "Sampling (request defaults)")]
+        sampling: SamplingArgs,
+        #[command(flatten, next_help_heading = "Server")]
+        serve: serve::ServeArgs,
     },
 }
 
@@ -349,6 +363,31 @@ fn run_loglik<B: Backend>(device: &B::Device, m: &ModelArgs, a: &LoglikArgs) -> 
     Ok(())
 }
 
+fn run_serve<B: Backend>(
+    device: &B::Device,
+    m: &ModelArgs,
+    s: &SamplerSection,
+    a: &serve::ServeArgs,
+) -> Result<()> {
+    let dir = require_checkpoint(m)?;
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        dir.canonicalize()
+            .unwrap_or_else(|_| dir.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "mmada".into())
+    });
+    let m2 = m.clone();
+    serve::serve::<B>(
+        device,
+        move |d: &B::Device| load::<B>(d, &m2, TemplateArg::Auto),
+        s.clone(),
+        m.seed.unwrap_or(0),
+        name,
+        a.clone(),
+    )
+}
+
 fn run_eval<B: Backend>(
     device: &B::Device,
     m: &ModelArgs,
@@ -417,6 +456,16 @@ fn main() -> Result<ExitCode> {
             let (f, model) = common.load()?;
             let (sampling, eval) = (sampling.or(f.sampling), eval.or(f.eval));
             on_device!(device_of(&model)?, run_eval(&model, &sampling, &eval))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            common,
+            sampling,
+            serve,
+        } => {
+            let (f, model) = common.load()?;
+            let sampling = sampling.or(f.sampling);
+            on_device!(device_of(&model)?, run_serve(&model, &sampling, &serve))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Loglik { common, loglik } => {

@@ -8,7 +8,7 @@
 use burn::tensor::backend::Backend;
 use mmada_model::Denoiser;
 
-use crate::generate::{GenerateConfig, generate};
+use crate::generate::{GenerateConfig, StepEvent, generate_observed};
 use crate::rng::UniformSource;
 use crate::{SamplerError, host};
 
@@ -103,6 +103,39 @@ where
     B: Backend,
     D: Denoiser<B> + ?Sized,
 {
+    generate_completions_observed(
+        model,
+        prompts,
+        config,
+        stop_ids,
+        pad_id,
+        rng,
+        device,
+        &mut |_| {},
+    )
+}
+
+/// [`generate_completions`] with `observer` called after every denoising step
+/// ([`crate::generate_observed`]); row `r` of the canvas is prompt `r`, left-padded to
+/// [`StepEvent::prompt_len`].
+///
+/// # Errors
+/// Those of [`generate_completions`].
+#[allow(clippy::too_many_arguments)]
+pub fn generate_completions_observed<B, D>(
+    model: &D,
+    prompts: &[Vec<u32>],
+    config: &GenerateConfig,
+    stop_ids: &[u32],
+    pad_id: u32,
+    rng: &mut dyn UniformSource,
+    device: &B::Device,
+    observer: &mut dyn FnMut(&StepEvent<'_>),
+) -> Result<Completions, SamplerError>
+where
+    B: Backend,
+    D: Denoiser<B> + ?Sized,
+{
     let t0 = std::time::Instant::now();
     let b = prompts.len();
     let lp = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -127,7 +160,7 @@ where
         .iter()
         .any(|k| !k)
         .then(|| host::bool_tensor2::<B>(keep, [b, lp], device));
-    let out = generate(model, prompt, mask, config, rng, false)?;
+    let out = generate_observed(model, prompt, mask, config, rng, false, observer)?;
     let canvas = host::ints(out.ids)?;
     let total = lp + config.gen_length;
     let rows = prompts

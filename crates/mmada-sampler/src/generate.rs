@@ -393,6 +393,59 @@ where
     B: Backend,
     D: Denoiser<B> + ?Sized,
 {
+    generate_observed(
+        model,
+        prompt,
+        attention_mask,
+        config,
+        rng,
+        record_trace,
+        &mut |_| {},
+    )
+}
+
+/// The canvas after one denoising step of [`generate_observed`] (for live views: a server
+/// streams the positions each step committed).
+#[derive(Debug, Clone, Copy)]
+pub struct StepEvent<'a> {
+    /// Global step index (`0..nfe`).
+    pub step: usize,
+    /// Block of this step (`0..num_blocks`).
+    pub block: usize,
+    /// Whether this step finished its block (no masked position left in it, or its last
+    /// scheduled step).
+    pub block_done: bool,
+    /// Batch size `B`.
+    pub batch: usize,
+    /// Canvas length `Lp + G`.
+    pub seq_len: usize,
+    /// Prompt width `Lp` (the generated positions are `Lp..Lp + G` of each row).
+    pub prompt_len: usize,
+    /// The canvas after the step, `[B, Lp + G]` row-major (`mask_id` where still masked).
+    pub canvas: &'a [i64],
+    /// `[B, Lp + G]` row-major: the step at which each position was committed, `-1` for the
+    /// prompt and the positions still masked.
+    pub unmask_step: &'a [i64],
+}
+
+/// [`generate`] with `observer` called after every denoising step with the canvas
+/// ([`StepEvent`]). The result is the same as [`generate`]'s.
+///
+/// # Errors
+/// Those of [`generate`].
+pub fn generate_observed<B, D>(
+    model: &D,
+    prompt: Tensor<B, 2, Int>,
+    attention_mask: Option<Tensor<B, 2, Bool>>,
+    config: &GenerateConfig,
+    rng: &mut dyn UniformSource,
+    record_trace: bool,
+    observer: &mut dyn FnMut(&StepEvent<'_>),
+) -> Result<GenerateOutput<B>, SamplerError>
+where
+    B: Backend,
+    D: Denoiser<B> + ?Sized,
+{
     let t0 = std::time::Instant::now();
     config.validate()?;
     let [b, lp] = prompt.dims();
@@ -593,6 +646,19 @@ where
                 step_transfers.push(n_done);
             }
             transfers.push(step_transfers);
+            let block_done = j + 1 == max_steps
+                || (config.threshold.is_some()
+                    && (0..b).all(|r| x[r * l + bs..r * l + be].iter().all(|&t| t != mask)));
+            observer(&StepEvent {
+                step: global_step as usize,
+                block: blk,
+                block_done,
+                batch: b,
+                seq_len: l,
+                prompt_len: lp,
+                canvas: &x,
+                unmask_step: &unmask_step,
+            });
             global_step += 1;
         }
         // the cache holds the keys of this block's masks: the next block starts with a refresh

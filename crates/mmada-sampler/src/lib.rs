@@ -44,11 +44,19 @@ pub mod rng;
 pub mod schedule;
 pub mod section;
 
-pub use completions::{Completion, Completions, generate_completions};
+pub use completions::{
+    Completion, Completions, generate_completions, generate_completions_observed,
+};
 pub use error::SamplerError;
-pub use generate::{CacheMode, GenerateConfig, GenerateOutput, GenerateTrace, Remasking, generate};
+pub use generate::{
+    CacheMode, GenerateConfig, GenerateOutput, GenerateTrace, Remasking, StepEvent, generate,
+    generate_observed,
+};
 pub use loglik::{LoglikConfig, LoglikOutput, MaskSource, StratifiedMasks, log_likelihood};
-pub use maskgit::{MaskGitRandomness, T2iConfig, T2iInputs, T2iOutput, T2iTrace, t2i_generate};
+pub use maskgit::{
+    MaskGitRandomness, T2iConfig, T2iInputs, T2iOutput, T2iStepEvent, T2iTrace, t2i_generate,
+    t2i_generate_observed,
+};
 pub use rng::{SeededRng, UniformSource};
 pub use schedule::{MaskSchedule, get_num_transfer_tokens};
 pub use section::{Preset, SamplerSection};

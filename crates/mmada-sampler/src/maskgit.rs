@@ -254,6 +254,44 @@ where
     D: Denoiser<B> + ?Sized,
     R: MaskGitRandomness<B> + ?Sized,
 {
+    t2i_generate_observed(model, inputs, config, rng, record_trace, &mut |_| {})
+}
+
+/// The image slots after one MaskGIT step of [`t2i_generate_observed`].
+#[derive(Debug, Clone, Copy)]
+pub struct T2iStepEvent<'a> {
+    /// Step index (`0..timesteps`).
+    pub step: usize,
+    /// Batch size `B`.
+    pub batch: usize,
+    /// Image slots per row `N`.
+    pub seq_len: usize,
+    /// `[B, N]` row-major: the committed code of each slot (in `[0, K)`), `-1` where the slot
+    /// is masked again for the next step.
+    pub committed: &'a [i64],
+    /// `[B, N]` row-major: the code sampled for every slot at this step (what the image would
+    /// be if decoding stopped here).
+    pub sampled: &'a [i64],
+}
+
+/// [`t2i_generate`] with `observer` called after every step ([`T2iStepEvent`]). The result is
+/// the same as [`t2i_generate`]'s.
+///
+/// # Errors
+/// Those of [`t2i_generate`].
+pub fn t2i_generate_observed<B, D, R>(
+    model: &D,
+    inputs: T2iInputs<B>,
+    config: &T2iConfig,
+    rng: &mut R,
+    record_trace: bool,
+    observer: &mut dyn FnMut(&T2iStepEvent<'_>),
+) -> Result<T2iOutput<B>, SamplerError>
+where
+    B: Backend,
+    D: Denoiser<B> + ?Sized,
+    R: MaskGitRandomness<B> + ?Sized,
+{
     config.validate()?;
     let [b, l] = inputs.input_ids.dims();
     let n = config.seq_len;
@@ -443,6 +481,17 @@ where
         }
         mask_len_per_step.push(lens);
         temperature_per_step.push(temperature);
+        let committed: Vec<i64> = known
+            .iter()
+            .map(|&k| if k == mask { -1 } else { k })
+            .collect();
+        observer(&T2iStepEvent {
+            step,
+            batch: b,
+            seq_len: n,
+            committed: &committed,
+            sampled: &sampled,
+        });
     }
     if record_trace {
         image_ids_per_step.push(image_slot(&ids));

@@ -10,7 +10,7 @@ use mmada_model::{Attention, Denoiser};
 use crate::host;
 use crate::{
     Completion, GenerateConfig, Remasking, SamplerError, UniformSource, generate,
-    generate_completions,
+    generate_completions, generate_observed,
 };
 
 const V: usize = 8;
@@ -96,6 +96,60 @@ impl UniformSource for Scripted {
         self.requested.push(n);
         (0..n).map(|i| (self.f)(i)).collect()
     }
+}
+
+/// The observer of [`generate_observed`] sees the canvas after every step (the trace's
+/// canvases 1..), the step's block and the block ends, and the result is [`generate`]'s.
+#[test]
+fn observer_sees_every_step_and_the_block_ends() {
+    let m = FnDenoiser::new(|_, i| one_hot(i % 5, i as f32));
+    let c = cfg(6, 4, 2);
+    /// (step, block, block_done, canvas, unmask_step) of one event.
+    type Seen = (usize, usize, bool, Vec<i64>, Vec<i64>);
+    let mut seen: Vec<Seen> = Vec::new();
+    let out = generate_observed(
+        &m,
+        prompt(&[&[1, 2]]),
+        None,
+        &c,
+        &mut NoRng,
+        true,
+        &mut |e| {
+            assert_eq!((e.batch, e.seq_len, e.prompt_len), (1, 6, 2));
+            seen.push((
+                e.step,
+                e.block,
+                e.block_done,
+                e.canvas.to_vec(),
+                e.unmask_step.to_vec(),
+            ));
+        },
+    )
+    .unwrap();
+    let t = out.trace.unwrap();
+    assert_eq!(seen.len(), 6);
+    let steps: Vec<(usize, usize, bool)> = seen.iter().map(|s| (s.0, s.1, s.2)).collect();
+    assert_eq!(
+        steps,
+        vec![
+            (0, 0, false),
+            (1, 0, false),
+            (2, 0, true),
+            (3, 1, false),
+            (4, 1, false),
+            (5, 1, true)
+        ]
+    );
+    for (s, canvas) in seen.iter().zip(&t.canvases[1..]) {
+        assert_eq!(&s.3, canvas);
+    }
+    assert_eq!(seen[1].4, vec![-1, -1, 1, 0, -1, -1]);
+    assert_eq!(seen[5].4, t.unmask_step);
+    let plain = generate(&m, prompt(&[&[1, 2]]), None, &c, &mut NoRng, false).unwrap();
+    assert_eq!(
+        host::ints(plain.ids).unwrap(),
+        t.canvases.last().unwrap().clone()
+    );
 }
 
 #[test]
