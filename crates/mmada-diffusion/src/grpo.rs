@@ -959,8 +959,8 @@ mod tests {
     #[test]
     fn zero_variance_t2i_group_gives_zero_gradient() {
         use crate::noise::ImageMaskDraw;
-        use burn::module::AutodiffModule;
-        use mmada_model::Attention;
+        use burn::module::Module;
+        use mmada_model::{Attention, Denoiser};
         use mmada_model::config::ModelConfig;
         use mmada_model::init::init_model;
         type Ad = burn::backend::Autodiff<mmada_model::backend::Cpu>;
