@@ -364,7 +364,7 @@ fn tasks_on_two_devices_equal_one_device() {
     };
     let b = UniGrpo::run_dp::<CpuAutodiff>(
         &two,
-        &vec![Default::default(); 2],
+        &[Default::default(); 2],
         &dist,
         &UniGrpoOptions::default(),
         &mut |_| {},
@@ -441,6 +441,14 @@ fn zero_variance_t2i_groups_give_zero_gradient() {
 fn task_recipe_errors_name_the_key_and_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let _ = tasks_recipe(tmp.path(), "ok", "http://x", &[]);
+    // the shipped example recipe parses, with 4 : 2 : 2 groups
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/unigrpo_unified.yaml"),
+    )
+    .unwrap();
+    let r = UniGrpoRecipe::parse(&text, "unigrpo_unified.yaml", &[]).unwrap();
+    let groups: Vec<usize> = r.task_specs().iter().map(|t| t.groups).collect();
+    assert_eq!(groups, vec![4, 2, 2]);
     let err = |sets: &[&str]| -> String {
         match try_tasks_recipe(tmp.path(), "bad", "http://x", sets) {
             Ok(_) => panic!("{sets:?} was accepted"),

@@ -787,7 +787,7 @@ pub fn build_tasks<B: Backend>(
                 c.timesteps = m.timesteps;
                 c.guidance_scale = m.guidance_scale;
                 c.temperature = m.temperature;
-                c.noise_schedule = m.noise_schedule.clone();
+                c.noise_schedule = m.noise_schedule;
                 if c.image_token_offset + c.codebook_size > embedding_size {
                     return Err(TrainError::Other(format!(
                         "{key}: the model's head ({embedding_size} ids) does not hold the image codes [{}, {}): t2i needs an MMaDA-shaped checkpoint",
