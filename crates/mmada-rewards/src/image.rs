@@ -6,7 +6,8 @@
 //!   base64-encoded (standard alphabet, padded), which CLIP / ImageReward servers decode with
 //!   `PIL.Image.open(io.BytesIO(base64.b64decode(s)))` (see `scripts/reward_server.py`).
 //! * `kind: image_color` ([`ImageColor`]): closeness of the image's mean colour to a target
-//!   colour given in the params.
+//!   colour given in the params (or, with `measure: pixels`, the share of its pixels of that
+//!   colour).
 //! * `kind: caption_color` ([`ImageColor`] with the target read from the caption): the colour
 //!   named in the prompt / caption ("a red square" → red).
 //! * `kind: image_brightness` ([`ImageBrightness`]): closeness of the mean luma to a target.
@@ -182,10 +183,46 @@ pub fn color_closeness(img: &RewardImage, target: [u8; 3]) -> f32 {
     1.0 - d2.sqrt() / (255.0 * 3f32.sqrt())
 }
 
+/// Share of the pixels whose nearest colour of [`NAMED_COLORS`] (by Euclidean RGB distance,
+/// the first on ties) is `target`'s nearest one: `1` for an image entirely of that colour,
+/// `0` when none of its pixels are.
+pub fn color_pixel_share(img: &RewardImage, target: [u8; 3]) -> f32 {
+    let nearest = |p: [u8; 3]| -> usize {
+        let d = |c: [u8; 3]| -> i32 {
+            (0..3)
+                .map(|k| (i32::from(p[k]) - i32::from(c[k])).pow(2))
+                .sum()
+        };
+        (0..NAMED_COLORS.len())
+            .min_by_key(|&i| d(NAMED_COLORS[i].1))
+            .expect("named colours")
+    };
+    let want = nearest(target);
+    let px = img.rgb.chunks_exact(3);
+    let n = px.len().max(1);
+    let hit = px.filter(|p| nearest([p[0], p[1], p[2]]) == want).count();
+    hit as f32 / n as f32
+}
+
+/// How [`ImageColor`] compares an image with its target colour (`params.measure`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColorMeasure {
+    /// [`color_closeness`] of the mean colour (default).
+    #[default]
+    Mean,
+    /// [`color_pixel_share`]: the share of pixels nearest to the target's named colour.
+    Pixels,
+}
+
 /// `params:` of `kind: image_color` and `kind: caption_color`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageColorParams {
+    /// `mean` (default: closeness of the mean colour) or `pixels` (share of pixels of the
+    /// target colour).
+    #[serde(default)]
+    pub measure: ColorMeasure,
     /// `image_color`: the target colour, a name of [`NAMED_COLORS`] (`red`) or `[r, g, b]`.
     #[serde(default)]
     pub target: Option<ColorSpec>,
@@ -215,11 +252,14 @@ pub enum ColorTarget {
 }
 
 /// `kind: image_color` / `kind: caption_color`: [`color_closeness`] of the item's image to
-/// the target; `None` without an image (or a colour word in the caption).
+/// the target (or [`color_pixel_share`] with `measure: pixels`); `None` without an image (or
+/// a colour word in the caption).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageColor {
     /// The target.
     pub target: ColorTarget,
+    /// How the image is compared with it.
+    pub measure: ColorMeasure,
 }
 
 impl ImageColor {
@@ -260,6 +300,7 @@ impl ImageColor {
         };
         Ok(Self {
             target: ColorTarget::Fixed(rgb),
+            measure: p.measure,
         })
     }
 
@@ -276,6 +317,7 @@ impl ImageColor {
         }
         Ok(Self {
             target: ColorTarget::Caption(p.caption_field),
+            measure: p.measure,
         })
     }
 
@@ -301,7 +343,11 @@ impl Reward for ImageColor {
             .iter()
             .map(|item| {
                 let img = item.image.as_ref()?;
-                Some(color_closeness(img, self.target_of(item)?))
+                let target = self.target_of(item)?;
+                Some(match self.measure {
+                    ColorMeasure::Mean => color_closeness(img, target),
+                    ColorMeasure::Pixels => color_pixel_share(img, target),
+                })
             })
             .collect())
     }
@@ -398,7 +444,7 @@ mod tests {
     fn color_rewards_score_closeness_and_skip_items_without_image() {
         let red = ImageColor::fixed(ImageColorParams {
             target: Some(ColorSpec::Name("Red".into())),
-            caption_field: None,
+            ..Default::default()
         })
         .unwrap();
         let batch = [
@@ -428,12 +474,30 @@ mod tests {
 
         let e = ImageColor::fixed(ImageColorParams {
             target: Some(ColorSpec::Name("teal".into())),
-            caption_field: None,
+            ..Default::default()
         })
         .unwrap_err()
         .to_string();
         assert!(e.contains("params.target") && e.contains("magenta"), "{e}");
         assert!(ImageColor::fixed(ImageColorParams::default()).is_err());
+
+        // measure: pixels — 2 of 6 pixels red-ish (nearest named colour red), 4 blue
+        let mut rgb = [200u8, 30, 10].repeat(2);
+        rgb.extend([0u8, 0, 250].repeat(4));
+        let img = RewardImage::new(3, 2, rgb).unwrap();
+        let share = ImageColor::from_caption(ImageColorParams {
+            measure: ColorMeasure::Pixels,
+            ..Default::default()
+        })
+        .unwrap();
+        let s = share
+            .score(&[
+                item("a red kite", Some(img.clone())),
+                item("blue", Some(img)),
+            ])
+            .unwrap();
+        assert!((s[0].unwrap() - 1.0 / 3.0).abs() < 1e-6, "{s:?}");
+        assert!((s[1].unwrap() - 2.0 / 3.0).abs() < 1e-6, "{s:?}");
     }
 
     #[test]

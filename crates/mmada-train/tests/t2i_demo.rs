@@ -9,9 +9,19 @@
 //!    the SFT policy draws the wrong colour about a third of the time.
 //! 2. A short SFT of a tiny MMaDA-shaped model on them, through the fixture-size MAGVIT-v2
 //!    (resolution 32: 2×2 = 4 image tokens).
-//! 3. UniGRPO with one `t2i` task and the model-free `caption_color` reward (closeness of the
-//!    decoded image's mean colour to the caption's colour): the reward rises; the test
-//!    asserts the mean of the last 5 steps exceeds the mean of the first 5 and prints both.
+//! 3. UniGRPO with one `t2i` task and the model-free `caption_color` reward with
+//!    `measure: pixels` (the share of the decoded image's pixels whose nearest named colour
+//!    is the caption's): the reward rises; the test asserts the mean of the last 5 steps
+//!    exceeds the mean of the first 5 and prints both.
+//!
+//! The fixture MAGVIT-v2 has random weights and its decoder output was scaled by 0.4, so its
+//! images are nearly mid-grey whatever the codes; the demo multiplies that output convolution
+//! by 40 (`DEMO_VQ_GAIN`) so that codes decode to visibly different, saturated colours.
+//! Measured (2-core machine, dev profile, defaults): SFT 300 steps, loss 9.737 → 0.566;
+//! UniGRPO 30 steps (G = 8, 4 prompt groups per step, lr 1e-3): `caption_color` mean of steps
+//! 1–5 0.1068, of steps 26–30 0.1311. With `DEMO_MEASURE=mean` (closeness of the mean colour)
+//! the rise is real but small (0.4738 → 0.4821 with lr 2e-3): the decoded means stay near grey.
+//! Knobs: `DEMO_SFT_STEPS`, `DEMO_RL_STEPS`, `DEMO_RL_LR`, `DEMO_VQ_GAIN`, `DEMO_MEASURE`.
 //!
 //! Seeded: the numbers repeat run to run on the same machine.
 
@@ -118,7 +128,7 @@ fn t2i_colour_reward_rises_over_a_short_unigrpo_run() {
     let gain: f32 = std::env::var("DEMO_VQ_GAIN")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10.0);
+        .unwrap_or(40.0);
     let vq = contrast_vq(&dir.join("vq"), gain);
     let sft_steps: u64 = std::env::var("DEMO_SFT_STEPS")
         .ok()
@@ -131,7 +141,7 @@ fn t2i_colour_reward_rises_over_a_short_unigrpo_run() {
     let rl_lr: f64 = std::env::var("DEMO_RL_LR")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0e-4);
+        .unwrap_or(1.0e-3);
     let sft = format!(
         r#"
 run: {{name: sft, output_dir: "{out}", seed: 1}}
@@ -208,7 +218,7 @@ tasks:
         split: train
       max_prompt_length: 12
     maskgit: {{timesteps: 4, guidance_scale: 0.0}}
-    reward_funcs: [{{kind: caption_color}}]
+    reward_funcs: [{{kind: caption_color, params: {{measure: {measure}}}}}]
 optimizer: {{lr: {rl_lr:e}, weight_decay: 0.0}}
 schedule: {{kind: constant}}
 train: {{max_steps: {rl_steps}}}
@@ -219,6 +229,7 @@ checkpoint: {{every: 0, keep_last: 1, model_dtype: f32}}
         tok = data.join("tokenizer.json").display(),
         vq = vq.display(),
         caps = data.join("captions.jsonl").display(),
+        measure = std::env::var("DEMO_MEASURE").unwrap_or_else(|_| "pixels".into()),
     );
     let grpo = UniGrpoRecipe::parse(&grpo, "demo_grpo.yaml", &[]).unwrap();
     let t0 = std::time::Instant::now();
