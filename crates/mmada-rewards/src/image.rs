@@ -482,7 +482,7 @@ mod tests {
         assert!(ImageColor::fixed(ImageColorParams::default()).is_err());
 
         // measure: pixels — 2 of 6 pixels red-ish (nearest named colour red), 4 blue
-        let mut rgb = [200u8, 30, 10].repeat(2);
+        let mut rgb = [230u8, 20, 20].repeat(2);
         rgb.extend([0u8, 0, 250].repeat(4));
         let img = RewardImage::new(3, 2, rgb).unwrap();
         let share = ImageColor::from_caption(ImageColorParams {
