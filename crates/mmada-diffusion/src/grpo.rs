@@ -367,6 +367,49 @@ pub fn noise_d1(
     Ok(row)
 }
 
+/// Structured noising of a text-to-image completion (the image tokens of a t2i row), with
+/// the t2i conventions of SFT (spec §3.3, `training/utils.py::mask_or_random_replace_tokens`,
+/// [`crate::noise::image_mask_with`]): the draw's `tau` is the mask ratio of the UniGRPO
+/// schedule for this (completion, inner iteration); `mask_prob = γ(tau)`
+/// (`schedule`, cosine by default), `n = clamp(round(N·mask_prob), 1, N)` image positions —
+/// the `n` smallest `draw.scores` — are replaced by `mask_id` and scored. Everything else (the
+/// text prompt, `<|soi|>`, `<|eoi|>`) stays intact and unscored, unlike SFT's mean, which also
+/// counts the trivial `<|soi|>` / `<|eoi|>` targets: the completion of a t2i rollout is its
+/// image tokens.
+///
+/// `ids`: `[L]`; the image tokens are `ids[image_start .. image_start + N]` with
+/// `N = draw.scores.len()`.
+///
+/// # Errors
+/// [`DiffusionError::Range`] when the image slice does not fit in the row or the schedule is
+/// invalid.
+pub fn noise_image(
+    ids: &[i64],
+    image_start: usize,
+    draw: &crate::noise::ImageMaskDraw,
+    schedule: &crate::MaskSchedule,
+    mask_id: i64,
+) -> Result<NoisedRow, DiffusionError> {
+    let n = draw.scores.len();
+    if image_start + n > ids.len() {
+        return Err(DiffusionError::Range {
+            what: "image_start",
+            value: format!("{image_start} + {n} image tokens"),
+            why: "the image slice runs past the end of the row",
+        });
+    }
+    let m = crate::noise::image_mask_with(draw, schedule, 0.0)?;
+    let mut noisy = ids.to_vec();
+    let mut loss_mask = vec![false; ids.len()];
+    for (j, &masked) in m.iter().enumerate() {
+        if masked {
+            noisy[image_start + j] = mask_id;
+            loss_mask[image_start + j] = true;
+        }
+    }
+    Ok(NoisedRow { noisy, loss_mask })
+}
+
 /// A batch of noised rows for the UniGRPO loss (host side, row-major).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct GrpoBatch {
@@ -843,6 +886,131 @@ mod tests {
         assert_eq!(r0.n_masked(), 5);
         assert!(noise_d1(&ids, lp, &uniforms(1, lp - 1), 0.15, MASK, tail).is_err());
         assert!(noise_d1(&ids, lp, &uniforms(1, lp), 1.5, MASK, tail).is_err());
+    }
+
+    /// t2i completion (SFT t2i conventions): τ = 0.5 under the cosine schedule masks
+    /// `round(4·cos(π/4)) = round(2.83) = 3` of the 4 image tokens — the three smallest
+    /// scores — and only they are scored; log-probs and the clipped loss match the numbers
+    /// worked out by hand (comments).
+    #[test]
+    fn t2i_noising_logprobs_and_loss_match_a_hand_computed_case() {
+        use crate::noise::ImageMaskDraw;
+        type B = mmada_model::backend::Cpu;
+        const MASK: i64 = 15;
+        // [text 1 2 3] <soi>=4, codes 10..13, <eoi>=5; image slot 4..8
+        let ids = [1i64, 2, 3, 4, 10, 11, 12, 13, 5];
+        let draw = ImageMaskDraw {
+            tau: 0.5,
+            scores: vec![0.9, 0.1, 0.5, 0.3],
+        };
+        let row = noise_image(&ids, 4, &draw, &crate::MaskSchedule::Cosine, MASK).unwrap();
+        assert_eq!(row.noisy, vec![1, 2, 3, 4, 10, MASK, MASK, MASK, 5]);
+        let scored: Vec<usize> = (0..9).filter(|&i| row.loss_mask[i]).collect();
+        assert_eq!(
+            scored,
+            vec![5, 6, 7],
+            "text, <soi>, <eoi> and the kept code unscored"
+        );
+        let mut b = GrpoBatch::new(9);
+        assert!(b.push(row, &ids, 1.5, 0).unwrap());
+        // logits [1, 9, 16], zero except the target logit: ln 3 at position 5 (label 11),
+        // ln 15 at 6 (label 12), 0 at 7 (label 13) → p = 3/18, 15/30, 1/16
+        let mut v = vec![0f32; 9 * 16];
+        v[5 * 16 + 11] = 3f32.ln();
+        v[6 * 16 + 12] = 15f32.ln();
+        let logits = Tensor::<B, 3>::from_data(TensorData::new(v, [1, 9, 16]), &Default::default());
+        let lp = b
+            .logprobs(logits.clone())
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let want = [-1.791_759_5f32, -std::f32::consts::LN_2, -2.772_588_7]; // ln 1/6, ln 1/2, ln 1/16
+        for (x, y) in lp.iter().zip(want) {
+            assert!((x - y).abs() < 1e-5, "{lp:?}");
+        }
+        // old log-probs: equal, 0.5 lower, 0.1 higher → ratios 1, e^0.5 = 1.6487, e^-0.1 = 0.9048;
+        // A = 1.5, ε = 0.2: surrogates 1.5, 1.2·1.5 = 1.8 (clipped), 1.3573;
+        // policy = −(1.5 + 1.8 + 1.3573)/3 = −1.552419;
+        // k3 = e^−d − 1 + d for d = 0, 0.5, −0.1: 0, 0.106531, 0.005171; KL (dLLM-RL: summed
+        // over the row's tokens) × β 0.1 = 0.011170; loss = −1.541249
+        let old = [lp[0], lp[1] - 0.5, lp[2] + 0.1];
+        let cfg = GrpoLossConfig {
+            epsilon: 0.2,
+            epsilon_high: None,
+            beta: 0.1,
+            norm: LossNorm::DllmRl,
+        };
+        let out = unigrpo_loss(logits, &b, &old, None, &cfg).unwrap();
+        let f = |t: Tensor<B, 1>| t.into_scalar();
+        assert!((f(out.policy_loss) + 1.552_418_7).abs() < 1e-5);
+        assert!((f(out.kl_loss) - 0.011_170_16).abs() < 1e-6);
+        assert!((f(out.loss) + 1.541_248_6).abs() < 1e-5);
+        assert_eq!(out.stats.tokens, 3);
+        assert!(
+            (out.stats.clip_high - 1.0 / 3.0).abs() < 1e-6,
+            "one token clipped high"
+        );
+    }
+
+    /// A t2i group whose rewards are all equal has advantage 0: with the old policy as KL
+    /// reference (ratio exactly 1 on the first update) every gradient of the tiny model is
+    /// exactly zero; the same rows with different rewards give a non-zero gradient.
+    #[test]
+    fn zero_variance_t2i_group_gives_zero_gradient() {
+        use crate::noise::ImageMaskDraw;
+        use burn::module::Module;
+        use mmada_model::config::ModelConfig;
+        use mmada_model::init::init_model;
+        use mmada_model::{Attention, Denoiser};
+        type Ad = burn::backend::Autodiff<mmada_model::backend::Cpu>;
+        let dev = Default::default();
+        let model = init_model::<Ad>(&ModelConfig::tiny(), 3, &dev, burn::tensor::FloatDType::F32);
+        // tiny layout: image code c = id 320 + c, mask 300; [text…] <soi> 4 codes <eoi>
+        let rows: Vec<Vec<i64>> = (0..3)
+            .map(|r| vec![40, 41, 42, 43, 330 + r, 331, 340 + 2 * r, 350, 44])
+            .collect();
+        let grad_of = |rewards: [f32; 3]| {
+            let adv = group_advantages(&rewards, 3, AdvantageOptions::default()).unwrap();
+            let mut b = GrpoBatch::new(9);
+            for (r, ids) in rows.iter().enumerate() {
+                let draw = ImageMaskDraw {
+                    tau: 0.3,
+                    scores: vec![0.2 + 0.1 * r as f32, 0.7, 0.1, 0.5],
+                };
+                let row = noise_image(ids, 4, &draw, &crate::MaskSchedule::Cosine, 300).unwrap();
+                b.push(row, ids, adv.advantages[r], r).unwrap();
+            }
+            let input = b.input::<Ad>(&dev);
+            let old_model = model.clone().no_grad();
+            let old = b
+                .logprobs(old_model.logits(input.clone(), &Attention::Full))
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let cfg = GrpoLossConfig {
+                beta: 0.04,
+                ..Default::default()
+            };
+            let logits = model.logits(input, &Attention::Full);
+            let out = unigrpo_loss(logits, &b, &old, None, &cfg).unwrap();
+            let grads = out.loss.backward();
+            let abs_max = |t: Option<Tensor<mmada_model::backend::Cpu, 2>>| {
+                t.expect("a gradient").abs().max().into_scalar()
+            };
+            (
+                adv.zero_std[0],
+                abs_max(model.wte.weight.grad(&grads)),
+                abs_max(model.ff_out.weight.grad(&grads)),
+            )
+        };
+        let (zero, g_emb, g_head) = grad_of([0.7, 0.7, 0.7]);
+        assert!(zero);
+        assert_eq!((g_emb, g_head), (0.0, 0.0));
+        let (zero, g_emb, g_head) = grad_of([1.0, 0.0, 0.5]);
+        assert!(!zero);
+        assert!(g_emb > 1e-6 && g_head > 1e-6, "{g_emb} {g_head}");
     }
 
     fn opts(scale: ScaleRewards) -> AdvantageOptions {

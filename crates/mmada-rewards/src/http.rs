@@ -2,7 +2,11 @@
 //! execution, a reward model).
 //!
 //! Protocol: `POST <url>` with JSON `{"items": [RewardInput, …]}` (fields `prompt`,
-//! `completion`, `completion_ids`, `terminated`, `fields`); the reply must be
+//! `completion`, `completion_ids`, `terminated`, `fields`, and `image` when the item has
+//! one: `{"width", "height", "png_base64"}`, a base64 PNG — the decoded image of a
+//! text-to-image completion, or the prompt image of an understanding task; see
+//! [`crate::image::RewardImage`] and the reference CLIP / ImageReward server
+//! `scripts/reward_server.py`); the reply must be
 //! `{"rewards": [number | null, …]}` with one entry per item (`null` = not applicable).
 //! Connection errors, timeouts and 5xx/429 replies are retried `retries` times with
 //! exponential backoff; 4xx and malformed replies fail at once.

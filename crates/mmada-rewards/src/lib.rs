@@ -6,7 +6,9 @@
 //! * [`RewardRegistry`]: builds rewards from [`RewardSpec`]s (`kind`, optional `name`, `weight`,
 //!   `params`) — the `reward_funcs:` list of a recipe. Built-in kinds: `math_correctness`
 //!   (default weight 2.0, paper), `think_format` (0.5, paper), `length`, `regex`,
-//!   `exact_match`, `http`. Custom kinds are registered with [`RewardRegistry::register`].
+//!   `exact_match`, `http`, and the image rewards `image_color`, `caption_color`,
+//!   `image_brightness` ([`image`]). Custom kinds are registered with
+//!   [`RewardRegistry::register`].
 //! * [`RewardSet::score`] → [`RewardBreakdown`]: per-reward scores, the weighted total per item
 //!   (`Σ_k w_k·r_k` over the rewards that apply, TRL `nansum`), and per-reward statistics for the
 //!   TRL metrics `rewards/<name>/mean|std`.
@@ -17,10 +19,12 @@
 pub mod builtin;
 pub mod extract;
 pub mod http;
+pub mod image;
 mod registry;
 
 pub use builtin::{ExactMatch, LengthReward, MathCorrectness, RegexMatch, ThinkFormat};
 pub use http::HttpReward;
+pub use image::{ImageBrightness, ImageColor, RewardImage};
 pub use registry::{
     RewardBreakdown, RewardFactory, RewardRegistry, RewardSet, RewardSpec, RewardStats,
     WeightedReward,
@@ -42,6 +46,11 @@ pub struct RewardInput {
     /// The example's other fields (`answer`, `solution`, image path, …), as in the dataset row.
     #[serde(default)]
     pub fields: serde_json::Map<String, serde_json::Value>,
+    /// The image of the item, when there is one: the decoded completion of a text-to-image
+    /// rollout, or the prompt image of an understanding task. In JSON (the `http` reward's
+    /// body) `{"width", "height", "png_base64"}`, absent when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<RewardImage>,
 }
 
 impl RewardInput {

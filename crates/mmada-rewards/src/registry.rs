@@ -9,6 +9,7 @@ use crate::builtin::{
     MathCorrectnessParams, RegexMatch, RegexParams, ThinkFormat, ThinkFormatParams,
 };
 use crate::http::{HttpParams, HttpReward};
+use crate::image::{ImageBrightness, ImageBrightnessParams, ImageColor, ImageColorParams};
 use crate::{Reward, RewardError, RewardInput};
 
 /// One entry of a recipe's `reward_funcs:` list.
@@ -26,7 +27,7 @@ use crate::{Reward, RewardError, RewardInput};
 #[serde(deny_unknown_fields)]
 pub struct RewardSpec {
     /// Registered kind (`math_correctness`, `think_format`, `length`, `regex`, `exact_match`,
-    /// `http`, or a custom one).
+    /// `http`, `image_color`, `caption_color`, `image_brightness`, or a custom one).
     pub kind: String,
     /// Name used in metrics (`rewards/<name>/mean`); defaults to `kind`. Must be unique.
     #[serde(default)]
@@ -102,7 +103,8 @@ impl RewardRegistry {
     }
 
     /// The built-in kinds with the paper's default weights (spec §5.1): `math_correctness`
-    /// 2.0, `think_format` 0.5; `length`, `regex`, `exact_match`, `http` 1.0.
+    /// 2.0, `think_format` 0.5; `length`, `regex`, `exact_match`, `http`, `image_color`,
+    /// `caption_color`, `image_brightness` 1.0.
     pub fn with_builtins() -> Self {
         let mut r = Self::empty();
         r.register("math_correctness", 2.0, |p| {
@@ -125,6 +127,19 @@ impl RewardRegistry {
         });
         r.register("http", 1.0, |p| {
             Ok(Box::new(HttpReward::new(parse::<HttpParams>(p)?)?))
+        });
+        r.register("image_color", 1.0, |p| {
+            Ok(Box::new(ImageColor::fixed(parse::<ImageColorParams>(p)?)?))
+        });
+        r.register("caption_color", 1.0, |p| {
+            Ok(Box::new(ImageColor::from_caption(parse::<
+                ImageColorParams,
+            >(p)?)?))
+        });
+        r.register("image_brightness", 1.0, |p| {
+            Ok(Box::new(ImageBrightness::new(parse::<
+                ImageBrightnessParams,
+            >(p)?)?))
         });
         r
     }

@@ -120,3 +120,93 @@ fn unreachable_server_gives_up_after_retries() {
         .to_string();
     assert!(e.contains("reward_funcs[0].params.url"), "{e}");
 }
+
+/// Images reach the server as base64 PNG with their prompts: a one-connection server decodes
+/// each item's `image.png_base64` (as `scripts/reward_server.py` does with PIL) and replies
+/// with the mean red channel / 255 — the reward the trainer gets back equals that of the
+/// pixels it sent; an item without an image arrives without the key and scores `null`.
+#[test]
+fn images_are_sent_as_base64_png_with_their_prompts() {
+    use base64::Engine as _;
+    use mmada_rewards::RewardImage;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/clip", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut req = vec![0u8; len];
+        reader.read_exact(&mut req).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&req).unwrap();
+        let mut prompts = vec![];
+        let rewards: Vec<serde_json::Value> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|it| {
+                prompts.push(it["prompt"].as_str().unwrap().to_string());
+                let Some(img) = it.get("image") else {
+                    return serde_json::Value::Null;
+                };
+                let png = base64::engine::general_purpose::STANDARD
+                    .decode(img["png_base64"].as_str().unwrap())
+                    .unwrap();
+                let rgb = image::load_from_memory(&png).unwrap().to_rgb8();
+                assert_eq!(
+                    (rgb.width() as u64, rgb.height() as u64),
+                    (
+                        img["width"].as_u64().unwrap(),
+                        img["height"].as_u64().unwrap()
+                    )
+                );
+                let red: f64 = rgb.pixels().map(|p| f64::from(p[0])).sum::<f64>()
+                    / f64::from(rgb.width() * rgb.height());
+                serde_json::json!(red / 255.0)
+            })
+            .collect();
+        let body = serde_json::json!({ "rewards": rewards }).to_string();
+        let mut stream = reader.into_inner();
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        prompts
+    });
+    let set = RewardRegistry::with_builtins()
+        .build("reward_funcs", &[spec(&url)])
+        .unwrap();
+    // a 3×2 image: red 255 on the left column, 0 elsewhere → mean red 85
+    let mut rgb = vec![];
+    for _y in 0..2 {
+        for x in 0..3 {
+            rgb.extend([if x == 0 { 255 } else { 0 }, 40, 90]);
+        }
+    }
+    let items = vec![
+        RewardInput {
+            prompt: "a red bar".into(),
+            image: Some(RewardImage::new(3, 2, rgb).unwrap()),
+            ..Default::default()
+        },
+        RewardInput {
+            prompt: "no picture".into(),
+            ..Default::default()
+        },
+    ];
+    let b = set.score(&items).unwrap();
+    assert_eq!(b.per_reward[0][1], None);
+    assert!((b.per_reward[0][0].unwrap() - 85.0 / 255.0).abs() < 1e-6);
+    assert_eq!(server.join().unwrap(), vec!["a red bar", "no picture"]);
+}

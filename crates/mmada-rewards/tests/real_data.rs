@@ -104,6 +104,7 @@ fn correctness_reward_on_real_examples() {
             completion_ids: vec![],
             terminated: true,
             fields: fields.clone(),
+            image: None,
         };
     let mut batch = Vec::new();
     // GSM8K: the reference solution itself (with ####) inside a think block, and a wrong number.

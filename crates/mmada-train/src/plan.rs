@@ -1220,8 +1220,25 @@ impl PlanInput {
     ) -> Self {
         let g = &recipe.grpo;
         let rows = g.num_generations as u64;
-        let comp = g.max_completion_length as u64;
-        let seq = recipe.prompts.max_prompt_length as u64 + comp;
+        // the longest task row (t2i rows: P + 2 + the image tokens of image_tokenizer.resolution)
+        let (seq, comp) = recipe
+            .task_specs()
+            .iter()
+            .map(|t| {
+                let comp = match t.kind {
+                    crate::recipe::TaskKind::T2i => {
+                        let r = recipe
+                            .image_tokenizer
+                            .as_ref()
+                            .map_or(512, |s| s.resolution);
+                        u64::from(r / 16).pow(2) + 1
+                    }
+                    _ => t.max_completion_length as u64,
+                };
+                (t.prompts.max_prompt_length as u64 + 1 + comp, comp)
+            })
+            .fold((0, 0), |(a, b), (x, y)| (a.max(x), b.max(y)));
+        let seq = seq - 1;
         let world = (devices_per_node * nodes).max(1);
         let groups = div_ceil(g.prompts_per_step() as u64, world);
         let reference = g.uses_reference_model();

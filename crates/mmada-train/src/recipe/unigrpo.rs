@@ -13,9 +13,9 @@ use mmada_sampler::SamplerSection;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CheckpointSection, LoggingSection, MixedPrecision, ModelSection, OptimizerSection, Recipe,
-    RecipeError, RunConfig, ScheduleSection, Sharding, TokenizerSection, cpu, one_u64,
-    validate_device, validate_log_every, yes,
+    CheckpointSection, ImageTokenizerSection, LoggingSection, MixedPrecision, ModelSection,
+    OptimizerSection, Recipe, RecipeError, RunConfig, ScheduleSection, Sharding, TokenizerSection,
+    cpu, one_f32, one_u64, validate_device, validate_log_every, yes,
 };
 
 serde_defaults! {
@@ -28,6 +28,8 @@ serde_defaults! {
     default_lower: f32 = 0.1;
     default_upper: f32 = 0.9;
     ce_chunk: usize = mmada_diffusion::DEFAULT_CE_CHUNK_ROWS;
+    default_maskgit_steps: usize = 18;
+    default_maskgit_temperature: f64 = 1.0;
 }
 
 /// `prompts.template`: how a prompt example becomes prompt text.
@@ -83,6 +85,20 @@ pub struct PromptsSection {
     /// dLLM-RL `max_prompt_len`).
     #[serde(default = "default_max_prompt")]
     pub max_prompt_length: usize,
+}
+
+impl Default for PromptsSection {
+    /// No source (`manifest` and `inline` unset), the defaults of every other key.
+    fn default() -> Self {
+        serde_norway::from_str("{}").expect("defaults")
+    }
+}
+
+impl PromptsSection {
+    /// Whether no source is given (the top-level `prompts:` of a recipe with `tasks:`).
+    pub fn is_unset(&self) -> bool {
+        self.manifest.is_none() && self.inline.is_none()
+    }
 }
 
 /// `grpo.mask_ratio`: where the mask ratio of each (completion, inner iteration) comes from.
@@ -299,6 +315,159 @@ impl GrpoSection {
     }
 }
 
+/// `tasks[i].kind`: what a task's prompts and completions are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Text prompt, text completion from the block sampler (the single-task recipe).
+    Text,
+    /// Multimodal understanding: `<|mmu|> <|soi|> image codes <|eoi|>` + the chat-templated
+    /// question (spec §2.4 d, inference form), text completion from the block sampler.
+    Mmu,
+    /// Text-to-image: the t2i prompt of the caption (spec §2.4 c), the image tokens sampled
+    /// by the MaskGIT sampler (spec §4.3, with CFG) are the completion; the decoded image
+    /// reaches the rewards.
+    T2i,
+}
+
+impl TaskKind {
+    /// The recipe spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Text => "text",
+            TaskKind::Mmu => "mmu",
+            TaskKind::T2i => "t2i",
+        }
+    }
+}
+
+/// `tasks[i].maskgit` — the MaskGIT sampler of a `t2i` task's rollouts (spec §4.3; upstream
+/// `t2i_generate` keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskGitSection {
+    /// MaskGIT steps `S` (upstream `timesteps`, default 18).
+    #[serde(default = "default_maskgit_steps")]
+    pub timesteps: usize,
+    /// Classifier-free guidance weight `w` (`(1 + w)·cond − w·uncond` with the empty
+    /// caption; default 0 = off; upstream inference 3.5).
+    #[serde(default)]
+    pub guidance_scale: f64,
+    /// Initial Gumbel temperature of the re-masking (default 1.0, annealed as upstream).
+    #[serde(default = "default_maskgit_temperature")]
+    pub temperature: f64,
+    /// Mask-ratio schedule `γ` of the sampler (default cosine).
+    #[serde(default)]
+    pub noise_schedule: mmada_sampler::MaskSchedule,
+}
+
+impl Default for MaskGitSection {
+    fn default() -> Self {
+        serde_norway::from_str("{}").expect("defaults")
+    }
+}
+
+/// One entry of `tasks:`.
+///
+/// ```yaml
+/// tasks:
+///   - {name: gsm8k, kind: text, share: 2, prompts: {manifest: gsm8k.yaml},
+///      reward_funcs: [{kind: math_correctness}, {kind: think_format}]}
+///   - {name: vqa, kind: mmu, share: 1, prompts: {manifest: clevr.yaml},
+///      reward_funcs: [{kind: exact_match}]}
+///   - {name: t2i, kind: t2i, share: 1, prompts: {manifest: captions.yaml, max_prompt_length: 128},
+///      maskgit: {timesteps: 18, guidance_scale: 3.5},
+///      reward_funcs: [{kind: http, name: clip, weight: 0.1, params: {url: "http://localhost:8000/clip"}}]}
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSection {
+    /// Name in the metrics (`rewards/<name>/<fn>/mean`); default the kind. Unique, no `/`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `text`, `mmu` or `t2i`.
+    pub kind: TaskKind,
+    /// Relative share of each step's prompt groups (`generation_batch_size /
+    /// num_generations`), split by largest remainder; every task gets at least one group
+    /// (default 1).
+    #[serde(default = "one_f32")]
+    pub share: f32,
+    /// The prompts. `text`: questions / messages; `mmu`: questions with an image (path,
+    /// bytes or codes); `t2i`: captions (`caption`, else `question`, else `text`), and
+    /// `max_prompt_length` is the t2i text length `P` (spec §2.4 c, upstream
+    /// `max_seq_length`).
+    pub prompts: PromptsSection,
+    /// The task's rewards, as the top-level `reward_funcs:`.
+    pub reward_funcs: Vec<RewardSpec>,
+    /// `text` / `mmu`: the block sampler (default the top-level `rollout:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<SamplerSection>,
+    /// `text` / `mmu`: completion length (default `grpo.max_completion_length`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_length: Option<usize>,
+    /// `t2i`: the MaskGIT sampler (defaults of [`MaskGitSection`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maskgit: Option<MaskGitSection>,
+    /// `t2i`: the mask-ratio schedule `γ` of the structured noising of the image tokens (as
+    /// SFT's `loss.mask_schedule`; default cosine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_schedule: Option<mmada_diffusion::MaskSchedule>,
+}
+
+/// A task with everything resolved: the single-task recipe is one `text` task named `""`
+/// (its metrics keep their names, `rewards/<fn>/mean`).
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// Metric name, `""` for the single-task recipe.
+    pub name: String,
+    /// Kind.
+    pub kind: TaskKind,
+    /// Prompts.
+    pub prompts: PromptsSection,
+    /// Rewards.
+    pub reward_funcs: Vec<RewardSpec>,
+    /// Key path of the rewards in the recipe (`reward_funcs` or `tasks[i].reward_funcs`).
+    pub reward_key: String,
+    /// Key path of the task (`tasks[i]`, `""` for the single-task recipe).
+    pub key: String,
+    /// `text` / `mmu`: the sampler section with `gen_length`, `steps`, `block_length` set.
+    pub rollout: SamplerSection,
+    /// `text` / `mmu`: completion length.
+    pub max_completion_length: usize,
+    /// `t2i`: the MaskGIT sampler.
+    pub maskgit: MaskGitSection,
+    /// `t2i`: noising schedule of the image tokens.
+    pub mask_schedule: mmada_diffusion::MaskSchedule,
+    /// Prompt groups of this task per step.
+    pub groups: usize,
+    /// Its first group slot in the step (slots `first_slot .. first_slot + groups`).
+    pub first_slot: usize,
+}
+
+/// Largest-remainder split of `total` groups by `shares` (ties to the earlier task).
+pub fn split_groups(total: usize, shares: &[f32]) -> Vec<usize> {
+    let sum: f64 = shares.iter().map(|&s| f64::from(s)).sum();
+    let exact: Vec<f64> = shares
+        .iter()
+        .map(|&s| f64::from(s) / sum * total as f64)
+        .collect();
+    let mut out: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut left = total - out.iter().sum::<usize>();
+    let mut order: Vec<usize> = (0..shares.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (ra, rb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        out[i] += 1;
+        left -= 1;
+    }
+    out
+}
+
 /// `train:` of a UniGRPO recipe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,7 +512,9 @@ pub struct UniGrpoRecipe {
     pub model: ModelSection,
     /// Tokenizer.
     pub tokenizer: TokenizerSection,
-    /// Prompts.
+    /// Prompts of a single-task recipe (text reasoning). With `tasks:` each task has its own
+    /// `prompts:` and this key must be absent.
+    #[serde(default, skip_serializing_if = "PromptsSection::is_unset")]
     pub prompts: PromptsSection,
     /// Algorithm.
     pub grpo: GrpoSection,
@@ -355,7 +526,10 @@ pub struct UniGrpoRecipe {
     /// tokenizer's.
     #[serde(default)]
     pub rollout: SamplerSection,
-    /// Rewards (`kind`, `name`, `weight`, `params`); see `mmada_rewards`.
+    /// Rewards (`kind`, `name`, `weight`, `params`) of a single-task recipe; see
+    /// `mmada_rewards`. With `tasks:` each task has its own `reward_funcs:` and this key must
+    /// be absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reward_funcs: Vec<RewardSpec>,
     /// AdamW.
     pub optimizer: OptimizerSection,
@@ -376,73 +550,338 @@ pub struct UniGrpoRecipe {
     /// copy of the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<super::LoraSection>,
+    /// Several tasks in one run (MMaDA §3.3 UniGRPO: text reasoning, multimodal
+    /// understanding and text-to-image): each with its prompts, kind, share of each step's
+    /// groups, rollout settings and rewards ([`TaskSection`]). Absent: one `text` task from
+    /// the top-level `prompts:`, `rollout:` and `reward_funcs:` (the single-task recipe).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskSection>,
+    /// MAGVIT-v2 image tokenizer of `mmu` prompt images and `t2i` completions (SFT's
+    /// `data.image_tokenizer` section: `checkpoint`, `resolution`, `mmu_mode`, `cache_dir`,
+    /// `codes`; `t2i_mode` is not used). Needed by `t2i` tasks (the decoded images reach the
+    /// rewards) and by `mmu` prompts whose images are files rather than codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_tokenizer: Option<ImageTokenizerSection>,
 }
 
 impl UniGrpoRecipe {
-    /// The rollout sampler settings: the `rollout:` section with `gen_length =
-    /// grpo.max_completion_length`, and `steps` / `block_length` defaulting to it (pure
-    /// diffusion over the completion, one token per step).
+    /// The rollout sampler settings of the single-task recipe: [`Self::sampler_for`] of
+    /// `rollout:` and `grpo.max_completion_length`.
     pub fn rollout_section(&self) -> SamplerSection {
-        let len = Some(self.grpo.max_completion_length);
+        Self::sampler_for(&self.rollout, self.grpo.max_completion_length)
+    }
+
+    /// A sampler section with `gen_length = len`, and `steps` / `block_length` defaulting to
+    /// it (pure diffusion over the completion, one token per step).
+    pub fn sampler_for(rollout: &SamplerSection, len: usize) -> SamplerSection {
+        let len = Some(len);
         SamplerSection {
             gen_length: len,
-            steps: self.rollout.steps.or(len),
-            block_length: self.rollout.block_length.or(len),
-            ..self.rollout.clone()
+            steps: rollout.steps.or(len),
+            block_length: rollout.block_length.or(len),
+            ..rollout.clone()
         }
     }
 
-    /// `rollout:` leaves `gen_length` to `grpo.max_completion_length` and passes the sampler's
-    /// checks (block length dividing the completion length, steps per block, …), so a bad
-    /// setting is reported when the recipe is read, not after the model is loaded.
-    fn validate_rollout(&self, name: &str) -> Result<(), RecipeError> {
-        let len = self.grpo.max_completion_length;
-        if self.rollout.gen_length.is_some_and(|g| g != len) {
+    /// The tasks of the run, resolved ([`TaskSpec`]): the `tasks:` list, or the single text
+    /// task of `prompts:` / `rollout:` / `reward_funcs:`. Group slots are assigned in task
+    /// order, each task's share by [`split_groups`].
+    pub fn task_specs(&self) -> Vec<TaskSpec> {
+        let total = self.grpo.prompts_per_step();
+        if self.tasks.is_empty() {
+            return vec![TaskSpec {
+                name: String::new(),
+                kind: TaskKind::Text,
+                prompts: self.prompts.clone(),
+                reward_funcs: self.reward_funcs.clone(),
+                reward_key: "reward_funcs".into(),
+                key: String::new(),
+                rollout: self.rollout_section(),
+                max_completion_length: self.grpo.max_completion_length,
+                maskgit: MaskGitSection::default(),
+                mask_schedule: Default::default(),
+                groups: total,
+                first_slot: 0,
+            }];
+        }
+        let shares: Vec<f32> = self.tasks.iter().map(|t| t.share).collect();
+        let groups = split_groups(total, &shares);
+        let mut first = 0;
+        self.tasks
+            .iter()
+            .zip(groups)
+            .enumerate()
+            .map(|(i, (t, g))| {
+                let len = t
+                    .max_completion_length
+                    .unwrap_or(self.grpo.max_completion_length);
+                let spec = TaskSpec {
+                    name: t.name.clone().unwrap_or_else(|| t.kind.as_str().into()),
+                    kind: t.kind,
+                    prompts: t.prompts.clone(),
+                    reward_funcs: t.reward_funcs.clone(),
+                    reward_key: format!("tasks[{i}].reward_funcs"),
+                    key: format!("tasks[{i}]"),
+                    rollout: Self::sampler_for(t.rollout.as_ref().unwrap_or(&self.rollout), len),
+                    max_completion_length: len,
+                    maskgit: t.maskgit.clone().unwrap_or_default(),
+                    mask_schedule: t.mask_schedule.unwrap_or_default(),
+                    groups: g,
+                    first_slot: first,
+                };
+                first += g;
+                spec
+            })
+            .collect()
+    }
+
+    /// A sampler section (`key` = `rollout` or `tasks[i].rollout`) leaves `gen_length` to the
+    /// completion length (`len_key`) and passes the sampler's checks (block length dividing
+    /// the completion length, steps per block, …), so a bad setting is reported when the
+    /// recipe is read, not after the model is loaded.
+    fn validate_rollout(
+        name: &str,
+        rollout: &SamplerSection,
+        key: &str,
+        len: usize,
+        len_key: &str,
+    ) -> Result<(), RecipeError> {
+        if rollout.gen_length.is_some_and(|g| g != len) {
             return Err(RecipeError::key(
                 name,
-                "rollout.gen_length",
-                format!(
-                    "the completion length is grpo.max_completion_length ({len}): set that instead"
-                ),
+                &format!("{key}.gen_length"),
+                format!("the completion length is {len_key} ({len}): set that instead"),
             ));
         }
-        for (key, set, why) in [
+        for (k, set, why) in [
             (
-                "rollout.preset",
-                self.rollout.preset.is_some(),
-                "gen_length is grpo.max_completion_length and steps / block_length default to it: set rollout.steps and rollout.block_length",
+                "preset",
+                rollout.preset.is_some(),
+                "gen_length is the completion length and steps / block_length default to it: set steps and block_length",
             ),
             (
-                "rollout.batch_size",
-                self.rollout.batch_size.is_some(),
+                "batch_size",
+                rollout.batch_size.is_some(),
                 "a rollout decodes the G completions of one prompt together (grpo.num_generations)",
             ),
         ] {
             if set {
                 return Err(RecipeError::key(
                     name,
-                    key,
+                    &format!("{key}.{k}"),
                     format!("not used by UniGRPO: {why}"),
                 ));
             }
         }
         let layout = mmada_model::TokenLayout::llada();
-        match self
-            .rollout_section()
-            .to_config(&layout, layout.total_vocab() as usize)
-        {
+        match Self::sampler_for(rollout, len).to_config(&layout, layout.total_vocab() as usize) {
             Ok(_) => Ok(()),
             Err(mmada_sampler::SamplerError::InvalidConfig { field, reason }) => {
-                // gen_length is the completion length, set under grpo:
-                let key = if field == "gen_length" {
-                    "grpo.max_completion_length".to_string()
+                // gen_length is the completion length, set elsewhere
+                let k = if field == "gen_length" {
+                    len_key.to_string()
                 } else {
-                    format!("rollout.{field}")
+                    format!("{key}.{field}")
                 };
-                Err(RecipeError::key(name, &key, reason))
+                Err(RecipeError::key(name, &k, reason))
             }
-            Err(e) => Err(RecipeError::key(name, "rollout", e.to_string())),
+            Err(e) => Err(RecipeError::key(name, key, e.to_string())),
         }
+    }
+
+    /// The checks of `tasks:` (each task's keys by kind, names, shares, rewards, image
+    /// tokenizer) or of the single-task `prompts:` / `reward_funcs:`.
+    fn validate_tasks(&self, name: &str) -> Result<(), RecipeError> {
+        let err = |k: &str, m: String| Err(RecipeError::key(name, k, m));
+        let check_prompts = |key: &str, p: &PromptsSection| match (&p.manifest, &p.inline) {
+            (None, None) => err(key, "give `manifest: FILE` or `inline: {…}`".into()),
+            (Some(_), Some(_)) => err(key, "give `manifest` or `inline`, not both".into()),
+            _ => Ok(()),
+        };
+        if self.tasks.is_empty() {
+            if self.prompts.is_unset() {
+                return err(
+                    "prompts",
+                    "missing: give `prompts: {manifest: FILE}` (one text task) or a `tasks:` list"
+                        .into(),
+                );
+            }
+            check_prompts("prompts", &self.prompts)?;
+            Self::validate_rollout(
+                name,
+                &self.rollout,
+                "rollout",
+                self.grpo.max_completion_length,
+                "grpo.max_completion_length",
+            )?;
+            if self.reward_funcs.is_empty() {
+                return err(
+                    "reward_funcs",
+                    "give at least one reward, e.g. `- kind: math_correctness`".into(),
+                );
+            }
+            return Ok(());
+        }
+        for (k, set) in [
+            ("prompts", !self.prompts.is_unset()),
+            ("reward_funcs", !self.reward_funcs.is_empty()),
+        ] {
+            if set {
+                return err(
+                    k,
+                    format!(
+                        "with a `tasks:` list each task has its own `{k}:`: move it into the tasks and remove the top-level key"
+                    ),
+                );
+            }
+        }
+        let specs = self.task_specs();
+        let total = self.grpo.prompts_per_step();
+        let mut names: Vec<&str> = vec![];
+        for (i, (t, spec)) in self.tasks.iter().zip(&specs).enumerate() {
+            let key = |k: &str| format!("tasks[{i}].{k}");
+            if spec.name.is_empty() || spec.name.contains('/') {
+                return err(
+                    &key("name"),
+                    format!(
+                        "`{}` is invalid: need a non-empty name without `/`",
+                        spec.name
+                    ),
+                );
+            }
+            if names.contains(&spec.name.as_str()) {
+                return err(
+                    &key("name"),
+                    format!(
+                        "duplicate task name `{}`: give each `{}` task a distinct `name:`",
+                        spec.name,
+                        t.kind.as_str()
+                    ),
+                );
+            }
+            names.push(&spec.name);
+            if !(t.share.is_finite() && t.share > 0.0) {
+                return err(
+                    &key("share"),
+                    format!(
+                        "{} is invalid: need a positive number (a relative weight)",
+                        t.share
+                    ),
+                );
+            }
+            if spec.groups == 0 {
+                return err(
+                    &key("share"),
+                    format!(
+                        "share {} of {total} prompt group(s) per step gives task `{}` no group: raise grpo.generation_batch_size (a multiple of num_generations) or this share",
+                        t.share, spec.name
+                    ),
+                );
+            }
+            check_prompts(&key("prompts"), &t.prompts)?;
+            if t.reward_funcs.is_empty() {
+                return err(
+                    &key("reward_funcs"),
+                    "give at least one reward, e.g. `- kind: math_correctness` (text) or `- kind: caption_color` (t2i)".into(),
+                );
+            }
+            match t.kind {
+                TaskKind::Text | TaskKind::Mmu => {
+                    for (k, set) in [
+                        ("maskgit", t.maskgit.is_some()),
+                        ("mask_schedule", t.mask_schedule.is_some()),
+                    ] {
+                        if set {
+                            return err(
+                                &key(k),
+                                format!(
+                                    "only `t2i` tasks sample images; a `{}` task samples text with `rollout:`",
+                                    t.kind.as_str()
+                                ),
+                            );
+                        }
+                    }
+                    if t.max_completion_length == Some(0) {
+                        return err(&key("max_completion_length"), "must be at least 1".into());
+                    }
+                    let (rkey, len_key) = match (&t.rollout, t.max_completion_length) {
+                        (Some(_), Some(_)) => (key("rollout"), key("max_completion_length")),
+                        (Some(_), None) => (key("rollout"), "grpo.max_completion_length".into()),
+                        (None, Some(_)) => ("rollout".into(), key("max_completion_length")),
+                        (None, None) => ("rollout".into(), "grpo.max_completion_length".into()),
+                    };
+                    Self::validate_rollout(
+                        name,
+                        t.rollout.as_ref().unwrap_or(&self.rollout),
+                        &rkey,
+                        spec.max_completion_length,
+                        &len_key,
+                    )?;
+                }
+                TaskKind::T2i => {
+                    for (k, set) in [
+                        ("rollout", t.rollout.is_some()),
+                        ("max_completion_length", t.max_completion_length.is_some()),
+                    ] {
+                        if set {
+                            return err(
+                                &key(k),
+                                "a `t2i` task samples image tokens with the MaskGIT sampler (`maskgit:`); its completion length is the image's token count (image_tokenizer.resolution)".into(),
+                            );
+                        }
+                    }
+                    let m = &spec.maskgit;
+                    if m.timesteps == 0 {
+                        return err(&key("maskgit.timesteps"), "must be at least 1".into());
+                    }
+                    if !(m.guidance_scale.is_finite() && m.guidance_scale >= 0.0) {
+                        return err(
+                            &key("maskgit.guidance_scale"),
+                            format!(
+                                "{} is invalid: need a finite w >= 0 (0 = no guidance)",
+                                m.guidance_scale
+                            ),
+                        );
+                    }
+                    if !(m.temperature.is_finite() && m.temperature >= 0.0) {
+                        return err(
+                            &key("maskgit.temperature"),
+                            format!(
+                                "{} is invalid: need a finite temperature >= 0",
+                                m.temperature
+                            ),
+                        );
+                    }
+                    spec.mask_schedule.check().map_err(|e| {
+                        RecipeError::key(name, &key("mask_schedule"), e.to_string())
+                    })?;
+                    if self
+                        .image_tokenizer
+                        .as_ref()
+                        .and_then(|s| s.checkpoint.as_ref())
+                        .is_none()
+                    {
+                        return err(
+                            "image_tokenizer.checkpoint",
+                            format!(
+                                "task `{}` (t2i) decodes its images for the rewards: give `image_tokenizer: {{checkpoint: DIR, resolution: R}}`",
+                                spec.name
+                            ),
+                        );
+                    }
+                    if self.grpo.estimator == Estimator::D1 {
+                        return err(
+                            "grpo.estimator",
+                            format!(
+                                "d1 is a text estimator; task `{}` (t2i) needs `structured` (the image tokens are noised as in SFT)",
+                                spec.name
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -450,25 +889,14 @@ impl Recipe for UniGrpoRecipe {
     fn validate(&self, name: &str) -> Result<(), RecipeError> {
         let err = |k: &str, m: &str| Err(RecipeError::key(name, k, m));
         self.grpo.validate(name)?;
-        match (&self.prompts.manifest, &self.prompts.inline) {
-            (None, None) => return err("prompts", "give `manifest: FILE` or `inline: {…}`"),
-            (Some(_), Some(_)) => return err("prompts", "give `manifest` or `inline`, not both"),
-            _ => {}
-        }
         self.model.validate(name, self.train.mixed_precision)?;
-        self.validate_rollout(name)?;
+        self.validate_tasks(name)?;
         if self.train.max_steps == 0 {
             return err("train.max_steps", "must be at least 1");
         }
         validate_log_every(name, self.train.log_every)?;
         super::validate_max_nonfinite(name, self.train.max_nonfinite_steps)?;
         validate_device(name, &self.train.device)?;
-        if self.reward_funcs.is_empty() {
-            return err(
-                "reward_funcs",
-                "give at least one reward, e.g. `- kind: math_correctness`",
-            );
-        }
         super::validate_lora(
             name,
             self.lora.as_ref(),

@@ -94,7 +94,7 @@ pub fn report<B: AutodiffBackend>(
         .filter(|(_, t)| **t)
         .map(|(l, _)| *l)
         .collect();
-    let gen_tokens = lens.len() * recipe.grpo.max_completion_length;
+    let gen_tokens = scored.gen_tokens;
     let step = session.state.step;
     let mut row = json!({
         "step": step,
@@ -138,6 +138,26 @@ pub fn report<B: AutodiffBackend>(
         };
         row[format!("rewards/{name}/mean")] = m;
         row[format!("rewards/{name}/std")] = s;
+    }
+    // per task (recipes with `tasks:`): the mean total reward and completion length of its
+    // completions; the reward columns above are already `rewards/<task>/<fn>/…`
+    for (t, spec) in recipe.tasks.iter().enumerate() {
+        let name = spec
+            .name
+            .clone()
+            .unwrap_or_else(|| spec.kind.as_str().into());
+        let of = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .zip(&scored.task)
+                .filter(|(_, k)| **k == t)
+                .map(|(x, _)| *x)
+                .collect()
+        };
+        let (tot, len) = (of(&breakdown.total), of(lens));
+        if !tot.is_empty() {
+            row[format!("reward/{name}")] = json!(mean(&tot));
+            row[format!("completions/{name}/mean_length")] = json!(mean(&len));
+        }
     }
     let inapplicable = breakdown.inapplicable();
     if !inapplicable.is_empty() {

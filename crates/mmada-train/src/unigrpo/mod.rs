@@ -46,7 +46,9 @@ pub mod rollout;
 pub mod update;
 
 pub use crate::error::TrainError;
-pub use crate::recipe::{GrpoSection, GrpoTrainSection, PromptsSection, UniGrpoRecipe};
+pub use crate::recipe::{
+    GrpoSection, GrpoTrainSection, PromptsSection, TaskKind, TaskSection, UniGrpoRecipe,
+};
 pub use crate::trainer::Resume;
 pub use metrics::GrpoStepReport;
 
@@ -135,13 +137,46 @@ impl TrainLoop for UniGrpo {
         on_step: &mut dyn FnMut(&GrpoStepReport),
     ) -> Result<UniGrpoOutcome, TrainError> {
         // rewards and prompts first: a bad reward or prompt file fails before the model loads
-        let rewards: RewardSet = RewardRegistry::with_builtins()
-            .build("reward_funcs", &recipe.reward_funcs)
-            .map_err(|e| TrainError::Other(e.to_string()))?;
-        let examples = rollout::load_prompts(&recipe.prompts, &opts.base_dir)?;
+        let specs = recipe.task_specs();
+        let mut loaded = vec![];
+        for spec in &specs {
+            let rewards: RewardSet = RewardRegistry::with_builtins()
+                .build(&spec.reward_key, &spec.reward_funcs)
+                .map_err(|e| TrainError::Other(e.to_string()))?;
+            let key = if spec.key.is_empty() {
+                "prompts".to_string()
+            } else {
+                format!("{}.prompts", spec.key)
+            };
+            let examples =
+                rollout::load_task_prompts(&spec.prompts, spec.kind, &key, &opts.base_dir)?;
+            loaded.push((rewards, examples));
+        }
         let (mut s, mut model) = Session::open(worker, recipe.common(), opts)?;
         let device = s.device();
-        let gen_cfg = recipe.generate_config(&s.tok, s.cfg.embedding_size)?;
+        let images = specs.iter().any(|t| t.kind != TaskKind::Text);
+        let coder = if images {
+            crate::data::load_image_coder::<B::InnerBackend>(
+                recipe.image_tokenizer.as_ref(),
+                &opts.base_dir,
+                &device,
+            )?
+        } else {
+            None
+        };
+        let (tasks, grid) = rollout::build_tasks(
+            recipe,
+            &s.tok,
+            s.cfg.embedding_size,
+            s.cfg.codebook_size,
+            loaded,
+            coder.as_ref(),
+            &opts.base_dir,
+        )?;
+        let reward_sets: Vec<(&str, &RewardSet)> = tasks
+            .iter()
+            .map(|t| (t.spec.name.as_str(), &t.rewards))
+            .collect();
         let mut reference = reference_model(recipe, &s, &model)?;
         s.begin(&model, recipe)?;
         let mu = recipe.grpo.num_iterations;
@@ -162,19 +197,36 @@ impl TrainLoop for UniGrpo {
                 .get("prompt_cursor")
                 .and_then(serde_json::Value::as_u64)
                 .unwrap_or(0) as usize;
+            // per-task prompt cursors (`tasks:`); the single task's is `prompt_cursor`
+            let cursors: Vec<usize> = match s.state.extra.get("task_cursors") {
+                Some(serde_json::Value::Array(v)) if v.len() == tasks.len() => {
+                    v.iter().map(|x| x.as_u64().unwrap_or(0) as usize).collect()
+                }
+                _ if recipe.tasks.is_empty() => vec![cursor],
+                _ => vec![0; tasks.len()],
+            };
             let t_roll = Instant::now();
-            let ctx = rollout::RolloutCtx {
+            let ctx = rollout::TasksCtx {
                 recipe,
                 tok: &s.tok,
-                gen_cfg: &gen_cfg,
-                examples: &examples,
+                tasks: &tasks,
+                coder: coder.as_ref(),
+                grid,
             };
             let (rollouts, counters) =
-                rollout::roll_out_counted(&ctx, &model.valid(), &my_groups, cursor, step, &device)?;
+                rollout::roll_out_tasks(&ctx, &model.valid(), &my_groups, &cursors, step, &device)?;
             let rollout_s = t_roll.elapsed().as_secs_f64();
-            let scored = rollout::score(recipe, &rewards, &rollouts, s.worker.reducer.as_mut())?;
+            let scored =
+                rollout::score_tasks(recipe, &reward_sets, &rollouts, s.worker.reducer.as_mut())?;
             let t_upd = Instant::now();
-            let noised = update::noise(recipe, &mut s, &rollouts, &scored.adv, my_groups.len())?;
+            let noised = update::noise_tasks(
+                recipe,
+                &specs,
+                &mut s,
+                &rollouts,
+                &scored.adv,
+                my_groups.len(),
+            )?;
             let t_lp = Instant::now();
             let chunk = recipe.grpo.ce_chunk_rows;
             let old = update::old_logprobs(&model, reference.as_ref(), &noised, chunk, &device)?;
@@ -201,6 +253,14 @@ impl TrainLoop for UniGrpo {
             s.state
                 .extra
                 .insert("prompt_cursor".into(), json!(cursor + prompts_per_step));
+            if !recipe.tasks.is_empty() {
+                let next: Vec<usize> = cursors
+                    .iter()
+                    .zip(&tasks)
+                    .map(|(c, t)| c + t.spec.groups)
+                    .collect();
+                s.state.extra.insert("task_cursors".into(), json!(next));
+            }
             let step_stats = metrics::StepStats {
                 sums: v[..8].try_into().expect("8 sums"),
                 ratio_sum: [v[8], v[9]],

@@ -7,9 +7,10 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use mmada_diffusion::Scores;
 use mmada_diffusion::grpo::{
-    GroupAdvantages, GrpoBatch, TailPad, completion_mask, noise_completion, noise_d1,
+    GroupAdvantages, GrpoBatch, TailPad, completion_mask, noise_completion, noise_d1, noise_image,
     unigrpo_loss_scores,
 };
+use mmada_diffusion::noise::ImageMaskDraw;
 use mmada_model::model::HiddenStates;
 use mmada_model::{Attention, LladaModel};
 use rand::rngs::StdRng;
@@ -19,7 +20,7 @@ use super::purpose;
 use super::rollout::Rollout;
 use crate::data::derive_seed;
 use crate::error::TrainError;
-use crate::recipe::{Estimator, UniGrpoRecipe};
+use crate::recipe::{Estimator, TaskKind, TaskSpec, UniGrpoRecipe};
 use crate::recompute::Recompute;
 use crate::schedule::Schedule;
 use crate::trainer::{Session, accumulate, accumulate_grads};
@@ -54,6 +55,11 @@ fn tail(recipe: &UniGrpoRecipe, eos: i64) -> TailPad {
 /// then per iteration its mask (or, for d1, a fresh prompt mask). The number of non-empty
 /// groups per iteration is summed over ranks.
 ///
+/// A t2i completion (`tasks[i].kind: t2i`) is noised with the t2i conventions of SFT
+/// ([`noise_image`]): the ratio of the schedule is `τ`, `γ(τ)` of the task's
+/// `mask_schedule` the share of its `N` image tokens masked (at least one), chosen by `N`
+/// uniform scores per iteration; the masked image tokens are scored.
+///
 /// # Errors
 /// Inconsistent rows; collective errors.
 pub fn noise<B: AutodiffBackend>(
@@ -63,12 +69,23 @@ pub fn noise<B: AutodiffBackend>(
     adv: &GroupAdvantages,
     groups: usize,
 ) -> Result<Noised, TrainError> {
+    noise_tasks(recipe, &recipe.task_specs(), session, rollouts, adv, groups)
+}
+
+/// [`noise`] with the resolved tasks of the recipe (`specs[r.task]` of each rollout).
+///
+/// # Errors
+/// As [`noise`].
+pub fn noise_tasks<B: AutodiffBackend>(
+    recipe: &UniGrpoRecipe,
+    specs: &[TaskSpec],
+    session: &mut Session<'_, B>,
+    rollouts: &[Rollout],
+    adv: &GroupAdvantages,
+    groups: usize,
+) -> Result<Noised, TrainError> {
     let grpo = &recipe.grpo;
-    let (g, mu, gen_len) = (
-        grpo.num_generations,
-        grpo.num_iterations,
-        grpo.max_completion_length,
-    );
+    let (g, mu) = (grpo.num_generations, grpo.num_iterations);
     let layout = *session.tok.layout();
     let (eos, mask_id) = (i64::from(layout.eos_id), i64::from(layout.mask_id));
     let tail = tail(recipe, eos);
@@ -103,10 +120,18 @@ pub fn noise<B: AutodiffBackend>(
     for (n, iter_batches) in batches.iter_mut().enumerate() {
         for grp in 0..groups {
             let lp = rollouts[grp * g].prompt_len;
-            let mut b = GrpoBatch::new(lp + gen_len);
+            let mut b = GrpoBatch::new(rollouts[grp * g].row.len());
             for j in grp * g..(grp + 1) * g {
                 let r = &rollouts[j];
-                let row = if d1 {
+                let gen_len = r.completion_len;
+                let spec = &specs[r.task];
+                let row = if spec.kind == TaskKind::T2i {
+                    let draw = ImageMaskDraw {
+                        tau: ratios[j][n],
+                        scores: (0..gen_len).map(|_| rngs[j].random::<f32>()).collect(),
+                    };
+                    noise_image(&r.row, lp, &draw, &spec.mask_schedule, mask_id)?
+                } else if d1 {
                     // d1: a fresh prompt mask per inner iteration (d1's per-iteration mask
                     // seeds), the completion fully masked
                     let u: Vec<f32> = (0..lp).map(|_| rngs[j].random::<f32>()).collect();
