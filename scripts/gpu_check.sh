@@ -27,7 +27,7 @@ cargo bench --features cuda --bench train_cuda 2>&1 | tee "$out/throughput.log"
 grep -E "^llada|time:|thrpt:" "$out/throughput.log" || true
 
 echo "== memory per mode, ~1.1B params, 4 x 1024 (planner vs nvidia-smi peak)"
-cargo build --release --features cuda -p mmada-train 2>&1 | tail -n 2
+cargo build --release --features cuda -p mmada-train -p mmada-infer 2>&1 | tail -n 2
 export MMADA_TRAIN=target/release/mmada-train DEVICE=cuda:0 STEPS=2 CASES="2048:18:16:5632:1024:4"
 {
   bash scripts/plan_calibrate.sh

@@ -148,7 +148,7 @@ macro_rules! on_device {
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => anyhow::bail!(
                 "device {spec}: this binary was built without the `cuda` feature \
-                 (cargo build --release -p mmada-infer --features cuda)"
+                 (cargo build --release -p mmada-train -p mmada-infer --features cuda)"
             ),
         }
     }};

@@ -669,10 +669,10 @@ pub fn save_checkpoint<B: Backend>(
     let text = serde_json::to_string_pretty(&cfg_json).expect("JSON value serialises");
     std::fs::write(&config_path, text + "\n").map_err(io_err(&config_path))?;
     if let Some(src) = &opts.copy_sidecars_from {
-        for f in SIDECAR_FILES {
-            let from = src.join(f);
+        for f in sidecar_files(src) {
+            let from = src.join(&f);
             if from.is_file() {
-                let to = tmp.join(f);
+                let to = tmp.join(&f);
                 std::fs::copy(&from, &to).map_err(io_err(&to))?;
             }
         }
@@ -692,6 +692,33 @@ pub fn save_checkpoint<B: Backend>(
         std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
     }
     Ok(())
+}
+
+/// The sidecar files of a source checkpoint directory: [`SIDECAR_FILES`], plus the Python
+/// modules its `config.json` names in `auto_map` (`"AutoModel": "modeling_x.Cls"` →
+/// `modeling_x.py`), so transformers' `from_pretrained(trust_remote_code=True)` opens the
+/// saved copy as it opened the source. Files that do not exist are skipped by the caller.
+pub fn sidecar_files(src: &Path) -> Vec<String> {
+    let mut files: Vec<String> = SIDECAR_FILES.iter().map(|f| f.to_string()).collect();
+    let auto_map = std::fs::read_to_string(src.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("auto_map").cloned());
+    if let Some(serde_json::Value::Object(map)) = auto_map {
+        for v in map.values() {
+            // "module.Class", or "repo--module.Class" for code in another repository
+            let Some(target) = v.as_str() else { continue };
+            let local = target.rsplit("--").next().unwrap_or(target);
+            if let Some((module, _class)) = local.rsplit_once('.') {
+                let file = format!("{module}.py");
+                let plain = !file.contains('/') && !file.contains('\\');
+                if plain && !files.contains(&file) {
+                    files.push(file);
+                }
+            }
+        }
+    }
+    files
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {

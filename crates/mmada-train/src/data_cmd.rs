@@ -196,7 +196,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                     )?
                 }
                 other => bail!(
-                    "--device {other}: pretokenize runs on one device, `cpu` or `cuda:N` (cuda needs a build with --features cuda)"
+                    "--device {other}: pretokenize runs on one device, `cpu` or `cuda:N` (cuda needs a build with `cargo build --release -p mmada-train -p mmada-infer --features cuda`)"
                 ),
             };
             tracing::info!(

@@ -342,7 +342,7 @@ fn exit_status(interrupted: bool) -> ExitCode {
 fn ensure_built_for(device: &DeviceSpec) -> Result<()> {
     if !device.is_available_in_build() {
         bail!(
-            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release -p mmada-train -p mmada-infer --features cuda)"
         );
     }
     Ok(())
@@ -551,7 +551,7 @@ fn run_on_devices<T: TrainCommand>(
         DeviceSpec::CudaAll => bail!("train.device {device}: not resolved"),
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) | DeviceSpec::CudaAll => bail!(
-            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+            "train.device {device}: this binary was built without the `cuda` feature (cargo build --release -p mmada-train -p mmada-infer --features cuda)"
         ),
     })
 }

