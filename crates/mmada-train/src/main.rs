@@ -605,7 +605,7 @@ fn train<T: TrainCommand>(args: TrainArgs) -> Result<ExitCode> {
     // the curves of the run (rank 0 writes metrics.jsonl); a plotting failure never fails
     // the run
     if run_dir.join("metrics.jsonl").is_file() {
-        match mmada_train::plot::plot_run(&run_dir, None) {
+        match mmada_train::plot::plot_run(run_dir, None) {
             Ok(files) => {
                 for p in [&files.metrics, &files.samples].into_iter().flatten() {
                     tracing::info!("plot: {}", p.display());

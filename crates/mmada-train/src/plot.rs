@@ -214,7 +214,7 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
 fn tick(v: &f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-2..1e5).contains(&a) {
-        format!("{v:.1e}")
+        format!("{v:.2e}")
     } else {
         let s = format!("{v:.4}");
         let s = s.trim_end_matches('0').trim_end_matches('.');
@@ -543,7 +543,7 @@ mod tests {
     fn a_single_task_loss_is_not_drawn_twice_and_ticks_read_well() {
         let r = rows("{\"step\":1,\"loss\":4.0,\"step_loss_lm\":4.0}\n");
         assert_eq!(panels(&r)[0].series.len(), 1);
-        assert_eq!(tick(&3.0e-3), "3.0e-3");
+        assert_eq!(tick(&3.0e-3), "3.00e-3");
         assert_eq!(tick(&2.5), "2.5");
         assert_eq!(tick(&0.0), "0");
         assert_eq!(tick(&120.0), "120");

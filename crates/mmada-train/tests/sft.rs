@@ -520,7 +520,11 @@ fn a_run_ends_with_its_curves_drawn_from_metrics_jsonl() {
         .env_remove("RANK")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run_dir = tmp.path().join("runs/plotted");
     let png = run_dir.join("plots/metrics.png");
     let rows = mmada_train::plot::read_metrics(&run_dir.join("metrics.jsonl")).unwrap();
@@ -553,7 +557,10 @@ fn a_run_ends_with_its_curves_drawn_from_metrics_jsonl() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&none.stderr);
-    assert!(!none.status.success() && err.contains("not a run directory"), "{err}");
+    assert!(
+        !none.status.success() && err.contains("not a run directory"),
+        "{err}"
+    );
 }
 
 /// A run from `model.checkpoint` saves checkpoints that carry the source's sidecars: the
@@ -568,7 +575,10 @@ fn checkpoints_carry_the_source_checkpoints_sidecars() {
         &arith_recipe(tmp.path(), "source"),
         &["train.max_steps=1", "checkpoint.every=1"],
     );
-    let src = run(&first, None, None).last_checkpoint.unwrap().join("model");
+    let src = run(&first, None, None)
+        .last_checkpoint
+        .unwrap()
+        .join("model");
     let cfg_path = src.join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
@@ -587,14 +597,15 @@ fn checkpoints_carry_the_source_checkpoints_sidecars() {
     for (f, text) in sidecars {
         std::fs::write(src.join(f), text).unwrap();
     }
-    let yaml = first
-        .to_yaml()
-        .replace("name: source", "name: from-source");
+    let yaml = first.to_yaml().replace("name: source", "name: from-source");
     let mut second = SftRecipe::parse(&yaml, "recipe", &[]).unwrap();
     second.model.preset = None;
     second.model.overrides.clear();
     second.model.checkpoint = Some(src.clone());
-    let ckpt = run(&second, None, None).last_checkpoint.unwrap().join("model");
+    let ckpt = run(&second, None, None)
+        .last_checkpoint
+        .unwrap()
+        .join("model");
     for (f, text) in sidecars {
         assert_eq!(
             std::fs::read_to_string(ckpt.join(f)).unwrap(),
@@ -603,8 +614,10 @@ fn checkpoints_carry_the_source_checkpoints_sidecars() {
         );
     }
     let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap())
-            .unwrap();
-    assert_eq!(saved["auto_map"]["AutoModel"], "modeling_custom.CustomModel");
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        saved["auto_map"]["AutoModel"],
+        "modeling_custom.CustomModel"
+    );
     assert!(ckpt.join("tokenizer.json").is_file());
 }
