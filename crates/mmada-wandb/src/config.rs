@@ -204,8 +204,9 @@ impl WandbConfig {
         Ok(())
     }
 
-    /// Applies `WANDB_MODE`, `WANDB_PROJECT`, `WANDB_ENTITY` and `WANDB_RUN_ID` from the
-    /// environment (they win over the recipe, as with the Python SDK). `WANDB_BASE_URL` is read
+    /// Applies `WANDB_MODE`, `WANDB_PROJECT`, `WANDB_ENTITY`, `WANDB_RUN_ID`, `WANDB_NAME`,
+    /// `WANDB_TAGS` (comma-separated), `WANDB_NOTES`, `WANDB_RUN_GROUP` and `WANDB_JOB_TYPE`
+    /// from the environment (they win over the recipe, as with the Python SDK). `WANDB_BASE_URL` is read
     /// later, when the endpoint is resolved. Returns an error naming the variable when
     /// `WANDB_MODE` is not a known mode.
     pub fn apply_env(&mut self) -> Result<(), WandbError> {
@@ -231,6 +232,27 @@ impl WandbConfig {
         }
         if let Some(r) = get("WANDB_RUN_ID").filter(|s| !s.is_empty()) {
             self.run_id = Some(r);
+        }
+        if let Some(n) = get("WANDB_NAME").filter(|s| !s.is_empty()) {
+            self.name = Some(n);
+        }
+        if let Some(t) = get("WANDB_TAGS").filter(|s| !s.is_empty()) {
+            // comma-separated, as the SDK reads it
+            self.tags = t
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+        if let Some(n) = get("WANDB_NOTES").filter(|s| !s.is_empty()) {
+            self.notes = Some(n);
+        }
+        if let Some(g) = get("WANDB_RUN_GROUP").filter(|s| !s.is_empty()) {
+            self.group = Some(g);
+        }
+        if let Some(j) = get("WANDB_JOB_TYPE").filter(|s| !s.is_empty()) {
+            self.job_type = Some(j);
         }
         Ok(())
     }

@@ -209,6 +209,22 @@ fn config_section_defaults_unknown_keys_and_validation() {
         (c.mode, c.project.as_str()),
         (WandbMode::Offline, "envproj")
     );
+    // the run's display fields, as the SDK reads them
+    c.apply_env_from(|k| match k {
+        "WANDB_NAME" => Some("my run".into()),
+        "WANDB_TAGS" => Some("sft, quickstart,,cpu".into()),
+        "WANDB_NOTES" => Some("a note".into()),
+        "WANDB_RUN_GROUP" => Some("ablation".into()),
+        "WANDB_JOB_TYPE" => Some("train".into()),
+        _ => None,
+    })
+    .unwrap();
+    assert_eq!(c.name.as_deref(), Some("my run"));
+    assert_eq!(c.tags, ["sft", "quickstart", "cpu"]);
+    assert_eq!(c.notes.as_deref(), Some("a note"));
+    assert_eq!(c.group.as_deref(), Some("ablation"));
+    assert_eq!(c.job_type.as_deref(), Some("train"));
+    assert_eq!(c.project, "envproj", "unset variables change nothing");
     let e = c
         .apply_env_from(|k| (k == "WANDB_MODE").then(|| "bogus".into()))
         .unwrap_err();
