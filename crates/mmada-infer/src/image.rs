@@ -21,6 +21,11 @@ use mmada_vq::{Grid, RgbImage, VqCoder};
 use crate::engine::Engine;
 use crate::options::{GenerateArgs, ModelArgs, impl_or};
 
+/// Default t2i MaskGIT steps: the official `inference_t2i.py` demo's `generation_timesteps=15`.
+pub const T2I_TIMESTEPS: usize = 15;
+/// Default t2i classifier-free guidance: the official `inference_t2i.py` demo's
+/// `guidance_scale=3.5`.
+pub const T2I_GUIDANCE_SCALE: f64 = 3.5;
 /// What `generate` produces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -58,10 +63,11 @@ pub struct ImageArgs {
     /// t2i text length `P` (`max_seq_length` of training; MMaDA-8B: 512) [default: 512].
     #[arg(long)]
     pub t2i_text_len: Option<usize>,
-    /// t2i MaskGIT steps (upstream `generation_timesteps`) [default: 18].
+    /// t2i MaskGIT steps (upstream `generation_timesteps`) [default: 15, as `inference_t2i.py`].
     #[arg(long)]
     pub timesteps: Option<usize>,
-    /// t2i classifier-free guidance `w` (`(1+w)·cond − w·uncond`; 0 = off) [default: 0].
+    /// t2i classifier-free guidance `w` (`(1+w)·cond − w·uncond`; 0 = off) [default: 3.5, as
+    /// `inference_t2i.py`].
     #[arg(long)]
     pub guidance_scale: Option<f64>,
     /// t2i Gumbel temperature `T0` (annealed `T·(1 − r)` per step) [default: 1].
@@ -167,12 +173,9 @@ pub fn t2i_setup<B: Backend>(
         config.image_token_offset,
         config.image_token_offset + config.codebook_size
     );
-    if let Some(s) = knobs.timesteps {
-        config.timesteps = s;
-    }
-    if let Some(w) = knobs.guidance_scale {
-        config.guidance_scale = w;
-    }
+    // defaults of the official `inference_t2i.py` demo (guidance 3.5, 15 MaskGIT steps; spec §4)
+    config.timesteps = knobs.timesteps.unwrap_or(T2I_TIMESTEPS);
+    config.guidance_scale = knobs.guidance_scale.unwrap_or(T2I_GUIDANCE_SCALE);
     if let Some(tm) = knobs.temperature {
         config.temperature = tm;
     }

@@ -97,7 +97,7 @@ fn t2i_writes_pngs_of_the_configured_size_and_codes() {
         jsonl(&out.join("codes.jsonl"))
     };
     let out = tmp.path().join("imgs");
-    let recs = gen_(&out, &[]);
+    let recs = gen_(&out, &["--guidance-scale", "0"]);
     assert_eq!(recs.len(), 2);
     let coder = VqCoder::<Cpu>::load(vq.to_str().unwrap(), &Default::default()).unwrap();
     for (i, rec) in recs.iter().enumerate() {
@@ -120,11 +120,15 @@ fn t2i_writes_pngs_of_the_configured_size_and_codes() {
         assert_eq!(img, want[0], "prompt {i}");
     }
     // Same seed → same codes; guidance (a second, unconditional forward) changes them.
-    let again = gen_(&tmp.path().join("again"), &[]);
+    let again = gen_(&tmp.path().join("again"), &["--guidance-scale", "0"]);
     assert_eq!(recs[0]["codes"], again[0]["codes"]);
     assert_eq!(recs[1]["codes"], again[1]["codes"]);
     let cfg = gen_(&tmp.path().join("cfg"), &["--guidance-scale", "3.5"]);
     assert_ne!(recs[0]["codes"], cfg[0]["codes"]);
+    // the default guidance is inference_t2i.py's 3.5
+    let default = gen_(&tmp.path().join("default"), &[]);
+    assert_eq!(default[0]["codes"], cfg[0]["codes"]);
+    assert_eq!(default[1]["codes"], cfg[1]["codes"]);
     // no --out → a clear error
     let r = run(&[
         "generate",
