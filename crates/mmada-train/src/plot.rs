@@ -128,42 +128,42 @@ fn keys_like(rows: &[Value], prefix: &str, suffix: &str) -> Vec<String> {
 /// The panels of a run's rows: UniGRPO's when a row has `reward`, else SFT's (see the module
 /// docs). Panels and curves without a finite value are left out.
 pub fn panels(rows: &[Value]) -> Vec<Panel> {
+    let of = |keys: Vec<String>| -> Vec<Series> { keys.iter().map(|k| series(rows, k)).collect() };
+    let one = |key: &str| vec![series(rows, key)];
     let grpo = rows.iter().any(|r| r.get("reward").is_some());
-    let spec: Vec<(&str, Vec<String>)> = if grpo {
+    let spec: Vec<(&str, Vec<Series>)> = if grpo {
         vec![
-            ("reward", vec!["reward".into()]),
-            ("rewards per function", keys_like(rows, "rewards/", "/mean")),
-            ("KL to the reference", vec!["kl".into()]),
-            ("clip ratio", keys_like(rows, "clip_ratio/", "")),
+            ("reward", one("reward")),
             (
-                "completion length (tokens)",
-                vec!["completions/mean_length".into()],
+                "rewards per function",
+                of(keys_like(rows, "rewards/", "/mean")),
             ),
-            ("loss", vec!["loss".into()]),
-            ("learning rate", vec!["learning_rate".into()]),
-            ("grad norm", vec!["grad_norm".into()]),
+            ("KL to the reference", one("kl")),
+            ("clip ratio", of(keys_like(rows, "clip_ratio/", ""))),
+            ("completion length (tokens)", one("completions/mean_length")),
+            ("loss", one("loss")),
+            ("learning rate", one("learning_rate")),
+            ("grad norm", one("grad_norm")),
         ]
     } else {
-        let total = series(rows, "loss");
-        let mut loss = vec!["loss".to_string()];
+        let mut loss = one("loss");
         // the per-task losses, unless one task's curve is the total itself
-        loss.extend(
-            keys_like(rows, "step_loss_", "")
-                .into_iter()
-                .filter(|k| series(rows, k).points != total.points),
-        );
+        let tasks: Vec<Series> = of(keys_like(rows, "step_loss_", ""))
+            .into_iter()
+            .filter(|s| s.points != loss[0].points)
+            .collect();
+        loss.extend(tasks);
         vec![
             ("train loss", loss),
-            ("eval loss", vec!["eval_loss".into()]),
-            ("learning rate", vec!["lr".into()]),
-            ("grad norm", vec!["grad_norm".into()]),
+            ("eval loss", one("eval_loss")),
+            ("learning rate", one("lr")),
+            ("grad norm", one("grad_norm")),
         ]
     };
     spec.into_iter()
-        .filter_map(|(title, keys)| {
-            let series: Vec<Series> = keys
-                .iter()
-                .map(|k| series(rows, k))
+        .filter_map(|(title, series)| {
+            let series: Vec<Series> = series
+                .into_iter()
                 .filter(|s| !s.points.is_empty())
                 .collect();
             (!series.is_empty()).then(|| Panel {
@@ -349,23 +349,25 @@ pub fn image_grid(paths: &[PathBuf], columns: u32, out: &Path) -> Result<(u32, u
     Ok((w, h))
 }
 
-/// PNG samples of a run: `RUN_DIR/samples/**/*.png`, sorted by path.
-fn sample_pngs(run_dir: &Path) -> Vec<PathBuf> {
-    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
-        let Ok(rd) = std::fs::read_dir(d) else { return };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if p.extension().is_some_and(|x| x.eq_ignore_ascii_case("png")) {
-                out.push(p);
+/// The files under `dir` whose extension is one of `exts` (any case), sorted by path; with
+/// `recurse`, in sub-folders too (unreadable sub-folders are skipped).
+fn image_files(dir: &Path, recurse: bool, exts: &[&str]) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if recurse {
+                out.extend(image_files(&p, true, exts).unwrap_or_default());
             }
+        } else if p
+            .extension()
+            .is_some_and(|x| exts.iter().any(|e| x.eq_ignore_ascii_case(e)))
+        {
+            out.push(p);
         }
     }
-    let mut out = vec![];
-    walk(&run_dir.join("samples"), &mut out);
     out.sort();
-    out
+    Ok(out)
 }
 
 /// Plots a run directory into `RUN_DIR/plots/`: [`METRICS_PNG`] from `metrics.jsonl`, and
@@ -393,21 +395,9 @@ pub fn plot_run(run_dir: &Path, images: Option<&Path>) -> Result<PlotFiles, Trai
         }
     }
     let mut pngs = match images {
-        Some(d) => {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(d)
-                .map_err(|e| TrainError::io(d, e))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.extension().is_some_and(|x| {
-                        x.eq_ignore_ascii_case("png") || x.eq_ignore_ascii_case("jpg")
-                    })
-                })
-                .collect();
-            v.sort();
-            v
-        }
-        None => sample_pngs(run_dir),
+        Some(d) => image_files(d, false, &["png", "jpg"]).map_err(|e| TrainError::io(d, e))?,
+        // RUN_DIR/samples/**/*.png; none when the run wrote no samples
+        None => image_files(&run_dir.join("samples"), true, &["png"]).unwrap_or_default(),
     };
     if pngs.len() > 64 {
         pngs.drain(..pngs.len() - 64);
