@@ -389,13 +389,28 @@ pub fn pretokenize(
     coder: &dyn ImageCoder,
     out: &Path,
 ) -> Result<usize, CodeTableError> {
+    pretokenize_observed(manifests, data_root, coder, out, &mut |_| {})
+}
+
+/// [`pretokenize`] calling `on_encoded(images encoded so far)` after each encoder batch (for
+/// a progress bar in the binary).
+///
+/// # Errors
+/// As [`pretokenize`].
+pub fn pretokenize_observed(
+    manifests: &[(Manifest, Preprocess)],
+    data_root: Option<&Path>,
+    coder: &dyn ImageCoder,
+    out: &Path,
+    on_encoded: &mut dyn FnMut(usize),
+) -> Result<usize, CodeTableError> {
     let coder_id = coder.id();
     let mut rows: Vec<CodeRow> = vec![];
     let mut seen = std::collections::HashSet::new();
     // (source, hash, preprocess, pixels) waiting for the encoder
     let mut todo: Vec<(String, String, Preprocess, Pixels)> = vec![];
-    let flush = |todo: &mut Vec<(String, String, Preprocess, Pixels)>,
-                 rows: &mut Vec<CodeRow>|
+    let mut flush = |todo: &mut Vec<(String, String, Preprocess, Pixels)>,
+                     rows: &mut Vec<CodeRow>|
      -> Result<(), CodeTableError> {
         if todo.is_empty() {
             return Ok(());
@@ -425,6 +440,7 @@ pub fn pretokenize(
                 codes,
             });
         }
+        on_encoded(rows.len());
         Ok(())
     };
     for (manifest, p) in manifests {

@@ -524,8 +524,11 @@ pub fn token_logprobs<B: Backend>(
 }
 
 /// How per-token terms are averaged into the loss (recipe `grpo.loss_type`: serde spells the
-/// variants `dllm_rl`, `sequence`, `token`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+/// variants `dllm_rl`, `sequence`, `token`). TRL's `GRPOConfig.loss_type` values are accepted
+/// as their equivalents: `grpo` = `sequence`, `bnpo` and `dapo` = `token` (one normalisation
+/// over the masked tokens of the step's batch); `dr_grpo` (a constant
+/// `max_completion_length` denominator) is refused with this mapping in the error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LossNorm {
     /// dLLM-RL `rl_mmada.py`: policy term averaged over the masked tokens of each row, then
@@ -538,6 +541,39 @@ pub enum LossNorm {
     /// TRL `bnpo`/`dapo`: both terms summed over all masked tokens of the batch and divided by
     /// their count.
     Token,
+}
+
+impl LossNorm {
+    /// The recipe spelling of each value, TRL's names included, and what it maps to.
+    pub const NAMES: &'static str = "dllm_rl, sequence (TRL grpo), token (TRL bnpo, dapo)";
+
+    /// Parse a recipe value: ours or TRL's `loss_type` names.
+    ///
+    /// # Errors
+    /// An unknown name, or TRL's `dr_grpo`, with the accepted names.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "dllm_rl" => Ok(Self::DllmRl),
+            "sequence" | "grpo" => Ok(Self::Sequence),
+            "token" | "bnpo" | "dapo" => Ok(Self::Token),
+            "dr_grpo" => Err(format!(
+                "loss_type `dr_grpo` (TRL: divide by max_completion_length) is not implemented; \
+                 use one of {}",
+                Self::NAMES
+            )),
+            other => Err(format!(
+                "unknown loss_type `{other}`; use one of {}",
+                Self::NAMES
+            )),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LossNorm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <String as serde::Deserialize>::deserialize(d)?;
+        Self::parse(&name).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Parameters of [`unigrpo_loss`].

@@ -107,9 +107,15 @@ pub fn load_tokenizer(
     explicit: Option<&Path>,
     cfg: &ModelConfig,
 ) -> Result<TextTokenizer> {
-    let path: PathBuf = explicit
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| dir.join("tokenizer.json"));
+    let path: PathBuf = match explicit {
+        Some(p) => mmada_data::hub::local_or_tokenizer(p)?,
+        None => dir.join("tokenizer.json"),
+    };
+    let path = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path
+    };
     ensure!(
         path.is_file(),
         "tokenizer {} not found (pass --tokenizer FILE for checkpoints without one)",
@@ -188,8 +194,20 @@ impl<B: Backend> Engine<B> {
             .with_context(|| format!("checkpoint {}", dir.display()))?;
         let tok = load_tokenizer(dir, tokenizer, &cfg)?;
         let t0 = Instant::now();
-        let (_, model) = mmada_model::load_checkpoint::<B>(dir, device, dtype)
-            .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        let bar = crate::progress::bar(0, "tensors");
+        bar.set_message("loading");
+        let model = mmada_model::load_weights_observed::<B>(
+            dir,
+            &cfg,
+            device,
+            dtype,
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )
+        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        bar.finish_and_clear();
         let model = match adapter {
             None => model,
             Some(a) => {

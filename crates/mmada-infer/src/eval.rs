@@ -123,7 +123,9 @@ pub fn run<B: Backend>(
         .data
         .as_deref()
         .context("no data: pass --data FILE or set eval.data in --config")?;
-    let items = read_items(task, data, e.limit)?;
+    // a local file, or `owner/name[@rev]:path/in/repo` of a Hub dataset repo
+    let data = mmada_data::hub::local_or_file(data, mmada_data::hub::RepoType::Dataset)?;
+    let items = read_items(task, &data, e.limit)?;
     let template = e.prompt_template.as_deref().unwrap_or(DEFAULT_PROMPT);
     ensure!(
         template.contains("{question}"),

@@ -308,10 +308,14 @@ pub fn run_t2i<B: Backend>(
         std::fs::File::create(out.join("codes.jsonl"))
             .with_context(|| format!("creating {}", out.join("codes.jsonl").display()))?,
     );
+    let steps = setup.config.timesteps;
+    let bar = crate::progress::bar((prompts.len() * steps) as u64, "steps");
+    bar.set_message(format!("{} image(s)", prompts.len()));
     for (i, prompt) in prompts.iter().enumerate() {
         let t0 = Instant::now();
         let s = seed.wrapping_add(i as u64);
-        let gen_ = t2i_one(engine, &coder, &setup, prompt, s, &mut |_| {})?;
+        let gen_ = t2i_one(engine, &coder, &setup, prompt, s, &mut |_| bar.inc(1))?;
+        bar.set_position(((i + 1) * steps) as u64);
         let file = format!("{i:04}.png");
         let path = out.join(&file);
         gen_.image
@@ -328,8 +332,9 @@ pub fn run_t2i<B: Backend>(
             "seconds": t0.elapsed().as_secs_f64(),
         });
         writeln!(jsonl, "{rec}")?;
-        println!("{}", path.display());
+        bar.suspend(|| println!("{}", path.display()));
     }
+    bar.finish_and_clear();
     jsonl.flush()?;
     Ok(())
 }

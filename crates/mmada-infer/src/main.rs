@@ -15,6 +15,7 @@ mod eval;
 mod image;
 mod inspect;
 mod options;
+mod progress;
 mod serve;
 
 use std::io::Write;
@@ -57,14 +58,19 @@ struct CommonArgs {
     /// command line wins).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Override one key of the config file, `SECTION.KEY=VALUE` (repeatable; as `mmada-train
+    /// --set`): `--set sampling.steps=64 --set eval.limit=50`. Explicit options still win.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
     #[command(flatten)]
     model: ModelArgs,
 }
 
 impl CommonArgs {
-    /// The config file and the model options layered over its `model:` section.
+    /// The config file (with the `--set` overrides) and the model options layered over its
+    /// `model:` section.
     fn load(self) -> Result<(FileConfig, ModelArgs)> {
-        let mut f = FileConfig::load(self.config.as_deref())?;
+        let mut f = FileConfig::load(self.config.as_deref(), &self.set)?;
         let model = self.model.or(std::mem::take(&mut f.model));
         Ok((f, model))
     }
@@ -76,7 +82,9 @@ enum Command {
     /// verify every tensor against config.json (names, shapes, dtypes). Exit code 1 when a
     /// tensor is missing, unexpected or of the wrong shape. Reads headers only.
     Inspect {
-        /// Checkpoint directory (config.json + model.safetensors or a sharded index).
+        /// Checkpoint directory (config.json + model.safetensors or a sharded index), or a
+        /// Hugging Face model id (`GSAI-ML/LLaDA-8B-Instruct`; headers and config only are
+        /// read, but the weights are downloaded when not cached).
         #[arg(long)]
         checkpoint: PathBuf,
         /// Print a JSON report instead of text.
@@ -174,14 +182,23 @@ fn load<B: Backend>(
     )
 }
 
-/// Prompts from `--prompt` and `--prompts FILE` (JSONL with `prompt` or `question`).
+/// Prompts from `--prompt` and `--prompts FILE`: JSONL with `prompt` or `question`, or a
+/// `.txt` file with one prompt per non-empty line (as the official `inference_t2i.py`'s
+/// `validation_prompts_file`).
 fn collect_prompts(g: &GenerateArgs) -> Result<Vec<String>> {
     let mut prompts = g.prompt.clone();
     if let Some(path) = &g.prompts {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading prompts {}", path.display()))?;
+        let plain = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("txt"));
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
+                continue;
+            }
+            if plain {
+                prompts.push(line.trim().to_string());
                 continue;
             }
             let v: serde_json::Value = serde_json::from_str(line)
@@ -202,7 +219,7 @@ fn collect_prompts(g: &GenerateArgs) -> Result<Vec<String>> {
     }
     ensure!(
         !prompts.is_empty(),
-        "no prompt: pass --prompt TEXT, --prompts FILE.jsonl or set generate.prompt in --config"
+        "no prompt: pass --prompt TEXT, --prompts FILE.jsonl|FILE.txt or set generate.prompt in --config"
     );
     Ok(prompts)
 }
@@ -240,13 +257,18 @@ fn run_generate<B: Backend>(
         (None, ids)
     };
     let t0 = Instant::now();
-    let gens = engine.generate_all(
-        &ids,
-        &config,
-        m.seed.unwrap_or(0),
-        s.batch_size.unwrap_or(1),
-        |_| {},
-    )?;
+    // one bar over every batch's denoising steps (threshold decoding may need fewer)
+    let batch_size = s.batch_size.unwrap_or(1).max(1);
+    let batches = ids.len().div_ceil(batch_size);
+    let bar = progress::bar((batches * config.steps) as u64, "steps");
+    bar.set_message("generating");
+    let mut gens = Vec::with_capacity(ids.len());
+    for (i, chunk) in ids.chunks(batch_size).enumerate() {
+        let seed = m.seed.unwrap_or(0).wrapping_add(i as u64);
+        gens.extend(engine.generate_batch_observed(chunk, &config, seed, &mut |_| bar.inc(1))?);
+        bar.set_position(((i + 1) * config.steps) as u64);
+    }
+    bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     let new_tokens: usize = gens.iter().map(|g| g.decoded).sum();
     let nfe: usize = gens
@@ -431,8 +453,11 @@ fn main() -> Result<ExitCode> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Inspect { checkpoint, json } => inspect::inspect(&checkpoint, json)
-            .with_context(|| format!("inspecting {}", checkpoint.display())),
+        Command::Inspect { checkpoint, json } => {
+            let dir = mmada_data::hub::local_or_model(&checkpoint)?;
+            inspect::inspect(&dir, json)
+                .with_context(|| format!("inspecting {}", checkpoint.display()))
+        }
         Command::Generate {
             common,
             sampling,

@@ -149,7 +149,9 @@ pub(crate) use impl_or;
 #[serde(default, deny_unknown_fields)]
 pub struct ModelArgs {
     /// Checkpoint directory (config.json + safetensors weights; tokenizer.json inside unless
-    /// --tokenizer is given).
+    /// --tokenizer is given), or a Hugging Face model id (`GSAI-ML/LLaDA-8B-Instruct`,
+    /// `owner/name@revision`): taken from the local cache or downloaded (HF_HOME, HF_ENDPOINT,
+    /// HF_TOKEN and HF_HUB_OFFLINE are honoured).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// LoRA adapter over the checkpoint: a PEFT adapter directory (adapter_config.json +
@@ -157,8 +159,9 @@ pub struct ModelArgs {
     /// into the weights at load (`W + (alpha/r)·B·A`).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// tokenizer.json to use instead of the checkpoint's (MMaDA special tokens it lacks are
-    /// added; the result must match the model's vocabulary).
+    /// tokenizer.json (or a folder or Hub model id holding one) to use instead of the
+    /// checkpoint's (MMaDA special tokens it lacks are added; the result must match the
+    /// model's vocabulary).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Device: `cpu` (default) or `cuda:N` (needs a build with `--features cuda`).
@@ -296,7 +299,8 @@ pub struct GenerateArgs {
     /// Prompt text (repeatable: several prompts are decoded in batches of --batch-size).
     #[arg(long)]
     pub prompt: Vec<String>,
-    /// File of prompts: JSONL with a `prompt` (or `question`) field per line.
+    /// File of prompts: JSONL with a `prompt` (or `question`) field per line, or `.txt` with
+    /// one prompt per non-empty line.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Write one JSON record per prompt (prompt, output, ids, terminated, nfe, seconds) to
@@ -339,7 +343,9 @@ pub struct EvalArgs {
     /// Benchmark.
     #[arg(long, value_enum)]
     pub task: Option<TaskArg>,
-    /// Data file (jsonl, json or parquet), e.g. ../shared/data/math/gsm8k_test.jsonl.
+    /// Data file (jsonl, json or parquet), e.g. ../shared/data/math/gsm8k_test.jsonl, or a
+    /// file of a Hugging Face dataset repo, `openai/gsm8k:main/test-00000-of-00001.parquet`
+    /// (`REPO[@REVISION]:PATH`, cached / downloaded as `--checkpoint` ids).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Evaluate the first N items only.
@@ -411,26 +417,51 @@ pub struct FileConfig {
 
 impl FileConfig {
     /// Parses the YAML text; `source` names the file in errors.
+    #[cfg(test)]
     pub fn from_yaml(text: &str, source: &str) -> Result<Self> {
-        serde_norway::from_str(text).with_context(|| format!("config file {source}"))
+        Self::from_yaml_with(text, source, &[])
     }
 
-    /// Reads `path`, or returns the empty config when `None`.
-    pub fn load(path: Option<&Path>) -> Result<Self> {
+    /// Parses the YAML text and applies `--set key.path=value` overrides to it (the same
+    /// syntax as `mmada-train --set`: `sampling.steps=64`, `model.checkpoint=DIR`); `source`
+    /// names the file in errors.
+    pub fn from_yaml_with(text: &str, source: &str, sets: &[String]) -> Result<Self> {
+        let mut tree: serde_norway::Value = if text.trim().is_empty() {
+            serde_norway::Value::Mapping(Default::default())
+        } else {
+            serde_norway::from_str(text).with_context(|| format!("config file {source}"))?
+        };
+        mmada_data::overrides::apply(&mut tree, sets).map_err(|o| {
+            anyhow::anyhow!("--set {o}: expected SECTION.KEY=VALUE (e.g. --set sampling.steps=64)")
+        })?;
+        let what = if sets.is_empty() {
+            format!("config file {source}")
+        } else {
+            format!("config file {source} with --set {}", sets.join(" --set "))
+        };
+        serde_norway::from_value(tree).with_context(|| what)
+    }
+
+    /// Reads `path` (or starts from the empty config when `None`) and applies `sets`.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
         let Some(path) = path else {
-            return Ok(Self::default());
+            return Self::from_yaml_with("", "(none)", sets);
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        Self::from_yaml(&text, &path.display().to_string())
+        Self::from_yaml_with(&text, &path.display().to_string(), sets)
     }
 }
 
-/// The `checkpoint` option, which is required.
+/// The `checkpoint` option, which is required: a local folder, or a Hugging Face model id
+/// (`GSAI-ML/LLaDA-8B-Instruct[@revision]`) resolved through the local cache or downloaded
+/// ([`mmada_data::hub`]: `HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
 pub fn require_checkpoint(m: &ModelArgs) -> Result<PathBuf> {
     match &m.checkpoint {
-        Some(p) => Ok(p.clone()),
-        None => bail!("no checkpoint: pass --checkpoint DIR or set model.checkpoint in --config"),
+        Some(p) => Ok(mmada_data::hub::local_or_model(p)?),
+        None => {
+            bail!("no checkpoint: pass --checkpoint DIR|HUB_ID or set model.checkpoint in --config")
+        }
     }
 }
 
@@ -607,5 +638,38 @@ mod tests {
         );
         // an empty command line leaves the file as it is
         assert_eq!(SamplingArgs::default().or(s.clone()), *s);
+    }
+
+    #[test]
+    fn set_overrides_the_config_file_and_names_bad_keys() {
+        let sets = ["sampling.steps=32".to_string(), "eval.limit=5".to_string()];
+        let c = FileConfig::from_yaml_with(
+            "sampling: {steps: 64, block_length: 32}\neval: {task: gsm8k}\n",
+            "t.yaml",
+            &sets,
+        )
+        .unwrap();
+        assert_eq!(c.sampling.steps, Some(32));
+        assert_eq!(c.sampling.block_length, Some(32));
+        assert_eq!(c.eval.limit, Some(5));
+        // without a file
+        let c = FileConfig::load(None, &["model.checkpoint=ck".to_string()]).unwrap();
+        assert_eq!(c.model.checkpoint.as_deref(), Some(Path::new("ck")));
+        let e = format!(
+            "{:#}",
+            FileConfig::load(None, &["sampling.stepz=3".to_string()]).unwrap_err()
+        );
+        assert!(
+            e.contains("stepz") && e.contains("--set sampling.stepz=3"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            FileConfig::load(None, &["steps".to_string()]).unwrap_err()
+        );
+        assert!(
+            e.contains("--set steps") && e.contains("SECTION.KEY=VALUE"),
+            "{e}"
+        );
     }
 }

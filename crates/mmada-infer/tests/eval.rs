@@ -143,3 +143,121 @@ fn eval_bad_input() {
         r.stderr
     );
 }
+
+/// Lay out `files` as the Hugging Face cache does: `<hub>/<kind>s--owner--name/refs/main`
+/// naming a snapshot folder that holds the files.
+fn cache_repo(hub: &std::path::Path, kind: &str, id: &str, files: &[(&str, Vec<u8>)]) {
+    let root = hub.join(format!("{kind}s--{}", id.replace('/', "--")));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    std::fs::write(root.join("refs/main"), commit).unwrap();
+    let snap = root.join("snapshots").join(commit);
+    for (name, bytes) in files {
+        let p = snap.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+}
+
+/// Hub ids for `--checkpoint`, `--tokenizer` and `eval --data`, resolved through the local
+/// cache under `HF_HOME` with `HF_HUB_OFFLINE=1`: the same output as the local paths; an id
+/// missing from the cache is an error naming the cache and the variable.
+#[test]
+fn hub_ids_resolve_through_the_local_cache_offline() {
+    let (tmp, dir) = common::checkpoint(7);
+    let home = tmp.path().join("hf-home");
+    let hub = home.join("hub");
+    let files: Vec<(&str, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let name: &'static str = Box::leak(
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+                    .into_boxed_str(),
+            );
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    cache_repo(&hub, "model", "tiny-org/tiny-mmada", &files);
+    let items = [
+        "{\"question\": \"What is 2 + 3?\", \"answer\": \"#### 5\"}",
+        "{\"question\": \"What is 7 + 1?\", \"answer\": \"#### 8\"}",
+    ]
+    .join("\n");
+    cache_repo(
+        &hub,
+        "dataset",
+        "tiny-org/arith",
+        &[("data/test.jsonl", items.clone().into_bytes())],
+    );
+    let local_data = tmp.path().join("test.jsonl");
+    std::fs::write(&local_data, items).unwrap();
+    let run_env = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmada-infer"))
+            .args(args)
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let eval = |checkpoint: &str, tokenizer: &str, data: &str, out: &std::path::Path| {
+        run_env(&[
+            "eval",
+            "--checkpoint",
+            checkpoint,
+            "--tokenizer",
+            tokenizer,
+            "--task",
+            "gsm8k",
+            "--data",
+            data,
+            "--gen-length",
+            "4",
+            "--steps",
+            "2",
+            "--block-length",
+            "4",
+            "--batch-size",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let (a_out, b_out) = (tmp.path().join("a.jsonl"), tmp.path().join("b.jsonl"));
+    let d = dir.to_str().unwrap();
+    let (ok, _, err) = eval(d, d, local_data.to_str().unwrap(), &a_out);
+    assert!(ok, "{err}");
+    let (ok, _, err) = eval(
+        "tiny-org/tiny-mmada",
+        "tiny-org/tiny-mmada",
+        "tiny-org/arith:data/test.jsonl",
+        &b_out,
+    );
+    assert!(ok, "{err}");
+    let (a, b) = (jsonl(&a_out), jsonl(&b_out));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x["output"], &x["gold"]), (&y["output"], &y["gold"]));
+    }
+    // inspect reads the cached checkpoint too
+    let (ok, out, err) = run_env(&["inspect", "--checkpoint", "tiny-org/tiny-mmada@main"]);
+    assert!(ok && !out.is_empty(), "{err}");
+    // not cached, offline: the error names the id, the cache and HF_HUB_OFFLINE
+    let (ok, _, err) = run_env(&["inspect", "--checkpoint", "tiny-org/absent"]);
+    assert!(!ok);
+    assert!(
+        err.contains("tiny-org/absent")
+            && err.contains("HF_HUB_OFFLINE")
+            && err.contains(&hub.display().to_string()),
+        "{err}"
+    );
+}

@@ -100,6 +100,40 @@ fn generate_matches_library_and_is_batch_invariant() {
         let canvas: Vec<i64> = o.ids.into_data().convert::<i64>().into_vec().unwrap();
         assert_eq!(ids_of(&recs[i]), canvas[n..].to_vec(), "prompt {i}");
     }
+
+    // the same prompts from a .txt file (one per line, blank lines skipped) and the sampler
+    // settings through --set: the same ids
+    let txt = tmp.path().join("prompts.txt");
+    std::fs::write(
+        &txt,
+        format!("{}\n\n{}\n{}\n", PROMPTS[0], PROMPTS[1], PROMPTS[2]),
+    )
+    .unwrap();
+    let out2 = tmp.path().join("gen2.jsonl");
+    let r = run(&[
+        "generate",
+        "--checkpoint",
+        d,
+        "--set",
+        "sampling.gen_length=16",
+        "--set",
+        "sampling.steps=8",
+        "--set",
+        "sampling.block_length=8",
+        "--set",
+        "sampling.batch_size=3",
+        "--full-vocab",
+        "--prompts",
+        txt.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    let again = jsonl(&out2);
+    assert_eq!(again.len(), 3);
+    for (a, b) in recs.iter().zip(&again) {
+        assert_eq!((&a["prompt"], ids_of(a)), (&b["prompt"], ids_of(b)));
+    }
 }
 
 /// Temperature 2.0 on a head wider than the tokenizer (125 vs 109 ids): the default run never

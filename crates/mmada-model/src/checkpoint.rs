@@ -477,6 +477,8 @@ struct FileSource<'a, B: Backend> {
     device: B::Device,
     dtype: FloatDType,
     used: BTreeSet<String>,
+    /// Called after each tensor with `(tensors read, tensors in the checkpoint)`.
+    on_tensor: &'a mut dyn FnMut(usize, usize),
 }
 
 impl<B: Backend> FileSource<'_, B> {
@@ -501,6 +503,7 @@ impl<B: Backend> FileSource<'_, B> {
         }
         let data = read_tensor(f, &name, self.dtype)?;
         self.used.insert(name);
+        (self.on_tensor)(self.used.len(), self.files.location.len());
         Ok(data)
     }
 }
@@ -549,12 +552,28 @@ pub fn load_weights<B: Backend>(
     device: &B::Device,
     dtype: FloatDType,
 ) -> Result<LladaModel<B>, CheckpointError> {
+    load_weights_observed(path, cfg, device, dtype, &mut |_, _| {})
+}
+
+/// [`load_weights`] calling `on_tensor(read, total)` after each tensor is read (`total` = the
+/// tensors of the checkpoint), for a progress bar in the binaries.
+///
+/// # Errors
+/// As [`load_weights`].
+pub fn load_weights_observed<B: Backend>(
+    path: &Path,
+    cfg: &ModelConfig,
+    device: &B::Device,
+    dtype: FloatDType,
+    on_tensor: &mut dyn FnMut(usize, usize),
+) -> Result<LladaModel<B>, CheckpointError> {
     let files = CheckpointFiles::open(path)?;
     let mut src = FileSource::<B> {
         files: &files,
         device: device.clone(),
         dtype,
         used: BTreeSet::new(),
+        on_tensor,
     };
     let model = LladaModel::from_source(cfg, &mut src)?;
     let mut extra: Vec<String> = files

@@ -29,7 +29,8 @@ pub mod tokens;
 
 pub use burn::tensor::FloatDType;
 pub use checkpoint::{
-    CheckpointError, DiskDtype, SaveOptions, load_checkpoint, load_weights, save_checkpoint,
+    CheckpointError, DiskDtype, SaveOptions, load_checkpoint, load_weights, load_weights_observed,
+    save_checkpoint,
 };
 pub use config::{ConfigError, ModelConfig, ModelType};
 pub use kv::{KvCache, KvCacheError};

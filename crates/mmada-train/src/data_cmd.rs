@@ -146,8 +146,10 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 },
                 ..ScanOptions::default()
             };
-            let scan = scan_manifest(m, data_root.as_deref(), tok.as_ref(), &opts)?;
-            print!("{scan}");
+            let spin = spinner(format!("reading {}", manifest.display()));
+            let scan = scan_manifest(m, data_root.as_deref(), tok.as_ref(), &opts);
+            spin.finish_and_clear();
+            print!("{}", scan?);
             Ok(())
         }
         DataCommand::Check { recipe, overrides } => check(&recipe, &overrides),
@@ -219,11 +221,32 @@ fn pretokenize_on<B: burn::tensor::backend::Backend>(
     data_root: Option<&Path>,
     out: &Path,
 ) -> Result<usize> {
+    let spin = spinner(format!("loading the image tokenizer {vq_checkpoint}"));
     let coder = mmada_vq::VqCoder::<B>::load(vq_checkpoint, device)
         .with_context(|| format!("loading the image tokenizer {vq_checkpoint}"))?;
-    Ok(mmada_data::code_table::pretokenize(
-        manifests, data_root, &coder, out,
-    )?)
+    spin.set_message("encoding images");
+    let n = mmada_data::code_table::pretokenize_observed(
+        manifests,
+        data_root,
+        &coder,
+        out,
+        &mut |done| spin.set_message(format!("encoded {done} image(s)")),
+    );
+    spin.finish_and_clear();
+    Ok(n?)
+}
+
+/// A spinner on stderr with the elapsed time and `msg` (hidden when stderr is not a
+/// terminal).
+fn spinner(msg: String) -> indicatif::ProgressBar {
+    let spin = indicatif::ProgressBar::new_spinner();
+    spin.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} · {elapsed}")
+            .expect("static template"),
+    );
+    spin.set_message(msg);
+    spin.enable_steady_tick(std::time::Duration::from_millis(120));
+    spin
 }
 
 fn check(recipe_path: &Path, overrides: &[String]) -> Result<()> {
@@ -246,6 +269,7 @@ fn check(recipe_path: &Path, overrides: &[String]) -> Result<()> {
     for (stream, section) in streams {
         for (i, spec) in section.sources.iter().enumerate() {
             let label = format!("data.{stream}.sources[{i}]");
+            let spin = spinner(format!("checking {label}"));
             let res = resolve_manifest(
                 spec.manifest.as_deref(),
                 spec.inline.as_ref(),
@@ -261,6 +285,7 @@ fn check(recipe_path: &Path, overrides: &[String]) -> Result<()> {
                     &recipe.data.layout,
                 )?)
             });
+            spin.finish_and_clear();
             match res {
                 Ok(scan) => {
                     ok += 1;

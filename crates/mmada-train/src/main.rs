@@ -47,7 +47,8 @@ enum Command {
         port: u16,
     },
     /// Replay metrics that could not reach wandb (offline runs, outages) from
-    /// RUN_DIR/wandb-spool.jsonl. Uses WANDB_API_KEY (or ~/.netrc) and WANDB_BASE_URL.
+    /// RUN_DIR/wandb-spool.jsonl (or $WANDB_DIR/<run name>/ when the run set WANDB_DIR). Uses
+    /// WANDB_API_KEY (or ~/.netrc) and WANDB_BASE_URL.
     WandbSync {
         /// The run directory (runs/<name>).
         run_dir: PathBuf,
@@ -111,7 +112,7 @@ enum Command {
     /// Fold a LoRA adapter (PEFT format, or a LoRA training checkpoint) into its base
     /// checkpoint and write a merged Hugging Face checkpoint: W + (alpha/r)·B·A.
     MergeLora {
-        /// The base Hugging Face checkpoint directory (config.json + safetensors).
+        /// The base Hugging Face checkpoint directory (config.json + safetensors) or Hub id.
         #[arg(long)]
         checkpoint: PathBuf,
         /// The adapter: a directory with adapter_config.json + adapter_model.safetensors, or
@@ -809,9 +810,15 @@ fn run() -> Result<ExitCode> {
         }
         Command::WandbSync { run_dir } => {
             let endpoint = mmada_wandb::Endpoint::from_env(None)?;
-            let report =
-                mmada_wandb::sync(&run_dir, &endpoint, &mmada_wandb::SyncOptions::default())
-                    .with_context(|| format!("syncing {}", run_dir.display()))?;
+            // the spool is in RUN_DIR, or in $WANDB_DIR/<run name> when the run had WANDB_DIR
+            let mut local = run_dir.clone();
+            if !run_dir.join(mmada_wandb::SPOOL_FILE).exists() {
+                let mut w = mmada_wandb::WandbConfig::default();
+                w.apply_env()?;
+                local = w.local_dir(&run_dir);
+            }
+            let report = mmada_wandb::sync(&local, &endpoint, &mmada_wandb::SyncOptions::default())
+                .with_context(|| format!("syncing {}", local.display()))?;
             tracing::info!("{report:?}");
         }
         Command::Synth { out, n, seed } => {
@@ -860,7 +867,8 @@ fn run() -> Result<ExitCode> {
                 overwrite,
                 copy_sidecars_from: None,
             };
-            let lora = mmada_train::merge_lora_checkpoint(&checkpoint, &adapter, &out, &opts)
+            let base = mmada_data::hub::local_or_model(&checkpoint)?;
+            let lora = mmada_train::merge_lora_checkpoint(&base, &adapter, &out, &opts)
                 .with_context(|| {
                     format!(
                         "merging {} into {}",

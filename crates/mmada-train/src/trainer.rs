@@ -196,6 +196,33 @@ pub trait TrainLoop {
     }
 }
 
+/// A recipe path that may be a Hugging Face id: `base`-relative when that exists locally (or
+/// is absolute), else `lookup` of the path as written (`GSAI-ML/LLaDA-8B-Instruct`,
+/// [`mmada_data::hub`]: the local HF cache, else a download; `HF_HOME`, `HF_ENDPOINT`,
+/// `HF_TOKEN`, `HF_HUB_OFFLINE` honoured).
+fn resolve_hub(
+    base: &Path,
+    p: &Path,
+    lookup: fn(&Path) -> mmada_data::Result<PathBuf>,
+) -> Result<PathBuf, TrainError> {
+    let local = resolve(base, p);
+    if local.exists() || p.is_absolute() {
+        return Ok(local);
+    }
+    let found = lookup(p)?;
+    // not a Hub id either: the base-relative path, for the caller's "not found" error
+    Ok(if found == p { local } else { found })
+}
+
+/// `model.checkpoint`: a local folder (relative to `base`) or a Hub model id, whose weights
+/// and sidecar files are fetched into the HF cache ([`resolve_hub`]).
+///
+/// # Errors
+/// [`TrainError::DataCrate`] ([`mmada_data::DataError::Hub`]) when the id cannot be had.
+pub fn resolve_checkpoint(base: &Path, p: &Path) -> Result<PathBuf, TrainError> {
+    resolve_hub(base, p, mmada_data::hub::local_or_model)
+}
+
 /// Load the tokenizer of a `tokenizer:` section (a file, or a folder holding
 /// `tokenizer.json`; relative to `base`), adding the MMaDA tokens if asked.
 ///
@@ -205,7 +232,7 @@ pub fn load_tokenizer(
     section: &TokenizerSection,
     base: &Path,
 ) -> Result<TextTokenizer, TrainError> {
-    let p = resolve(base, &section.path);
+    let p = resolve_hub(base, &section.path, mmada_data::hub::local_or_tokenizer)?;
     let file = if p.is_dir() {
         p.join("tokenizer.json")
     } else {
@@ -249,7 +276,7 @@ pub fn model_config(
             "model.overrides",
         )?);
     }
-    let dir = resolve(base, model.checkpoint.as_ref().expect("validated"));
+    let dir = resolve_checkpoint(base, model.checkpoint.as_ref().expect("validated"))?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let mismatch = |message: String| TrainError::Mismatch {
         tokenizer: tokenizer.path.display().to_string(),
@@ -293,7 +320,13 @@ pub fn model_config_for_plan(
         return Ok((ModelConfig::preset(name)?, format!("preset {name}")));
     }
     if let Some(dir) = &model.checkpoint {
-        let file = resolve(base, dir).join("config.json");
+        let file = resolve_hub(base, dir, mmada_data::hub::local_or_model_config)
+            .map_err(|e| {
+                TrainError::Other(format!(
+                    "model.checkpoint: {e}; the planner reads only config.json (no weights): make it reachable, or pass --model-preset mmada_8b | llada_8b | tiny"
+                ))
+            })?
+            .join("config.json");
         if !file.is_file() {
             return Err(TrainError::Other(format!(
                 "model.checkpoint: {} not found: the planner reads only config.json (no weights): put the checkpoint's config.json there, or pass --model-preset mmada_8b | llada_8b | tiny",
@@ -396,7 +429,9 @@ fn base_model<B: AutodiffBackend>(
 ) -> Result<LladaModel<B>, TrainError> {
     let dtype = sections.model.dtype.float();
     Ok(match &sections.model.checkpoint {
-        Some(dir) => mmada_model::load_weights::<B>(&resolve(base, dir), cfg, device, dtype)?,
+        Some(dir) => {
+            mmada_model::load_weights::<B>(&resolve_checkpoint(base, dir)?, cfg, device, dtype)?
+        }
         None => mmada_model::init::init_model::<B>(
             cfg,
             derive_seed(sections.run.seed, 0, 0, 0),
@@ -569,10 +604,11 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                 (cfg, model, TrainerState::new(sections.run.seed))
             }
         };
-        let lora_base = sections.lora.map(|_| match &sections.model.checkpoint {
-            Some(dir) => resolve(base, dir),
-            None => run.root().join(LORA_BASE_DIR),
-        });
+        let lora_base = match (sections.lora, &sections.model.checkpoint) {
+            (None, _) => None,
+            (Some(_), Some(dir)) => Some(resolve_checkpoint(base, dir)?),
+            (Some(_), None) => Some(run.root().join(LORA_BASE_DIR)),
+        };
         // train.mixed_precision: bf16 compute over the f32 master weights (not saved: the
         // checkpoint holds the parameters in checkpoint.model_dtype)
         let model = model.with_compute_dtype(sections.mixed_precision.compute_dtype());
@@ -976,12 +1012,10 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         // with the model (`tokenizer.json` is rewritten below: it may have gained tokens)
         let opts = SaveOptions {
             dtype: self.sections.checkpoint.model_dtype.disk(),
-            copy_sidecars_from: self
-                .sections
-                .model
-                .checkpoint
-                .as_ref()
-                .map(|d| resolve(&self.opts.base_dir, d)),
+            copy_sidecars_from: match &self.sections.model.checkpoint {
+                Some(d) => Some(resolve_checkpoint(&self.opts.base_dir, d)?),
+                None => None,
+            },
             ..Default::default()
         };
         let model_dir = tmp.join("model");

@@ -9,10 +9,16 @@
 //! lost field) and an explicit run id (`logging.wandb.run_id` or `WANDB_RUN_ID`) in online mode,
 //! the server is asked (`RunResumeStatus`, [`mmada_wandb::query_resume_status`]) where that run
 //! stands; rows logged after the checkpoint's step are overwritten, not duplicated.
+//! `logging.wandb.resume` / `WANDB_RESUME` change this as the SDK's `resume=` does
+//! ([`mmada_wandb::WandbResume`]): `never` starts a new wandb run, `allow` and `must` ask the
+//! server about an explicit run id even for a fresh training run, `must` refuses to start
+//! without a run to continue.
 
 use std::path::Path;
 
-use mmada_wandb::{Endpoint, RunInit, WandbConfig, WandbMode, WandbResumeState, WandbRun};
+use mmada_wandb::{
+    Endpoint, RunInit, WandbConfig, WandbMode, WandbResume, WandbResumeState, WandbRun,
+};
 use serde_json::Value;
 
 use crate::error::TrainError;
@@ -62,13 +68,30 @@ impl TrainerWandb {
             .extra
             .get(STATE_KEY)
             .and_then(|v| serde_json::from_value::<WandbResumeState>(v.clone()).ok());
+        let policy = w.resume;
+        let saved = saved.filter(|_| policy != WandbResume::Never);
+        let ask_server = match policy {
+            WandbResume::Auto => resumed,
+            WandbResume::Allow | WandbResume::Must => true,
+            WandbResume::Never => false,
+        };
         let resume = match saved {
             Some(s) => Some(s),
-            None if resumed && w.mode == WandbMode::Online => {
+            None if ask_server && w.mode == WandbMode::Online => {
                 Self::lookup(&w, endpoint.as_ref(), state.step)?
             }
             None => None,
         };
+        if policy == WandbResume::Must && resume.is_none() {
+            return Err(TrainError::Other(format!(
+                "logging.wandb: resume is `must` (WANDB_RESUME) but there is no wandb run to continue: {}; set logging.wandb.run_id / WANDB_RUN_ID to a run the server has (online mode), or unset WANDB_RESUME",
+                if w.run_id.is_some() {
+                    "the checkpoint saved none and the server does not have the named run"
+                } else {
+                    "the checkpoint saved none and no run id is named"
+                }
+            )));
+        }
         let init = RunInit {
             run_config,
             resume,

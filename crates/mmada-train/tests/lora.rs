@@ -298,14 +298,14 @@ fn unigrpo_resumes_bit_exactly(sets: &[&str], adapter_tensors: usize) {
 #[test]
 fn lora_recipe_keys_are_checked() {
     let tmp = tempfile::tempdir().unwrap();
-    let sync = ["grpo.sync_ref_model_steps=2".to_string()];
+    let sync = ["grpo.ref_model_sync_steps=2".to_string()];
     let base = grpo_recipe(tmp.path(), "x", &[]);
     let yaml = base.to_yaml();
     let e = UniGrpoRecipe::parse(&yaml, "r.yaml", &sync)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("grpo.sync_ref_model_steps") && e.contains("lora"),
+        e.contains("grpo.ref_model_sync_steps") && e.contains("lora"),
         "{e}"
     );
     let bad = ["lora.target_modules=[o_proj]".to_string()];

@@ -242,17 +242,22 @@ fn cli_table_labels_what_ifs_and_names_the_missing_config() {
         "{text}"
     );
     assert!(text.contains("\nfits "), "{text}");
-    // no checkpoint here and no preset: the error says what to do
+    // the recipe's Hub checkpoint is not cached (offline) and no preset: the error says what to do
     let out = Command::new(bin)
         .current_dir(repo())
         .env("RUST_BACKTRACE", "0")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tempfile::tempdir().unwrap().path())
         .args(["plan", "unigrpo", "--recipe", "recipes/unigrpo_gsm8k.yaml"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("config.json not found") && err.contains("--model-preset"),
+        err.contains("Gen-Verse/MMaDA-8B-MixCoT")
+            && err.contains("config.json")
+            && err.contains("HF_HUB_OFFLINE")
+            && err.contains("--model-preset"),
         "{err}"
     );
 }

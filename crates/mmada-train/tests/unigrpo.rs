@@ -249,7 +249,7 @@ grpo:
   num_iterations: 2
   beta: 0.04
   kl_reference: reference_model
-  sync_ref_model_steps: 3
+  ref_model_sync_steps: 3
   max_completion_length: 8
 rollout: {{steps: 4, block_length: 8, temperature: 1.0}}
 reward_funcs:

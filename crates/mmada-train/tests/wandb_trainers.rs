@@ -294,3 +294,77 @@ fn resume_without_saved_wandb_state_asks_the_server() {
     assert!(history[2]["_runtime"].as_f64().unwrap() >= rt2);
     assert_eq!(server.exitcode("grpo-lost-state"), Some(0));
 }
+
+#[test]
+fn wandb_resume_policy_and_local_dir_as_the_sdk() {
+    let server = FakeServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Default::default();
+    let opts = |resume, stop_after| UniGrpoOptions {
+        resume,
+        stop_after,
+        wandb_endpoint: Some(endpoint(&server.url())),
+        ..Default::default()
+    };
+    // `never`: resuming training from a checkpoint starts a new wandb run
+    let never = ["logging.wandb.resume=never".to_string()];
+    let r = grpo_recipe(tmp.path(), "never", &never);
+    let first = UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts(None, Some(2)), &mut |_| {}).unwrap();
+    let first_id = run_id_of(&server);
+    let out = UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts(Some(Resume::Latest), None), &mut |_| {})
+        .unwrap();
+    assert_eq!((first.final_step, out.final_step), (2, 4));
+    let ids: std::collections::BTreeSet<String> = server
+        .requests()
+        .into_iter()
+        .filter(|q| q.kind() == "UpsertBucket")
+        .map(|q| q.body["variables"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "two wandb runs: {ids:?}");
+    let second_id = ids.iter().find(|i| **i != first_id).unwrap();
+    let steps: Vec<u64> = server
+        .history(second_id)
+        .iter()
+        .map(|h| h["_step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [3, 4]);
+    // `must` without a run to continue: the run does not start, and says why
+    let must = ["logging.wandb.resume=must".to_string()];
+    let r = grpo_recipe(tmp.path(), "must", &must);
+    let e = UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts(None, None), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`must`") && e.contains("no wandb run to continue") && e.contains("run_id"),
+        "{e}"
+    );
+    // `allow` + an explicit run id that the server has: a fresh training run continues it
+    let allow = [
+        "logging.wandb.resume=allow".to_string(),
+        format!("logging.wandb.run_id={first_id}"),
+    ];
+    let r = grpo_recipe(tmp.path(), "allow", &allow);
+    let n0 = server.requests().len();
+    UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts(None, Some(1)), &mut |_| {}).unwrap();
+    assert!(
+        server.requests()[n0..]
+            .iter()
+            .any(|q| q.kind() == "RunResumeStatus"),
+        "the server was asked about the named run"
+    );
+    // `dir` (WANDB_DIR): the spool goes to dir/<run name>/, not into the run directory
+    let wdir = tmp.path().join("wandb-files");
+    let offline = [
+        "logging.wandb.mode=offline".to_string(),
+        format!("logging.wandb.dir={}", wdir.display()),
+    ];
+    let r = grpo_recipe(tmp.path(), "local", &offline);
+    let out = UniGrpo::run::<CpuAutodiff>(&r, &dev, &opts(None, Some(1)), &mut |_| {}).unwrap();
+    assert!(!out.run_dir.join(mmada_wandb::SPOOL_FILE).exists());
+    let spool = wdir.join("local").join(mmada_wandb::SPOOL_FILE);
+    assert!(
+        std::fs::read_to_string(&spool).unwrap().contains("history"),
+        "{}",
+        spool.display()
+    );
+}

@@ -247,13 +247,16 @@ pub fn download(repo: &str) -> Result<PathBuf, VqError> {
         file: file.to_string(),
         reason: e,
     };
-    let api = hf_hub::api::sync::Api::new().map_err(|e| hub("", e.to_string()))?;
-    let model = api.model(repo.to_string());
-    model
-        .get("config.json")
-        .map_err(|e| hub("config.json", e.to_string()))?;
-    let weights = model
-        .get(HF_WEIGHTS_FILE)
-        .map_err(|e| hub(HF_WEIGHTS_FILE, e.to_string()))?;
+    let (id, revision) = repo.split_once('@').unwrap_or((repo, "main"));
+    let r = mmada_data::hub::HubRef {
+        repo: id.to_string(),
+        revision: revision.to_string(),
+    };
+    let get = |file: &str| {
+        mmada_data::hub::fetch(&r, hf_hub::RepoType::Model, file)
+            .map_err(|e| hub(file, e.to_string()))
+    };
+    get("config.json")?;
+    let weights = get(HF_WEIGHTS_FILE)?;
     Ok(weights.parent().map(Path::to_path_buf).unwrap_or_default())
 }

@@ -1,6 +1,7 @@
 //! The `logging.wandb` section of a training recipe.
 
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::WandbError;
@@ -27,6 +28,40 @@ impl std::str::FromStr for WandbMode {
             "disabled" | "off" => Ok(WandbMode::Disabled),
             other => Err(format!(
                 "unknown wandb mode `{other}` (expected online, offline or disabled)"
+            )),
+        }
+    }
+}
+
+/// What to do with an existing wandb run (`logging.wandb.resume`, environment `WANDB_RESUME`,
+/// the Python SDK's `resume=` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WandbResume {
+    /// Default: a resumed training run continues the wandb run saved in its checkpoint; a
+    /// fresh one starts a new wandb run (or the one named by `run_id`).
+    #[default]
+    Auto,
+    /// As `auto`, and a fresh training run with an explicit `run_id` continues that wandb run
+    /// when the server has it (its history offset asked from the server).
+    Allow,
+    /// There must be a wandb run to continue (saved in the checkpoint, or `run_id` on the
+    /// server); otherwise the run does not start.
+    Must,
+    /// Always a new wandb run, even when resuming training from a checkpoint.
+    Never,
+}
+
+impl std::str::FromStr for WandbResume {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "true" => Ok(WandbResume::Auto),
+            "allow" => Ok(WandbResume::Allow),
+            "must" => Ok(WandbResume::Must),
+            "never" | "false" => Ok(WandbResume::Never),
+            other => Err(format!(
+                "unknown wandb resume `{other}` (expected auto, allow, must or never)"
             )),
         }
     }
@@ -62,6 +97,12 @@ pub struct WandbConfig {
     pub run_id: Option<String>,
     /// Server base URL; `None` = `WANDB_BASE_URL`, else `https://api.wandb.ai`.
     pub base_url: Option<String>,
+    /// Folder for the local wandb files (the spool, `wandb-spool.jsonl`): they go to
+    /// `dir/<run directory name>/`. `None` (default) = the run directory itself. `WANDB_DIR`
+    /// overrides it.
+    pub dir: Option<PathBuf>,
+    /// What to do with an existing wandb run (see [`WandbResume`]); `WANDB_RESUME` overrides it.
+    pub resume: WandbResume,
     /// Seconds between two file_stream flushes (history rows are batched in between).
     pub flush_interval_secs: f64,
     /// Seconds without any request after which an empty `{}` heartbeat is posted.
@@ -97,6 +138,8 @@ impl Default for WandbConfig {
             job_type: None,
             run_id: None,
             base_url: None,
+            dir: None,
+            resume: WandbResume::Auto,
             flush_interval_secs: 5.0,
             heartbeat_secs: 30.0,
             queue_capacity: 4096,
@@ -205,10 +248,10 @@ impl WandbConfig {
     }
 
     /// Applies `WANDB_MODE`, `WANDB_PROJECT`, `WANDB_ENTITY`, `WANDB_RUN_ID`, `WANDB_NAME`,
-    /// `WANDB_TAGS` (comma-separated), `WANDB_NOTES`, `WANDB_RUN_GROUP` and `WANDB_JOB_TYPE`
-    /// from the environment (they win over the recipe, as with the Python SDK). `WANDB_BASE_URL` is read
-    /// later, when the endpoint is resolved. Returns an error naming the variable when
-    /// `WANDB_MODE` is not a known mode.
+    /// `WANDB_TAGS` (comma-separated), `WANDB_NOTES`, `WANDB_RUN_GROUP`, `WANDB_JOB_TYPE`,
+    /// `WANDB_DIR` and `WANDB_RESUME` from the environment (they win over the recipe, as with
+    /// the Python SDK). `WANDB_BASE_URL` is read later, when the endpoint is resolved. Returns an
+    /// error naming the variable when `WANDB_MODE` or `WANDB_RESUME` is not a known value.
     pub fn apply_env(&mut self) -> Result<(), WandbError> {
         self.apply_env_from(|k| std::env::var(k).ok())
     }
@@ -254,7 +297,33 @@ impl WandbConfig {
         if let Some(j) = get("WANDB_JOB_TYPE").filter(|s| !s.is_empty()) {
             self.job_type = Some(j);
         }
+        if let Some(d) = get("WANDB_DIR").filter(|s| !s.is_empty()) {
+            self.dir = Some(PathBuf::from(d));
+        }
+        if let Some(r) = get("WANDB_RESUME").filter(|s| !s.is_empty()) {
+            self.resume = r.parse().map_err(|reason| WandbError::InvalidConfig {
+                key: "resume",
+                reason: format!("from WANDB_RESUME: {reason}"),
+            })?;
+        }
         Ok(())
+    }
+
+    /// Where the local wandb files (the spool) of the run in `run_dir` live:
+    /// `dir/<run_dir's name>` when [`WandbConfig::dir`] is set, else `run_dir`.
+    pub fn local_dir(&self, run_dir: &Path) -> PathBuf {
+        match &self.dir {
+            Some(d) => {
+                let name = run_dir
+                    .canonicalize()
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_os_string()))
+                    .or_else(|| run_dir.file_name().map(|n| n.to_os_string()))
+                    .unwrap_or_else(|| "run".into());
+                d.join(name)
+            }
+            None => run_dir.to_path_buf(),
+        }
     }
 
     pub(crate) fn secs(v: f64) -> Duration {

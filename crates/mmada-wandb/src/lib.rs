@@ -38,7 +38,7 @@ mod worker;
 pub mod testing;
 
 pub use auth::{ApiKey, DEFAULT_BASE_URL, Endpoint};
-pub use config::{WandbConfig, WandbMode};
+pub use config::{WandbConfig, WandbMode, WandbResume};
 pub use error::WandbError;
 pub use metrics_log::{METRICS_FILE, MetricsLog};
 pub use protocol::{encode_config, generate_run_id};

@@ -125,7 +125,8 @@ impl WandbRun {
 
     /// Validates `config`, then starts the run: in `online` mode resolves the endpoint (unless
     /// given in `init`) and starts the sender thread; in `offline` mode starts a thread that only
-    /// writes the spool in `run_dir`; in `disabled` mode does nothing.
+    /// writes the spool in `run_dir` (or [`WandbConfig::local_dir`]); in `disabled` mode does
+    /// nothing.
     ///
     /// Network problems never make this fail (they are retried in the background); a missing
     /// API key, an invalid config or an unwritable run directory do.
@@ -134,7 +135,8 @@ impl WandbRun {
         if config.mode == WandbMode::Disabled {
             return Ok(WandbRun::disabled());
         }
-        std::fs::create_dir_all(run_dir).map_err(|e| WandbError::io(run_dir, e))?;
+        let local_dir = config.local_dir(run_dir);
+        std::fs::create_dir_all(&local_dir).map_err(|e| WandbError::io(&local_dir, e))?;
         let transport = if config.mode == WandbMode::Online {
             let endpoint = match init.endpoint {
                 Some(e) => e,
@@ -190,7 +192,7 @@ impl WandbRun {
 
         let shared = Arc::new(Shared::default());
         shared.logged_lines.store(start_line, Ordering::Release);
-        let spool: SharedSpool = Arc::new(Mutex::new(Spool::new(run_dir, meta.clone())));
+        let spool: SharedSpool = Arc::new(Mutex::new(Spool::new(&local_dir, meta.clone())));
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity);
         let settings = Settings {
             flush_interval: WandbConfig::secs(config.flush_interval_secs),

@@ -229,6 +229,35 @@ fn config_section_defaults_unknown_keys_and_validation() {
         .apply_env_from(|k| (k == "WANDB_MODE").then(|| "bogus".into()))
         .unwrap_err();
     assert!(e.to_string().contains("mode"));
+    // the local files' folder and the resume policy
+    assert_eq!(c.resume, mmada_wandb::WandbResume::Auto);
+    let run = std::path::Path::new("runs/quickstart");
+    assert_eq!(c.local_dir(run), run, "default: the run directory");
+    c.apply_env_from(|k| match k {
+        "WANDB_DIR" => Some("/scratch/wandb".into()),
+        "WANDB_RESUME" => Some("must".into()),
+        _ => None,
+    })
+    .unwrap();
+    assert_eq!(c.resume, mmada_wandb::WandbResume::Must);
+    assert_eq!(
+        c.local_dir(run),
+        std::path::Path::new("/scratch/wandb/quickstart")
+    );
+    for (v, want) in [
+        ("allow", mmada_wandb::WandbResume::Allow),
+        ("never", mmada_wandb::WandbResume::Never),
+        ("auto", mmada_wandb::WandbResume::Auto),
+    ] {
+        c.apply_env_from(|k| (k == "WANDB_RESUME").then(|| v.into()))
+            .unwrap();
+        assert_eq!(c.resume, want, "{v}");
+    }
+    let e = c
+        .apply_env_from(|k| (k == "WANDB_RESUME").then(|| "sometimes".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("WANDB_RESUME") && e.contains("must"), "{e}");
 }
 
 #[test]

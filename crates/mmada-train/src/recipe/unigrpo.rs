@@ -162,7 +162,8 @@ pub struct GrpoSection {
     /// uses 1e-4).
     #[serde(default)]
     pub advantage_eps: f32,
-    /// `dllm_rl` (default), `sequence` (paper eq., TRL `grpo`) or `token` (TRL `bnpo`).
+    /// `dllm_rl` (default), `sequence` (paper eq., TRL `grpo`) or `token` (TRL `bnpo` /
+    /// `dapo`); TRL's names are accepted, `dr_grpo` is refused (see [`LossNorm`]).
     #[serde(default)]
     pub loss_type: LossNorm,
     /// `uniform_spaced` (paper Algorithm 1, default) or `uniform` (dLLM-RL).
@@ -183,10 +184,10 @@ pub struct GrpoSection {
     /// `old_policy` (dLLM-RL, default) or `reference_model` (the initial weights, paper/TRL).
     #[serde(default)]
     pub kl_reference: KlReference,
-    /// Copy the policy into the reference model every N steps (0 = never; TRL
-    /// `ref_model_sync_steps`).
-    #[serde(default)]
-    pub sync_ref_model_steps: u64,
+    /// Copy the policy into the reference model every N steps (0 = never). TRL's name;
+    /// `sync_ref_model_steps` (this project's earlier spelling) is accepted too.
+    #[serde(default, alias = "sync_ref_model_steps")]
+    pub ref_model_sync_steps: u64,
     /// Completion length = sampler `gen_length` (TRL `max_completion_length`).
     pub max_completion_length: usize,
     /// Log-prob estimator: `structured` (default; UniGRPO structured noising of the
@@ -902,9 +903,9 @@ impl Recipe for UniGrpoRecipe {
             self.lora.as_ref(),
             self.train.activation_checkpointing,
         )?;
-        if self.lora.is_some() && self.grpo.sync_ref_model_steps > 0 {
+        if self.lora.is_some() && self.grpo.ref_model_sync_steps > 0 {
             return err(
-                "grpo.sync_ref_model_steps",
+                "grpo.ref_model_sync_steps",
                 "must be 0 with lora: the reference is the base model with the adapters off",
             );
         }
@@ -971,5 +972,36 @@ train: {max_steps: 1}
         }
         let e = err("train.log_every=0");
         assert!(e.contains("`train.log_every`"), "{e}");
+    }
+
+    #[test]
+    fn trl_names_are_accepted_and_dr_grpo_is_refused_with_the_mapping() {
+        let parse = |set: &[&str]| {
+            let set: Vec<String> = set.iter().map(|s| (*s).to_string()).collect();
+            UniGrpoRecipe::parse(MINIMAL, "r.yaml", &set)
+        };
+        for (name, want) in [
+            ("grpo", LossNorm::Sequence),
+            ("sequence", LossNorm::Sequence),
+            ("bnpo", LossNorm::Token),
+            ("dapo", LossNorm::Token),
+            ("token", LossNorm::Token),
+            ("dllm_rl", LossNorm::DllmRl),
+        ] {
+            let r = parse(&[&format!("grpo.loss_type={name}")]).unwrap();
+            assert_eq!(r.grpo.loss_type, want, "{name}");
+        }
+        let e = err("grpo.loss_type=dr_grpo");
+        assert!(
+            e.contains("dr_grpo") && e.contains("sequence (TRL grpo)") && e.contains("loss_type"),
+            "{e}"
+        );
+        let e = err("grpo.loss_type=seqence");
+        assert!(e.contains("unknown loss_type `seqence`"), "{e}");
+        // TRL's `ref_model_sync_steps`, and this project's earlier spelling
+        for key in ["ref_model_sync_steps", "sync_ref_model_steps"] {
+            let r = parse(&[&format!("grpo.{key}=7")]).unwrap();
+            assert_eq!(r.grpo.ref_model_sync_steps, 7, "{key}");
+        }
     }
 }

@@ -242,7 +242,7 @@ impl TrainLoop for UniGrpo {
                 backward_s: t_bwd.elapsed().as_secs_f64(),
                 rollout: counters,
             };
-            let sync_every = recipe.grpo.sync_ref_model_steps;
+            let sync_every = recipe.grpo.ref_model_sync_steps;
             if sync_every > 0 && (step + 1).is_multiple_of(sync_every) && reference.is_some() {
                 reference = Some(model.valid());
             }
