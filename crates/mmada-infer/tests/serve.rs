@@ -413,9 +413,9 @@ fn bad_requests_get_openai_json_errors() {
     let (st, v) = post("/v1/chat/completions", b);
     error_of(st, &v, 400, "sometimes");
     let mut b = chat_body("hi");
-    b["n"] = json!(2);
+    b["n"] = json!(12);
     let (st, v) = post("/v1/chat/completions", b);
-    error_of(st, &v, 400, "n must be 1");
+    error_of(st, &v, 400, "n must be in 1..=8");
     // unknown route, wrong method
     let (st, v) = post("/v1/embeddings", json!({}));
     error_of(st, &v, 404, "no such route");
@@ -453,6 +453,79 @@ fn a_full_queue_answers_429() {
     assert_eq!(ok + busy.len(), 6, "{statuses:?}");
     assert!(ok >= 1 && !busy.is_empty(), "{statuses:?}");
     assert_eq!(busy[0]["error"]["code"], "rate_limit_exceeded");
+}
+
+/// A streaming client that goes away mid-generation stops the decoding (`/health` counts it)
+/// and the server goes on serving; `n` gives that many choices (seed + i each), and `n` out
+/// of range or with `stream` is a 400.
+#[test]
+fn disconnects_cancel_and_n_gives_choices() {
+    let (_tmp, ckpt) = common::checkpoint(16);
+    let s = Server::start(&ckpt, &["--max-batch", "1"]);
+    let health = || -> Value { serde_json::from_str(&s.get("/health").1).unwrap() };
+    assert_eq!(health()["cancelled"], 0);
+    // 960 one-token steps: seconds of work; the client reads one chunk and hangs up
+    let body = json!({"messages": [{"role": "user", "content": "long"}], "stream": true,
+                      "mmada_canvas": true,
+                      "gen_length": 960, "block_length": 960, "steps": 960});
+    {
+        let r = Server::client()
+            .post(format!("{}/v1/chat/completions", s.url))
+            .json(&body)
+            .send()
+            .unwrap();
+        let mut lines = BufReader::new(r).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.starts_with("data: "), "{first}");
+    }
+    let t0 = std::time::Instant::now();
+    while health()["cancelled"] == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the generation was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(health()["cancelled"], 1);
+
+    // n choices: sampled ones differ by seed, greedy ones are equal
+    let mut b = chat_body("Hi");
+    merge(&mut b, &json!({"n": 3, "temperature": 1.0, "seed": 5}));
+    let (st, v) = s.post("/v1/chat/completions", &b);
+    assert_eq!(st, 200, "{v}");
+    let texts: Vec<&str> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i);
+            c["message"]["content"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(texts.len(), 3);
+    // choice 1 is the single answer of seed 6
+    let mut one = chat_body("Hi");
+    merge(&mut one, &json!({"temperature": 1.0, "seed": 6}));
+    let (_, single) = s.post("/v1/chat/completions", &one);
+    assert_eq!(single["choices"][0]["message"]["content"], texts[1]);
+    let mut g = chat_body("Hi");
+    merge(&mut g, &json!({"n": 2}));
+    let (_, v) = s.post("/v1/chat/completions", &g);
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        v["choices"][1]["message"]["content"]
+    );
+    for (extra, want) in [
+        (json!({"n": 9}), "n must be in 1..=8"),
+        (json!({"n": 0}), "n must be in 1..=8"),
+        (json!({"n": 2, "stream": true}), "stream: true takes n = 1"),
+    ] {
+        let mut b = chat_body("Hi");
+        merge(&mut b, &extra);
+        let (st, v) = s.post("/v1/chat/completions", &b);
+        error_of(st, &v, 400, want);
+    }
 }
 
 #[test]

@@ -3,6 +3,13 @@
 /// Everything that can go wrong when configuring or running a sampler.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SamplerError {
+    /// The observer asked the sampler to stop ([`crate::StepEvent::stop`]): a server whose
+    /// clients went away. Not an error of the inputs.
+    #[error("generation cancelled by the caller after step {step}")]
+    Cancelled {
+        /// The last step run.
+        step: usize,
+    },
     /// A configuration field has an invalid value. `field` is the serde name of the field
     /// (e.g. `gen_length`), so a recipe author can find it.
     #[error("invalid sampler config field `{field}`: {reason}")]

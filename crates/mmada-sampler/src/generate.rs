@@ -426,6 +426,9 @@ pub struct StepEvent<'a> {
     /// `[B, Lp + G]` row-major: the step at which each position was committed, `-1` for the
     /// prompt and the positions still masked.
     pub unmask_step: &'a [i64],
+    /// Set it (`stop.set(true)`) to end the generation after this step: the sampler returns
+    /// [`SamplerError::Cancelled`] (a server whose clients all went away).
+    pub stop: &'a std::cell::Cell<bool>,
 }
 
 /// [`generate`] with `observer` called after every denoising step with the canvas
@@ -467,6 +470,7 @@ where
     if let Some(v) = model.input_vocab() {
         check_id("mask_id", config.mask_id, v)?;
     }
+    let stop = std::cell::Cell::new(false);
     let mut x = vec![mask; b * l];
     for r in 0..b {
         x[r * l..r * l + lp].copy_from_slice(&prompt_host[r * lp..(r + 1) * lp]);
@@ -658,7 +662,13 @@ where
                 prompt_len: lp,
                 canvas: &x,
                 unmask_step: &unmask_step,
+                stop: &stop,
             });
+            if stop.get() {
+                return Err(SamplerError::Cancelled {
+                    step: global_step as usize,
+                });
+            }
             global_step += 1;
         }
         // the cache holds the keys of this block's masks: the next block starts with a refresh

@@ -272,6 +272,8 @@ pub struct T2iStepEvent<'a> {
     /// `[B, N]` row-major: the code sampled for every slot at this step (what the image would
     /// be if decoding stopped here).
     pub sampled: &'a [i64],
+    /// Set it to end the generation after this step ([`SamplerError::Cancelled`]).
+    pub stop: &'a std::cell::Cell<bool>,
 }
 
 /// [`t2i_generate`] with `observer` called after every step ([`T2iStepEvent`]). The result is
@@ -485,13 +487,18 @@ where
             .iter()
             .map(|&k| if k == mask { -1 } else { k })
             .collect();
+        let stop = std::cell::Cell::new(false);
         observer(&T2iStepEvent {
             step,
             batch: b,
             seq_len: n,
             committed: &committed,
             sampled: &sampled,
+            stop: &stop,
         });
+        if stop.get() {
+            return Err(SamplerError::Cancelled { step });
+        }
     }
     if record_trace {
         image_ids_per_step.push(image_slot(&ids));

@@ -98,6 +98,33 @@ impl UniformSource for Scripted {
     }
 }
 
+/// Setting [`StepEvent::stop`] ends the generation after that step with
+/// [`crate::SamplerError::Cancelled`]: no further model call is made.
+#[test]
+fn observer_stop_cancels_after_the_step() {
+    let m = FnDenoiser::new(|_, i| one_hot(i % 5, i as f32));
+    let c = cfg(6, 4, 2);
+    let mut steps = Vec::new();
+    let e = generate_observed(
+        &m,
+        prompt(&[&[1, 2]]),
+        None,
+        &c,
+        &mut NoRng,
+        false,
+        &mut |e| {
+            steps.push(e.step);
+            if e.step == 2 {
+                e.stop.set(true);
+            }
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e, crate::SamplerError::Cancelled { step: 2 });
+    assert_eq!(steps, [0, 1, 2]);
+    assert_eq!(m.calls.borrow().len(), 3, "no forward after the stop");
+}
+
 /// The observer of [`generate_observed`] sees the canvas after every step (the trace's
 /// canvases 1..), the step's block and the block ends, and the result is [`generate`]'s.
 #[test]

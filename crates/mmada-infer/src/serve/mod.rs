@@ -113,6 +113,8 @@ struct AppState {
     created: u64,
     next_id: AtomicU64,
     started: Instant,
+    /// Generations stopped because every client of the batch went away (`/health`).
+    cancelled: Arc<AtomicU64>,
 }
 
 type Shared = Arc<AppState>;
@@ -149,6 +151,8 @@ pub fn serve<B: Backend>(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Ready>>();
     let device = device.clone();
     let wargs = args.clone();
+    let cancelled = Arc::new(AtomicU64::new(0));
+    let worker_cancelled = cancelled.clone();
     std::thread::Builder::new()
         .name("mmada-model".into())
         .spawn(move || {
@@ -204,6 +208,7 @@ pub fn serve<B: Backend>(
                 coder,
                 images: settings,
                 max_batch: wargs.max_batch,
+                cancelled: worker_cancelled,
             }
             .run(rx);
         })
@@ -229,6 +234,7 @@ pub fn serve<B: Backend>(
         created: now(),
         next_id: AtomicU64::new(1),
         started: Instant::now(),
+        cancelled,
     });
     let app = router(state, args.max_body_mib << 20);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -317,6 +323,7 @@ async fn health(State(s): State<Shared>) -> impl IntoResponse {
         "queued": s.jobs.max_capacity() - s.jobs.capacity(),
         "max_queue": s.jobs.max_capacity(),
         "images": s.images.is_ok(),
+        "cancelled": s.cancelled.load(Ordering::Relaxed),
         "uptime_s": s.started.elapsed().as_secs_f64(),
     }))
 }
@@ -445,9 +452,7 @@ impl AppState {
 
     fn chat_plan(&self, req: &ChatRequest) -> Result<TextPlan, ApiError> {
         check_model(self, req.model.as_deref())?;
-        if req.n.unwrap_or(1) != 1 {
-            return Err(ApiError::bad_request("n must be 1").param("n"));
-        }
+        check_n(req.n, req.stream)?;
         if req.messages.is_empty() {
             return Err(ApiError::bad_request("messages must not be empty").param("messages"));
         }
@@ -511,6 +516,21 @@ impl AppState {
             max_tokens,
         })
     }
+}
+
+/// Most choices per request (`n`).
+const MAX_N: usize = 8;
+
+/// `n` in `1..=MAX_N`; streaming takes `n = 1`.
+fn check_n(n: Option<usize>, stream: bool) -> Result<usize, ApiError> {
+    let n = n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::bad_request(format!("n must be in 1..={MAX_N}")).param("n"));
+    }
+    if stream && n > 1 {
+        return Err(ApiError::bad_request("stream: true takes n = 1").param("n"));
+    }
+    Ok(n)
 }
 
 fn decode_data_url(url: &str) -> Result<mmada_vq::RgbImage, ApiError> {
@@ -617,24 +637,31 @@ async fn chat(
     let body = body_of(body)?;
     let req: ChatRequest = parse_body(&body)?;
     let plan = s.chat_plan(&req)?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let n = check_n(req.n, req.stream)?;
     let watch = req.stream;
     let max_tokens = plan.max_tokens;
     let gen_length = plan.config.gen_length;
     let prompt_len = plan.prompt.len();
-    submit(
-        &s,
-        Job::Text(TextJob {
-            prompt: plan.prompt,
-            image: plan.image,
-            config: plan.config,
-            seed: plan.seed,
-            watch,
-            tx,
-        }),
-    )?;
+    // choice i samples with seed + i (greedy choices are equal)
+    let mut rxs = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        submit(
+            &s,
+            Job::Text(TextJob {
+                prompt: plan.prompt.clone(),
+                image: plan.image.clone(),
+                config: plan.config.clone(),
+                seed: plan.seed.wrapping_add(i as u64),
+                watch,
+                tx,
+            }),
+        )?;
+        rxs.push(rx);
+    }
     let id = s.id("chatcmpl");
     if req.stream {
+        let rx = rxs.remove(0);
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return Ok(stream_text(
             s.clone(),
@@ -649,20 +676,30 @@ async fn chat(
         )
         .into_response());
     }
-    let a = answer_of(&s, wait_text(rx).await?, max_tokens);
+    let mut choices = Vec::with_capacity(n);
+    let (mut pt, mut ct) = (0, 0);
+    let mut extra = Vec::with_capacity(n);
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let a = answer_of(&s, wait_text(rx).await?, max_tokens);
+        // the prompt is counted once, as OpenAI does for n > 1
+        pt = a.prompt_tokens;
+        ct += a.completion_tokens;
+        choices.push(json!({
+            "index": i,
+            "message": {"role": "assistant", "content": a.text},
+            "logprobs": null,
+            "finish_reason": a.finish_reason,
+        }));
+        extra.push(a.extra);
+    }
     Ok(axum::Json(json!({
         "id": id,
         "object": "chat.completion",
         "created": now(),
         "model": s.model_name,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": a.text},
-            "logprobs": null,
-            "finish_reason": a.finish_reason,
-        }],
-        "usage": usage(a.prompt_tokens, a.completion_tokens),
-        "mmada": a.extra,
+        "choices": choices,
+        "usage": usage(pt, ct),
+        "mmada": if n == 1 { extra.remove(0) } else { Value::Array(extra) },
     }))
     .into_response())
 }
@@ -674,9 +711,7 @@ async fn completions(
     let body = body_of(body)?;
     let req: CompletionRequest = parse_body(&body)?;
     check_model(&s, req.model.as_deref())?;
-    if req.n.unwrap_or(1) != 1 {
-        return Err(ApiError::bad_request("n must be 1").param("n"));
-    }
+    let n = check_n(req.n, req.stream)?;
     let prompts = match &req.prompt {
         PromptInput::One(p) => vec![p.clone()],
         PromptInput::Many(v) => v.clone(),
@@ -702,22 +737,25 @@ async fn completions(
     }
     let seed = req.seed.unwrap_or(s.seed);
     let id = s.id("cmpl");
-    let mut rxs = Vec::with_capacity(ids.len());
+    // choices prompt-major, as OpenAI orders them: prompt p, sample i → index p·n + i (seed + i)
+    let mut rxs = Vec::with_capacity(ids.len() * n);
     for p in ids {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let prompt_len = p.len();
-        submit(
-            &s,
-            Job::Text(TextJob {
-                prompt: p,
-                image: None,
-                config: config.clone(),
-                seed,
-                watch: req.stream,
-                tx,
-            }),
-        )?;
-        rxs.push((rx, prompt_len));
+        for i in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let prompt_len = p.len();
+            submit(
+                &s,
+                Job::Text(TextJob {
+                    prompt: p.clone(),
+                    image: None,
+                    config: config.clone(),
+                    seed: seed.wrapping_add(i as u64),
+                    watch: req.stream,
+                    tx,
+                }),
+            )?;
+            rxs.push((rx, prompt_len));
+        }
     }
     if req.stream {
         let (rx, prompt_len) = rxs.remove(0);
@@ -740,7 +778,9 @@ async fn completions(
     let mut extra = Vec::new();
     for (i, (rx, _)) in rxs.into_iter().enumerate() {
         let a = answer_of(&s, wait_text(rx).await?, req.max_tokens);
-        pt += a.prompt_tokens;
+        if i % n == 0 {
+            pt += a.prompt_tokens; // each prompt once
+        }
         ct += a.completion_tokens;
         choices.push(json!({
             "index": i, "text": a.text, "logprobs": null, "finish_reason": a.finish_reason,

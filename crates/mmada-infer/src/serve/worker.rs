@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -140,6 +142,8 @@ pub struct Worker<B: Backend> {
     pub images: ImageSettings,
     /// Most text jobs decoded together.
     pub max_batch: usize,
+    /// Generations stopped mid-way because every client of the batch went away.
+    pub cancelled: Arc<AtomicU64>,
 }
 
 /// Greedy decoding with a deterministic ranking draws no random number: such jobs may share a
@@ -226,6 +230,11 @@ impl<B: Backend> Worker<B> {
         let out = self
             .engine
             .generate_batch_observed(&prompts, &config, seed, &mut |e| {
+                // nobody waits for these rows any more (disconnected clients): stop decoding
+                if jobs.iter().all(|j| j.tx.is_closed()) {
+                    e.stop.set(true);
+                    return;
+                }
                 for (r, j) in jobs.iter().enumerate() {
                     if j.watch {
                         let row = r * e.seq_len + e.prompt_len..(r + 1) * e.seq_len;
@@ -251,6 +260,15 @@ impl<B: Backend> Worker<B> {
                         prompt_tokens: p.len(),
                     })));
                 }
+            }
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<mmada_sampler::SamplerError>(),
+                    Some(mmada_sampler::SamplerError::Cancelled { .. })
+                ) =>
+            {
+                self.cancelled.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(batch = jobs.len(), "cancelled: every client went away");
             }
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "generation failed");
@@ -311,6 +329,10 @@ impl<B: Backend> Worker<B> {
                 return Ok(());
             }
             let mut observer = |e: &mmada_sampler::T2iStepEvent<'_>| {
+                if j.tx.is_closed() {
+                    e.stop.set(true);
+                    return;
+                }
                 if !j.watch {
                     return;
                 }
@@ -337,8 +359,20 @@ impl<B: Backend> Worker<B> {
                 });
             };
             let seed = j.seed.wrapping_add(index as u64);
-            let img = t2i_one(&self.engine, coder, &setup, &j.prompt, seed, &mut observer)
-                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            let img = match t2i_one(&self.engine, coder, &setup, &j.prompt, seed, &mut observer) {
+                Ok(img) => img,
+                Err(e)
+                    if matches!(
+                        e.downcast_ref::<mmada_sampler::SamplerError>(),
+                        Some(mmada_sampler::SamplerError::Cancelled { .. })
+                    ) =>
+                {
+                    self.cancelled.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("image cancelled: the client went away");
+                    return Ok(());
+                }
+                Err(e) => return Err(ApiError::internal(format!("{e:#}"))),
+            };
             let b64 = png_b64(&img.image)?;
             let _ = j.tx.send(ImageEvent::Image {
                 index,
