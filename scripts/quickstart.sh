@@ -5,7 +5,7 @@
 #  2. fine-tunes a small MMaDA-shaped model on it with the masked-diffusion SFT loss
 #     (recipes/quickstart.yaml);
 #  3. runs a short UniGRPO stage from that checkpoint with an exact-match reward
-#     (recipes/quickstart_unigrpo.yaml), sampling at temperature 0.8;
+#     (recipes/quickstart_unigrpo.yaml), sampling at temperature 1.5;
 #  4. scores the 200 held-out questions (mmada-infer eval, GSM8K answer extraction) with an
 #     untrained model of the same shape, after SFT and after UniGRPO;
 #  5. prints the run directories' plots (loss / lr / grad norm; reward / KL / clip ratio).
@@ -40,7 +40,7 @@ t_rl=$(date +%s)
 rl="runs/quickstart-unigrpo/checkpoints/$(cat runs/quickstart-unigrpo/checkpoints/latest)/model"
 after_rl=$(evaluate "$rl" runs/quickstart-unigrpo/eval_trained.jsonl)
 ./target/debug/mmada-infer inspect --checkpoint "$rl"
-# mean correctness reward (0 or 1 per completion, temperature 0.8) of the first and last 5 UniGRPO steps
+# mean correctness reward (0 or 1 per completion, temperature 1.5) of the first and last 5 UniGRPO steps
 rewards=$(grep -o '"rewards/math_correctness/mean":[-0-9.e]*' runs/quickstart-unigrpo/metrics.jsonl | cut -d: -f2)
 first5=$(echo "$rewards" | head -n 5 | awk '{s += $1} END {printf "%.3f", s / NR}')
 last5=$(echo "$rewards" | tail -n 5 | awk '{s += $1} END {printf "%.3f", s / NR}')
@@ -50,7 +50,7 @@ echo "held-out exact match (runs/quickstart-data/arith_test.jsonl, never trained
 echo "  untrained model: $before"
 echo "  after SFT:       $after_sft   (per question: runs/quickstart/eval_trained.jsonl)"
 echo "  after UniGRPO:   $after_rl   (per question: runs/quickstart-unigrpo/eval_trained.jsonl)"
-echo "UniGRPO correctness reward (temperature 0.8): mean of the first 5 steps $first5, of the last 5 $last5"
+echo "UniGRPO correctness reward (temperature 1.5): mean of the first 5 steps $first5, of the last 5 $last5"
 echo "plots:"
 echo "  runs/quickstart/plots/metrics.png          (SFT: loss, eval loss, lr, grad norm)"
 echo "  runs/quickstart-unigrpo/plots/metrics.png  (UniGRPO: reward, per-reward means, KL, clip ratio, length)"

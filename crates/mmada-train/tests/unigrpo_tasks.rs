@@ -490,3 +490,73 @@ fn task_recipe_errors_name_the_key_and_the_fix() {
     let e = err(&["tasks[7].share=2"]);
     assert!(e.contains("valid indices 0..3"), "{e}");
 }
+
+/// `image_tokenizer.codes`: the mmu prompts' images are looked up in a pre-tokenized table
+/// (`mmada-train data pretokenize` format) before the encoder: a table giving every image
+/// the codes `[0, 0, 0, 0]` changes the step's loss; a table from another image tokenizer
+/// is refused naming it.
+#[test]
+fn mmu_prompts_take_their_codes_from_pretokenized_tables() {
+    use mmada_data::code_table::{CodeRow, file_hash, write_table};
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, _) = redness_server();
+    let dev = Default::default();
+    let data = tmp.path().join("data");
+    write_data(&data);
+    let coder =
+        mmada_vq::VqCoder::<mmada_model::backend::Cpu>::load(vq_weights().to_str().unwrap(), &dev)
+            .unwrap();
+    let table = |name: &str, coder_id: &str| {
+        let rows: Vec<CodeRow> = COLORS
+            .iter()
+            .map(|(c, _)| {
+                let p = data.join(format!("images/{c}.png"));
+                CodeRow {
+                    source: p.display().to_string(),
+                    file_hash: file_hash(&std::fs::read(&p).unwrap()),
+                    resolution: 32,
+                    mode: mmada_data::ResizeMode::Squash,
+                    coder: coder_id.to_string(),
+                    codes: vec![0; 4],
+                }
+            })
+            .collect();
+        let path = tmp.path().join(name);
+        write_table(&path, &rows).unwrap();
+        path
+    };
+    let run = |name: &str, sets: &[String]| {
+        let mut all: Vec<&str> = vec!["train.max_steps=1"];
+        all.extend(sets.iter().map(String::as_str));
+        let r = try_tasks_recipe(tmp.path(), name, &url, &all)?;
+        UniGrpo::run::<CpuAutodiff>(&r, &dev, &UniGrpoOptions::default(), &mut |_| {})
+            .map(|out| metric_rows(&out.run_dir).remove(0))
+            .map_err(|e| e.to_string())
+    };
+    let encoded = run("encoded", &[]).unwrap();
+    let zeros = table("zeros.parquet", &mmada_data::ImageCoder::id(&coder));
+    let tabled = run(
+        "tabled",
+        &[format!("image_tokenizer.codes=[\"{}\"]", zeros.display())],
+    )
+    .unwrap();
+    // the mmu rows' logits (their KL term at the second inner iteration, their advantages)
+    // depend on the prompt codes
+    let differs = ["loss", "grad_norm", "kl"]
+        .iter()
+        .any(|k| encoded[k] != tabled[k]);
+    assert!(
+        differs,
+        "the table's codes were not used: {encoded} vs {tabled}"
+    );
+    let other = table("other.parquet", "some-other-tokenizer");
+    let e = run(
+        "other",
+        &[format!("image_tokenizer.codes=[\"{}\"]", other.display())],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("image_tokenizer.codes") && e.contains("some-other-tokenizer"),
+        "{e}"
+    );
+}

@@ -692,15 +692,62 @@ pub fn score_tasks<B: AutodiffBackend>(
             .collect(),
         total: (0..n).map(|i| at(i, 0)).collect(),
     };
-    let adv = group_advantages(&breakdown.total, g, recipe.grpo.advantage_options())?;
+    let task: Vec<usize> = (0..n).map(|i| at(i, 3).round() as usize).collect();
+    let adv = task_advantages(&breakdown.total, &task, g, recipe.grpo.advantage_options())?;
     Ok(Scored {
         lens: (0..n).map(|i| at(i, 1)).collect(),
         terminated: (0..n).map(|i| at(i, 2) > 0.5).collect(),
-        task: (0..n).map(|i| at(i, 3).round() as usize).collect(),
+        task,
         gen_tokens: (0..n).map(|i| at(i, 4).round() as usize).sum(),
         breakdown,
         adv,
     })
+}
+
+/// [`group_advantages`] of each task on its own completions (`task[i]` of completion `i`;
+/// a group never mixes tasks, so its `G` rows are consecutive and share a task): with
+/// `scale_rewards: batch` the std is the task's batch std — rewards of different tasks have
+/// different scales (a 0/2 correctness reward, a 0..1 colour reward) and one std across them
+/// would shrink the small-scale task's advantages. Group and no scaling are unchanged by the
+/// split. Groups keep their step order in the result.
+///
+/// # Errors
+/// Those of [`group_advantages`].
+pub fn task_advantages(
+    rewards: &[f32],
+    task: &[usize],
+    g: usize,
+    opts: mmada_diffusion::grpo::AdvantageOptions,
+) -> Result<GroupAdvantages, TrainError> {
+    let n_tasks = task.iter().copied().max().map_or(0, |m| m + 1);
+    if n_tasks <= 1 {
+        return Ok(group_advantages(rewards, g, opts)?);
+    }
+    let n = rewards.len();
+    let mut out = GroupAdvantages {
+        advantages: vec![0.0; n],
+        group_mean: vec![0.0; n / g],
+        group_std: vec![0.0; n / g],
+        zero_std: vec![false; n / g],
+    };
+    for t in 0..n_tasks {
+        let groups: Vec<usize> = (0..n / g).filter(|&k| task[k * g] == t).collect();
+        if groups.is_empty() {
+            continue;
+        }
+        let r: Vec<f32> = groups
+            .iter()
+            .flat_map(|&k| rewards[k * g..(k + 1) * g].iter().copied())
+            .collect();
+        let a = group_advantages(&r, g, opts)?;
+        for (j, &k) in groups.iter().enumerate() {
+            out.advantages[k * g..(k + 1) * g].copy_from_slice(&a.advantages[j * g..(j + 1) * g]);
+            out.group_mean[k] = a.group_mean[j];
+            out.group_std[k] = a.group_std[j];
+            out.zero_std[k] = a.zero_std[j];
+        }
+    }
+    Ok(out)
 }
 
 /// An image coder borrowed by an [`mmada_data::ImageTokenizer`].
@@ -824,13 +871,22 @@ pub fn build_tasks<B: Backend>(
                 };
                 task.prompt_images.push(img);
             }
+            // pre-tokenized tables (`mmada-train data pretokenize`) answer images first
+            for path in &section.codes {
+                let table = mmada_data::CodeTable::read(&resolve(base, path))
+                    .map_err(|e| TrainError::Other(format!("image_tokenizer.codes: {e}")))?;
+                let id = coder.map(mmada_data::ImageCoder::id);
+                table
+                    .fill(&mut examples, &p, id.as_deref())
+                    .map_err(|e| TrainError::Other(format!("image_tokenizer.codes: {e}")))?;
+            }
             let files = examples
                 .iter()
                 .any(|e| matches!(e.image, Some(ImageRef::Path(_) | ImageRef::Bytes(_))));
             if files {
                 let Some(coder) = coder else {
                     return Err(TrainError::Other(format!(
-                        "{key}.prompts: the prompt images are files: give image_tokenizer.checkpoint to encode them (or give `image_codes` fields)"
+                        "{key}.prompts: the prompt images are files: give image_tokenizer.checkpoint to encode them (or image_tokenizer.codes tables that hold them, or `image_codes` fields)"
                     )));
                 };
                 let mut it = mmada_data::ImageTokenizer::new(Borrowed(coder), p);
@@ -854,4 +910,43 @@ pub fn build_tasks<B: Backend>(
         out.push(task);
     }
     Ok((out, grid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmada_diffusion::grpo::{AdvantageOptions, ScaleRewards};
+
+    /// Two tasks of different reward scales interleaved by group: with batch scaling each
+    /// task's advantages are those of the task alone; group scaling is unchanged by the split.
+    #[test]
+    fn batch_scaling_uses_each_tasks_own_std() {
+        let g = 2;
+        // groups: text (0, 2), image (0.4, 0.6), text (2, 2), image (0.1, 0.5)
+        let rewards = [0.0, 2.0, 0.4, 0.6, 2.0, 2.0, 0.1, 0.5];
+        let task = [0, 0, 1, 1, 0, 0, 1, 1];
+        let batch = AdvantageOptions {
+            scale: ScaleRewards::Batch,
+            ..Default::default()
+        };
+        let a = task_advantages(&rewards, &task, g, batch).unwrap();
+        let text = group_advantages(&[0.0, 2.0, 2.0, 2.0], g, batch).unwrap();
+        let image = group_advantages(&[0.4, 0.6, 0.1, 0.5], g, batch).unwrap();
+        assert_eq!(a.advantages[0..2], text.advantages[0..2]);
+        assert_eq!(a.advantages[4..6], text.advantages[2..4]);
+        assert_eq!(a.advantages[2..4], image.advantages[0..2]);
+        assert_eq!(a.advantages[6..8], image.advantages[2..4]);
+        assert_eq!(a.zero_std, [false, false, true, false]);
+        // one std over both tasks would give the image groups much smaller advantages
+        let joint = group_advantages(&rewards, g, batch).unwrap();
+        assert!(joint.advantages[3].abs() < a.advantages[3].abs() / 3.0);
+        // group scaling: the same as without the split
+        let group = AdvantageOptions::default();
+        assert_eq!(
+            task_advantages(&rewards, &task, g, group)
+                .unwrap()
+                .advantages,
+            group_advantages(&rewards, g, group).unwrap().advantages
+        );
+    }
 }
