@@ -10,7 +10,9 @@ shape, the argmax ids at the masked positions and their decoded text. With `--pe
 ../shared/bench/torch_peer`, the logits are compared with the independent PyTorch reference
 (which the fixtures tie to mmada-rs) on the same weights.
 
-Needs `pip install torch transformers safetensors` (not used by tests or CI).
+Needs `pip install torch "transformers>=4.46,<5" safetensors` (not used by tests or CI): the
+upstream LLaDA remote code (`modeling_llada.py`) does not run under transformers 5 (it lacks
+`all_tied_weights_keys`), a limit of that code, not of the checkpoint.
 """
 from __future__ import annotations
 
