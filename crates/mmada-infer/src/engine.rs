@@ -28,6 +28,8 @@ pub struct Engine<B: Backend> {
     pub template: Option<ChatTemplate>,
     /// Where the model lives.
     pub device: B::Device,
+    /// A canvas longer than `max_sequence_length`: warn (default) or refuse.
+    pub long_prompt: crate::options::LongPrompt,
 }
 
 /// One generated answer.
@@ -238,6 +240,7 @@ impl<B: Backend> Engine<B> {
             tok,
             template,
             device: device.clone(),
+            long_prompt: Default::default(),
         })
     }
 
@@ -302,6 +305,14 @@ impl<B: Backend> Engine<B> {
         let b = prompts.len();
         let lp = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if lp + config.gen_length > self.cfg.max_sequence_length {
+            ensure!(
+                self.long_prompt == crate::options::LongPrompt::Warn,
+                "a prompt of {lp} tokens + gen_length {} exceeds the model's \
+                 max_sequence_length {}: shorten the prompt or gen_length, or pass \
+                 --long-prompt warn to decode anyway",
+                config.gen_length,
+                self.cfg.max_sequence_length
+            );
             tracing::warn!(
                 prompt_len = lp,
                 gen_length = config.gen_length,

@@ -172,14 +172,16 @@ fn load<B: Backend>(
     default_template: TemplateArg,
 ) -> Result<Engine<B>> {
     let dir = require_checkpoint(m)?;
-    Engine::load(
+    let mut engine = Engine::load(
         &dir,
         m.adapter.as_deref(),
         m.tokenizer.as_deref(),
         m.template.unwrap_or(default_template),
         device,
         m.dtype.unwrap_or(options::DtypeArg::F32).into(),
-    )
+    )?;
+    engine.long_prompt = m.long_prompt.unwrap_or_default();
+    Ok(engine)
 }
 
 /// Prompts from `--prompt` and `--prompts FILE`: JSONL with `prompt` or `question`, or a

@@ -177,6 +177,11 @@ pub struct ModelArgs {
     /// [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// A prompt longer than `max_sequence_length − gen_length` (the canvas would exceed the
+    /// positions the model was trained on): `warn` and decode anyway, or `refuse` with an
+    /// error [default: warn].
+    #[arg(long, value_enum)]
+    pub long_prompt: Option<LongPrompt>,
 }
 
 impl_or!(ModelArgs {
@@ -186,8 +191,20 @@ impl_or!(ModelArgs {
     device,
     dtype,
     template,
-    seed
+    seed,
+    long_prompt
 });
+
+/// What to do with a prompt whose canvas exceeds the model's `max_sequence_length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LongPrompt {
+    /// Log a warning and decode (RoPE extrapolates; quality may drop).
+    #[default]
+    Warn,
+    /// Stop with an error naming the lengths.
+    Refuse,
+}
 
 /// Text sampler options of the command line. The config-file section `sampling` is the
 /// sampler's [`SamplerSection`] (the same keys, plus `sample_vocab`); [`SamplingArgs::or`]

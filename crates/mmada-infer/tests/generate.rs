@@ -301,6 +301,36 @@ fn bad_input_gives_clear_errors() {
     assert!(!r.ok && r.stderr.contains("no checkpoint"), "{}", r.stderr);
     let r = run(&["generate", "--checkpoint", d]);
     assert!(!r.ok && r.stderr.contains("no prompt"), "{}", r.stderr);
+    // a canvas longer than max_sequence_length (1024): warned by default, refused on request
+    let long = [
+        "generate",
+        "--checkpoint",
+        d,
+        "--prompt",
+        "x",
+        "--gen-length",
+        "1024",
+        "--block-length",
+        "1024",
+        "--steps",
+        "1",
+    ];
+    let r = run(&long);
+    assert!(
+        r.ok && r
+            .stderr
+            .contains("canvas longer than the model's max_sequence_length"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&[&long[..], &["--long-prompt", "refuse"]].concat());
+    assert!(
+        !r.ok
+            && r.stderr.contains("max_sequence_length 1024")
+            && r.stderr.contains("--long-prompt warn"),
+        "{}",
+        r.stderr
+    );
 
     // tokenizer with more ids than the model's head
     let big = tmp.path().join("big.json");

@@ -173,6 +173,19 @@ impl TrainLoop for UniGrpo {
             coder.as_ref(),
             &opts.base_dir,
         )?;
+        for t in &tasks {
+            // <BOS> + the longest prompt + the completion (mmu adds the image block)
+            let canvas = 1 + t.spec.prompts.max_prompt_length + t.spec.max_completion_length;
+            if t.spec.kind != TaskKind::T2i && canvas > s.cfg.max_sequence_length {
+                tracing::warn!(
+                    task = %t.spec.name,
+                    max_prompt_length = t.spec.prompts.max_prompt_length,
+                    max_completion_length = t.spec.max_completion_length,
+                    max_sequence_length = s.cfg.max_sequence_length,
+                    "rollouts of the longest prompts are longer than the model's max_sequence_length (RoPE extrapolates): lower prompts.max_prompt_length or grpo.max_completion_length"
+                );
+            }
+        }
         let reward_sets: Vec<(&str, &RewardSet)> = tasks
             .iter()
             .map(|t| (t.spec.name.as_str(), &t.rewards))
