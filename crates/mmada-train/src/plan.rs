@@ -1208,8 +1208,9 @@ impl PlanInput {
     /// The plan input of a UniGRPO recipe as the trainer runs it today: the update forwards
     /// one prompt group at a time (`num_generations` rows of `max_prompt_length +
     /// max_completion_length` positions, the completion positions scored) and accumulates
-    /// the groups of the rank (`⌈prompts per step / N⌉`); the rollout canvas holds the same
-    /// rows (× 2 with `rollout.cfg_scale` > 0); old-policy (and reference) log-probs of the
+    /// the groups of the rank (`⌈prompts per step / N⌉`); the rollout canvas is the largest
+    /// task group's (`num_generations` rows, × 2 with classifier-free guidance: a text task's
+    /// `cfg_scale` > 0 or a t2i task's `maskgit.guidance_scale` > 0); old-policy (and reference) log-probs of the
     /// `num_iterations` noised batches are stored; the frozen reference model when
     /// `grpo.kl_reference: reference_model`.
     pub fn unigrpo(
@@ -1220,33 +1221,49 @@ impl PlanInput {
     ) -> Self {
         let g = &recipe.grpo;
         let rows = g.num_generations as u64;
-        // the longest task row (t2i rows: P + 2 + the image tokens of image_tokenizer.resolution)
-        let (seq, comp) = recipe
-            .task_specs()
+        let specs = recipe.task_specs();
+        // the longest task row and the most scored positions of a row, with N the image
+        // tokens of image_tokenizer.resolution: text `P + C` (P counts <BOS>); mmu
+        // `<|mmu|> <|soi|> N <|eoi|>` + `P + C`; t2i `P + 1` text tokens (<|t2i|> <BOS> caption
+        // <EOS>), `<|soi|> N <|eoi|>`, scoring the N image tokens
+        let n_img = u64::from(
+            recipe
+                .image_tokenizer
+                .as_ref()
+                .map_or(512, |s| s.resolution)
+                / 16,
+        )
+        .pow(2);
+        let row_of = |t: &crate::recipe::TaskSpec| {
+            let p = t.prompts.max_prompt_length as u64;
+            let c = t.max_completion_length as u64;
+            match t.kind {
+                crate::recipe::TaskKind::Text => (p + c, c),
+                crate::recipe::TaskKind::Mmu => (n_img + 3 + p + c, c),
+                crate::recipe::TaskKind::T2i => (p + n_img + 3, n_img),
+            }
+        };
+        let (seq, comp) = specs
+            .iter()
+            .map(row_of)
+            .fold((0, 0), |(a, b), (x, y)| (a.max(x), b.max(y)));
+        // a rollout decodes one task's group at a time: the largest of them, with CFG doubling
+        // its rows (a text task's `cfg_scale`, a t2i task's MaskGIT `guidance_scale`)
+        let (rollout_rows, rollout_seq) = specs
             .iter()
             .map(|t| {
-                let comp = match t.kind {
-                    crate::recipe::TaskKind::T2i => {
-                        let r = recipe
-                            .image_tokenizer
-                            .as_ref()
-                            .map_or(512, |s| s.resolution);
-                        u64::from(r / 16).pow(2) + 1
-                    }
-                    _ => t.max_completion_length as u64,
+                let guided = match t.kind {
+                    crate::recipe::TaskKind::T2i => t.maskgit.guidance_scale > 0.0,
+                    _ => t.rollout.cfg_scale.unwrap_or(0.0) > 0.0,
                 };
-                (t.prompts.max_prompt_length as u64 + 1 + comp, comp)
+                let r = g.num_generations as u64 * if guided { 2 } else { 1 };
+                (r, row_of(t).0)
             })
-            .fold((0, 0), |(a, b), (x, y)| (a.max(x), b.max(y)));
-        let seq = seq - 1;
+            .max_by_key(|(r, l)| r * l)
+            .unwrap_or((rows, seq));
         let world = (devices_per_node * nodes).max(1);
         let groups = div_ceil(g.prompts_per_step() as u64, world);
         let reference = g.uses_reference_model();
-        let cfg_rows = if recipe.rollout.cfg_scale.unwrap_or(0.0) > 0.0 {
-            2
-        } else {
-            1
-        };
         let logprob_values =
             g.num_iterations as u64 * groups * rows * comp * if reference { 2 } else { 1 };
         let param_dtype = recipe.model.dtype;
@@ -1271,8 +1288,8 @@ impl PlanInput {
             },
             logits: logits_path(g.ce_chunk_rows),
             rollout: Some(RolloutPlan {
-                rows: rows * cfg_rows,
-                seq,
+                rows: rollout_rows,
+                seq: rollout_seq,
                 reference_model: reference,
                 logprob_values,
             }),

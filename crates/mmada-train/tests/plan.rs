@@ -316,3 +316,33 @@ checkpoint: {{model_dtype: f32}}
         assert!(log.contains(line), "{line} missing: {log}");
     }
 }
+
+/// The unified recipe: an update's rows are as long as the longest task row, the mmu rows
+/// (`<|mmu|> <|soi|>` 1024 image tokens `<|eoi|>` + 512 prompt + 256 completion), and score
+/// up to the 1024 image tokens of a t2i row; the rollout canvas is the largest task group,
+/// the t2i one with CFG (`maskgit.guidance_scale` 3.5: 2 × `num_generations` rows of 128 + 1
+/// text tokens, `<|soi|>` 1024 `<|eoi|>`); without guidance the mmu group is the largest.
+/// The recipe fits 8 × 80 GB.
+#[test]
+fn unified_recipe_plans_each_tasks_rows_and_the_t2i_cfg_rollout() {
+    use mmada_train::recipe::Recipe as _;
+    let text = std::fs::read_to_string(repo().join("recipes/unigrpo_unified.yaml")).unwrap();
+    let cfg = ModelConfig::preset("mmada_8b").unwrap();
+    let plan_of = |sets: &[String]| {
+        let r = mmada_train::unigrpo::UniGrpoRecipe::parse(&text, "unigrpo_unified.yaml", sets)
+            .unwrap();
+        let g = r.grpo.num_generations as u64;
+        (PlanInput::unigrpo(&r, &cfg, 8, 1), g)
+    };
+    let (p, g) = plan_of(&[]);
+    assert_eq!(p.micro.seq, 1024 + 3 + 512 + 256);
+    assert_eq!(p.micro.loss_positions, g * 1024);
+    let ro = p.rollout.unwrap();
+    assert_eq!((ro.rows, ro.seq), (2 * g, 128 + 1024 + 3), "{ro:?}");
+    let m = plan(&p).unwrap();
+    let gpu = parse_size("80GB").unwrap();
+    assert!(m.fits(gpu, 0.1), "{}", m.table(Some(gpu), 0.1));
+    let (p, g) = plan_of(&["tasks[2].maskgit.guidance_scale=0".to_string()]);
+    let ro = p.rollout.unwrap();
+    assert_eq!((ro.rows, ro.seq), (g, 1024 + 3 + 512 + 256), "{ro:?}");
+}
