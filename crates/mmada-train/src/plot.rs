@@ -210,10 +210,13 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
 }
 
 /// Axis numbers: scientific for small or large magnitudes (learning rates), else 4
-/// significant digits.
+/// significant digits; below 1e-12 (the rounding error of a zero tick, `-1.39e-17`) `0`.
 fn tick(v: &f64) -> String {
     let a = v.abs();
-    if a != 0.0 && !(1e-2..1e5).contains(&a) {
+    if a < 1e-12 {
+        return "0".into();
+    }
+    if !(1e-2..1e5).contains(&a) {
         format!("{v:.2e}")
     } else {
         let s = format!("{v:.4}");
@@ -536,6 +539,7 @@ mod tests {
         assert_eq!(tick(&3.0e-3), "3.00e-3");
         assert_eq!(tick(&2.5), "2.5");
         assert_eq!(tick(&0.0), "0");
+        assert_eq!(tick(&-1.39e-17), "0");
         assert_eq!(tick(&120.0), "120");
         assert_eq!(padded(3e-3, 3e-3), (3e-3 - 1.5e-4, 3e-3 + 1.5e-4));
     }
