@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -286,9 +286,46 @@ fn parse_disk_dtype(s: &str) -> Result<DiskDtype> {
 /// graceful stop is `128 + signal` (130, 143), as a shell reports a process killed by it.
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
+/// When the last training step ended (ms since the process's [`clock`] started; 0 = none yet)
+/// and the longest step so far (ms): the stop watchdog's measure of progress.
+static LAST_STEP_MS: AtomicU64 = AtomicU64::new(0);
+static LONGEST_STEP_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds since the first call (a monotonic clock for the watchdog).
+fn clock() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// A training step ended (called from the progress callback).
+fn step_ended() {
+    let now = clock();
+    let prev = LAST_STEP_MS.swap(now, Ordering::SeqCst);
+    if prev > 0 {
+        LONGEST_STEP_MS.fetch_max(now - prev, Ordering::SeqCst);
+    }
+}
+
+/// How long a graceful stop may go without a step ending before the process exits anyway:
+/// `MMADA_STOP_GRACE_SECS`, else 3 × the longest step so far, at least 60 s (the step in
+/// flight, its checkpoint). A run blocked in a collective (a rank that never comes) ends no
+/// step, so it exits after this grace instead of the collective timeout.
+fn stop_grace_ms() -> u64 {
+    match std::env::var("MMADA_STOP_GRACE_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        Some(s) if s >= 0.0 => (s * 1000.0) as u64,
+        _ => (3 * LONGEST_STEP_MS.load(Ordering::SeqCst)).max(60_000),
+    }
+}
+
 /// First SIGINT/SIGTERM: set the returned flag (the trainer saves a checkpoint after the
 /// current step and stops; the process then exits 130 / 143); a second one exits at once with
-/// `128 + signal`. The signals are awaited on a thread of their own (tokio's signal driver).
+/// `128 + signal`, and so does a stop that sees no step end within [`stop_grace_ms`]. The signals are awaited on a thread of their own (tokio's signal driver).
 fn install_stop_handler() -> Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let stop = Arc::new(AtomicBool::new(false));
@@ -306,20 +343,40 @@ fn install_stop_handler() -> Result<Arc<AtomicBool>> {
         })
         .context("installing the SIGINT/SIGTERM handlers")?;
     let flag = stop.clone();
+    clock();
     std::thread::Builder::new()
         .name("stop-signals".into())
         .spawn(move || {
             rt.block_on(async move {
+                // after the first signal: when it came, checked every second against the grace
+                let mut stopping_since: Option<u64> = None;
                 loop {
+                    let tick = tokio::time::sleep(std::time::Duration::from_secs(1));
                     let (sig, name) = tokio::select! {
                         _ = int.recv() => (2, "SIGINT"),
                         _ = term.recv() => (15, "SIGTERM"),
+                        _ = tick => {
+                            if let Some(t) = stopping_since {
+                                let since = t.max(LAST_STEP_MS.load(Ordering::SeqCst));
+                                let grace = stop_grace_ms();
+                                if clock().saturating_sub(since) > grace {
+                                    let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+                                    tracing::error!(
+                                        "stop: no step ended within {:.0} s of the stop request (blocked in a collective, waiting for a rank that does not come?): exiting without a new checkpoint; the last complete one is kept (MMADA_STOP_GRACE_SECS sets the grace)",
+                                        grace as f64 / 1000.0
+                                    );
+                                    std::process::exit(128 + sig);
+                                }
+                            }
+                            continue;
+                        }
                     };
                     if flag.swap(true, Ordering::SeqCst) {
                         tracing::warn!("second stop signal ({name}): exiting now");
                         std::process::exit(128 + STOP_SIGNAL.load(Ordering::SeqCst).max(sig));
                     }
                     STOP_SIGNAL.store(sig, Ordering::SeqCst);
+                    stopping_since = Some(clock());
                     tracing::warn!(
                         "{name}: stopping after this step with a checkpoint (send it again to exit at once)"
                     );
@@ -580,6 +637,7 @@ fn train<T: TrainCommand>(args: TrainArgs) -> Result<ExitCode> {
     let bar = progress_bar(common.max_steps);
     let mut last_msg = std::time::Instant::now();
     let mut on_step = |r: &T::Report| {
+        step_ended();
         let (step, msg, always) = T::message(r);
         bar.set_position(step);
         bar.set_message(msg.clone());

@@ -607,3 +607,50 @@ fn a_disagreeing_world_size_fails_fast() {
     println!("failed after {:?}", t0.elapsed());
     assert!(!tmp.path().join("runs/world/checkpoints").exists());
 }
+
+/// A stop signal ends a run that is blocked in a collective: node rank 0 of a 2-node run
+/// whose other node never comes waits for it (collective timeout 600 s); a SIGTERM makes it
+/// exit 143 once no step has ended for the stop grace (`MMADA_STOP_GRACE_SECS`, 2 s here;
+/// default 3 × the longest step, at least 60 s), naming why.
+#[test]
+fn a_stop_signal_ends_a_run_blocked_in_a_collective() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = sft_recipe(tmp.path(), "blocked", &[]);
+    let path = write_recipe(tmp.path(), &r, "blocked.yaml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let coordinator = format!("127.0.0.1:{port}");
+    let child = train_cmd(
+        &path,
+        &[
+            "--nodes",
+            "2",
+            "--node-rank",
+            "0",
+            "--coordinator",
+            &coordinator,
+        ],
+    )
+    .env("MMADA_STOP_GRACE_SECS", "2")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // let it get to the wait for node 1
+    std::thread::sleep(Duration::from_secs(4));
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let t0 = Instant::now();
+    let (code, log) = wait(child, Duration::from_secs(60), "blocked run");
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(code, Some(143), "{log}");
+    assert!(log.contains("no step ended within 2 s"), "{log}");
+    assert!(secs < 30.0, "exited {secs:.1} s after SIGTERM");
+}
