@@ -1385,6 +1385,44 @@ impl<B: AutodiffBackend> Worker<B> {
 /// backend type in a global).
 static SESSION: Mutex<()> = Mutex::new(());
 
+/// The environment variable holding the run's shared token (the same on every node; never
+/// logged): every websocket of the run (orchestrator, tensor services) refuses a peer that
+/// does not present it.
+pub const RUN_TOKEN_VAR: &str = "MMADA_RUN_TOKEN";
+
+/// Whether `host` names this machine's loopback interface.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Multi-node endpoints of this process (vendor/PATCHED.md item 6): bind to this node's own
+/// address (`node_host`; on node rank 0 hosting the orchestrator, the coordinator host too, so
+/// both must be the same or the bind falls back to all interfaces) instead of `0.0.0.0`, and
+/// require the shared token of [`RUN_TOKEN_VAR`] when it is set (a warning when it is not and
+/// the run leaves loopback).
+pub fn secure_endpoints(cfg: &DistConfig, coordinator_host: &str, node_host: &str) {
+    let bind = if cfg.node_rank == 0 && cfg.host_orchestrator && node_host != coordinator_host {
+        tracing::warn!(
+            "node rank 0 hosts the orchestrator at {coordinator_host} and its tensor service at {node_host}: binding both to all interfaces"
+        );
+        None
+    } else {
+        Some(node_host.to_string())
+    };
+    burn_communication::websocket::set_bind_host(bind);
+    let token = std::env::var(RUN_TOKEN_VAR).ok().filter(|t| !t.is_empty());
+    if token.is_none() && !(is_loopback(coordinator_host) && is_loopback(node_host)) {
+        tracing::warn!(
+            "multi-node endpoints are not authenticated: set {RUN_TOKEN_VAR} to the same secret on every node"
+        );
+    }
+    burn_communication::websocket::set_auth_token(token);
+}
+
 /// Start burn-collective's global orchestrator on `port` (all interfaces) in a background
 /// thread with its own tokio runtime. It lives until the process exits.
 ///
@@ -1443,6 +1481,7 @@ where
         let data_port = cfg
             .data_port
             .unwrap_or(port.wrapping_add(1 + cfg.node_rank as u16));
+        secure_endpoints(cfg, host, &node_host);
         if cfg.node_rank == 0 && cfg.host_orchestrator {
             start_orchestrator(*port)?;
         }

@@ -42,7 +42,8 @@ enum Command {
     /// Run burn-collective's global orchestrator for multi-node training (node rank 0 starts
     /// one in-process unless given --external-orchestrator).
     Orchestrator {
-        /// Port to listen on (all interfaces).
+        /// Port to listen on (all interfaces; set MMADA_RUN_TOKEN here and on every node so that
+        /// only the run's nodes may register).
         #[arg(long, default_value_t = 29500)]
         port: u16,
     },
@@ -850,6 +851,16 @@ fn run() -> Result<ExitCode> {
         Command::Unigrpo(args) => return train::<UniGrpo>(args),
         Command::Sft(args) => return train::<Sft>(args),
         Command::Orchestrator { port } => {
+            let token = std::env::var(mmada_train::dist::RUN_TOKEN_VAR)
+                .ok()
+                .filter(|t| !t.is_empty());
+            if token.is_none() {
+                tracing::warn!(
+                    "the orchestrator is not authenticated: set {} to the run's secret here and on every node",
+                    mmada_train::dist::RUN_TOKEN_VAR
+                );
+            }
+            burn_communication::websocket::set_auth_token(token);
             tracing::info!(port, "global orchestrator listening (Ctrl-C stops it)");
             tokio_runtime()?.block_on(burn_collective::start_global_orchestrator(port));
         }

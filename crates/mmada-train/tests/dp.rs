@@ -270,6 +270,18 @@ fn free_port() -> u16 {
 
 /// `mmada-train sft` as node `rank` of 2 on 127.0.0.1.
 fn node(recipe: &Path, rank: usize, coord: u16, data_port: u16, extra: &[&str]) -> Child {
+    node_env(recipe, rank, coord, data_port, extra, &[])
+}
+
+/// [`node`] with environment variables.
+fn node_env(
+    recipe: &Path,
+    rank: usize,
+    coord: u16,
+    data_port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_mmada-train"))
         .args(["sft", "--recipe"])
         .arg(recipe)
@@ -278,10 +290,66 @@ fn node(recipe: &Path, rank: usize, coord: u16, data_port: u16, extra: &[&str]) 
         .args(["--data-port", &data_port.to_string()])
         .args(extra)
         .env("RUST_LOG", "info")
+        .env_remove("MMADA_RUN_TOKEN")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// A node that does not present the run's token (`MMADA_RUN_TOKEN`) is refused by the
+/// orchestrator of node 0: it never registers and nothing trains; both processes end on a
+/// stop signal (grace 2 s) instead of waiting.
+#[test]
+fn a_node_without_the_run_token_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = arith_recipe(tmp.path(), "token", 2, 3);
+    let path = tmp.path().join("token.yaml");
+    std::fs::write(&path, recipe.to_yaml()).unwrap();
+    let (coord, p0, p1) = (free_port(), free_port(), free_port());
+    let extra = ["--collective-timeout", "600"];
+    let grace = ("MMADA_STOP_GRACE_SECS", "2");
+    let n0 = node_env(
+        &path,
+        0,
+        coord,
+        p0,
+        &extra,
+        &[("MMADA_RUN_TOKEN", "right"), grace],
+    );
+    let n1 = node_env(
+        &path,
+        1,
+        coord,
+        p1,
+        &extra,
+        &[("MMADA_RUN_TOKEN", "wrong"), grace],
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    for c in [&n0, &n1] {
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    let (ok1, log1) = wait_output(n1, Duration::from_secs(60), "node 1 without the token");
+    let (ok0, log0) = wait_output(n0, Duration::from_secs(60), "node 0");
+    assert!(!ok0 && !ok1, "node 0:\n{log0}\nnode 1:\n{log1}");
+    assert!(
+        log0.contains("refused a peer without the run token"),
+        "node 0 did not refuse node 1:\n{log0}"
+    );
+    assert!(
+        log1.contains("Failed to connect"),
+        "node 1 was not refused:\n{log1}"
+    );
+    assert!(
+        metrics_losses(&tmp.path().join("runs/token")).is_empty(),
+        "a step ran:\n{log0}"
+    );
 }
 
 /// Wait for a child with a deadline; kill it and fail if it does not exit.
@@ -331,8 +399,23 @@ fn two_processes_on_localhost_equal_one_process() {
     std::fs::write(&path1, other.to_yaml()).unwrap();
     let (coord, p0, p1) = (free_port(), free_port(), free_port());
     let extra = ["--collective-timeout", "120", "--check-every", "1"];
-    let n0 = node(&path, 0, coord, p0, &extra);
-    let n1 = node(&path1, 1, coord, p1, &extra);
+    // both nodes present the run's shared token (MMADA_RUN_TOKEN)
+    let n0 = node_env(
+        &path,
+        0,
+        coord,
+        p0,
+        &extra,
+        &[("MMADA_RUN_TOKEN", "s3cret")],
+    );
+    let n1 = node_env(
+        &path1,
+        1,
+        coord,
+        p1,
+        &extra,
+        &[("MMADA_RUN_TOKEN", "s3cret")],
+    );
     let (ok1, log1) = wait_output(n1, Duration::from_secs(600), "node 1");
     let (ok0, log0) = wait_output(n0, Duration::from_secs(600), "node 0");
     assert!(ok0 && ok1, "node 0:\n{log0}\nnode 1:\n{log1}");

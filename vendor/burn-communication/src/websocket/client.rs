@@ -24,11 +24,20 @@ impl ProtocolClient for WsClient {
 
 /// Open a new WebSocket connection to the address
 async fn connect_ws(address: Address, route: String) -> Option<WsClientChannel> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let address = parse_ws_address(address).ok()?;
     let address = format!("{address}/{route}");
     const MB: usize = 1024 * 1024;
+    // mmada-rs patch (vendor/PATCHED.md item 6): present the run token when one is set
+    let mut request = address.clone().into_client_request().ok()?;
+    if let Some(token) = super::server::auth_token() {
+        request.headers_mut().insert(
+            super::server::TOKEN_HEADER,
+            tungstenite::http::HeaderValue::from_str(&token).ok()?,
+        );
+    }
     let (stream, _) = connect_async_with_config(
-        address.clone(),
+        request,
         Some(
             WebSocketConfig::default()
                 .write_buffer_size(0)

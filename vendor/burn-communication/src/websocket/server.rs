@@ -14,6 +14,31 @@ use axum::{
 };
 use futures::StreamExt;
 
+/// mmada-rs patch (vendor/PATCHED.md item 6): the address the servers of this process bind
+/// to (`None`: `0.0.0.0`, upstream's) and the shared run token every websocket upgrade must
+/// present in the `x-mmada-token` header (`None`: no check, upstream's). Set once, before
+/// any server starts, with [`set_bind_host`] / [`set_auth_token`].
+static BIND_HOST: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+static AUTH_TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// The header that carries the run token.
+pub const TOKEN_HEADER: &str = "x-mmada-token";
+
+/// Bind the servers of this process to `host` (an IP or a name) instead of `0.0.0.0`.
+pub fn set_bind_host(host: Option<String>) {
+    *BIND_HOST.write().expect("bind host lock") = host;
+}
+
+/// Require (servers) and send (clients) the shared run `token`; `None` turns it off.
+pub fn set_auth_token(token: Option<String>) {
+    *AUTH_TOKEN.write().expect("token lock") = token;
+}
+
+/// The token set with [`set_auth_token`].
+pub(crate) fn auth_token() -> Option<String> {
+    AUTH_TOKEN.read().expect("token lock").clone()
+}
+
 #[derive(Clone, Debug)]
 pub struct WsServer {
     port: u16,
@@ -43,7 +68,12 @@ impl ProtocolServer for WsServer {
     {
         init_logging();
 
-        let address = format!("0.0.0.0:{}", self.port);
+        let host = BIND_HOST
+            .read()
+            .expect("bind host lock")
+            .clone()
+            .unwrap_or_else(|| "0.0.0.0".to_string());
+        let address = format!("{host}:{}", self.port);
         log::info!("Starting server {address}");
 
         let listener = tokio::net::TcpListener::bind(address).await?;
@@ -71,11 +101,36 @@ impl ProtocolServer for WsServer {
             format!("/{path}")
         };
 
-        let method = get(|ws: WebSocketUpgrade, _: State<()>| async {
-            ws.on_upgrade(async move |socket| {
-                callback(WsServerChannel { inner: socket }).await;
-            })
-        });
+        let method = get(
+            |ws: WebSocketUpgrade, headers: axum::http::HeaderMap, _: State<()>| async move {
+                use axum::response::IntoResponse;
+                if let Some(want) = auth_token() {
+                    let given = headers
+                        .get(TOKEN_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    // constant-time enough for a shared secret compared once per connection
+                    let ok = given.len() == want.len()
+                        && given
+                            .bytes()
+                            .zip(want.bytes())
+                            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                            == 0;
+                    if !ok {
+                        log::warn!("refused a peer without the run token");
+                        return (
+                            axum::http::StatusCode::UNAUTHORIZED,
+                            "this run requires its shared token",
+                        )
+                            .into_response();
+                    }
+                }
+                ws.on_upgrade(async move |socket| {
+                    callback(WsServerChannel { inner: socket }).await;
+                })
+                .into_response()
+            },
+        );
 
         self.router = self.router.route(&path, method);
 
