@@ -327,6 +327,11 @@ impl CheckpointFiles {
                 let id = match shard_ids.get(shard) {
                     Some(&id) => id,
                     None => {
+                        if !path.join(shard).is_file() {
+                            return Err(bad(format!(
+                                "weight_map[`{name}`] = {shard:?}: no such file in the checkpoint"
+                            )));
+                        }
                         let f = SafetensorsFile::open(&path.join(shard))?;
                         files.push(f);
                         shard_ids.insert(shard.to_string(), files.len() - 1);
@@ -822,4 +827,112 @@ fn write_weights<B: Backend>(
         serde_json::to_string_pretty(&index).expect("JSON") + "\n",
     )
     .map_err(io_err(&path))
+}
+
+#[cfg(test)]
+mod props {
+    //! `model.safetensors.index.json` of any shape next to real shards: the checkpoint opens,
+    //! or an error names the index (or the shard file it points at); never a panic
+    //! (`PROPTEST_CASES=10000` for the long run).
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A tiny model saved in 3 shards, once per test process.
+    fn shards() -> &'static (tempfile::TempDir, Vec<String>, Vec<String>) {
+        static SHARDS: std::sync::OnceLock<(tempfile::TempDir, Vec<String>, Vec<String>)> =
+            std::sync::OnceLock::new();
+        SHARDS.get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let cfg = ModelConfig::tiny();
+            let model = crate::init::init_model::<crate::backend::Cpu>(
+                &cfg,
+                1,
+                &Default::default(),
+                FloatDType::F32,
+            );
+            let dir = tmp.path().join("ck");
+            let opts = SaveOptions {
+                max_shard_bytes: Some(60_000),
+                ..Default::default()
+            };
+            save_checkpoint(&model, &cfg, &dir, &opts).unwrap();
+            let index: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join(INDEX_FILE)).unwrap())
+                    .unwrap();
+            let map = index["weight_map"].as_object().unwrap();
+            let names: Vec<String> = map.keys().cloned().collect();
+            let mut files: Vec<String> = map
+                .values()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect();
+            files.sort();
+            files.dedup();
+            (tmp, names, files)
+        })
+    }
+
+    fn shard_value(files: Vec<String>) -> impl Strategy<Value = Value> {
+        prop_oneof![
+            proptest::sample::select(files).prop_map(Value::from),
+            Just(Value::from("../model.safetensors")),
+            Just(Value::from("sub/model-1.safetensors")),
+            Just(Value::from("missing.safetensors")),
+            Just(Value::from("")),
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::from),
+            Just(serde_json::json!(["x"])),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn any_shard_index_opens_or_names_the_file(
+            picks in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>()), 0..24),
+            extra in proptest::collection::btree_map("[a-z.]{1,12}", Just(()), 0..3),
+            shard in proptest::collection::vec(any::<prop::sample::Index>(), 24),
+            bad_values in proptest::collection::vec(shard_value(vec!["x".into()]), 24),
+            top in prop_oneof![Just(0u8), Just(1), Just(2)],
+            raw in any::<String>(),
+        ) {
+            let (tmp, names, files) = shards();
+            let dir = tempfile::tempdir().unwrap();
+            for f in files {
+                std::fs::copy(tmp.path().join("ck").join(f), dir.path().join(f)).unwrap();
+            }
+            let mut map = serde_json::Map::new();
+            for (i, (pick, keep_right_shard)) in picks.iter().enumerate() {
+                let name = pick.get(names).clone();
+                let v = if *keep_right_shard {
+                    Value::from(shard[i].get(files).clone())
+                } else {
+                    bad_values[i].clone()
+                };
+                map.insert(name, v);
+            }
+            for k in extra.keys() {
+                map.insert(format!("model.transformer.{k}"), Value::from(files[0].clone()));
+            }
+            let text = match top {
+                0 => serde_json::json!({"metadata": {"total_size": 1}, "weight_map": map}).to_string(),
+                1 => serde_json::json!({"weight_map": [map]}).to_string(),
+                _ => raw.clone(),
+            };
+            std::fs::write(dir.path().join(INDEX_FILE), text).unwrap();
+            match CheckpointFiles::open(dir.path()) {
+                Ok(f) => prop_assert!(f.location.len() <= names.len()),
+                Err(e) => {
+                    let msg = e.to_string();
+                    prop_assert!(
+                        msg.contains(INDEX_FILE) || msg.contains(".safetensors"),
+                        "{}",
+                        msg
+                    );
+                }
+            }
+        }
+    }
 }
