@@ -482,3 +482,70 @@ pub fn pretokenize_observed(
     write_table(out, &rows)?;
     Ok(rows.len())
 }
+
+#[cfg(test)]
+mod props {
+    //! Code tables as files come: a valid table with bytes flipped, cut short or appended
+    //! to, and arbitrary bytes, read back as rows or as an error naming the file; never a
+    //! panic (`PROPTEST_CASES=10000` for the long run).
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_table() -> &'static [u8] {
+        static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        BYTES.get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let p = tmp.path().join("t.parquet");
+            let rows: Vec<CodeRow> = (0..5)
+                .map(|i| CodeRow {
+                    source: format!("img{i}.png"),
+                    file_hash: file_hash(&[i as u8]),
+                    resolution: 32,
+                    mode: ResizeMode::Squash,
+                    coder: "coder".into(),
+                    codes: vec![i; 4],
+                })
+                .collect();
+            write_table(&p, &rows).unwrap();
+            std::fs::read(&p).unwrap()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn any_code_table_file_reads_or_names_the_file(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            tail in proptest::collection::vec(any::<u8>(), 0..16),
+            raw in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..256)),
+        ) {
+            let mut bytes = match &raw {
+                Some(r) => r.clone(),
+                None => valid_table().to_vec(),
+            };
+            if !bytes.is_empty() {
+                for (i, b) in &flips {
+                    let i = i.index(bytes.len());
+                    bytes[i] ^= b;
+                }
+                if let Some(c) = cut {
+                    bytes.truncate(c.index(bytes.len() + 1));
+                }
+            }
+            bytes.extend_from_slice(&tail);
+            let tmp = tempfile::tempdir().unwrap();
+            let p = tmp.path().join("codes.parquet");
+            std::fs::write(&p, &bytes).unwrap();
+            let r = std::panic::catch_unwind(|| read_table(&p));
+            prop_assert!(r.is_ok(), "read_table panicked");
+            if let Err(e) = r.unwrap() {
+                let msg = e.to_string();
+                prop_assert!(msg.contains("codes.parquet"), "{}", msg);
+            }
+        }
+    }
+}
