@@ -88,8 +88,21 @@ impl TextTokenizer {
     }
 
     fn load_unresolved(path: &Path) -> Result<Self> {
-        let inner =
-            Tokenizer::from_file(path).map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        // the tokenizers crate (0.23) panics instead of erroring on some malformed sections
+        // (a `decoder` that is not an object, found by the property test below): a bad file
+        // must be an error naming it, not a crash
+        let parsed = std::panic::catch_unwind(|| Tokenizer::from_file(path)).map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic in the tokenizers crate");
+            tok_err(format!(
+                "{}: not a tokenizer.json the tokenizers crate can read ({why})",
+                path.display()
+            ))
+        })?;
+        let inner = parsed.map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
         let mut names = SpecialTokenNames::default();
         let mut codebook_size = 8192;
         if let Some(dir) = path.parent() {
@@ -213,5 +226,107 @@ impl TextTokenizer {
     /// The wrapped `tokenizers::Tokenizer`.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! `tokenizer.json` (and `tokenizer_config.json`) as files come: a valid WordLevel
+    //! tokenizer with values replaced or bytes flipped / cut, and arbitrary text, loads or
+    //! gives an error naming the file; never a panic (`PROPTEST_CASES=10000` for the long run).
+    use super::*;
+    use proptest::prelude::*;
+
+    const VALID: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{"id":3,"content":"<|endoftext|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],"normalizer":null,"pre_tokenizer":{"type":"Split","pattern":{"Regex":"."},"behavior":"Isolated","invert":false},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"a":0,"b":1,"c":2,"<|endoftext|>":3},"unk_token":"a"}}"#;
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[a-zA-Z<|>]{0,12}".prop_map(serde_json::Value::from),
+            Just(serde_json::json!([])),
+            Just(serde_json::json!({})),
+            Just(serde_json::json!({"type": "BPE"})),
+        ]
+    }
+
+    /// The property's starting point is a tokenizer that loads.
+    #[test]
+    fn the_valid_tokenizer_loads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("tokenizer.json");
+        std::fs::write(&p, VALID).unwrap();
+        let t = TextTokenizer::from_file_with_mmada_tokens(&p).unwrap();
+        assert_eq!(t.encode("ab").unwrap(), [0, 1]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn any_tokenizer_json_loads_or_names_the_file(
+            replace in proptest::collection::vec(
+                (proptest::sample::select(vec!["version", "added_tokens", "pre_tokenizer", "model", "normalizer", "decoder", "post_processor"]), value()),
+                0..3,
+            ),
+            model_key in proptest::option::of((proptest::sample::select(vec!["type", "vocab", "unk_token"]), value())),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+            raw in proptest::option::of(any::<String>()),
+            config in proptest::option::of((value(), value())),
+        ) {
+            let mut v: serde_json::Value = serde_json::from_str(VALID).unwrap();
+            for (k, x) in &replace {
+                v[*k] = x.clone();
+            }
+            if let Some((k, x)) = &model_key
+                && let Some(m) = v["model"].as_object_mut()
+            {
+                m.insert((*k).to_string(), x.clone());
+            }
+            let mut bytes = match &raw {
+                Some(r) => r.clone().into_bytes(),
+                None => v.to_string().into_bytes(),
+            };
+            if !bytes.is_empty() {
+                for (i, b) in &flips {
+                    let i = i.index(bytes.len());
+                    bytes[i] ^= b;
+                }
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            let p = tmp.path().join("tokenizer.json");
+            std::fs::write(&p, &bytes).unwrap();
+            if let Some((bos, eos)) = &config {
+                let c = serde_json::json!({"bos_token": bos, "eos_token": eos});
+                std::fs::write(tmp.path().join("tokenizer_config.json"), c.to_string()).unwrap();
+            }
+            for with_mmada in [false, true] {
+                let r = std::panic::catch_unwind(|| {
+                    if with_mmada {
+                        TextTokenizer::from_file_with_mmada_tokens(&p).map(|_| ())
+                    } else {
+                        TextTokenizer::from_file(&p).map(|_| ())
+                    }
+                });
+                prop_assert!(r.is_ok(), "loading panicked (mmada tokens: {})", with_mmada);
+                let r = r.unwrap();
+                let untouched = replace.is_empty() && model_key.is_none() && flips.is_empty()
+                    && raw.is_none() && config.is_none();
+                if untouched && with_mmada {
+                    prop_assert!(r.is_ok(), "the valid tokenizer did not load: {:?}", r);
+                }
+                if let Err(e) = r {
+                    let msg = e.to_string();
+                    prop_assert!(
+                        msg.contains("tokenizer.json") || msg.contains("tokenizer_config.json") || msg.contains("token"),
+                        "{}",
+                        msg
+                    );
+                }
+            }
+        }
     }
 }
