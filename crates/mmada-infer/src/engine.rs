@@ -283,16 +283,7 @@ impl<B: Backend> Engine<B> {
     /// Generates for one batch of prompt id rows with [`mmada_sampler::generate_completions`] (left-padded
     /// with the pad id and a key-padding mask when their lengths differ; answers cut at the
     /// first EOS / EOT). `config` comes from [`Engine::sampler_config`].
-    pub fn generate_batch(
-        &self,
-        prompts: &[Vec<u32>],
-        config: &GenerateConfig,
-        seed: u64,
-    ) -> Result<Vec<Generation>> {
-        self.generate_batch_observed(prompts, config, seed, &mut |_| {})
-    }
-
-    /// [`Engine::generate_batch`] with `observer` called after every denoising step
+    /// `observer` is called after every denoising step
     /// ([`mmada_sampler::generate_completions_observed`]).
     pub fn generate_batch_observed(
         &self,
@@ -366,7 +357,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Generates for any number of prompts in batches of `batch_size`; batch `i` uses seed
-    /// `seed + i`. `on_batch` is called after each batch with the number of prompts done.
+    /// `seed + i`. `on_batch` is called after each batch with the number of prompts done,
+    /// `on_step` after every denoising step of every batch.
     pub fn generate_all(
         &self,
         prompts: &[Vec<u32>],
@@ -374,11 +366,17 @@ impl<B: Backend> Engine<B> {
         seed: u64,
         batch_size: usize,
         mut on_batch: impl FnMut(usize),
+        on_step: &mut dyn FnMut(&StepEvent<'_>),
     ) -> Result<Vec<Generation>> {
         ensure!(batch_size > 0, "batch_size must be > 0");
         let mut all = Vec::with_capacity(prompts.len());
         for (i, chunk) in prompts.chunks(batch_size).enumerate() {
-            all.extend(self.generate_batch(chunk, config, seed.wrapping_add(i as u64))?);
+            all.extend(self.generate_batch_observed(
+                chunk,
+                config,
+                seed.wrapping_add(i as u64),
+                on_step,
+            )?);
             on_batch(all.len());
         }
         Ok(all)

@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::backend::Backend;
-use indicatif::{ProgressBar, ProgressStyle};
 use mmada_data::{ExampleStream, Manifest};
 use mmada_rewards::extract::{answers_match, completion_answer, gsm8k_answer};
 use mmada_sampler::SamplerSection;
@@ -144,15 +143,16 @@ pub fn run<B: Backend>(
         .map(|u| engine.prompt_ids(u))
         .collect::<Result<_>>()?;
 
-    let bar = ProgressBar::new(items.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} items · {elapsed} · eta {eta}")
-            .expect("static template"),
-    );
+    let bar = crate::progress::bar(items.len() as u64, "items");
     let t0 = Instant::now();
-    let gens = engine.generate_all(&ids, &config, m.seed.unwrap_or(0), batch_size, |done| {
-        bar.set_position(done as u64)
-    })?;
+    let gens = engine.generate_all(
+        &ids,
+        &config,
+        m.seed.unwrap_or(0),
+        batch_size,
+        |done| bar.set_position(done as u64),
+        &mut |_| {},
+    )?;
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
 

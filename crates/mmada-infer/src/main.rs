@@ -264,12 +264,14 @@ fn run_generate<B: Backend>(
     let batches = ids.len().div_ceil(batch_size);
     let bar = progress::bar((batches * config.steps) as u64, "steps");
     bar.set_message("generating");
-    let mut gens = Vec::with_capacity(ids.len());
-    for (i, chunk) in ids.chunks(batch_size).enumerate() {
-        let seed = m.seed.unwrap_or(0).wrapping_add(i as u64);
-        gens.extend(engine.generate_batch_observed(chunk, &config, seed, &mut |_| bar.inc(1))?);
-        bar.set_position(((i + 1) * config.steps) as u64);
-    }
+    let gens = engine.generate_all(
+        &ids,
+        &config,
+        m.seed.unwrap_or(0),
+        batch_size,
+        |done| bar.set_position((done.div_ceil(batch_size) * config.steps) as u64),
+        &mut |_| bar.inc(1),
+    )?;
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     let new_tokens: usize = gens.iter().map(|g| g.decoded).sum();

@@ -152,6 +152,14 @@ fn batchable(c: &GenerateConfig) -> bool {
     c.temperature == 0.0 && c.remasking != Remasking::Random
 }
 
+/// The sampler stopped because the observer asked it to (every client went away).
+fn cancelled(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<mmada_sampler::SamplerError>(),
+        Some(mmada_sampler::SamplerError::Cancelled { .. })
+    )
+}
+
 /// PNG bytes of `img`, base64.
 pub fn png_b64(img: &RgbImage) -> Result<String, ApiError> {
     let mut buf = Cursor::new(Vec::new());
@@ -261,12 +269,7 @@ impl<B: Backend> Worker<B> {
                     })));
                 }
             }
-            Err(e)
-                if matches!(
-                    e.downcast_ref::<mmada_sampler::SamplerError>(),
-                    Some(mmada_sampler::SamplerError::Cancelled { .. })
-                ) =>
-            {
+            Err(e) if cancelled(&e) => {
                 self.cancelled.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(batch = jobs.len(), "cancelled: every client went away");
             }
@@ -361,12 +364,7 @@ impl<B: Backend> Worker<B> {
             let seed = j.seed.wrapping_add(index as u64);
             let img = match t2i_one(&self.engine, coder, &setup, &j.prompt, seed, &mut observer) {
                 Ok(img) => img,
-                Err(e)
-                    if matches!(
-                        e.downcast_ref::<mmada_sampler::SamplerError>(),
-                        Some(mmada_sampler::SamplerError::Cancelled { .. })
-                    ) =>
-                {
+                Err(e) if cancelled(&e) => {
                     self.cancelled.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("image cancelled: the client went away");
                     return Ok(());
