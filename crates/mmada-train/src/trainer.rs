@@ -479,6 +479,9 @@ pub struct Session<'a, B: AutodiffBackend> {
     /// `adapter_config.json` (`model.checkpoint`, or `base_model/` in the run directory for
     /// a preset-initialised base).
     pub lora_base: Option<PathBuf>,
+    /// `model.checkpoint` resolved once (a local folder, or the Hub cache's snapshot): the
+    /// source of the sidecar files every checkpoint carries.
+    source_checkpoint: Option<PathBuf>,
     sections: CommonSections<'a>,
     opts: &'a RunOptions,
     wandb: TrainerWandb,
@@ -604,11 +607,15 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
                 (cfg, model, TrainerState::new(sections.run.seed))
             }
         };
-        let lora_base = match (sections.lora, &sections.model.checkpoint) {
-            (None, _) => None,
-            (Some(_), Some(dir)) => Some(resolve_checkpoint(base, dir)?),
-            (Some(_), None) => Some(run.root().join(LORA_BASE_DIR)),
+        let source_checkpoint = match &sections.model.checkpoint {
+            Some(dir) => Some(resolve_checkpoint(base, dir)?),
+            None => None,
         };
+        let lora_base = sections.lora.map(|_| {
+            source_checkpoint
+                .clone()
+                .unwrap_or_else(|| run.root().join(LORA_BASE_DIR))
+        });
         // train.mixed_precision: bf16 compute over the f32 master weights (not saved: the
         // checkpoint holds the parameters in checkpoint.model_dtype)
         let model = model.with_compute_dtype(sections.mixed_precision.compute_dtype());
@@ -634,6 +641,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         let session = Session {
             guard: NonFiniteGuard::new(sections.max_nonfinite_steps, nonfinite),
             lora_base,
+            source_checkpoint,
             worker,
             run,
             cfg,
@@ -1012,10 +1020,7 @@ impl<'a, B: AutodiffBackend> Session<'a, B> {
         // with the model (`tokenizer.json` is rewritten below: it may have gained tokens)
         let opts = SaveOptions {
             dtype: self.sections.checkpoint.model_dtype.disk(),
-            copy_sidecars_from: match &self.sections.model.checkpoint {
-                Some(d) => Some(resolve_checkpoint(&self.opts.base_dir, d)?),
-                None => None,
-            },
+            copy_sidecars_from: self.source_checkpoint.clone(),
             ..Default::default()
         };
         let model_dir = tmp.join("model");
