@@ -220,6 +220,8 @@ fn report_peak_rss() {
 criterion_group!(model_benches, benches);
 
 fn main() {
+    // as the binaries do (`MMADA_KEEP_FREED_MEMORY=0` for glibc's defaults)
+    mmada_model::backend::keep_freed_memory();
     if let Some(args) = rss::child_args("--rss-child") {
         rss_child(&args[0], &args[1]);
         return;

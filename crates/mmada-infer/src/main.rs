@@ -448,6 +448,7 @@ fn generate_command(
 }
 
 fn main() -> Result<ExitCode> {
+    mmada_model::backend::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -828,6 +828,7 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
 /// Exit status: 0 finished, 130 / 143 after a graceful stop on SIGINT / SIGTERM, 1 on an
 /// error (printed as `Error: …` with its causes).
 fn main() -> ExitCode {
+    mmada_model::backend::keep_freed_memory();
     match run() {
         Ok(code) => code,
         Err(e) => {
