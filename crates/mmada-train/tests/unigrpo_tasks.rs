@@ -436,6 +436,54 @@ fn zero_variance_t2i_groups_give_zero_gradient() {
     );
 }
 
+/// `t2i_attention: hard` hides the caption's `[iPAD]` padding in the rollout and in every
+/// update forward alike: with RoPE's relative positions, 4 more pads (`max_prompt_length` 20
+/// → 24; every caption fits in both) then change neither the sampled images (same rewards) nor the loss, KL and gradient
+/// norm. With full attention (the default) the pads are seen, and the same change moves them.
+#[test]
+fn hard_t2i_attention_hides_the_caption_padding_in_rollout_and_update() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Default::default();
+    let cap = tmp.path().join("data/captions.jsonl");
+    let run = |name: &str, p: usize, attention: &str| {
+        let _ = tasks_recipe(tmp.path(), "init", "http://unused", &[]);
+        let task = format!(
+            "tasks=[{{name: paint, kind: t2i, prompts: {{inline: {{name: captions, task: lm, source: {{path: \"{}\"}}, format: jsonl, fields: {{text: caption}}, license: MIT, split: train}}, max_prompt_length: {p}}}, maskgit: {{timesteps: 4, guidance_scale: 1.5}}, t2i_attention: {attention}, reward_funcs: [{{kind: caption_color}}, {{kind: image_brightness}}]}}]",
+            cap.display()
+        );
+        let sets = [
+            task.as_str(),
+            "grpo.generation_batch_size=4",
+            "train.max_steps=1",
+        ];
+        let r = tasks_recipe(tmp.path(), name, "http://unused", &sets);
+        let out =
+            UniGrpo::run::<CpuAutodiff>(&r, &dev, &UniGrpoOptions::default(), &mut |_| {}).unwrap();
+        metric_rows(&out.run_dir).remove(0)
+    };
+    let close = |a: &serde_json::Value, b: &serde_json::Value, k: &str, tol: f64| {
+        let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+        (x - y).abs() <= tol * x.abs().max(y.abs()).max(1e-3)
+    };
+    let keys = [
+        "rewards/paint/caption_color/mean",
+        "rewards/paint/image_brightness/mean",
+        "loss",
+        "kl",
+        "grad_norm",
+    ];
+    let (h20, h24) = (run("hard20", 20, "hard"), run("hard24", 24, "hard"));
+    assert!(h20["grad_norm"].as_f64().unwrap() > 1e-6, "{h20}");
+    for k in keys {
+        assert!(close(&h20, &h24, k, 1e-4), "{k}: {h20} vs {h24}");
+    }
+    let (f20, f24) = (run("full20", 20, "full"), run("full24", 24, "full"));
+    assert!(
+        keys.iter().any(|k| !close(&f20, &f24, k, 1e-2)),
+        "full attention sees the pads: {f20} vs {f24}"
+    );
+}
+
 /// Bad `tasks:` input names the key and the fix.
 #[test]
 fn task_recipe_errors_name_the_key_and_the_fix() {
@@ -455,7 +503,15 @@ fn task_recipe_errors_name_the_key_and_the_fix() {
             Err(e) => e,
         }
     };
-    let cases: [(&[&str], &[&str]); 7] = [
+    let cases: [(&[&str], &[&str]); 9] = [
+        (
+            &["tasks[0].t2i_attention=hard"],
+            &["`tasks[0].t2i_attention`", "only `t2i` tasks"],
+        ),
+        (
+            &["tasks[2].t2i_attention=upstream_soft_bias"],
+            &["tasks[2].t2i_attention", "`hard`"],
+        ),
         (
             &["prompts={manifest: m.yaml}"],
             &["`prompts`", "each task has its own"],

@@ -42,7 +42,8 @@ pub use sft::{
 };
 pub use unigrpo::{
     Estimator, GrpoSection, GrpoTrainSection, KlReference, MaskGitSection, MaskRatioKind,
-    PromptTemplate, PromptsSection, TaskKind, TaskSection, TaskSpec, UniGrpoRecipe,
+    PromptTemplate, PromptsSection, T2iPadAttention, TaskKind, TaskSection, TaskSpec,
+    UniGrpoRecipe,
 };
 
 serde_defaults! {

@@ -368,6 +368,25 @@ impl Default for MaskGitSection {
     }
 }
 
+/// `tasks[i].t2i_attention` of a `t2i` task: whether the `[iPAD]` left padding of the caption
+/// (spec §2.4 c) is visible to attention. The same choice holds in the rollout (the MaskGIT
+/// sampler) and in every forward of the update (policy, old policy, reference), so the
+/// log-probs are those of the distribution that sampled the images.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum T2iPadAttention {
+    /// Full attention, pads visible (default): the regime the released MMaDA-8B-Base /
+    /// MixCoT checkpoints were trained in (spec §1.3, before upstream commit `0ef94ba`), and
+    /// SFT's `loss.t2i_attention: full`.
+    #[default]
+    Full,
+    /// The pads are hidden from every query: the boolean `attention_bias` that upstream's
+    /// `t2i_generate` passes (`m[:, :, None] & m[:, None, :]`, spec §1.3), and SFT's
+    /// `loss.t2i_attention: hard`. The update uses the key-padding mask, which gives every
+    /// non-pad position the same attention as the pairwise mask of the sampler.
+    Hard,
+}
+
 /// One entry of `tasks:`.
 ///
 /// ```yaml
@@ -413,6 +432,10 @@ pub struct TaskSection {
     /// SFT's `loss.mask_schedule`; default cosine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_schedule: Option<mmada_diffusion::MaskSchedule>,
+    /// `t2i`: `full` (default) or `hard`, the attention over the caption's padding in the
+    /// rollout and the update ([`T2iPadAttention`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t2i_attention: Option<T2iPadAttention>,
 }
 
 /// A task with everything resolved: the single-task recipe is one `text` task named `""`
@@ -439,6 +462,8 @@ pub struct TaskSpec {
     pub maskgit: MaskGitSection,
     /// `t2i`: noising schedule of the image tokens.
     pub mask_schedule: mmada_diffusion::MaskSchedule,
+    /// `t2i`: attention over the caption's padding, in the rollout and the update.
+    pub t2i_attention: T2iPadAttention,
     /// Prompt groups of this task per step.
     pub groups: usize,
     /// Its first group slot in the step (slots `first_slot .. first_slot + groups`).
@@ -601,6 +626,7 @@ impl UniGrpoRecipe {
                 max_completion_length: self.grpo.max_completion_length,
                 maskgit: MaskGitSection::default(),
                 mask_schedule: Default::default(),
+                t2i_attention: T2iPadAttention::Full,
                 groups: total,
                 first_slot: 0,
             }];
@@ -627,6 +653,7 @@ impl UniGrpoRecipe {
                     max_completion_length: len,
                     maskgit: t.maskgit.clone().unwrap_or_default(),
                     mask_schedule: t.mask_schedule.unwrap_or_default(),
+                    t2i_attention: t.t2i_attention.unwrap_or_default(),
                     groups: g,
                     first_slot: first,
                 };
@@ -791,6 +818,7 @@ impl UniGrpoRecipe {
                     for (k, set) in [
                         ("maskgit", t.maskgit.is_some()),
                         ("mask_schedule", t.mask_schedule.is_some()),
+                        ("t2i_attention", t.t2i_attention.is_some()),
                     ] {
                         if set {
                             return err(

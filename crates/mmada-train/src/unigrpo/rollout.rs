@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use mmada_data::{Example, ExampleStream, ImageRef, TextTokenizer};
 use mmada_diffusion::grpo::{GroupAdvantages, group_advantages};
 use mmada_model::LladaModel;
@@ -18,7 +18,9 @@ use super::purpose;
 use crate::data::derive_seed;
 use crate::dist::GradReducer;
 use crate::error::TrainError;
-use crate::recipe::{PromptsSection, TaskKind, TaskSpec, UniGrpoRecipe, resolve_manifest};
+use crate::recipe::{
+    PromptsSection, T2iPadAttention, TaskKind, TaskSpec, UniGrpoRecipe, resolve_manifest,
+};
 use crate::run_dir::resolve;
 
 /// Load the prompts of `prompts:` (examples with a question or messages).
@@ -370,8 +372,9 @@ pub fn task_of_slot(tasks: &[Task], slot: usize) -> usize {
 /// * `t2i`: the t2i prompt of the caption (spec §2.4 c: `[iPAD]* <|t2i|> <BOS> caption <EOS>`,
 ///   `P + 1` tokens with `P = prompts.max_prompt_length`, `<|soi|>`, `N` masks, `<|eoi|>`),
 ///   `G` rows through [`t2i_generate`] (CFG with the empty caption when
-///   `maskgit.guidance_scale > 0`; full attention, as t2i rows are trained — the released
-///   checkpoints' regime, spec §3.3); the sampled codes fill the image slot of the row and
+///   `maskgit.guidance_scale > 0`; the task's `t2i_attention`: full attention by default, the
+///   released checkpoints' regime, spec §3.3, or the `[iPAD]` padding hidden with `hard`, as
+///   the update then sees it too); the sampled codes fill the image slot of the row and
 ///   are decoded by the image tokenizer into the reward input's image.
 ///
 /// # Errors
@@ -503,9 +506,21 @@ fn t2i_group<B: Backend>(
         let v: Vec<i64> = (0..g).flat_map(|_| row.iter().copied()).collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [g, l]), device)
     };
-    let mut inputs = T2iInputs::new(batch(&cond), None);
+    // `t2i_attention: hard`: the `[iPAD]` padding hidden (the sampler's pairwise mask)
+    let ipad = i64::from(ctx.tok.layout().ipad_id);
+    let hard = task.spec.t2i_attention == T2iPadAttention::Hard;
+    let pad_mask = |row: &[i64]| {
+        hard.then(|| {
+            let v: Vec<bool> = (0..g)
+                .flat_map(|_| row.iter().map(|&x| x != ipad))
+                .collect();
+            Tensor::<B, 2, Bool>::from_data(TensorData::new(v, [g, l]), device)
+        })
+    };
+    let mut inputs = T2iInputs::new(batch(&cond), pad_mask(&cond));
     if cfg.guidance_scale > 0.0 {
-        inputs = inputs.with_uncond(batch(&t2i_prompt(ctx.tok, "", true, p, n)?), None);
+        let uncond = t2i_prompt(ctx.tok, "", true, p, n)?;
+        inputs = inputs.with_uncond(batch(&uncond), pad_mask(&uncond));
     }
     let mut rng = SeededRng::new(derive_seed(
         ctx.recipe.run.seed,

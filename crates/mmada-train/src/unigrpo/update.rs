@@ -3,8 +3,8 @@
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 use mmada_diffusion::Scores;
 use mmada_diffusion::grpo::{
     GroupAdvantages, GrpoBatch, TailPad, completion_mask, noise_completion, noise_d1, noise_image,
@@ -20,7 +20,7 @@ use super::purpose;
 use super::rollout::Rollout;
 use crate::data::derive_seed;
 use crate::error::TrainError;
-use crate::recipe::{Estimator, TaskKind, TaskSpec, UniGrpoRecipe};
+use crate::recipe::{Estimator, T2iPadAttention, TaskKind, TaskSpec, UniGrpoRecipe};
 use crate::recompute::Recompute;
 use crate::schedule::Schedule;
 use crate::trainer::{Session, accumulate, accumulate_grads};
@@ -34,6 +34,9 @@ pub struct Noised {
     pub nonempty: Vec<usize>,
     /// Sum and count of the mask ratios drawn (`mask_ratio/mean`).
     pub ratio_sum: [f32; 2],
+    /// Per prompt group `k`: `Some(ipad_id)` when its task hides the caption's `[iPAD]`
+    /// padding from attention (`t2i_attention: hard`), as its rollout did; `None` = full.
+    pub hidden_pad: Vec<Option<i64>>,
 }
 
 /// The EOS tail of a completion row: d1 scores through the first EOS (TRL
@@ -115,6 +118,14 @@ pub fn noise_tasks<B: AutodiffBackend>(
             })
             .collect::<Result<_, _>>()?
     };
+    let ipad = i64::from(layout.ipad_id);
+    let hidden_pad: Vec<Option<i64>> = (0..groups)
+        .map(|grp| {
+            let spec = &specs[rollouts[grp * g].task];
+            (spec.kind == TaskKind::T2i && spec.t2i_attention == T2iPadAttention::Hard)
+                .then_some(ipad)
+        })
+        .collect();
     let mut batches: Vec<Vec<GrpoBatch>> = vec![Vec::new(); mu];
     let mut ratio_sum = [0f32; 2];
     for (n, iter_batches) in batches.iter_mut().enumerate() {
@@ -167,6 +178,7 @@ pub fn noise_tasks<B: AutodiffBackend>(
         batches,
         nonempty,
         ratio_sum,
+        hidden_pad,
     })
 }
 
@@ -174,32 +186,56 @@ pub fn noise_tasks<B: AutodiffBackend>(
 fn logprobs<IB: Backend>(
     m: &LladaModel<IB>,
     b: &GrpoBatch,
+    hidden_pad: Option<i64>,
     chunk_rows: usize,
     device: &IB::Device,
 ) -> Result<Vec<f32>, TrainError> {
     if b.rows() == 0 {
         return Ok(vec![]);
     }
-    Ok(b.logprobs(scores(m, b, chunk_rows, device))?
+    Ok(b.logprobs(scores(m, b, hidden_pad, chunk_rows, device))?
         .into_data()
         .convert::<f32>()
         .to_vec::<f32>()
         .expect("f32"))
 }
 
+/// The attention of `b`'s forward: full, or with the positions whose clean id is
+/// `hidden_pad` (a t2i caption's `[iPAD]`, `t2i_attention: hard`) removed as keys
+/// ([`Attention::KeyPadding`] `[rows, L]`).
+fn attention<B: Backend>(
+    b: &GrpoBatch,
+    hidden_pad: Option<i64>,
+    device: &B::Device,
+) -> Attention<B> {
+    match hidden_pad {
+        None => Attention::Full,
+        Some(pad) => {
+            let keep: Vec<bool> = b.labels.iter().map(|&x| x != pad).collect();
+            Attention::KeyPadding(Tensor::from_data(
+                TensorData::new(keep, [b.rows(), b.seq_len]),
+                device,
+            ))
+        }
+    }
+}
+
 /// The model's [`Scores::Hidden`] on `b`'s input: the head is applied only at the scored
 /// completion tokens, `chunk_rows` rows at a time; full logits when `chunk_rows` is 0.
+/// `hidden_pad`: as [`attention`].
 fn scores<B: Backend, M: HiddenStates<B>>(
     m: &M,
     b: &GrpoBatch,
+    hidden_pad: Option<i64>,
     chunk_rows: usize,
     device: &B::Device,
 ) -> Scores<B> {
+    let att = attention(b, hidden_pad, device);
     if chunk_rows == 0 {
-        return Scores::Logits(m.logits(b.input::<B>(device), &Attention::Full));
+        return Scores::Logits(m.logits(b.input::<B>(device), &att));
     }
     Scores::Hidden {
-        hidden: m.hidden(b.input::<B>(device), &Attention::Full),
+        hidden: m.hidden(b.input::<B>(device), &att),
         head: m.lm_head(),
         chunk_rows,
     }
@@ -236,10 +272,10 @@ pub fn old_logprobs<B: AutodiffBackend>(
     for iter_batches in &noised.batches {
         let mut o = vec![];
         let mut r = vec![];
-        for b in iter_batches {
-            o.push(logprobs(&old_model, b, chunk_rows, device)?);
+        for (b, &pad) in iter_batches.iter().zip(&noised.hidden_pad) {
+            o.push(logprobs(&old_model, b, pad, chunk_rows, device)?);
             r.push(match reference {
-                Some(rm) => Some(logprobs(rm, b, chunk_rows, device)?),
+                Some(rm) => Some(logprobs(rm, b, pad, chunk_rows, device)?),
                 None => None,
             });
         }
@@ -293,9 +329,10 @@ pub fn update<B: AutodiffBackend>(
                 .activation_checkpointing
                 .then(|| Recompute::new(&model));
             let chunk = recipe.grpo.ce_chunk_rows;
+            let pad = noised.hidden_pad[k];
             let scores = match &recompute {
-                Some(r) => scores(r, b, chunk, &device),
-                None => scores(&model, b, chunk, &device),
+                Some(r) => scores(r, b, pad, chunk, &device),
+                None => scores(&model, b, pad, chunk, &device),
             };
             let out = unigrpo_loss_scores(scores, b, &old.old[n][k], refs, &loss_cfg)?;
             let scale = 1.0 / (nonempty as f32 * mu as f32);
