@@ -135,6 +135,52 @@ fn error_of(status: u16, v: &Value, want_status: u16, want: &str) {
     );
 }
 
+/// Exit status (issue 21): `mmada-infer` keeps the default signal disposition, so SIGTERM
+/// ends a running server at once and the shell or scheduler sees "killed by signal 15"
+/// (`$?` = 143), never a 0 that would read as finished; an error exits 1.
+#[cfg(unix)]
+#[test]
+fn sigterm_ends_the_server_by_the_signal_and_errors_exit_one() {
+    use std::os::unix::process::ExitStatusExt;
+    let (_tmp, ckpt) = common::checkpoint(10);
+    let mut server = Server::start(&ckpt, &[]);
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        (status.code(), status.signal()),
+        (None, Some(15)),
+        "{status:?}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_mmada-infer"))
+        .args([
+            "generate",
+            "--checkpoint",
+            "/nonexistent/model",
+            "--prompt",
+            "hi",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
 #[test]
 fn endpoints_answer_in_openai_shapes() {
     let (_tmp, ckpt) = common::checkpoint(11);
