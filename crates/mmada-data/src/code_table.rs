@@ -512,10 +512,6 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-        ))]
-
         #[test]
         fn any_code_table_file_reads_or_names_the_file(
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),

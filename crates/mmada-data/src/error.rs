@@ -161,3 +161,19 @@ pub enum DataError {
 
 /// Result alias of this crate.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+/// Runs `f`, a panic becoming `Err(reason)`: the panic's message, else `fallback`. For calls
+/// into crates that panic instead of erroring on some malformed files (the tokenizers crate
+/// on a malformed `tokenizer.json`, arrow-ipc on a damaged IPC file), so that a bad file is
+/// an error naming it, not a crash.
+pub(crate) fn catch_panic<T>(
+    f: impl FnOnce() -> T,
+    fallback: &'static str,
+) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| fallback.to_string())
+    })
+}

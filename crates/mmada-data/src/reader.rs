@@ -458,24 +458,17 @@ struct ColumnarRecords {
     row_in_batch: usize,
     at: Location,
     columns: Vec<String>,
-    /// A decoder panicked: the file ends there.
+    /// A decoder failed (an error or a panic): the file ends there.
     failed: bool,
 }
 
 /// Runs a call into the arrow / parquet decoders, a panic becoming an error message: the
 /// arrow crates panic instead of erroring on some damaged files (found by
 /// `props::columnar_rows_read_back_and_damaged_files_are_errors`: arrow-ipc 60.1 slices a
-/// buffer by a corrupt length, `arrow-buffer/src/buffer/immutable.rs:299`). A bad file must
-/// be an error naming it, not a crash.
+/// buffer by a corrupt length, `arrow-buffer/src/buffer/immutable.rs:299`).
 fn no_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-        let why = p
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| p.downcast_ref::<&str>().copied())
-            .unwrap_or("a panic in the decoder");
-        format!("damaged file: the decoder failed ({why})")
-    })
+    crate::error::catch_panic(f, "a panic in the decoder")
+        .map_err(|why| format!("damaged file: the decoder failed ({why})"))
 }
 
 impl ColumnarRecords {
@@ -1001,16 +994,7 @@ mod props {
         })
     }
 
-    fn cases() -> u32 {
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(256)
-    }
-
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
-
         /// The streaming JSON-array scanner returns exactly the elements serde sees, in
         /// compact or pretty form, with LF or CRLF line ends and an optional BOM.
         #[test]
@@ -1237,8 +1221,6 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
-
         /// Parquet and Arrow IPC (file and stream) rows of every supported kind, nulls
         /// included, read back as exactly the JSON records they hold, numbered from 0; with
         /// flipped, cut or appended bytes the readers never panic and every error names the

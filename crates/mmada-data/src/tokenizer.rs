@@ -91,12 +91,11 @@ impl TextTokenizer {
         // the tokenizers crate (0.23) panics instead of erroring on some malformed sections
         // (a `decoder` that is not an object, found by the property test below): a bad file
         // must be an error naming it, not a crash
-        let parsed = std::panic::catch_unwind(|| Tokenizer::from_file(path)).map_err(|p| {
-            let why = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("a panic in the tokenizers crate");
+        let parsed = crate::error::catch_panic(
+            || Tokenizer::from_file(path),
+            "a panic in the tokenizers crate",
+        )
+        .map_err(|why| {
             tok_err(format!(
                 "{}: not a tokenizer.json the tokenizers crate can read ({why})",
                 path.display()
@@ -262,10 +261,6 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-        ))]
-
         #[test]
         fn any_tokenizer_json_loads_or_names_the_file(
             replace in proptest::collection::vec(

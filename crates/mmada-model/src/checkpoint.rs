@@ -885,10 +885,6 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-        ))]
-
         #[test]
         fn any_shard_index_opens_or_names_the_file(
             picks in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>()), 0..24),

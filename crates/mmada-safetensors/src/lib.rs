@@ -401,10 +401,6 @@ mod tests {
 
         proptest! {
             // PROPTEST_CASES=10000 for the documented long run (crates/README.md)
-            #![proptest_config(ProptestConfig::with_cases(
-                std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-            ))]
-
             /// Structured headers: never a panic; every accepted tensor fits the file and
             /// its dtype × shape; every error names the file.
             #[test]

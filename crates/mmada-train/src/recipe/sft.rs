@@ -571,10 +571,6 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-        ))]
-
         /// `--set KEY=VALUE` with any key and value: a recipe or an error naming the file.
         #[test]
         fn set_overrides_never_panic(sets in proptest::collection::vec((key(), value(), any::<bool>()), 0..4)) {
