@@ -180,6 +180,22 @@ pub fn write_table(path: &Path, rows: &[CodeRow]) -> Result<(), CodeTableError> 
 /// # Errors
 /// [`CodeTableError`] when the file is missing, not parquet, or lacks a column / has another type.
 pub fn read_table(path: &Path) -> Result<Vec<CodeRow>, CodeTableError> {
+    // parquet 60.1 panics on some damaged files (`file/metadata/mod.rs:1043`, "column start
+    // and length should not be negative"; found by `props::any_code_table_file_reads_or_names_the_file`)
+    crate::error::catch_panic(
+        || read_table_unguarded(path),
+        "a panic in the parquet decoder",
+    )
+    .unwrap_or_else(|why| {
+        Err(CodeTableError::Format {
+            path: path.to_path_buf(),
+            message: format!("damaged file: the parquet decoder failed ({why})"),
+        })
+    })
+}
+
+/// [`read_table`] without the panic guard.
+fn read_table_unguarded(path: &Path) -> Result<Vec<CodeRow>, CodeTableError> {
     let fmt = |message: String| CodeTableError::Format {
         path: path.to_path_buf(),
         message,
