@@ -18,99 +18,18 @@
 //! Run: `cargo bench --bench model` (`-- adamw` for the training steps only).
 
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::optim::GradientsParams;
 use criterion::{Criterion, Throughput, criterion_group};
-use mmada_diffusion::noise::DEFAULT_EPS;
-use mmada_diffusion::{DEFAULT_CE_CHUNK_ROWS, MaskDraw, Scores, forward_process, pretrain_loss};
 use mmada_model::backend::Cpu;
 use mmada_model::init::init_model;
-use mmada_model::{Attention, FloatDType, LladaModel, ModelConfig};
-use rand::SeedableRng;
+use mmada_model::{Attention, FloatDType};
 
 #[path = "common/rss.rs"]
 mod rss;
+#[path = "common/step.rs"]
+mod step;
 
-const BATCH: usize = 4;
-const SEQ: usize = 256;
-
-fn bench_config() -> ModelConfig {
-    ModelConfig {
-        d_model: 256,
-        n_layers: 4,
-        n_heads: 4,
-        n_kv_heads: 4,
-        mlp_hidden_size: 688,
-        vocab_size: 58_560,
-        embedding_size: 58_560,
-        max_sequence_length: 512,
-        mask_token_id: Some(58_000),
-        ..ModelConfig::tiny()
-    }
-}
-
-fn ids<B: Backend>(cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 2, Int> {
-    let v: Vec<i32> = (0..BATCH * SEQ)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i32)
-        .collect();
-    Tensor::from_data(TensorData::new(v, [BATCH, SEQ]), device)
-}
-
-/// Where the loss reads its log-probs from.
-#[derive(Clone, Copy, PartialEq)]
-enum Path {
-    /// Hidden states gathered at the masked positions, head in chunks (the trainers').
-    HeadChunked,
-    /// Logits at every position.
-    FullLogits,
-}
-
-impl Path {
-    fn name(self) -> &'static str {
-        match self {
-            Path::HeadChunked => "head_chunked",
-            Path::FullLogits => "full_logits",
-        }
-    }
-}
-
-/// The LLaDA pretraining loss on a fixed noising draw (seeded; about half the tokens
-/// masked), over `path`.
-fn loss<B: Backend>(
-    model: &LladaModel<B>,
-    cfg: &ModelConfig,
-    path: Path,
-    device: &B::Device,
-) -> Tensor<B, 1> {
-    let x0: Vec<i64> = (0..BATCH * SEQ)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
-        .collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let draw = MaskDraw::sample(&mut rng, BATCH, SEQ);
-    let mask_id = cfg.mask_token_id.unwrap() as i64;
-    let noised = forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, None).unwrap();
-    let ids: Vec<i32> = noised.noisy.iter().map(|&x| x as i32).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ]), device);
-    let scores = match path {
-        Path::FullLogits => Scores::Logits(model.forward(ids, &Attention::Full)),
-        Path::HeadChunked => Scores::Hidden {
-            hidden: model.hidden(ids, &Attention::Full),
-            head: model.lm_head(),
-            chunk_rows: chunk_rows(),
-        },
-    };
-    pretrain_loss(scores, &x0, &noised).unwrap()
-}
-
-/// Rows per head chunk: `MMADA_CE_CHUNK_ROWS` or the recipes' default.
-fn chunk_rows() -> usize {
-    std::env::var("MMADA_CE_CHUNK_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CE_CHUNK_ROWS)
-}
+use step::{BATCH, Path, SEQ, Trainer, bench_config, ids, loss};
 
 fn benches(c: &mut Criterion) {
     let cfg = bench_config();
@@ -140,7 +59,7 @@ fn benches(c: &mut Criterion) {
             ("forward_backward_adamw", None),
             ("forward_backward_adamw_bf16_mixed", Some(FloatDType::BF16)),
         ] {
-            let mut trainer = Trainer::new(&cfg, compute, path);
+            let mut trainer = Trainer::<Ad>::new(&cfg, compute, path);
             g.bench_function(format!("{name}_{}", path.name()), |b| {
                 b.iter(|| trainer.step(&cfg))
             });
@@ -151,40 +70,6 @@ fn benches(c: &mut Criterion) {
 
 type Ad = Autodiff<Cpu>;
 
-/// A model (f32 master parameters, optional compute dtype) and its AdamW state.
-struct Trainer {
-    model: Option<LladaModel<Ad>>,
-    opt: burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, LladaModel<Ad>, Ad>,
-    path: Path,
-}
-
-impl Trainer {
-    fn new(cfg: &ModelConfig, compute: Option<FloatDType>, path: Path) -> Self {
-        let model = init_model::<Ad>(cfg, 0, &Default::default(), FloatDType::F32)
-            .with_compute_dtype(compute);
-        let opt = AdamWConfig::new()
-            .with_epsilon(1e-8)
-            .with_weight_decay(0.01)
-            .init::<Ad, LladaModel<Ad>>();
-        Trainer {
-            model: Some(model),
-            opt,
-            path,
-        }
-    }
-
-    /// One forward + backward + AdamW step.
-    fn step(&mut self, cfg: &ModelConfig) {
-        let dev = Default::default();
-        let m = self.model.take().expect("model");
-        let grads = GradientsParams::from_grads(loss(&m, cfg, self.path, &dev).backward(), &m);
-        let m = self.opt.step(1e-4, m, grads);
-        // force the update to be computed
-        let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
-        self.model = Some(m);
-    }
-}
-
 /// Child process: build the trainer, run 3 steps, print VmHWM before and after (kB).
 fn rss_child(precision: &str, path: &str) {
     let cfg = bench_config();
@@ -194,7 +79,7 @@ fn rss_child(precision: &str, path: &str) {
     } else {
         Path::HeadChunked
     };
-    let mut trainer = Trainer::new(&cfg, compute, path);
+    let mut trainer = Trainer::<Ad>::new(&cfg, compute, path);
     let before = rss::vm_hwm_kb();
     for _ in 0..3 {
         trainer.step(&cfg);

@@ -8,6 +8,7 @@
 #
 # Shapes: MMADA_BENCH_{VOCAB,PROMPT,GEN,STEPS,BLOCK,BATCH} (defaults 126464 / 256 / 256 / 64 /
 # 32 / 4: the issue's bench config). Threads: 2 for both (RAYON_NUM_THREADS, torch --threads).
+# MMADA_BENCH_ONLY="name|name" runs the named variants only (benches/decode.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-../venv-torch/bin/python}
@@ -20,9 +21,10 @@ BLOCK=${MMADA_BENCH_BLOCK:-32}
 BATCH=${MMADA_BENCH_BATCH:-4}
 export MMADA_BENCH_VOCAB=$VOCAB MMADA_BENCH_PROMPT=$PROMPT MMADA_BENCH_GEN=$GEN \
   MMADA_BENCH_STEPS=$STEPS MMADA_BENCH_BLOCK=$BLOCK MMADA_BENCH_BATCH=$BATCH
-export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
-cargo test --workspace --bench decode --no-run 2>&1 | tail -1
-BIN=$(ls -t target/debug/deps/decode-* | grep -v '\.d$' | head -1)
+export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-2}
+# FEATURES=mmada-rs/openblas: Flex's large f32 matmuls on the system OpenBLAS (libopenblas-dev)
+BIN=$(cargo test --workspace ${FEATURES:+--features "$FEATURES"} --bench decode --no-run 2>&1 \
+  | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -n 1)
 OUT=$(mktemp)
 # a criterion filter that matches no benchmark: only the side-by-side table runs
 "$BIN" --bench side_by_side_only | tee "$OUT"

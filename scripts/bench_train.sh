@@ -11,8 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PEER_PYTHON:-python3}
 PEER=${PEER_DIR:-../shared/bench/torch_peer}
-cargo test --workspace --bench model --no-run 2>&1 | tail -n 1
-bin=$(ls -t target/debug/deps/model-* | grep -v '\.d$' | head -n 1)
+# FEATURES=mmada-rs/openblas: Flex's large f32 matmuls on the system OpenBLAS (libopenblas-dev)
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-2}
+bin=$(cargo test --workspace ${FEATURES:+--features "$FEATURES"} --bench model --no-run 2>&1 \
+  | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -n 1)
 peer=$("$PY" "$PEER/bench.py" --threads 2 --train-steps 5 --gen-length 32 --gen-steps 2 \
   --block-length 32 2>/dev/null | tail -n 1)
 ours=$("$bin" --bench 'forward_backward_adamw_(head_chunked|full_logits)$' --warm-up-time 1 \

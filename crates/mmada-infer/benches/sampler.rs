@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use mmada_model::backend::Cpu;
 use mmada_model::{FloatDType, LladaModel, ModelConfig};
 use mmada_sampler::{GenerateConfig, SeededRng};
@@ -101,4 +101,9 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+fn main() {
+    // as `mmada-infer` does (`MMADA_KEEP_FREED_MEMORY=0` for glibc's defaults)
+    mmada_model::backend::keep_freed_memory();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

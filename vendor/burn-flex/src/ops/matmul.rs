@@ -305,6 +305,29 @@ unsafe fn gemm_call<T: GemmScalar>(
     rhs_rs: isize,
     parallelism: gemm::Parallelism,
 ) {
+    // mmada-rs patch: large f32 products on OpenBLAS (feature `openblas`, vendor/PATCHED.md)
+    #[cfg(feature = "openblas")]
+    if core::any::TypeId::of::<T>() == core::any::TypeId::of::<f32>()
+        && !matches!(parallelism, gemm::Parallelism::None)
+        && unsafe {
+            super::blas::sgemm(
+                m,
+                n,
+                k,
+                out as *mut f32,
+                out_cs,
+                out_rs,
+                lhs as *const f32,
+                lhs_cs,
+                lhs_rs,
+                rhs as *const f32,
+                rhs_cs,
+                rhs_rs,
+            )
+        }
+    {
+        return;
+    }
     unsafe {
         gemm::gemm(
             m,

@@ -1,0 +1,136 @@
+//! The training step of the CPU benches (`benches/model.rs`, `benches/backends.rs`): the
+//! bench config (d_model 256, 4 blocks, 4 heads, mlp 688, vocab 58 560) at batch 4 × 256, the
+//! LLaDA pretraining loss on a seeded noising draw (about half the tokens masked), and
+//! forward + backward + AdamW, generic over the backend. Shared through `#[path]`.
+
+#![allow(dead_code)] // each bench uses a part
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use mmada_diffusion::noise::DEFAULT_EPS;
+use mmada_diffusion::{DEFAULT_CE_CHUNK_ROWS, MaskDraw, Scores, forward_process, pretrain_loss};
+use mmada_model::init::init_model;
+use mmada_model::{Attention, FloatDType, LladaModel, ModelConfig};
+use rand::SeedableRng;
+
+pub const BATCH: usize = 4;
+pub const SEQ: usize = 256;
+
+pub fn bench_config() -> ModelConfig {
+    ModelConfig {
+        d_model: 256,
+        n_layers: 4,
+        n_heads: 4,
+        n_kv_heads: 4,
+        mlp_hidden_size: 688,
+        vocab_size: 58_560,
+        embedding_size: 58_560,
+        max_sequence_length: 512,
+        mask_token_id: Some(58_000),
+        ..ModelConfig::tiny()
+    }
+}
+
+pub fn ids<B: Backend>(cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 2, Int> {
+    let v: Vec<i32> = (0..BATCH * SEQ)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i32)
+        .collect();
+    Tensor::from_data(TensorData::new(v, [BATCH, SEQ]), device)
+}
+
+/// Where the loss reads its log-probs from.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Path {
+    /// Hidden states gathered at the masked positions, head in chunks (the trainers').
+    HeadChunked,
+    /// Logits at every position.
+    FullLogits,
+}
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::HeadChunked => "head_chunked",
+            Path::FullLogits => "full_logits",
+        }
+    }
+}
+
+/// The LLaDA pretraining loss on a fixed noising draw (seeded; about half the tokens
+/// masked), over `path`.
+pub fn loss<B: Backend>(
+    model: &LladaModel<B>,
+    cfg: &ModelConfig,
+    path: Path,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let x0: Vec<i64> = (0..BATCH * SEQ)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let draw = MaskDraw::sample(&mut rng, BATCH, SEQ);
+    let mask_id = cfg.mask_token_id.unwrap() as i64;
+    let noised = forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, None).unwrap();
+    let ids: Vec<i32> = noised.noisy.iter().map(|&x| x as i32).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ]), device);
+    let scores = match path {
+        Path::FullLogits => Scores::Logits(model.forward(ids, &Attention::Full)),
+        Path::HeadChunked => Scores::Hidden {
+            hidden: model.hidden(ids, &Attention::Full),
+            head: model.lm_head(),
+            chunk_rows: chunk_rows(),
+        },
+    };
+    pretrain_loss(scores, &x0, &noised).unwrap()
+}
+
+/// Rows per head chunk: `MMADA_CE_CHUNK_ROWS` or the recipes' default.
+pub fn chunk_rows() -> usize {
+    std::env::var("MMADA_CE_CHUNK_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_CE_CHUNK_ROWS)
+}
+
+/// A model (f32 master parameters, optional compute dtype) and its AdamW state.
+pub struct Trainer<B: AutodiffBackend> {
+    model: Option<LladaModel<B>>,
+    opt: burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, LladaModel<B>, B>,
+    path: Path,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// The bench model (seed 0, f32 parameters) on the default device, computing in
+    /// `compute` (`None`: f32).
+    pub fn new(cfg: &ModelConfig, compute: Option<FloatDType>, path: Path) -> Self {
+        let model = init_model::<B>(cfg, 0, &Default::default(), FloatDType::F32)
+            .with_compute_dtype(compute);
+        Self::from_model(model, path)
+    }
+
+    /// `model` with a fresh AdamW (ε 1e-8, weight decay 0.01).
+    pub fn from_model(model: LladaModel<B>, path: Path) -> Self {
+        let opt = AdamWConfig::new()
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.01)
+            .init::<B, LladaModel<B>>();
+        Trainer {
+            model: Some(model),
+            opt,
+            path,
+        }
+    }
+
+    /// One forward + backward + AdamW step.
+    pub fn step(&mut self, cfg: &ModelConfig) {
+        let m = self.model.take().expect("model");
+        let dev = m.wte.weight.device();
+        let grads = GradientsParams::from_grads(loss(&m, cfg, self.path, &dev).backward(), &m);
+        let m = self.opt.step(1e-4, m, grads);
+        // force the update to be computed
+        let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
+        self.model = Some(m);
+    }
+}
