@@ -720,21 +720,63 @@ fn type_name(v: &Value) -> &'static str {
 /// resolves relative image paths.
 pub fn map_record(m: &Manifest, rec: &RawRecord, image_root: Option<&Path>) -> Result<Example> {
     let f = &m.fields;
-    let at = &rec.at;
-    let field_err = |field: &'static str, path: &str, message: String| DataError::Field {
-        at: Box::new(at.clone()),
-        field,
-        path: path.to_string(),
-        message,
+    let r = RecordFields {
+        rec,
+        required: match &f.required {
+            Some(r) => r.iter().map(String::as_str).collect(),
+            None => default_required(m),
+        },
     };
-    let required: Vec<&str> = match &f.required {
-        Some(r) => r.iter().map(String::as_str).collect(),
-        None => default_required(m),
+    let mut ex = Example {
+        task: Some(m.task),
+        source: rec.at.clone(),
+        ..Default::default()
     };
-    let get_str = |field: &'static str, path: &Option<String>| -> Result<Option<String>> {
+    ex.text = r.string("text", &f.text)?;
+    ex.question = r.string("question", &f.question)?;
+    ex.reasoning = r.string("reasoning", &f.reasoning)?;
+    ex.answer = r.string("answer", &f.answer)?;
+    ex.caption = r.string("caption", &f.caption)?;
+    ex.id = r.string("id", &f.id)?;
+    if let Some(marker) = &f.answer_marker {
+        split_at_answer_marker(&mut ex, marker);
+    }
+    if let Some(p) = &f.conversations {
+        ex.messages = r.conversations(p)?;
+    }
+    ex.image = r.image(m, image_root)?;
+    // LLaVA: the `<image>` placeholder marks where the image goes; MMaDA puts the image
+    // block before the text, so the placeholder is removed.
+    if matches!(m.task, Task::Mmu) {
+        strip_image_placeholders(&mut ex);
+    }
+    Ok(ex)
+}
+
+/// One record read through a manifest's field map: typed field lookups whose errors name
+/// the record, the field and its path.
+struct RecordFields<'a> {
+    rec: &'a RawRecord,
+    /// Fields that must be present (`fields.required`, or [`default_required`]).
+    required: Vec<&'a str>,
+}
+
+impl RecordFields<'_> {
+    fn err(&self, field: &'static str, path: &str, message: String) -> DataError {
+        DataError::Field {
+            at: Box::new(self.rec.at.clone()),
+            field,
+            path: path.to_string(),
+            message,
+        }
+    }
+
+    /// A text field: strings as they are, numbers and booleans as their JSON text, the first
+    /// of an array of strings for `image`; missing is an error only for required fields.
+    fn string(&self, field: &'static str, path: &Option<String>) -> Result<Option<String>> {
         let Some(p) = path else { return Ok(None) };
-        match lookup(&rec.value, p) {
-            None if required.contains(&field) => Err(field_err(field, p, "missing".into())),
+        match lookup(&self.rec.value, p) {
+            None if self.required.contains(&field) => Err(self.err(field, p, "missing".into())),
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
             // numbers and booleans are taken as their JSON text (a numeric GSM8K `answer: 42`
@@ -746,143 +788,136 @@ pub fn map_record(m: &Manifest, rec: &RawRecord, image_root: Option<&Path>) -> R
             {
                 Ok(a[0].as_str().map(str::to_string))
             }
-            Some(other) => Err(field_err(
+            Some(other) => Err(self.err(
                 field,
                 p,
                 format!("expected a string, found {}", type_name(other)),
             )),
         }
-    };
-    let mut ex = Example {
-        task: Some(m.task),
-        source: at.clone(),
-        ..Default::default()
-    };
-    ex.text = get_str("text", &f.text)?;
-    ex.question = get_str("question", &f.question)?;
-    ex.reasoning = get_str("reasoning", &f.reasoning)?;
-    ex.answer = get_str("answer", &f.answer)?;
-    ex.caption = get_str("caption", &f.caption)?;
-    ex.id = get_str("id", &f.id)?;
-    if let (Some(marker), Some(ans)) = (&f.answer_marker, &ex.answer)
-        && let Some(pos) = ans.rfind(marker.as_str())
-    {
-        let (r, a) = ans.split_at(pos);
-        if ex.reasoning.is_none() {
-            ex.reasoning = Some(r.trim_end().to_string());
-        }
-        ex.answer = Some(a[marker.len()..].trim().to_string());
     }
-    if let Some(p) = &f.conversations {
-        match lookup(&rec.value, p) {
-            None if required.contains(&"conversations") => {
-                return Err(field_err("conversations", p, "missing".into()));
+
+    /// The chat turns at `p` (empty when absent and not required).
+    fn conversations(&self, p: &str) -> Result<Vec<Message>> {
+        match lookup(&self.rec.value, p) {
+            None if self.required.contains(&"conversations") => {
+                Err(self.err("conversations", p, "missing".into()))
             }
-            None => {}
-            Some(Value::Array(turns)) => {
-                for (k, t) in turns.iter().enumerate() {
-                    ex.messages.push(parse_turn(t).map_err(|msg| {
-                        field_err("conversations", p, format!("turn {k}: {msg}"))
-                    })?);
-                }
-            }
-            Some(other) => {
-                return Err(field_err(
-                    "conversations",
-                    p,
-                    format!("expected an array of turns, found {}", type_name(other)),
-                ));
-            }
+            None => Ok(Vec::new()),
+            Some(Value::Array(turns)) => turns
+                .iter()
+                .enumerate()
+                .map(|(k, t)| {
+                    parse_turn(t)
+                        .map_err(|msg| self.err("conversations", p, format!("turn {k}: {msg}")))
+                })
+                .collect(),
+            Some(other) => Err(self.err(
+                "conversations",
+                p,
+                format!("expected an array of turns, found {}", type_name(other)),
+            )),
         }
     }
-    // Images: codes, then bytes, then path.
-    if let Some(p) = &f.image_codes
-        && let Some(v) = lookup(&rec.value, p)
-    {
-        let codes = v
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .map(|x| x.as_u64().and_then(|c| u32::try_from(c).ok()))
-                    .collect::<Option<Vec<u32>>>()
-            })
-            .ok_or_else(|| {
-                field_err(
-                    "image_codes",
-                    p,
-                    format!(
-                        "expected an array of non-negative integers, found {}",
-                        type_name(v)
-                    ),
-                )
-            })?;
-        ex.image = Some(ImageRef::Codes(codes));
-    }
-    if ex.image.is_none()
-        && let Some(p) = &f.image_bytes
-        && let Some(v) = lookup(&rec.value, p)
-    {
-        let bytes = v
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .map(|x| x.as_u64().and_then(|c| u8::try_from(c).ok()))
-                    .collect::<Option<Vec<u8>>>()
-            })
-            .ok_or_else(|| {
-                field_err(
-                    "image_bytes",
-                    p,
-                    format!("expected binary image bytes, found {}", type_name(v)),
-                )
-            })?;
-        ex.image = Some(ImageRef::Bytes(bytes));
-    }
-    if ex.image.is_none()
-        && let Some(rel) = get_str("image", &f.image)?
-    {
-        let path = match image_root {
-            Some(r) if !Path::new(&rel).is_absolute() => r.join(&rel),
-            _ => PathBuf::from(&rel),
+
+    /// An array of integers at `p` that each fit `T`, when present; `expected` names the
+    /// type in the error.
+    fn ints<T: TryFrom<u64>>(
+        &self,
+        field: &'static str,
+        p: &str,
+        expected: &str,
+    ) -> Result<Option<Vec<T>>> {
+        let Some(v) = lookup(&self.rec.value, p) else {
+            return Ok(None);
         };
-        check_image(m.image_check, &path).map_err(|message| DataError::Image {
-            at: Box::new(at.clone()),
-            field: "image",
-            image: path.display().to_string(),
-            message,
-        })?;
-        ex.image = Some(ImageRef::Path(path));
+        v.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_u64().and_then(|c| T::try_from(c).ok()))
+                    .collect::<Option<Vec<T>>>()
+            })
+            .map(Some)
+            .ok_or_else(|| {
+                self.err(
+                    field,
+                    p,
+                    format!("expected {expected}, found {}", type_name(v)),
+                )
+            })
     }
-    let has_image_field = f.image.is_some() || f.image_bytes.is_some() || f.image_codes.is_some();
-    if ex.image.is_none() && has_image_field && required.iter().any(|r| r.starts_with("image")) {
-        let p = f
-            .image_codes
-            .as_ref()
-            .or(f.image_bytes.as_ref())
-            .or(f.image.as_ref())
-            .cloned()
-            .unwrap_or_default();
-        return Err(field_err("image", &p, "missing".into()));
-    }
-    // LLaVA: the `<image>` placeholder marks where the image goes; MMaDA puts the image
-    // block before the text, so the placeholder is removed.
-    if matches!(m.task, Task::Mmu) {
-        for msg in &mut ex.messages {
-            if msg.content.contains("<image>") {
-                msg.content = msg
-                    .content
-                    .replace("<image>\n", "")
-                    .replace("\n<image>", "")
-                    .replace("<image>", "");
-            }
-        }
-        if let Some(q) = &ex.question
-            && q.contains("<image>")
+
+    /// The image: codes, then bytes, then a path (resolved against `image_root` and checked
+    /// as `image_check` says); missing is an error when an image field is required.
+    fn image(&self, m: &Manifest, image_root: Option<&Path>) -> Result<Option<ImageRef>> {
+        let f = &m.fields;
+        if let Some(p) = &f.image_codes
+            && let Some(codes) =
+                self.ints::<u32>("image_codes", p, "an array of non-negative integers")?
         {
-            ex.question = Some(q.replace("<image>\n", "").replace("<image>", ""));
+            return Ok(Some(ImageRef::Codes(codes)));
+        }
+        if let Some(p) = &f.image_bytes
+            && let Some(bytes) = self.ints::<u8>("image_bytes", p, "binary image bytes")?
+        {
+            return Ok(Some(ImageRef::Bytes(bytes)));
+        }
+        if let Some(rel) = self.string("image", &f.image)? {
+            let path = match image_root {
+                Some(r) if !Path::new(&rel).is_absolute() => r.join(&rel),
+                _ => PathBuf::from(&rel),
+            };
+            check_image(m.image_check, &path).map_err(|message| DataError::Image {
+                at: Box::new(self.rec.at.clone()),
+                field: "image",
+                image: path.display().to_string(),
+                message,
+            })?;
+            return Ok(Some(ImageRef::Path(path)));
+        }
+        let has_image_field =
+            f.image.is_some() || f.image_bytes.is_some() || f.image_codes.is_some();
+        if has_image_field && self.required.iter().any(|r| r.starts_with("image")) {
+            let p = f
+                .image_codes
+                .as_ref()
+                .or(f.image_bytes.as_ref())
+                .or(f.image.as_ref())
+                .cloned()
+                .unwrap_or_default();
+            return Err(self.err("image", &p, "missing".into()));
+        }
+        Ok(None)
+    }
+}
+
+/// `answer_marker` (GSM8K `####`): the answer's text before the last marker becomes the
+/// reasoning (unless the record has one), the text after it the answer.
+fn split_at_answer_marker(ex: &mut Example, marker: &str) {
+    let Some(ans) = &ex.answer else { return };
+    let Some(pos) = ans.rfind(marker) else { return };
+    let (r, a) = ans.split_at(pos);
+    if ex.reasoning.is_none() {
+        ex.reasoning = Some(r.trim_end().to_string());
+    }
+    ex.answer = Some(a[marker.len()..].trim().to_string());
+}
+
+/// Removes LLaVA's `<image>` placeholder (and its line break) from the turns and the question.
+fn strip_image_placeholders(ex: &mut Example) {
+    for msg in &mut ex.messages {
+        if msg.content.contains("<image>") {
+            msg.content = msg
+                .content
+                .replace("<image>\n", "")
+                .replace("\n<image>", "")
+                .replace("<image>", "");
         }
     }
-    Ok(ex)
+    if let Some(q) = &ex.question
+        && q.contains("<image>")
+    {
+        ex.question = Some(q.replace("<image>\n", "").replace("<image>", ""));
+    }
 }
 
 fn default_required(m: &Manifest) -> Vec<&'static str> {

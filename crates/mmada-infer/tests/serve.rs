@@ -679,7 +679,15 @@ fn images_generate_and_are_understood() {
             "mmada",
         ],
     );
-    // text-to-image: b64 PNGs of the requested size, equal to `generate --mode t2i`
+    let data = t2i_equals_generate(&s, tmp.path(), &ckpt, vqs);
+    t2i_streams_steps_then_the_image(&s, &data);
+    bad_image_requests_are_400(&s);
+    mmu_equals_generate(&s, tmp.path(), &ckpt, vqs);
+}
+
+/// Text-to-image: b64 PNGs of the requested size, equal to `generate --mode t2i`; returns
+/// the response's `data` entries.
+fn t2i_equals_generate(s: &Server, tmp: &Path, ckpt: &Path, vqs: &str) -> Vec<Value> {
     let (st, v) = s.post(
         "/v1/images/generations",
         &json!({"model": "tiny", "prompt": "a red square", "n": 2, "size": "32x32",
@@ -698,7 +706,7 @@ fn images_generate_and_are_understood() {
         })
         .collect();
     assert_eq!(pngs[0].dimensions(), (32, 32));
-    let out = tmp.path().join("t2i");
+    let out = tmp.join("t2i");
     let r = run(&[
         "generate",
         "--mode",
@@ -723,7 +731,12 @@ fn images_generate_and_are_understood() {
     assert!(r.ok, "{}", r.stderr);
     let cli = image::open(out.join("0000.png")).unwrap().to_rgb8();
     assert_eq!(cli, pngs[0], "the server's image = generate --mode t2i");
-    // streamed: one event per MaskGIT step with more committed slots each time, then the image
+    data.clone()
+}
+
+/// Streamed: one event per MaskGIT step with more committed slots each time, then the image
+/// (the one of the unstreamed request, `data`).
+fn t2i_streams_steps_then_the_image(s: &Server, data: &[Value]) {
     let events = s.stream(
         "/v1/images/generations",
         &json!({"prompt": "a red square", "size": "32x32", "timesteps": 4, "seed": 3,
@@ -750,7 +763,9 @@ fn images_generate_and_are_understood() {
     let img = ev.iter().find(|e| e["type"] == "image").unwrap();
     assert_eq!(img["b64_json"], data[0]["b64_json"]);
     assert_eq!(ev.last().unwrap()["type"], "done");
-    // bad image requests
+}
+
+fn bad_image_requests_are_400(s: &Server) {
     let (st, v) = s.post(
         "/v1/images/generations",
         &json!({"prompt": "x", "size": "30x30"}),
@@ -763,9 +778,12 @@ fn images_generate_and_are_understood() {
     error_of(st, &v, 400, "b64_json");
     let (st, v) = s.post("/v1/images/generations", &json!({"prompt": "a".repeat(40)}));
     error_of(st, &v, 400, "context_length_exceeded");
+}
 
-    // image understanding: a data-URL image part = generate --mode mmu --image
-    let png_path = tmp.path().join("a.png");
+/// Image understanding: a data-URL image part = `generate --mode mmu --image`; the image block
+/// counts in the prompt tokens.
+fn mmu_equals_generate(s: &Server, tmp: &Path, ckpt: &Path, vqs: &str) {
+    let png_path = tmp.join("a.png");
     image::RgbImage::from_fn(48, 40, |x, y| {
         image::Rgb([
             (x * 5 % 256) as u8,

@@ -720,197 +720,261 @@ impl UniGrpoRecipe {
     /// The checks of `tasks:` (each task's keys by kind, names, shares, rewards, image
     /// tokenizer) or of the single-task `prompts:` / `reward_funcs:`.
     fn validate_tasks(&self, name: &str) -> Result<(), RecipeError> {
-        let err = |k: &str, m: String| Err(RecipeError::key(name, k, m));
-        let check_prompts = |key: &str, p: &PromptsSection| match (&p.manifest, &p.inline) {
-            (None, None) => err(key, "give `manifest: FILE` or `inline: {…}`".into()),
-            (Some(_), Some(_)) => err(key, "give `manifest` or `inline`, not both".into()),
-            _ => Ok(()),
-        };
         if self.tasks.is_empty() {
-            if self.prompts.is_unset() {
-                return err(
-                    "prompts",
-                    "missing: give `prompts: {manifest: FILE}` (one text task) or a `tasks:` list"
-                        .into(),
-                );
-            }
-            check_prompts("prompts", &self.prompts)?;
-            Self::validate_rollout(
-                name,
-                &self.rollout,
-                "rollout",
-                self.grpo.max_completion_length,
-                "grpo.max_completion_length",
-            )?;
-            if self.reward_funcs.is_empty() {
-                return err(
-                    "reward_funcs",
-                    "give at least one reward, e.g. `- kind: math_correctness`".into(),
-                );
-            }
-            return Ok(());
+            return self.validate_single_task(name);
         }
         for (k, set) in [
             ("prompts", !self.prompts.is_unset()),
             ("reward_funcs", !self.reward_funcs.is_empty()),
         ] {
             if set {
-                return err(
+                return Err(RecipeError::key(
+                    name,
                     k,
                     format!(
                         "with a `tasks:` list each task has its own `{k}:`: move it into the tasks and remove the top-level key"
                     ),
-                );
+                ));
             }
         }
         let specs = self.task_specs();
-        let total = self.grpo.prompts_per_step();
         let mut names: Vec<&str> = vec![];
         for (i, (t, spec)) in self.tasks.iter().zip(&specs).enumerate() {
-            let key = |k: &str| format!("tasks[{i}].{k}");
-            if spec.name.is_empty() || spec.name.contains('/') {
-                return err(
-                    &key("name"),
-                    format!(
-                        "`{}` is invalid: need a non-empty name without `/`",
-                        spec.name
-                    ),
-                );
-            }
-            if names.contains(&spec.name.as_str()) {
-                return err(
-                    &key("name"),
-                    format!(
-                        "duplicate task name `{}`: give each `{}` task a distinct `name:`",
-                        spec.name,
-                        t.kind.as_str()
-                    ),
-                );
-            }
+            self.validate_task_common(name, i, t, spec, &names)?;
             names.push(&spec.name);
-            if !(t.share.is_finite() && t.share > 0.0) {
-                return err(
-                    &key("share"),
-                    format!(
-                        "{} is invalid: need a positive number (a relative weight)",
-                        t.share
-                    ),
-                );
-            }
-            if spec.groups == 0 {
-                return err(
-                    &key("share"),
-                    format!(
-                        "share {} of {total} prompt group(s) per step gives task `{}` no group: raise grpo.generation_batch_size (a multiple of num_generations) or this share",
-                        t.share, spec.name
-                    ),
-                );
-            }
-            check_prompts(&key("prompts"), &t.prompts)?;
-            if t.reward_funcs.is_empty() {
-                return err(
-                    &key("reward_funcs"),
-                    "give at least one reward, e.g. `- kind: math_correctness` (text) or `- kind: caption_color` (t2i)".into(),
-                );
-            }
             match t.kind {
-                TaskKind::Text | TaskKind::Mmu => {
-                    for (k, set) in [
-                        ("maskgit", t.maskgit.is_some()),
-                        ("mask_schedule", t.mask_schedule.is_some()),
-                        ("t2i_attention", t.t2i_attention.is_some()),
-                    ] {
-                        if set {
-                            return err(
-                                &key(k),
-                                format!(
-                                    "only `t2i` tasks sample images; a `{}` task samples text with `rollout:`",
-                                    t.kind.as_str()
-                                ),
-                            );
-                        }
-                    }
-                    if t.max_completion_length == Some(0) {
-                        return err(&key("max_completion_length"), "must be at least 1".into());
-                    }
-                    let (rkey, len_key) = match (&t.rollout, t.max_completion_length) {
-                        (Some(_), Some(_)) => (key("rollout"), key("max_completion_length")),
-                        (Some(_), None) => (key("rollout"), "grpo.max_completion_length".into()),
-                        (None, Some(_)) => ("rollout".into(), key("max_completion_length")),
-                        (None, None) => ("rollout".into(), "grpo.max_completion_length".into()),
-                    };
-                    Self::validate_rollout(
-                        name,
-                        t.rollout.as_ref().unwrap_or(&self.rollout),
-                        &rkey,
-                        spec.max_completion_length,
-                        &len_key,
-                    )?;
-                }
-                TaskKind::T2i => {
-                    for (k, set) in [
-                        ("rollout", t.rollout.is_some()),
-                        ("max_completion_length", t.max_completion_length.is_some()),
-                    ] {
-                        if set {
-                            return err(
-                                &key(k),
-                                "a `t2i` task samples image tokens with the MaskGIT sampler (`maskgit:`); its completion length is the image's token count (image_tokenizer.resolution)".into(),
-                            );
-                        }
-                    }
-                    let m = &spec.maskgit;
-                    if m.timesteps == 0 {
-                        return err(&key("maskgit.timesteps"), "must be at least 1".into());
-                    }
-                    if !(m.guidance_scale.is_finite() && m.guidance_scale >= 0.0) {
-                        return err(
-                            &key("maskgit.guidance_scale"),
-                            format!(
-                                "{} is invalid: need a finite w >= 0 (0 = no guidance)",
-                                m.guidance_scale
-                            ),
-                        );
-                    }
-                    if !(m.temperature.is_finite() && m.temperature >= 0.0) {
-                        return err(
-                            &key("maskgit.temperature"),
-                            format!(
-                                "{} is invalid: need a finite temperature >= 0",
-                                m.temperature
-                            ),
-                        );
-                    }
-                    spec.mask_schedule.check().map_err(|e| {
-                        RecipeError::key(name, &key("mask_schedule"), e.to_string())
-                    })?;
-                    if self
-                        .image_tokenizer
-                        .as_ref()
-                        .and_then(|s| s.checkpoint.as_ref())
-                        .is_none()
-                    {
-                        return err(
-                            "image_tokenizer.checkpoint",
-                            format!(
-                                "task `{}` (t2i) decodes its images for the rewards: give `image_tokenizer: {{checkpoint: DIR, resolution: R}}`",
-                                spec.name
-                            ),
-                        );
-                    }
-                    if self.grpo.estimator == Estimator::D1 {
-                        return err(
-                            "grpo.estimator",
-                            format!(
-                                "d1 is a text estimator; task `{}` (t2i) needs `structured` (the image tokens are noised as in SFT)",
-                                spec.name
-                            ),
-                        );
-                    }
-                }
+                TaskKind::Text | TaskKind::Mmu => self.validate_text_task(name, i, t, spec)?,
+                TaskKind::T2i => self.validate_t2i_task(name, i, t, spec)?,
             }
         }
         Ok(())
+    }
+
+    /// No `tasks:` list: the top-level `prompts:`, `rollout:` and `reward_funcs:`.
+    fn validate_single_task(&self, name: &str) -> Result<(), RecipeError> {
+        if self.prompts.is_unset() {
+            return Err(RecipeError::key(
+                name,
+                "prompts",
+                "missing: give `prompts: {manifest: FILE}` (one text task) or a `tasks:` list",
+            ));
+        }
+        check_prompts_source(name, "prompts", &self.prompts)?;
+        Self::validate_rollout(
+            name,
+            &self.rollout,
+            "rollout",
+            self.grpo.max_completion_length,
+            "grpo.max_completion_length",
+        )?;
+        if self.reward_funcs.is_empty() {
+            return Err(RecipeError::key(
+                name,
+                "reward_funcs",
+                "give at least one reward, e.g. `- kind: math_correctness`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The keys every task has: `name` (valid, not in `taken`), `share`, `prompts`,
+    /// `reward_funcs`.
+    fn validate_task_common(
+        &self,
+        name: &str,
+        i: usize,
+        t: &TaskSection,
+        spec: &TaskSpec,
+        taken: &[&str],
+    ) -> Result<(), RecipeError> {
+        let err = |k: &str, m: String| Err(RecipeError::key(name, &format!("tasks[{i}].{k}"), m));
+        if spec.name.is_empty() || spec.name.contains('/') {
+            return err(
+                "name",
+                format!(
+                    "`{}` is invalid: need a non-empty name without `/`",
+                    spec.name
+                ),
+            );
+        }
+        if taken.contains(&spec.name.as_str()) {
+            return err(
+                "name",
+                format!(
+                    "duplicate task name `{}`: give each `{}` task a distinct `name:`",
+                    spec.name,
+                    t.kind.as_str()
+                ),
+            );
+        }
+        if !(t.share.is_finite() && t.share > 0.0) {
+            return err(
+                "share",
+                format!(
+                    "{} is invalid: need a positive number (a relative weight)",
+                    t.share
+                ),
+            );
+        }
+        if spec.groups == 0 {
+            return err(
+                "share",
+                format!(
+                    "share {} of {} prompt group(s) per step gives task `{}` no group: raise grpo.generation_batch_size (a multiple of num_generations) or this share",
+                    t.share,
+                    self.grpo.prompts_per_step(),
+                    spec.name
+                ),
+            );
+        }
+        check_prompts_source(name, &format!("tasks[{i}].prompts"), &t.prompts)?;
+        if t.reward_funcs.is_empty() {
+            return err(
+                "reward_funcs",
+                "give at least one reward, e.g. `- kind: math_correctness` (text) or `- kind: caption_color` (t2i)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// A `text` / `mmu` task: no image-sampling keys; its rollout and completion length (its
+    /// own or the top-level ones).
+    fn validate_text_task(
+        &self,
+        name: &str,
+        i: usize,
+        t: &TaskSection,
+        spec: &TaskSpec,
+    ) -> Result<(), RecipeError> {
+        let key = |k: &str| format!("tasks[{i}].{k}");
+        for (k, set) in [
+            ("maskgit", t.maskgit.is_some()),
+            ("mask_schedule", t.mask_schedule.is_some()),
+            ("t2i_attention", t.t2i_attention.is_some()),
+        ] {
+            if set {
+                return Err(RecipeError::key(
+                    name,
+                    &key(k),
+                    format!(
+                        "only `t2i` tasks sample images; a `{}` task samples text with `rollout:`",
+                        t.kind.as_str()
+                    ),
+                ));
+            }
+        }
+        if t.max_completion_length == Some(0) {
+            return Err(RecipeError::key(
+                name,
+                &key("max_completion_length"),
+                "must be at least 1",
+            ));
+        }
+        let rkey = match t.rollout {
+            Some(_) => key("rollout"),
+            None => "rollout".into(),
+        };
+        let len_key = match t.max_completion_length {
+            Some(_) => key("max_completion_length"),
+            None => "grpo.max_completion_length".into(),
+        };
+        Self::validate_rollout(
+            name,
+            t.rollout.as_ref().unwrap_or(&self.rollout),
+            &rkey,
+            spec.max_completion_length,
+            &len_key,
+        )
+    }
+
+    /// A `t2i` task: no text-rollout keys; its MaskGIT settings and mask schedule; an image
+    /// tokenizer to decode its images; the `structured` estimator.
+    fn validate_t2i_task(
+        &self,
+        name: &str,
+        i: usize,
+        t: &TaskSection,
+        spec: &TaskSpec,
+    ) -> Result<(), RecipeError> {
+        let key = |k: &str| format!("tasks[{i}].{k}");
+        let err = |k: &str, m: String| Err(RecipeError::key(name, k, m));
+        for (k, set) in [
+            ("rollout", t.rollout.is_some()),
+            ("max_completion_length", t.max_completion_length.is_some()),
+        ] {
+            if set {
+                return err(
+                    &key(k),
+                    "a `t2i` task samples image tokens with the MaskGIT sampler (`maskgit:`); its completion length is the image's token count (image_tokenizer.resolution)".into(),
+                );
+            }
+        }
+        let m = &spec.maskgit;
+        if m.timesteps == 0 {
+            return err(&key("maskgit.timesteps"), "must be at least 1".into());
+        }
+        if !(m.guidance_scale.is_finite() && m.guidance_scale >= 0.0) {
+            return err(
+                &key("maskgit.guidance_scale"),
+                format!(
+                    "{} is invalid: need a finite w >= 0 (0 = no guidance)",
+                    m.guidance_scale
+                ),
+            );
+        }
+        if !(m.temperature.is_finite() && m.temperature >= 0.0) {
+            return err(
+                &key("maskgit.temperature"),
+                format!(
+                    "{} is invalid: need a finite temperature >= 0",
+                    m.temperature
+                ),
+            );
+        }
+        spec.mask_schedule
+            .check()
+            .map_err(|e| RecipeError::key(name, &key("mask_schedule"), e.to_string()))?;
+        if self
+            .image_tokenizer
+            .as_ref()
+            .and_then(|s| s.checkpoint.as_ref())
+            .is_none()
+        {
+            return err(
+                "image_tokenizer.checkpoint",
+                format!(
+                    "task `{}` (t2i) decodes its images for the rewards: give `image_tokenizer: {{checkpoint: DIR, resolution: R}}`",
+                    spec.name
+                ),
+            );
+        }
+        if self.grpo.estimator == Estimator::D1 {
+            return err(
+                "grpo.estimator",
+                format!(
+                    "d1 is a text estimator; task `{}` (t2i) needs `structured` (the image tokens are noised as in SFT)",
+                    spec.name
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A prompts section names exactly one source: `manifest:` or `inline:`.
+fn check_prompts_source(name: &str, key: &str, p: &PromptsSection) -> Result<(), RecipeError> {
+    match (&p.manifest, &p.inline) {
+        (None, None) => Err(RecipeError::key(
+            name,
+            key,
+            "give `manifest: FILE` or `inline: {…}`",
+        )),
+        (Some(_), Some(_)) => Err(RecipeError::key(
+            name,
+            key,
+            "give `manifest` or `inline`, not both",
+        )),
+        _ => Ok(()),
     }
 }
 
