@@ -6,7 +6,10 @@
 //! state, bf16 compute: `LladaModel::with_compute_dtype`), side by side, and with the two
 //! loss paths: `head_chunked` (the trainers' path: the LM head and cross-entropy only at the
 //! masked positions, 1 024 rows at a time, `mmada_diffusion::Scores::Hidden`) and
-//! `full_logits` (the head at every position, `[batch, seq, vocab]` logits on the graph).
+//! `full_logits` (the head at every position, `[batch, seq, vocab]` logits on the graph); and
+//! `sft_head_chunked`, the PyTorch peer's step (`../shared/bench/torch_peer/bench.py`: the SFT
+//! loss, prompts of seq / 4 tokens, a new noising draw each step), which `scripts/bench_train.sh`
+//! compares with the peer.
 //!
 //! Before the timings, the peak resident memory of the training step is measured in a fresh
 //! child process per precision and loss path (model + AdamW, 3 steps): `VmHWM` after vs
@@ -54,7 +57,7 @@ fn benches(c: &mut Criterion) {
         });
     }
 
-    for path in [Path::HeadChunked, Path::FullLogits] {
+    for path in [Path::HeadChunked, Path::FullLogits, Path::SftHeadChunked] {
         for (name, compute) in [
             ("forward_backward_adamw", None),
             ("forward_backward_adamw_bf16_mixed", Some(FloatDType::BF16)),
@@ -74,11 +77,10 @@ type Ad = Autodiff<Cpu>;
 fn rss_child(precision: &str, path: &str) {
     let cfg = bench_config();
     let compute = (precision == "bf16-mixed").then_some(FloatDType::BF16);
-    let path = if path == "full_logits" {
-        Path::FullLogits
-    } else {
-        Path::HeadChunked
-    };
+    let path = [Path::HeadChunked, Path::FullLogits, Path::SftHeadChunked]
+        .into_iter()
+        .find(|p| p.name() == path)
+        .expect("a path name");
     let mut trainer = Trainer::<Ad>::new(&cfg, compute, path);
     let before = rss::vm_hwm_kb();
     for _ in 0..3 {
@@ -88,7 +90,7 @@ fn rss_child(precision: &str, path: &str) {
 }
 
 fn report_peak_rss() {
-    for path in [Path::HeadChunked, Path::FullLogits] {
+    for path in [Path::HeadChunked, Path::FullLogits, Path::SftHeadChunked] {
         for precision in ["f32", "bf16-mixed"] {
             let out = rss::run_child("--rss-child", &[precision, path.name()]);
             let (before, after) = rss::parse_before_after(&out);

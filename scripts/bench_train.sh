@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Training step side by side with the PyTorch peer (issue 18): forward + backward + AdamW of
 # the d_model 256 / 4-block / vocab 58 560 model at batch 4 × 256, 2 threads, in one run:
-#   * ours: benches/model.rs `forward_backward_adamw_{head_chunked,full_logits}` (criterion,
-#     median of 10 steps; the pretraining loss on a seeded draw, about half the tokens masked);
-#   * the peer: ../shared/bench/torch_peer/bench.py (median of 5 steps; its SFT loss, prompt
-#     = seq/4, answer tokens masked at random).
+#   * ours: benches/model.rs (criterion, median of 10 steps): `forward_backward_adamw_sft_head_chunked`
+#     is the peer's step (its SFT loss, prompt = seq/4, answer tokens masked with probability
+#     t ~ U(0, 1), a new draw each step), our head in chunks; `..._head_chunked` and
+#     `..._full_logits` take the pretraining loss on one seeded draw (744 of 1 024 tokens
+#     masked, so the chunked head does about twice the peer step's head work);
+#   * the peer: ../shared/bench/torch_peer/bench.py (median of 5 steps; full logits).
 # Prints tokens/s of each and the ratios. Needs python3 with torch (PEER_PYTHON=…/python).
 # Run on an idle machine: both sides use the same 2 cores.
 set -euo pipefail
@@ -17,7 +19,7 @@ bin=$(cargo test --workspace ${FEATURES:+--features "$FEATURES"} --bench model -
   | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -n 1)
 peer=$("$PY" "$PEER/bench.py" --threads 2 --train-steps 5 --gen-length 32 --gen-steps 2 \
   --block-length 32 2>/dev/null | tail -n 1)
-ours=$("$bin" --bench 'forward_backward_adamw_(head_chunked|full_logits)$' --warm-up-time 1 \
+ours=$("$bin" --bench 'forward_backward_adamw_(sft_head_chunked|head_chunked|full_logits)$' --warm-up-time 1 \
   --measurement-time 20 2>&1 | grep -E '^llada|time:' | grep -v '%')
 python3 - "$peer" "$ours" <<'PYEOF'
 import json, re, sys

@@ -40,13 +40,17 @@ pub fn ids<B: Backend>(cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 2, In
     Tensor::from_data(TensorData::new(v, [BATCH, SEQ]), device)
 }
 
-/// Where the loss reads its log-probs from.
+/// Where the loss reads its log-probs from, and which loss.
 #[derive(Clone, Copy, PartialEq)]
 pub enum Path {
     /// Hidden states gathered at the masked positions, head in chunks (the trainers').
     HeadChunked,
     /// Logits at every position.
     FullLogits,
+    /// The PyTorch peer's training step (`../shared/bench/torch_peer/bench.py`): the SFT loss
+    /// with prompts of `seq / 4` tokens and a new noising draw every step (answer tokens masked
+    /// with probability `t ~ U(0, 1)`: 384 masked rows on average), the head in chunks.
+    SftHeadChunked,
 }
 
 impl Path {
@@ -54,8 +58,34 @@ impl Path {
         match self {
             Path::HeadChunked => "head_chunked",
             Path::FullLogits => "full_logits",
+            Path::SftHeadChunked => "sft_head_chunked",
         }
     }
+}
+
+/// The SFT loss of [`Path::SftHeadChunked`] on the draw `rng` gives next.
+pub fn sft_loss<B: Backend>(
+    model: &LladaModel<B>,
+    cfg: &ModelConfig,
+    rng: &mut rand::rngs::StdRng,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let x0: Vec<i64> = (0..BATCH * SEQ)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
+        .collect();
+    let prompt = [SEQ / 4; BATCH];
+    let draw = MaskDraw::sample(rng, BATCH, SEQ);
+    let mask_id = cfg.mask_token_id.unwrap() as i64;
+    let noised =
+        forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, Some(&prompt)).unwrap();
+    let ids: Vec<i32> = noised.noisy.iter().map(|&x| x as i32).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ]), device);
+    let scores = Scores::Hidden {
+        hidden: model.hidden(ids, &Attention::Full),
+        head: model.lm_head(),
+        chunk_rows: chunk_rows(),
+    };
+    mmada_diffusion::sft_loss(scores, &x0, &noised, &prompt).unwrap()
 }
 
 /// The LLaDA pretraining loss on a fixed noising draw (seeded; about half the tokens
@@ -77,7 +107,7 @@ pub fn loss<B: Backend>(
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ]), device);
     let scores = match path {
         Path::FullLogits => Scores::Logits(model.forward(ids, &Attention::Full)),
-        Path::HeadChunked => Scores::Hidden {
+        Path::HeadChunked | Path::SftHeadChunked => Scores::Hidden {
             hidden: model.hidden(ids, &Attention::Full),
             head: model.lm_head(),
             chunk_rows: chunk_rows(),
@@ -99,6 +129,8 @@ pub struct Trainer<B: AutodiffBackend> {
     model: Option<LladaModel<B>>,
     opt: burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, LladaModel<B>, B>,
     path: Path,
+    /// The noising draws of [`Path::SftHeadChunked`] (seeded).
+    rng: rand::rngs::StdRng,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -120,6 +152,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             model: Some(model),
             opt,
             path,
+            rng: rand::rngs::StdRng::seed_from_u64(0),
         }
     }
 
@@ -127,7 +160,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn step(&mut self, cfg: &ModelConfig) {
         let m = self.model.take().expect("model");
         let dev = m.wte.weight.device();
-        let grads = GradientsParams::from_grads(loss(&m, cfg, self.path, &dev).backward(), &m);
+        let loss = match self.path {
+            Path::SftHeadChunked => sft_loss(&m, cfg, &mut self.rng, &dev),
+            path => loss(&m, cfg, path, &dev),
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
         let m = self.opt.step(1e-4, m, grads);
         // force the update to be computed
         let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();

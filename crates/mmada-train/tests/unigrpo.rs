@@ -413,7 +413,26 @@ fn d1_estimator_short_run() {
         "grpo.loss_type=token",
         "train.max_steps=2",
     ];
-    let r = arith_recipe(tmp.path(), "d1a", &sets);
+    // the length reward in characters of the decoded completion (1 at 0–1 character, 0 at 65
+    // and more): a reward that differs between completions of the untrained model, so every
+    // group has a non-zero advantage and both steps have a gradient. (The recipe's
+    // token-length reward is 0 for every 8-token completion without <EOS>, and the untrained
+    // model seldom gets a sum right.)
+    let recipe = |name: &str, sets: &[&str]| {
+        let mut r = arith_recipe(tmp.path(), name, sets);
+        let length = &mut r.reward_funcs[1];
+        assert_eq!(length.kind, "length");
+        for (k, v) in [
+            ("min", serde_json::json!(0)),
+            ("max", serde_json::json!(1)),
+            ("margin", serde_json::json!(64)),
+            ("unit", serde_json::json!("chars")),
+        ] {
+            length.params.insert(k.into(), v);
+        }
+        r
+    };
+    let r = recipe("d1a", &sets);
     let a = UniGrpo::run::<CpuAutodiff>(&r, &dev, &UniGrpoOptions::default(), &mut |_| {}).unwrap();
     let rows = metric_rows(&a.run_dir);
     assert_eq!(rows.len(), 2);
@@ -434,10 +453,10 @@ fn d1_estimator_short_run() {
         assert!((l - pk).abs() < 1e-5, "{l} vs {pk}");
         // completion fully masked: every row is trained (no row without scored tokens)
         assert_eq!(row["num_train_rows"], 2 * 4);
-        assert!(row["grad_norm"].as_f64().unwrap() > 0.0);
+        assert!(row["grad_norm"].as_f64().unwrap() > 0.0, "{row}");
     }
     let b = UniGrpo::run::<CpuAutodiff>(
-        &arith_recipe(tmp.path(), "d1b", &sets),
+        &recipe("d1b", &sets),
         &dev,
         &UniGrpoOptions::default(),
         &mut |_| {},
@@ -446,11 +465,7 @@ fn d1_estimator_short_run() {
     assert_eq!(a.losses, b.losses);
     // the estimator changes the loss: the structured estimator on the same rollouts differs
     let s = UniGrpo::run::<CpuAutodiff>(
-        &arith_recipe(
-            tmp.path(),
-            "structured",
-            &["train.max_steps=2", "grpo.loss_type=token"],
-        ),
+        &recipe("structured", &["train.max_steps=2", "grpo.loss_type=token"]),
         &dev,
         &UniGrpoOptions::default(),
         &mut |_| {},

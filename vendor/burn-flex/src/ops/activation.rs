@@ -157,6 +157,89 @@ impl ActivationOps<Flex> for Flex {
     fn softmax(tensor: FloatTensor<Flex>, dim: usize) -> FloatTensor<Flex> {
         softmax(tensor, dim)
     }
+
+    // mmada-rs patch (vendor/PATCHED.md item 8): fused f32 log-softmax.
+    fn log_softmax(tensor: FloatTensor<Flex>, dim: usize) -> FloatTensor<Flex> {
+        log_softmax(tensor, dim)
+    }
+}
+
+// ============================================================================
+// Fused log-softmax (mmada-rs patch, vendor/PATCHED.md item 8)
+// ============================================================================
+
+/// Fused log-softmax along `dim` for f32: per row, one max pass, one `Σ exp(x − max)` pass
+/// (the vectorised exp of `fast_exp`, into the output row) and one `(x − max) − ln Σ` pass, rows in parallel; no intermediate tensor.
+/// Other dtypes take burn's default decomposition (max, sub, exp, sum, log, sub).
+pub fn log_softmax(tensor: FloatTensor<Flex>, dim: usize) -> FloatTensor<Flex> {
+    let rank = tensor.shape().num_dims();
+    assert!(
+        dim < rank,
+        "log_softmax dim {} out of range for rank {}",
+        dim,
+        rank
+    );
+    if tensor.dtype() != DType::F32 {
+        let max = Flex::float_max_dim(tensor.clone(), dim);
+        let shifted = Flex::float_sub(tensor, max);
+        let lse = Flex::float_log(Flex::float_sum_dim(Flex::float_exp(shifted.clone()), dim));
+        return Flex::float_sub(shifted, lse);
+    }
+    if dim != rank - 1 {
+        let swapped = Flex::float_swap_dims(tensor, dim, rank - 1);
+        let out = log_softmax_last_f32(swapped.to_contiguous());
+        return Flex::float_swap_dims(out, dim, rank - 1);
+    }
+    log_softmax_last_f32(tensor.to_contiguous())
+}
+
+fn log_softmax_last_f32(tensor: FlexTensor) -> FlexTensor {
+    let shape = tensor.layout().shape().clone();
+    let last = *shape.last().expect("log_softmax: empty shape");
+    if last == 0 {
+        return tensor;
+    }
+    let input: &[f32] = tensor.storage();
+    let mut output: Vec<f32> = vec![0.0; input.len()];
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        const ROWS_PER_TASK: usize = 64;
+        let chunk_elems = ROWS_PER_TASK * last;
+        output
+            .par_chunks_mut(chunk_elems)
+            .zip(input.par_chunks(chunk_elems))
+            .for_each(|(o, i)| log_softmax_rows_f32(i, o, last));
+    }
+    #[cfg(not(feature = "rayon"))]
+    log_softmax_rows_f32(input, &mut output, last);
+    FlexTensor::new(
+        Bytes::from_elems(output),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
+fn log_softmax_rows_f32(input: &[f32], output: &mut [f32], row_len: usize) {
+    assert_eq!(input.len(), output.len());
+    assert_eq!(input.len() % row_len, 0);
+    for (x, y) in input.chunks(row_len).zip(output.chunks_mut(row_len)) {
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        if max == f32::NEG_INFINITY {
+            // every entry −∞ (or the row is empty): as the decomposition, NaN
+            y.iter_mut().for_each(|o| *o = f32::NAN);
+            continue;
+        }
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v - max;
+        }
+        crate::ops::fast_exp::exp_in_place(y);
+        let ln_sum = crate::ops::fast_exp::sum_f32(y).ln();
+        // (x − max) − ln Σ: the decomposition's rounding
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (v - max) - ln_sum;
+        }
+    }
 }
 
 #[inline]
@@ -367,15 +450,13 @@ fn softmax_row_f32_simd<S: macerator::Simd>(input: &[f32], output: &mut [f32]) {
     }
 
     // Pass 2: compute exp(x - max), store in output, accumulate sum.
-    // Scalar exp (no SIMD exp in macerator). This pass is the one that
-    // actually does memory reads + writes on the whole row, so scalar
-    // here still lands us at memory bandwidth.
-    let mut sum = 0.0f32;
+    // mmada-rs patch (vendor/PATCHED.md item 9): the vectorised exp of
+    // `fast_exp` and a 16-lane sum instead of scalar libm `expf`.
     for idx in 0..len {
-        let e = (input[idx] - max_val).exp();
-        output[idx] = e;
-        sum += e;
+        output[idx] = input[idx] - max_val;
     }
+    crate::ops::fast_exp::exp_in_place(output);
+    let sum = crate::ops::fast_exp::sum_f32(output);
 
     // Pass 3: normalize.
     // SIMD splat + multiply, scalar tail.

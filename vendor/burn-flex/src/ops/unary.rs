@@ -55,8 +55,8 @@ where
 /// Apply a unary operation element-wise to a tensor.
 pub fn unary_op<F32Op, F64Op>(tensor: FlexTensor, f32_op: F32Op, f64_op: F64Op) -> FlexTensor
 where
-    F32Op: Fn(f32) -> f32 + Copy,
-    F64Op: Fn(f64) -> f64 + Copy,
+    F32Op: Fn(f32) -> f32 + Copy + Sync,
+    F64Op: Fn(f64) -> f64 + Copy + Sync,
 {
     let dtype = tensor.dtype();
 
@@ -73,7 +73,7 @@ where
 fn unary_op_typed<E, Op>(mut tensor: FlexTensor, op: Op) -> FlexTensor
 where
     E: burn_backend::Element + bytemuck::Pod,
-    Op: Fn(E) -> E,
+    Op: Fn(E) -> E + Sync,
 {
     let n = tensor.layout().num_elements();
 
@@ -81,9 +81,12 @@ where
     if tensor.is_unique() && tensor.layout().is_contiguous() && tensor.layout().start_offset() == 0
     {
         let storage: &mut [E] = tensor.storage_mut();
-        for x in storage[..n].iter_mut() {
-            *x = op(*x);
-        }
+        // mmada-rs patch (vendor/PATCHED.md item 10): large buffers in parallel
+        crate::ops::par::each_mut(&mut storage[..n], |xs| {
+            for x in xs.iter_mut() {
+                *x = op(*x);
+            }
+        });
         return tensor;
     }
 
@@ -161,9 +164,30 @@ where
 // Specific unary operations
 // ============================================================================
 
-/// Exponential: e^x
-pub fn exp(tensor: FlexTensor) -> FlexTensor {
-    unary_op(tensor, |x| x.exp(), |x| x.exp())
+/// Exponential: e^x. f32 uses the vectorised [`crate::ops::fast_exp::exp_f32`] (mmada-rs
+/// patch, vendor/PATCHED.md item 9), in parallel for a contiguous tensor.
+pub fn exp(mut tensor: FlexTensor) -> FlexTensor {
+    use crate::ops::fast_exp::{exp_f32, exp_in_place_par};
+    if tensor.dtype() == DType::F32
+        && tensor.layout().is_contiguous()
+        && tensor.layout().start_offset() == 0
+    {
+        let n = tensor.layout().num_elements();
+        if tensor.is_unique() {
+            let storage: &mut [f32] = tensor.storage_mut();
+            exp_in_place_par(&mut storage[..n]);
+            return tensor;
+        }
+        let src: &[f32] = tensor.storage();
+        let mut out: Vec<f32> = src[..n].to_vec();
+        exp_in_place_par(&mut out);
+        return FlexTensor::new(
+            Bytes::from_elems(out),
+            Layout::contiguous(tensor.layout().shape().clone()),
+            DType::F32,
+        );
+    }
+    unary_op(tensor, exp_f32, |x| x.exp())
 }
 
 /// Natural logarithm: ln(x)

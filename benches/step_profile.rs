@@ -1,0 +1,117 @@
+//! Where the CPU training step spends its time (issue 18): the bench step of
+//! `benches/model.rs` (d_model 256, 4 blocks, vocab 58 560, batch 4 × 256, f32, the
+//! pretraining loss with about half the tokens masked, the head in chunks) split into its
+//! phases, each timed with the backend synchronised (Flex runs eagerly):
+//!
+//! | phase | what runs |
+//! |---|---|
+//! | `hidden` | embedding + 4 blocks + final norm, on the autodiff graph |
+//! | `head_ce` | the chunked head + cross-entropy and its analytic gradient ([`Scores::Hidden`]) |
+//! | `backward` | `loss.backward()`: the blocks' and the embedding's gradients |
+//! | `grads` | `GradientsParams::from_grads` |
+//! | `adamw` | `AdamW::step` over the 33 M parameters |
+//!
+//! Prints the median of `MMADA_PROFILE_STEPS` steps (default 7) after one warm-up step, in
+//! ms and as a share of the step. Run: `cargo bench --bench step_profile`
+//! (`MMADA_CE_CHUNK_ROWS` sets the head's chunk rows).
+
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{Int, Tensor, TensorData};
+use mmada_diffusion::noise::DEFAULT_EPS;
+use mmada_diffusion::{MaskDraw, Scores, forward_process, pretrain_loss};
+use mmada_model::backend::Cpu;
+use mmada_model::init::init_model;
+use mmada_model::{Attention, FloatDType};
+use rand::SeedableRng;
+
+#[path = "common/step.rs"]
+mod step;
+
+use step::{BATCH, SEQ, bench_config, chunk_rows};
+
+type Ad = Autodiff<Cpu>;
+
+const PHASES: [&str; 5] = ["hidden", "head_ce", "backward", "grads", "adamw"];
+
+fn main() {
+    mmada_model::backend::keep_freed_memory();
+    // `cargo test --benches` probes with --list: nothing to measure then
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let steps: usize = std::env::var("MMADA_PROFILE_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let cfg = bench_config();
+    let dev = Default::default();
+    let mut model = Some(init_model::<Ad>(&cfg, 0, &dev, FloatDType::F32));
+    let mut opt = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init::<Ad, _>();
+    let x0: Vec<i64> = (0..BATCH * SEQ)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let draw = MaskDraw::sample(&mut rng, BATCH, SEQ);
+    let mask_id = cfg.mask_token_id.unwrap() as i64;
+    let noised = forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, None).unwrap();
+    let ids: Vec<i32> = noised.noisy.iter().map(|&x| x as i32).collect();
+    let masked = noised.masked.iter().filter(|&&m| m).count();
+
+    let mut samples: Vec<[f64; 5]> = Vec::new();
+    for step in 0..=steps {
+        let m = model.take().unwrap();
+        let mut t = [0f64; 5];
+        let mut clock = Instant::now();
+        let mut lap = |i: usize| {
+            t[i] = clock.elapsed().as_secs_f64() * 1e3;
+            clock = Instant::now();
+        };
+        let x = Tensor::<Ad, 2, Int>::from_data(TensorData::new(ids.clone(), [BATCH, SEQ]), &dev);
+        let hidden = m.hidden(x, &Attention::Full);
+        // synchronise: a one-element read
+        let _ = hidden.clone().slice([0..1, 0..1, 0..1]).into_data();
+        lap(0);
+        let scores = Scores::Hidden {
+            hidden,
+            head: m.lm_head(),
+            chunk_rows: chunk_rows(),
+        };
+        let loss = pretrain_loss(scores, &x0, &noised).unwrap();
+        let _ = loss.clone().into_data();
+        lap(1);
+        let g = loss.backward();
+        lap(2);
+        let grads = GradientsParams::from_grads(g, &m);
+        lap(3);
+        let m = opt.step(1e-4, m, grads);
+        let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
+        lap(4);
+        model = Some(m);
+        if step > 0 {
+            samples.push(t);
+        }
+    }
+    let median = |i: usize| {
+        let mut v: Vec<f64> = samples.iter().map(|s| s[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let med: Vec<f64> = (0..5).map(median).collect();
+    let total: f64 = med.iter().sum();
+    println!(
+        "training step d256 l4 v58560 b{BATCH}x{SEQ}, {masked} masked rows, head chunks of {} rows, median of {steps} steps",
+        chunk_rows()
+    );
+    println!("| phase | ms | share |\n|---|---|---|");
+    for (name, ms) in PHASES.iter().zip(&med) {
+        println!("| {name} | {ms:.0} | {:.0} % |", 100.0 * ms / total);
+    }
+    println!("| step (sum of medians) | {total:.0} | 100 % |");
+}

@@ -1,0 +1,36 @@
+//! mmada-rs patch (vendor/PATCHED.md item 10): element-wise loops over large contiguous
+//! buffers split over the rayon pool. Upstream ran every binary, scalar and unary f32 op on
+//! one thread; the update of 33 M parameters (AdamW: about ten element-wise ops each) and the
+//! `[rows, vocab]` passes of the LM head are memory-bound loops that two cores run faster.
+//! Each element is computed by the same code as before, so results are bit-identical.
+
+/// Below this many elements a loop stays on the calling thread.
+pub(crate) const PAR_MIN: usize = 1 << 17;
+/// Elements per rayon task.
+const PAR_CHUNK: usize = 1 << 15;
+
+/// `f(l, r)` over matching pieces of `l` and `r` (same length), in parallel when large.
+#[inline]
+pub(crate) fn zip_mut<E: Send, R: Sync>(l: &mut [E], r: &[R], f: impl Fn(&mut [E], &[R]) + Sync) {
+    #[cfg(feature = "rayon")]
+    if l.len() >= PAR_MIN {
+        use rayon::prelude::*;
+        l.par_chunks_mut(PAR_CHUNK)
+            .zip(r.par_chunks(PAR_CHUNK))
+            .for_each(|(a, b)| f(a, b));
+        return;
+    }
+    f(l, r)
+}
+
+/// `f(l)` over pieces of `l`, in parallel when large.
+#[inline]
+pub(crate) fn each_mut<E: Send>(l: &mut [E], f: impl Fn(&mut [E]) + Sync) {
+    #[cfg(feature = "rayon")]
+    if l.len() >= PAR_MIN {
+        use rayon::prelude::*;
+        l.par_chunks_mut(PAR_CHUNK).for_each(&f);
+        return;
+    }
+    f(l)
+}
