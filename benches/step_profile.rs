@@ -12,8 +12,9 @@
 //! | `adamw` | `AdamW::step` over the 33 M parameters |
 //!
 //! Prints the median of `MMADA_PROFILE_STEPS` steps (default 7) after one warm-up step, in
-//! ms and as a share of the step. Run: `cargo bench --bench step_profile`
-//! (`MMADA_CE_CHUNK_ROWS` sets the head's chunk rows).
+//! ms and as a share of the step, and the process's peak RSS (`VmHWM`) after each phase of
+//! the first two steps (the first creates AdamW's state). Run: `cargo bench --bench
+//! step_profile` (`MMADA_CE_CHUNK_ROWS` sets the head's chunk rows).
 
 use std::time::Instant;
 
@@ -28,6 +29,9 @@ use mmada_model::init::init_model;
 use mmada_model::{Attention, FloatDType};
 use rand::SeedableRng;
 
+#[path = "common/rss.rs"]
+#[allow(dead_code)] // only vm_hwm_kb: the phases run in this process
+mod rss;
 #[path = "common/step.rs"]
 mod step;
 
@@ -65,12 +69,16 @@ fn main() {
     let masked = noised.masked.iter().filter(|&&m| m).count();
 
     let mut samples: Vec<[f64; 5]> = Vec::new();
+    let start_hwm = rss::vm_hwm_kb();
+    let mut hwm: Vec<[u64; 5]> = Vec::new();
     for step in 0..=steps {
         let m = model.take().unwrap();
         let mut t = [0f64; 5];
+        let mut h = [0u64; 5];
         let mut clock = Instant::now();
         let mut lap = |i: usize| {
             t[i] = clock.elapsed().as_secs_f64() * 1e3;
+            h[i] = rss::vm_hwm_kb();
             clock = Instant::now();
         };
         let x = Tensor::<Ad, 2, Int>::from_data(TensorData::new(ids.clone(), [BATCH, SEQ]), &dev);
@@ -94,6 +102,7 @@ fn main() {
         let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
         lap(4);
         model = Some(m);
+        hwm.push(h);
         if step > 0 {
             samples.push(t);
         }
@@ -114,4 +123,13 @@ fn main() {
         println!("| {name} | {ms:.0} | {:.0} % |", 100.0 * ms / total);
     }
     println!("| step (sum of medians) | {total:.0} | 100 % |");
+    let mb = |kb: u64| kb as f64 * 1024.0 / 1e6;
+    println!(
+        "\npeak RSS (VmHWM, MB) after each phase; model and data alone: {:.0} MB",
+        mb(start_hwm)
+    );
+    println!("| phase | step 1 | step 2 |\n|---|---|---|");
+    for (i, name) in PHASES.iter().enumerate() {
+        println!("| {name} | {:.0} | {:.0} |", mb(hwm[0][i]), mb(hwm[1][i]));
+    }
 }
