@@ -20,14 +20,11 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::{Int, Tensor, TensorData};
-use mmada_diffusion::noise::DEFAULT_EPS;
-use mmada_diffusion::{MaskDraw, Scores, forward_process, pretrain_loss};
+use burn::optim::{GradientsParams, Optimizer};
+use mmada_diffusion::{Scores, pretrain_loss};
 use mmada_model::backend::Cpu;
 use mmada_model::init::init_model;
 use mmada_model::{Attention, FloatDType};
-use rand::SeedableRng;
 
 #[path = "common/rss.rs"]
 #[allow(dead_code)] // only vm_hwm_kb: the phases run in this process
@@ -35,7 +32,7 @@ mod rss;
 #[path = "common/step.rs"]
 mod step;
 
-use step::{BATCH, SEQ, bench_config, chunk_rows};
+use step::{BATCH, SEQ, adamw, bench_config, chunk_rows, id_tensor, pretrain_batch};
 
 type Ad = Autodiff<Cpu>;
 
@@ -54,18 +51,8 @@ fn main() {
     let cfg = bench_config();
     let dev = Default::default();
     let mut model = Some(init_model::<Ad>(&cfg, 0, &dev, FloatDType::F32));
-    let mut opt = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init::<Ad, _>();
-    let x0: Vec<i64> = (0..BATCH * SEQ)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
-        .collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let draw = MaskDraw::sample(&mut rng, BATCH, SEQ);
-    let mask_id = cfg.mask_token_id.unwrap() as i64;
-    let noised = forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, None).unwrap();
-    let ids: Vec<i32> = noised.noisy.iter().map(|&x| x as i32).collect();
+    let mut opt = adamw::<Ad>();
+    let (x0, noised) = pretrain_batch(&cfg);
     let masked = noised.masked.iter().filter(|&&m| m).count();
 
     let mut samples: Vec<[f64; 5]> = Vec::new();
@@ -81,7 +68,7 @@ fn main() {
             h[i] = rss::vm_hwm_kb();
             clock = Instant::now();
         };
-        let x = Tensor::<Ad, 2, Int>::from_data(TensorData::new(ids.clone(), [BATCH, SEQ]), &dev);
+        let x = id_tensor::<Ad>(&noised.noisy, &dev);
         let hidden = m.hidden(x, &Attention::Full);
         // synchronise: a one-element read
         let _ = hidden.clone().slice([0..1, 0..1, 0..1]).into_data();

@@ -15,27 +15,13 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Tensor, TensorData};
 use mmada_model::backend::Cpu;
 
-type Ad = Autodiff<Cpu>;
+mod common;
+use common::{host, values};
 
-fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
-}
+type Ad = Autodiff<Cpu>;
 
 fn ulps(a: f32, b: f32) -> u64 {
     (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs()
-}
-
-/// Deterministic values in [-1, 1).
-fn values(n: usize, salt: u64) -> Vec<f32> {
-    let mut s = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 #[test]

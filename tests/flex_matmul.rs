@@ -9,26 +9,12 @@
 use burn::tensor::{Tensor, TensorData};
 use mmada_model::backend::Cpu;
 
-/// Deterministic values in [-1, 1).
-fn values(n: usize, salt: u64) -> Vec<f32> {
-    let mut s = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+mod common;
+use common::{host, values};
 
 fn tensor<const D: usize>(shape: [usize; D], salt: u64) -> Tensor<Cpu, D> {
     let n = shape.iter().product();
     Tensor::from_data(TensorData::new(values(n, salt), shape), &Default::default())
-}
-
-fn host<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
-    t.into_data().to_vec::<f32>().unwrap()
 }
 
 /// `[m, k] · [k, n]` in f64 from row-major host copies.

@@ -6,11 +6,14 @@
 #![allow(dead_code)] // each bench uses a part
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use mmada_diffusion::noise::DEFAULT_EPS;
-use mmada_diffusion::{DEFAULT_CE_CHUNK_ROWS, MaskDraw, Scores, forward_process, pretrain_loss};
+use mmada_diffusion::{
+    DEFAULT_CE_CHUNK_ROWS, MaskDraw, Noised, Scores, forward_process, pretrain_loss,
+};
 use mmada_model::init::init_model;
 use mmada_model::{Attention, FloatDType, LladaModel, ModelConfig};
 use rand::SeedableRng;
@@ -33,11 +36,33 @@ pub fn bench_config() -> ModelConfig {
     }
 }
 
-pub fn ids<B: Backend>(cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 2, Int> {
-    let v: Vec<i32> = (0..BATCH * SEQ)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i32)
-        .collect();
+/// The bench's clean tokens `x0` `[BATCH · SEQ]`: a fixed pattern over the vocabulary.
+pub fn tokens(cfg: &ModelConfig) -> Vec<i64> {
+    (0..BATCH * SEQ)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
+        .collect()
+}
+
+/// `[BATCH, SEQ]` token ids on `device`.
+pub fn id_tensor<B: Backend>(ids: &[i64], device: &B::Device) -> Tensor<B, 2, Int> {
+    let v: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
     Tensor::from_data(TensorData::new(v, [BATCH, SEQ]), device)
+}
+
+/// [`tokens`] as a `[BATCH, SEQ]` tensor.
+pub fn ids<B: Backend>(cfg: &ModelConfig, device: &B::Device) -> Tensor<B, 2, Int> {
+    id_tensor(&tokens(cfg), device)
+}
+
+/// The pretraining loss's fixed noising of [`tokens`] (draw seeded with 0; 744 of 1 024
+/// tokens masked): `(x0, noised)`.
+pub fn pretrain_batch(cfg: &ModelConfig) -> (Vec<i64>, Noised) {
+    let x0 = tokens(cfg);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let draw = MaskDraw::sample(&mut rng, BATCH, SEQ);
+    let mask_id = cfg.mask_token_id.unwrap() as i64;
+    let noised = forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, None).unwrap();
+    (x0, noised)
 }
 
 /// Where the loss reads its log-probs from, and which loss.
@@ -70,16 +95,13 @@ pub fn sft_loss<B: Backend>(
     rng: &mut rand::rngs::StdRng,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    let x0: Vec<i64> = (0..BATCH * SEQ)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
-        .collect();
+    let x0 = tokens(cfg);
     let prompt = [SEQ / 4; BATCH];
     let draw = MaskDraw::sample(rng, BATCH, SEQ);
     let mask_id = cfg.mask_token_id.unwrap() as i64;
     let noised =
         forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, Some(&prompt)).unwrap();
-    let ids: Vec<i32> = noised.noisy.iter().map(|&x| x as i32).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ]), device);
+    let ids = id_tensor::<B>(&noised.noisy, device);
     let scores = Scores::Hidden {
         hidden: model.hidden(ids, &Attention::Full),
         head: model.lm_head(),
@@ -96,15 +118,8 @@ pub fn loss<B: Backend>(
     path: Path,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    let x0: Vec<i64> = (0..BATCH * SEQ)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
-        .collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let draw = MaskDraw::sample(&mut rng, BATCH, SEQ);
-    let mask_id = cfg.mask_token_id.unwrap() as i64;
-    let noised = forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, None).unwrap();
-    let ids: Vec<i32> = noised.noisy.iter().map(|&x| x as i32).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ]), device);
+    let (x0, noised) = pretrain_batch(cfg);
+    let ids = id_tensor::<B>(&noised.noisy, device);
     let scores = match path {
         Path::FullLogits => Scores::Logits(model.forward(ids, &Attention::Full)),
         Path::HeadChunked | Path::SftHeadChunked => Scores::Hidden {
@@ -124,10 +139,18 @@ pub fn chunk_rows() -> usize {
         .unwrap_or(DEFAULT_CE_CHUNK_ROWS)
 }
 
+/// The benches' optimizer: burn's AdamW with ε 1e-8 and weight decay 0.01.
+pub fn adamw<B: AutodiffBackend>() -> OptimizerAdaptor<AdamW, LladaModel<B>, B> {
+    AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init::<B, LladaModel<B>>()
+}
+
 /// A model (f32 master parameters, optional compute dtype) and its AdamW state.
 pub struct Trainer<B: AutodiffBackend> {
     model: Option<LladaModel<B>>,
-    opt: burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, LladaModel<B>, B>,
+    opt: OptimizerAdaptor<AdamW, LladaModel<B>, B>,
     path: Path,
     /// The noising draws of [`Path::SftHeadChunked`] (seeded).
     rng: rand::rngs::StdRng,
@@ -142,15 +165,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         Self::from_model(model, path)
     }
 
-    /// `model` with a fresh AdamW (ε 1e-8, weight decay 0.01).
+    /// `model` with a fresh [`adamw`].
     pub fn from_model(model: LladaModel<B>, path: Path) -> Self {
-        let opt = AdamWConfig::new()
-            .with_epsilon(1e-8)
-            .with_weight_decay(0.01)
-            .init::<B, LladaModel<B>>();
         Trainer {
             model: Some(model),
-            opt,
+            opt: adamw(),
             path,
             rng: rand::rngs::StdRng::seed_from_u64(0),
         }

@@ -105,3 +105,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
             if d > m || d.is_nan() { (d, i) } else { (m, mi) }
         })
 }
+
+/// Deterministic values in [-1, 1) (xorshift64 from `salt`).
+pub fn values(n: usize, salt: u64) -> Vec<f32> {
+    let mut s = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A float tensor's values as f32 on the host.
+pub fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}

@@ -99,16 +99,9 @@ pub fn sum_f32(buf: &[f32]) -> f32 {
     s
 }
 
-/// Elements per rayon task of [`exp_in_place_par`].
-const PAR_CHUNK: usize = 1 << 15;
-
-/// [`exp_in_place`] over `PAR_CHUNK`-element pieces in parallel (with the `rayon` feature).
+/// [`exp_in_place`] over the element-wise loops' pieces in parallel (with the `rayon`
+/// feature) once `buf` is longer than one piece.
 pub fn exp_in_place_par(buf: &mut [f32]) {
-    #[cfg(feature = "rayon")]
-    if buf.len() > PAR_CHUNK {
-        use rayon::prelude::*;
-        buf.par_chunks_mut(PAR_CHUNK).for_each(exp_in_place);
-        return;
-    }
-    exp_in_place(buf)
+    use crate::ops::par::{PAR_CHUNK, each_mut_from};
+    each_mut_from(buf, PAR_CHUNK + 1, exp_in_place)
 }
