@@ -124,6 +124,11 @@ fn ops<B: Backend>(name: &str, device: &B::Device) {
     }
 }
 
+/// Large tensor buffers (≥ 1 MiB) are kept for reuse instead of being page-faulted in again at
+/// every step, without the heap fragmentation of glibc's (issue 18; `mmada_host::alloc`).
+#[global_allocator]
+static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new();
+
 /// Seconds per training step (median of `MMADA_PROBE_STEPS` after one warm-up step).
 fn train_step<B: AutodiffBackend>(name: &str, device: &B::Device) {
     let r = guarded(|| {
@@ -137,6 +142,7 @@ fn train_step<B: AutodiffBackend>(name: &str, device: &B::Device) {
 }
 
 fn main() {
+    ALLOC.configure_from_env();
     mmada_model::backend::keep_freed_memory();
     // `cargo test --benches` probes with --list: no measurements then
     if std::env::args().any(|a| a == "--list") {

@@ -104,10 +104,16 @@ fn report_peak_rss() {
     }
 }
 
+/// Large tensor buffers (≥ 1 MiB) are kept for reuse instead of being page-faulted in again at
+/// every step, without the heap fragmentation of glibc's (issue 18; `mmada_host::alloc`).
+#[global_allocator]
+static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new();
+
 criterion_group!(model_benches, benches);
 
 fn main() {
     // as the binaries do (`MMADA_KEEP_FREED_MEMORY=0` for glibc's defaults)
+    ALLOC.configure_from_env();
     mmada_model::backend::keep_freed_memory();
     if let Some(args) = rss::child_args("--rss-child") {
         rss_child(&args[0], &args[1]);

@@ -20,11 +20,12 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer};
-use mmada_diffusion::{Scores, pretrain_loss};
+use burn::optim::GradientsParams;
+use mmada_diffusion::{Scores, pretrain_loss, sft_loss};
 use mmada_model::backend::Cpu;
 use mmada_model::init::init_model;
 use mmada_model::{Attention, FloatDType};
+use rand::SeedableRng;
 
 #[path = "common/rss.rs"]
 #[allow(dead_code)] // only vm_hwm_kb: the phases run in this process
@@ -34,11 +35,23 @@ mod step;
 
 use step::{BATCH, SEQ, adamw, bench_config, chunk_rows, id_tensor, pretrain_batch};
 
+/// `MMADA_PROFILE_LOSS=sft`: the peer's step (SFT loss, prompt seq / 4, a new draw each step)
+/// instead of the pretraining loss on one draw.
+fn sft_mode() -> bool {
+    std::env::var("MMADA_PROFILE_LOSS").is_ok_and(|v| v == "sft")
+}
+
 type Ad = Autodiff<Cpu>;
+
+/// Large tensor buffers (≥ 1 MiB) are kept for reuse instead of being page-faulted in again at
+/// every step, without the heap fragmentation of glibc's (issue 18; `mmada_host::alloc`).
+#[global_allocator]
+static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new();
 
 const PHASES: [&str; 5] = ["hidden", "head_ce", "backward", "grads", "adamw"];
 
 fn main() {
+    ALLOC.configure_from_env();
     mmada_model::backend::keep_freed_memory();
     // `cargo test --benches` probes with --list: nothing to measure then
     if std::env::args().any(|a| a == "--list") {
@@ -54,6 +67,7 @@ fn main() {
     let mut opt = adamw::<Ad>();
     let (x0, noised) = pretrain_batch(&cfg);
     let masked = noised.masked.iter().filter(|&&m| m).count();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
 
     let mut samples: Vec<[f64; 5]> = Vec::new();
     let start_hwm = rss::vm_hwm_kb();
@@ -66,8 +80,14 @@ fn main() {
         let mut lap = |i: usize| {
             t[i] = clock.elapsed().as_secs_f64() * 1e3;
             h[i] = rss::vm_hwm_kb();
+            if std::env::var("MMADA_ALLOC_STATS").is_ok() {
+                eprintln!("  {}: {:?}", PHASES[i], ALLOC.stats());
+            }
             clock = Instant::now();
         };
+        // the SFT mode's draw for this step (the pretraining mode keeps its one draw)
+        let sft = sft_mode().then(|| step::sft_batch(&cfg, &mut rng));
+        let (x0, noised) = sft.as_ref().map_or((&x0, &noised), |(a, b)| (a, b));
         let x = id_tensor::<Ad>(&noised.noisy, &dev);
         let hidden = m.hidden(x, &Attention::Full);
         // synchronise: a one-element read
@@ -78,17 +98,24 @@ fn main() {
             head: m.lm_head(),
             chunk_rows: chunk_rows(),
         };
-        let loss = pretrain_loss(scores, &x0, &noised).unwrap();
+        let loss = if sft.is_some() {
+            sft_loss(scores, x0, noised, &[SEQ / 4; BATCH]).unwrap()
+        } else {
+            pretrain_loss(scores, x0, noised).unwrap()
+        };
         let _ = loss.clone().into_data();
         lap(1);
         let g = loss.backward();
         lap(2);
         let grads = GradientsParams::from_grads(g, &m);
         lap(3);
-        let m = opt.step(1e-4, m, grads);
+        let m = opt.step(m, grads, 1e-4);
         let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
         lap(4);
         model = Some(m);
+        if std::env::var("MMADA_ALLOC_STATS").is_ok() {
+            eprintln!("step {step}: {:?}", ALLOC.stats());
+        }
         hwm.push(h);
         if step > 0 {
             samples.push(t);
@@ -102,7 +129,12 @@ fn main() {
     let med: Vec<f64> = (0..5).map(median).collect();
     let total: f64 = med.iter().sum();
     println!(
-        "training step d256 l4 v58560 b{BATCH}x{SEQ}, {masked} masked rows, head chunks of {} rows, median of {steps} steps",
+        "training step d256 l4 v58560 b{BATCH}x{SEQ}, {}, head chunks of {} rows, median of {steps} steps",
+        if sft_mode() {
+            "SFT loss (prompt seq / 4, a new draw each step)".to_string()
+        } else {
+            format!("pretraining loss, {masked} masked rows")
+        },
         chunk_rows()
     );
     println!("| phase | ms | share |\n|---|---|---|");

@@ -6,8 +6,7 @@
 #![allow(dead_code)] // each bench uses a part
 
 use burn::module::AutodiffModule;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use mmada_diffusion::noise::DEFAULT_EPS;
@@ -16,6 +15,8 @@ use mmada_diffusion::{
 };
 use mmada_model::init::init_model;
 use mmada_model::{Attention, FloatDType, LladaModel, ModelConfig};
+use mmada_train::optim::AdamW;
+use mmada_train::recipe::OptimizerSection;
 use rand::SeedableRng;
 
 pub const BATCH: usize = 4;
@@ -88,6 +89,18 @@ impl Path {
     }
 }
 
+/// The noising of [`tokens`] for the SFT loss of [`Path::SftHeadChunked`] (prompts of
+/// `SEQ / 4`, answer tokens masked) on the draw `rng` gives next: `(x0, noised)`.
+pub fn sft_batch(cfg: &ModelConfig, rng: &mut rand::rngs::StdRng) -> (Vec<i64>, Noised) {
+    let x0 = tokens(cfg);
+    let prompt = [SEQ / 4; BATCH];
+    let draw = MaskDraw::sample(rng, BATCH, SEQ);
+    let mask_id = cfg.mask_token_id.unwrap() as i64;
+    let noised =
+        forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, Some(&prompt)).unwrap();
+    (x0, noised)
+}
+
 /// The SFT loss of [`Path::SftHeadChunked`] on the draw `rng` gives next.
 pub fn sft_loss<B: Backend>(
     model: &LladaModel<B>,
@@ -95,12 +108,8 @@ pub fn sft_loss<B: Backend>(
     rng: &mut rand::rngs::StdRng,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    let x0 = tokens(cfg);
     let prompt = [SEQ / 4; BATCH];
-    let draw = MaskDraw::sample(rng, BATCH, SEQ);
-    let mask_id = cfg.mask_token_id.unwrap() as i64;
-    let noised =
-        forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, Some(&prompt)).unwrap();
+    let (x0, noised) = sft_batch(cfg, rng);
     let ids = id_tensor::<B>(&noised.noisy, device);
     let scores = Scores::Hidden {
         hidden: model.hidden(ids, &Attention::Full),
@@ -139,18 +148,29 @@ pub fn chunk_rows() -> usize {
         .unwrap_or(DEFAULT_CE_CHUNK_ROWS)
 }
 
-/// The benches' optimizer: burn's AdamW with ε 1e-8 and weight decay 0.01.
-pub fn adamw<B: AutodiffBackend>() -> OptimizerAdaptor<AdamW, LladaModel<B>, B> {
-    AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init::<B, LladaModel<B>>()
+/// The benches' optimizer: the trainers' AdamW (`mmada_train::optim`, PyTorch semantics; on
+/// the CPU backend its fused f32 update) with the peer's hyper-parameters: β (0.9, 0.999),
+/// ε 1e-8, weight decay 0.01, no clipping.
+pub fn adamw<B: AutodiffBackend>() -> AdamW<B> {
+    AdamW::new(
+        &OptimizerSection {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            max_grad_norm: 0.0,
+            master_weights: false,
+            bf16_rounding: Default::default(),
+        },
+        0,
+    )
 }
 
 /// A model (f32 master parameters, optional compute dtype) and its AdamW state.
 pub struct Trainer<B: AutodiffBackend> {
     model: Option<LladaModel<B>>,
-    opt: OptimizerAdaptor<AdamW, LladaModel<B>, B>,
+    opt: AdamW<B>,
     path: Path,
     /// The noising draws of [`Path::SftHeadChunked`] (seeded).
     rng: rand::rngs::StdRng,
@@ -184,7 +204,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             path => loss(&m, cfg, path, &dev),
         };
         let grads = GradientsParams::from_grads(loss.backward(), &m);
-        let m = self.opt.step(1e-4, m, grads);
+        let m = self.opt.step(m, grads, 1e-4);
         // force the update to be computed
         let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
         self.model = Some(m);

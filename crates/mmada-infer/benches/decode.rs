@@ -172,9 +172,15 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// Large tensor buffers (≥ 1 MiB) are kept for reuse instead of being page-faulted in again at
+/// every step, without the heap fragmentation of glibc's (issue 18; `mmada_host::alloc`).
+#[global_allocator]
+static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new();
+
 criterion_group!(benches, bench);
 fn main() {
     // as `mmada-infer` does (`MMADA_KEEP_FREED_MEMORY=0` for glibc's defaults)
+    ALLOC.configure_from_env();
     mmada_model::backend::keep_freed_memory();
     benches();
     Criterion::default().configure_from_args().final_summary();

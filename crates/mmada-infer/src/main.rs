@@ -447,7 +447,13 @@ fn generate_command(
     }
 }
 
+/// Large tensor buffers (≥ 1 MiB) are kept for reuse instead of being page-faulted in again at
+/// every step, without the heap fragmentation of glibc's (issue 18; `mmada_host::alloc`).
+#[global_allocator]
+static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new();
+
 fn main() -> Result<ExitCode> {
+    ALLOC.configure_from_env();
     mmada_model::backend::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -9,6 +9,15 @@ pub type Cpu = burn::backend::Flex;
 /// `Cpu` with automatic differentiation (training on CPU).
 pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 
+/// Whether `B` keeps its tensors in host memory as plain buffers (the CPU backend [`Cpu`]),
+/// so that a tensor's data can be read and written in place without a device transfer
+/// (`Tensor::into_data` of a uniquely owned contiguous `Cpu` tensor moves its buffer out,
+/// `Tensor::from_data` moves it back in). Code that is generic over the backend uses this to
+/// pick a fused host loop over a sequence of tensor ops (the optimizer update).
+pub fn is_host<B: burn::tensor::backend::Backend>() -> bool {
+    std::any::TypeId::of::<B>() == std::any::TypeId::of::<Cpu>()
+}
+
 /// Keeps freed heap memory in the process for reuse, so that the CPU backend's large tensor
 /// buffers (a `[256, 58 560]` f32 head chunk is 60 MB) are not handed back to the kernel and
 /// page-faulted in again at every step. Binaries and benches call this first in `main`.

@@ -825,9 +825,15 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
         .context("building the tokio runtime of the orchestrator")
 }
 
+/// Large tensor buffers (≥ 1 MiB) are kept for reuse instead of being page-faulted in again at
+/// every step, without the heap fragmentation of glibc's (issue 18; `mmada_host::alloc`).
+#[global_allocator]
+static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new();
+
 /// Exit status: 0 finished, 130 / 143 after a graceful stop on SIGINT / SIGTERM, 1 on an
 /// error (printed as `Error: …` with its causes).
 fn main() -> ExitCode {
+    ALLOC.configure_from_env();
     mmada_model::backend::keep_freed_memory();
     match run() {
         Ok(code) => code,

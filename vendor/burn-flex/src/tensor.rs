@@ -252,7 +252,16 @@ impl FlexTensor {
     pub fn empty(shape: Shape, dtype: DType) -> Self {
         let num_elements = shape.num_elements();
         let elem_size = dtype_size(dtype);
-        let bytes = Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]);
+        // zeroed elements of the dtype's width, wrapped as they are: `Bytes::from_bytes_vec`
+        // of a `Vec<u8>` reallocates to 16-byte alignment and copies every byte (a second
+        // buffer and a full pass for each matmul output; mmada-rs vendor/PATCHED.md item 11)
+        let bytes = match elem_size {
+            1 => Bytes::from_elems(alloc::vec![0u8; num_elements]),
+            2 => Bytes::from_elems(alloc::vec![0u16; num_elements]),
+            4 => Bytes::from_elems(alloc::vec![0u32; num_elements]),
+            8 => Bytes::from_elems(alloc::vec![0u64; num_elements]),
+            _ => Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]),
+        };
         let layout = Layout::contiguous(shape);
         Self {
             data: Arc::new(bytes),
