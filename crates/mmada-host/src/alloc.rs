@@ -115,8 +115,8 @@ impl State {
     }
 
     fn slot(ptr: usize) -> usize {
-        ((ptr >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - OVERSIZE.trailing_zeros()))
-            as usize
+        (((ptr as u64) >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            >> (64 - OVERSIZE.trailing_zeros())) as usize
     }
 
     /// Record the live block `b` as longer than its request; false when the table is too full.

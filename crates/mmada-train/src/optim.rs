@@ -389,16 +389,8 @@ impl<B: AutodiffBackend> AdamW<B> {
             (p.clone(), g)
         };
         if !wide && pdtype == DType::F32 && mmada_model::backend::is_host::<B::InnerBackend>() {
-            let (new, m, v, time) = self.update_host_f32(p, g, state, lr);
-            self.states.insert(
-                name.to_string(),
-                ParamState {
-                    time,
-                    exp_avg: m,
-                    exp_avg_sq: v,
-                    master: None,
-                },
-            );
+            let (new, state) = self.update_host_f32(p, g, state, lr);
+            self.states.insert(name.to_string(), state);
             return new;
         }
         // burn-optim 0.21 `AdaptiveMomentumW::transform`, op for op (bit-identical f32)
@@ -459,19 +451,14 @@ impl<B: AutodiffBackend> AdamW<B> {
     /// ([`mmada_host::adamw::adamw_f32`]) instead of fifteen tensor ops: the moments are
     /// updated in place (their buffers move out of the tensors and back), the parameter is
     /// read once and the new value written once; bit-identical to the op sequence (checked
-    /// by a test against burn's AdamW). Returns `(new parameter, m, v, t)`.
+    /// by a test against burn's AdamW). Returns the new parameter and its state.
     fn update_host_f32(
         &self,
         p: Tensor<B::InnerBackend, 1>,
         g: Tensor<B::InnerBackend, 1>,
         state: Option<ParamState<B::InnerBackend>>,
         lr: f64,
-    ) -> (
-        Tensor<B::InnerBackend, 1>,
-        Tensor<B::InnerBackend, 1>,
-        Tensor<B::InnerBackend, 1>,
-        usize,
-    ) {
+    ) -> (Tensor<B::InnerBackend, 1>, ParamState<B::InnerBackend>) {
         let device = p.device();
         let n = p.dims()[0];
         let host = |t: Tensor<B::InnerBackend, 1>| t.into_data().convert::<f32>();
@@ -503,7 +490,13 @@ impl<B: AutodiffBackend> AdamW<B> {
         );
         let back =
             |d: TensorData| Tensor::<B::InnerBackend, 1>::from_data(d, (&device, DType::F32));
-        (back(p), back(m), back(v), time)
+        let state = ParamState {
+            time,
+            exp_avg: back(m),
+            exp_avg_sq: back(v),
+            master: None,
+        };
+        (back(p), state)
     }
 }
 
