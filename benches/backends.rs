@@ -142,8 +142,7 @@ fn train_step<B: AutodiffBackend>(name: &str, device: &B::Device) {
 }
 
 fn main() {
-    ALLOC.configure_from_env();
-    mmada_model::backend::keep_freed_memory();
+    mmada_model::backend::keep_freed_memory(&ALLOC);
     // `cargo test --benches` probes with --list: no measurements then
     if std::env::args().any(|a| a == "--list") {
         return;

@@ -113,8 +113,7 @@ criterion_group!(model_benches, benches);
 
 fn main() {
     // as the binaries do (`MMADA_KEEP_FREED_MEMORY=0` for glibc's defaults)
-    ALLOC.configure_from_env();
-    mmada_model::backend::keep_freed_memory();
+    mmada_model::backend::keep_freed_memory(&ALLOC);
     if let Some(args) = rss::child_args("--rss-child") {
         rss_child(&args[0], &args[1]);
         return;

@@ -33,7 +33,7 @@ mod rss;
 #[path = "common/step.rs"]
 mod step;
 
-use step::{BATCH, SEQ, adamw, bench_config, chunk_rows, id_tensor, pretrain_batch};
+use step::{BATCH, SEQ, SFT_PROMPTS, adamw, bench_config, chunk_rows, id_tensor, pretrain_batch};
 
 /// `MMADA_PROFILE_LOSS=sft`: the peer's step (SFT loss, prompt seq / 4, a new draw each step)
 /// instead of the pretraining loss on one draw.
@@ -51,8 +51,7 @@ static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new
 const PHASES: [&str; 5] = ["hidden", "head_ce", "backward", "grads", "adamw"];
 
 fn main() {
-    ALLOC.configure_from_env();
-    mmada_model::backend::keep_freed_memory();
+    mmada_model::backend::keep_freed_memory(&ALLOC);
     // `cargo test --benches` probes with --list: nothing to measure then
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -68,6 +67,11 @@ fn main() {
     let (x0, noised) = pretrain_batch(&cfg);
     let masked = noised.masked.iter().filter(|&&m| m).count();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let (sft_mode, alloc_stats, chunk_rows) = (
+        sft_mode(),
+        std::env::var("MMADA_ALLOC_STATS").is_ok(),
+        chunk_rows(),
+    );
 
     let mut samples: Vec<[f64; 5]> = Vec::new();
     let start_hwm = rss::vm_hwm_kb();
@@ -80,13 +84,13 @@ fn main() {
         let mut lap = |i: usize| {
             t[i] = clock.elapsed().as_secs_f64() * 1e3;
             h[i] = rss::vm_hwm_kb();
-            if std::env::var("MMADA_ALLOC_STATS").is_ok() {
-                eprintln!("  {}: {:?}", PHASES[i], ALLOC.stats());
+            if alloc_stats {
+                eprintln!("step {step} {}: {:?}", PHASES[i], ALLOC.stats());
             }
             clock = Instant::now();
         };
         // the SFT mode's draw for this step (the pretraining mode keeps its one draw)
-        let sft = sft_mode().then(|| step::sft_batch(&cfg, &mut rng));
+        let sft = sft_mode.then(|| step::sft_batch(&cfg, &mut rng));
         let (x0, noised) = sft.as_ref().map_or((&x0, &noised), |(a, b)| (a, b));
         let x = id_tensor::<Ad>(&noised.noisy, &dev);
         let hidden = m.hidden(x, &Attention::Full);
@@ -96,10 +100,10 @@ fn main() {
         let scores = Scores::Hidden {
             hidden,
             head: m.lm_head(),
-            chunk_rows: chunk_rows(),
+            chunk_rows,
         };
         let loss = if sft.is_some() {
-            sft_loss(scores, x0, noised, &[SEQ / 4; BATCH]).unwrap()
+            sft_loss(scores, x0, noised, &SFT_PROMPTS).unwrap()
         } else {
             pretrain_loss(scores, x0, noised).unwrap()
         };
@@ -113,9 +117,6 @@ fn main() {
         let _ = m.valid().wte.weight.val().slice([0..1, 0..1]).into_data();
         lap(4);
         model = Some(m);
-        if std::env::var("MMADA_ALLOC_STATS").is_ok() {
-            eprintln!("step {step}: {:?}", ALLOC.stats());
-        }
         hwm.push(h);
         if step > 0 {
             samples.push(t);
@@ -130,12 +131,12 @@ fn main() {
     let total: f64 = med.iter().sum();
     println!(
         "training step d256 l4 v58560 b{BATCH}x{SEQ}, {}, head chunks of {} rows, median of {steps} steps",
-        if sft_mode() {
+        if sft_mode {
             "SFT loss (prompt seq / 4, a new draw each step)".to_string()
         } else {
             format!("pretraining loss, {masked} masked rows")
         },
-        chunk_rows()
+        chunk_rows
     );
     println!("| phase | ms | share |\n|---|---|---|");
     for (name, ms) in PHASES.iter().zip(&med) {

@@ -21,6 +21,8 @@ use rand::SeedableRng;
 
 pub const BATCH: usize = 4;
 pub const SEQ: usize = 256;
+/// The prompt lengths of the SFT loss of [`Path::SftHeadChunked`] (the peer's: `SEQ / 4`).
+pub const SFT_PROMPTS: [usize; BATCH] = [SEQ / 4; BATCH];
 
 pub fn bench_config() -> ModelConfig {
     ModelConfig {
@@ -93,11 +95,18 @@ impl Path {
 /// `SEQ / 4`, answer tokens masked) on the draw `rng` gives next: `(x0, noised)`.
 pub fn sft_batch(cfg: &ModelConfig, rng: &mut rand::rngs::StdRng) -> (Vec<i64>, Noised) {
     let x0 = tokens(cfg);
-    let prompt = [SEQ / 4; BATCH];
     let draw = MaskDraw::sample(rng, BATCH, SEQ);
     let mask_id = cfg.mask_token_id.unwrap() as i64;
-    let noised =
-        forward_process(&x0, BATCH, SEQ, &draw, DEFAULT_EPS, mask_id, Some(&prompt)).unwrap();
+    let noised = forward_process(
+        &x0,
+        BATCH,
+        SEQ,
+        &draw,
+        DEFAULT_EPS,
+        mask_id,
+        Some(&SFT_PROMPTS),
+    )
+    .unwrap();
     (x0, noised)
 }
 
@@ -108,7 +117,6 @@ pub fn sft_loss<B: Backend>(
     rng: &mut rand::rngs::StdRng,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    let prompt = [SEQ / 4; BATCH];
     let (x0, noised) = sft_batch(cfg, rng);
     let ids = id_tensor::<B>(&noised.noisy, device);
     let scores = Scores::Hidden {
@@ -116,7 +124,7 @@ pub fn sft_loss<B: Backend>(
         head: model.lm_head(),
         chunk_rows: chunk_rows(),
     };
-    mmada_diffusion::sft_loss(scores, &x0, &noised, &prompt).unwrap()
+    mmada_diffusion::sft_loss(scores, &x0, &noised, &SFT_PROMPTS).unwrap()
 }
 
 /// The LLaDA pretraining loss on a fixed noising draw (seeded; about half the tokens

@@ -64,39 +64,15 @@ pub fn adamw_f32(
     let decay = s.lr * s.weight_decay;
     let keep = (1.0 - decay) as f32;
     let lr = s.lr as f32;
-    let piece = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-        // one branch per piece, not per element: the loops vectorise
-        match (fresh, decay != 0.0) {
-            (true, true) => update::<true, true>(
-                p,
-                g,
-                m,
-                v,
-                [beta1, beta2, factor_1, factor_2, bc1, bc2, eps, keep, lr],
-            ),
-            (true, false) => update::<true, false>(
-                p,
-                g,
-                m,
-                v,
-                [beta1, beta2, factor_1, factor_2, bc1, bc2, eps, keep, lr],
-            ),
-            (false, true) => update::<false, true>(
-                p,
-                g,
-                m,
-                v,
-                [beta1, beta2, factor_1, factor_2, bc1, bc2, eps, keep, lr],
-            ),
-            (false, false) => update::<false, false>(
-                p,
-                g,
-                m,
-                v,
-                [beta1, beta2, factor_1, factor_2, bc1, bc2, eps, keep, lr],
-            ),
-        }
+    let k = [beta1, beta2, factor_1, factor_2, bc1, bc2, eps, keep, lr];
+    // one branch per piece, not per element: the loops vectorise
+    let update = match (fresh, decay != 0.0) {
+        (true, true) => update::<true, true>,
+        (true, false) => update::<true, false>,
+        (false, true) => update::<false, true>,
+        (false, false) => update::<false, false>,
     };
+    let piece = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| update(p, g, m, v, k);
     if n <= PIECE {
         piece(p, g, m, v);
         return;
@@ -108,7 +84,6 @@ pub fn adamw_f32(
         .for_each(|(((p, g), m), v)| piece(p, g, m, v));
 }
 
-#[inline(always)]
 fn update<const FRESH: bool, const DECAY: bool>(
     p: &mut [f32],
     g: &[f32],

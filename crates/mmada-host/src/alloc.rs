@@ -13,15 +13,17 @@
 //!
 //! # How
 //! Blocks of at least [`LARGE`] bytes (rounded up to whole pages) come from `mmap`. A freed
-//! block goes to a cache of free blocks instead of back to the kernel. An allocation takes
-//! the cached block closest in size: a larger one gives its unused tail back to the kernel
-//! (`munmap`), so blocks stay exact; a smaller one grows with `mremap` (Linux), so only the
+//! block goes to a cache of free blocks instead of back to the kernel, merged with the cached
+//! blocks next to it in memory. An allocation takes the smallest cached block that fits: up
+//! to a quarter longer it is handed out whole, longer it is split and the rest stays cached.
+//! With no block that fits, the largest smaller one grows with `mremap` (Linux), so only the
 //! new pages are faulted in (a step whose tensor sizes vary a little, as with the number of
 //! masked rows, reuses its blocks). Before a block grows or a fresh one is mapped, the blocks
 //! freed longest ago are unmapped until the large-block total (live + cached) with the new
-//! block stays within the most it has been so far. So the large blocks' resident total never exceeds the most that was ever live at
-//! once (plus one block being mapped), while a step that repeats the previous one's sizes
-//! reuses every block without a page fault. Smaller allocations go to the system allocator.
+//! block stays within the most it has been so far. So the large blocks' resident total never
+//! exceeds the most that was ever live at once (blocks handed out whole count with their
+//! whole length), while a step that repeats the previous one's sizes reuses every block
+//! without a page fault. Smaller allocations go to the system allocator.
 //!
 //! Install in a binary with
 //! ```ignore
@@ -102,16 +104,22 @@ impl State {
             }
         }
         if self.n_free == SLOTS {
-            let old = self.free[0];
-            unmap(old.ptr, old.len);
-            self.stats.cached -= old.len;
-            self.stats.evictions += 1;
-            self.free.copy_within(1..SLOTS, 0);
-            self.n_free -= 1;
+            self.evict_oldest(1);
         }
         self.free[self.n_free] = b;
         self.n_free += 1;
         self.stats.cached += b.len;
+    }
+
+    /// Unmap the `k` cached blocks freed longest ago.
+    fn evict_oldest(&mut self, k: usize) {
+        for b in &self.free[..k] {
+            unmap(b.ptr, b.len);
+            self.stats.cached -= b.len;
+        }
+        self.free.copy_within(k..self.n_free, 0);
+        self.n_free -= k;
+        self.stats.evictions += k as u64;
     }
 
     fn slot(ptr: usize) -> usize {
@@ -311,15 +319,6 @@ impl BlockCache {
         }
     }
 
-    /// [`BlockCache::set_caching`] from the environment: off when `MMADA_KEEP_FREED_MEMORY`
-    /// is `0` (the switch of `mmada_model::backend::keep_freed_memory`), on otherwise.
-    /// Returns the setting.
-    pub fn configure_from_env(&self) -> bool {
-        let on = std::env::var("MMADA_KEEP_FREED_MEMORY").map_or(true, |v| v.trim() != "0");
-        self.set_caching(on);
-        on
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -331,15 +330,9 @@ impl BlockCache {
 
     /// Unmap every cached free block (e.g. after a phase whose sizes will not recur).
     pub fn release_cached(&self) {
-        let mut guard = self.lock();
-        let s = &mut *guard;
-        for i in 0..s.n_free {
-            let b = s.free[i];
-            unmap(b.ptr, b.len);
-        }
-        s.stats.evictions += s.n_free as u64;
-        s.n_free = 0;
-        s.stats.cached = 0;
+        let mut s = self.lock();
+        let n = s.n_free;
+        s.evict_oldest(n);
     }
 
     /// A large block of exactly `len` bytes (whole pages) and how many of its leading bytes
@@ -386,17 +379,12 @@ impl BlockCache {
         }
         // the block must grow, or a fresh one be mapped: first unmap the oldest free blocks
         // while the result would raise the peak
-        let mut evict = 0;
-        while evict < s.n_free && s.stats.live + s.stats.cached + len > s.stats.peak {
-            let b = s.free[evict];
-            unmap(b.ptr, b.len);
-            s.stats.cached -= b.len;
+        let (mut evict, mut total) = (0, s.stats.live + s.stats.cached + len);
+        while evict < s.n_free && total > s.stats.peak {
+            total -= s.free[evict].len;
             evict += 1;
         }
-        let n = s.n_free;
-        s.free.copy_within(evict..n, 0);
-        s.n_free -= evict;
-        s.stats.evictions += evict as u64;
+        s.evict_oldest(evict);
         if chosen.is_some() {
             s.stats.grown += 1;
         } else {
@@ -513,6 +501,18 @@ mod tests {
         }
     }
 
+    /// `alloc_zeroed` of `size` bytes, checked to read zero throughout.
+    fn alloc_zeroed(c: &BlockCache, size: usize) -> *mut u8 {
+        // SAFETY: a valid non-zero layout; the block is read within its size.
+        unsafe {
+            let p = c.alloc_zeroed(layout(size));
+            assert!(!p.is_null());
+            let bytes = std::slice::from_raw_parts(p, size);
+            assert!(bytes.iter().all(|&x| x == 0), "a zeroed block reads zero");
+            p
+        }
+    }
+
     fn free(c: &BlockCache, p: *mut u8, size: usize) {
         // SAFETY: `p` came from `alloc(c, size)`.
         unsafe { c.dealloc(p, layout(size)) }
@@ -538,12 +538,8 @@ mod tests {
         let c = BlockCache::new();
         let a = alloc(&c, 8 * MB);
         free(&c, a, 8 * MB);
-        // SAFETY: valid layout; the block is read within its size.
-        let b = unsafe { c.alloc_zeroed(layout(2 * MB)) };
+        let b = alloc_zeroed(&c, 2 * MB);
         assert_eq!(a, b, "best fit takes the cached 8 MiB block");
-        // SAFETY: `b` is a live block of 2 MiB.
-        let bytes = unsafe { std::slice::from_raw_parts(b, 2 * MB) };
-        assert!(bytes.iter().all(|&x| x == 0), "a reused block is zeroed");
         let s = c.stats();
         assert_eq!(
             (s.live, s.cached),
@@ -682,11 +678,7 @@ mod tests {
         let c = BlockCache::new();
         let a = alloc(&c, 2 * MB);
         free(&c, a, 2 * MB);
-        // SAFETY: valid layout; the block is read within its size.
-        let b = unsafe { c.alloc_zeroed(layout(5 * MB)) };
-        // SAFETY: `b` is a live block of 5 MiB.
-        let bytes = unsafe { std::slice::from_raw_parts(b, 5 * MB) };
-        assert!(bytes.iter().all(|&x| x == 0), "old and new pages read zero");
+        let b = alloc_zeroed(&c, 5 * MB); // old and new pages read zero
         let s = c.stats();
         assert_eq!(
             (s.live, s.cached, s.hits, s.misses, s.grown),

@@ -180,8 +180,7 @@ static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new
 criterion_group!(benches, bench);
 fn main() {
     // as `mmada-infer` does (`MMADA_KEEP_FREED_MEMORY=0` for glibc's defaults)
-    ALLOC.configure_from_env();
-    mmada_model::backend::keep_freed_memory();
+    mmada_model::backend::keep_freed_memory(&ALLOC);
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -453,8 +453,7 @@ fn generate_command(
 static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new();
 
 fn main() -> Result<ExitCode> {
-    ALLOC.configure_from_env();
-    mmada_model::backend::keep_freed_memory();
+    mmada_model::backend::keep_freed_memory(&ALLOC);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -20,7 +20,9 @@ pub fn is_host<B: burn::tensor::backend::Backend>() -> bool {
 
 /// Keeps freed heap memory in the process for reuse, so that the CPU backend's large tensor
 /// buffers (a `[256, 58 560]` f32 head chunk is 60 MB) are not handed back to the kernel and
-/// page-faulted in again at every step. Binaries and benches call this first in `main`.
+/// page-faulted in again at every step. Binaries and benches call this first in `main`, with
+/// the [`mmada_host::alloc::BlockCache`] they install as global allocator (`large`): it holds
+/// the blocks of 1 MiB and more, glibc's heap the rest.
 ///
 /// glibc's `malloc` serves every allocation above its mmap threshold (at most 32 MB) with
 /// `mmap` and returns it with `munmap` when freed; the next step's buffer of the same size
@@ -30,13 +32,14 @@ pub fn is_host<B: burn::tensor::backend::Backend>() -> bool {
 ///
 /// Sets `M_MMAP_MAX = 0` (no mmap-served allocations) and `M_TRIM_THRESHOLD` to 2 GiB (the
 /// heap top is not trimmed), like `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.
-/// trim_threshold=2147483647`. `MMADA_KEEP_FREED_MEMORY=0` leaves glibc's defaults. A no-op
-/// on other C libraries (musl, macOS, Windows). Returns whether the settings were applied.
-pub fn keep_freed_memory() -> bool {
-    if std::env::var("MMADA_KEEP_FREED_MEMORY").is_ok_and(|v| v.trim() == "0") {
-        return false;
-    }
-    glibc_keep_freed_memory()
+/// trim_threshold=2147483647` (a no-op on other C libraries: musl, macOS, Windows), and turns
+/// `large`'s caching on. `MMADA_KEEP_FREED_MEMORY=0` leaves glibc's defaults and turns the
+/// caching off (freed large blocks are unmapped at once). Returns whether glibc's settings
+/// were applied.
+pub fn keep_freed_memory(large: &mmada_host::alloc::BlockCache) -> bool {
+    let keep = !std::env::var("MMADA_KEEP_FREED_MEMORY").is_ok_and(|v| v.trim() == "0");
+    large.set_caching(keep);
+    keep && glibc_keep_freed_memory()
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

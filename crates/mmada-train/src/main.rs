@@ -833,8 +833,7 @@ static ALLOC: mmada_host::alloc::BlockCache = mmada_host::alloc::BlockCache::new
 /// Exit status: 0 finished, 130 / 143 after a graceful stop on SIGINT / SIGTERM, 1 on an
 /// error (printed as `Error: …` with its causes).
 fn main() -> ExitCode {
-    ALLOC.configure_from_env();
-    mmada_model::backend::keep_freed_memory();
+    mmada_model::backend::keep_freed_memory(&ALLOC);
     match run() {
         Ok(code) => code,
         Err(e) => {

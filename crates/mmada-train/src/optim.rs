@@ -175,33 +175,48 @@ fn param_value<B: AutodiffBackend>(
     panic!("parameter {id} is not in the model")
 }
 
-/// Replaces parameter values by `ParamId` (flat tensors, reshaped to the parameter's dims),
-/// keeping `require_grad` as burn's optimizer adaptor does.
-struct Writer<B: Backend> {
-    values: HashMap<ParamId, Tensor<B, 1>>,
+/// New values for some of a model's parameters, as flat inner tensors (see [`Replace`]).
+trait FlatUpdate<B: Backend> {
+    /// Whether parameter `id` gets a new value.
+    fn wants(&self, id: &ParamId) -> bool;
+    /// The new value `[numel]` of a wanted parameter `id` from its current one `p` `[numel]`.
+    fn update(&mut self, id: ParamId, p: Tensor<B, 1>) -> Tensor<B, 1>;
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Writer<AB::InnerBackend> {
+/// Replaces the parameters its [`FlatUpdate`] wants (reshaped to the parameter's dims) while
+/// the module is mapped, so each current value is owned by the update, keeping
+/// `require_grad` as burn's optimizer adaptor does.
+struct Replace<U>(U);
+
+impl<AB: AutodiffBackend, U: FlatUpdate<AB::InnerBackend>> ModuleMapper<AB> for Replace<U> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
         let (id, tensor, mapper) = param.consume();
-        let tensor = match self.values.remove(&id) {
-            Some(v) => {
-                let dims: [usize; D] = tensor.dims();
-                let require_grad = tensor.is_require_grad();
-                let mut t = Tensor::<AB, D>::from_inner(v.reshape(dims));
-                if require_grad {
-                    t = t.require_grad();
-                }
-                t
-            }
-            None => tensor,
-        };
-        Param::from_mapped_value(id, tensor, mapper)
+        if !self.0.wants(&id) {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let dims: [usize; D] = tensor.dims();
+        let require_grad = tensor.is_require_grad();
+        let p = tensor.inner().reshape([dims.iter().product::<usize>()]);
+        let mut t = Tensor::<AB, D>::from_inner(self.0.update(id, p).reshape(dims));
+        if require_grad {
+            t = t.require_grad();
+        }
+        Param::from_mapped_value(id, t, mapper)
     }
 }
 
-/// Applies [`AdamW::update_one`] to the parameters with a gradient in `todo` while the module
-/// is mapped, keeping `require_grad` as burn's optimizer adaptor does.
+/// Given values by parameter ([`write_params`]).
+impl<B: Backend> FlatUpdate<B> for HashMap<ParamId, Tensor<B, 1>> {
+    fn wants(&self, id: &ParamId) -> bool {
+        self.contains_key(id)
+    }
+
+    fn update(&mut self, id: ParamId, _p: Tensor<B, 1>) -> Tensor<B, 1> {
+        self.remove(&id).expect("a wanted parameter")
+    }
+}
+
+/// [`AdamW::update_one`] of the parameters with a gradient in `todo` ([`AdamW::step`]).
 struct Updater<'a, B: AutodiffBackend> {
     opt: &'a mut AdamW<B>,
     /// Name and flat gradient by parameter.
@@ -209,21 +224,14 @@ struct Updater<'a, B: AutodiffBackend> {
     lr: f64,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Updater<'_, B> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let Some((name, g)) = self.todo.remove(&id) else {
-            return Param::from_mapped_value(id, tensor, mapper);
-        };
-        let dims: [usize; D] = tensor.dims();
-        let require_grad = tensor.is_require_grad();
-        let p = tensor.inner().reshape([dims.iter().product::<usize>()]);
-        let new = self.opt.update_one(&name, p, g, self.lr);
-        let mut t = Tensor::<B, D>::from_inner(new.reshape(dims));
-        if require_grad {
-            t = t.require_grad();
-        }
-        Param::from_mapped_value(id, t, mapper)
+impl<B: AutodiffBackend> FlatUpdate<B::InnerBackend> for Updater<'_, B> {
+    fn wants(&self, id: &ParamId) -> bool {
+        self.todo.contains_key(id)
+    }
+
+    fn update(&mut self, id: ParamId, p: Tensor<B::InnerBackend, 1>) -> Tensor<B::InnerBackend, 1> {
+        let (name, g) = self.todo.remove(&id).expect("a wanted parameter");
+        self.opt.update_one(&name, p, g, self.lr)
     }
 }
 
@@ -235,7 +243,7 @@ pub fn write_params<B: AutodiffBackend>(
     if values.is_empty() {
         return model;
     }
-    model.map(&mut Writer::<B::InnerBackend> { values })
+    model.map(&mut Replace(values))
 }
 
 /// AdamW state of one parameter (flat, burn layout).
@@ -358,11 +366,11 @@ impl<B: AutodiffBackend> AdamW<B> {
         }
         // inside the module map, each parameter's tensor is owned by the update (on the CPU
         // backend its buffer is updated in place rather than copied first)
-        model.map(&mut Updater {
+        model.map(&mut Replace(Updater {
             opt: self,
             todo,
             lr,
-        })
+        }))
     }
 
     /// Update one parameter (flat `p`, `g`); returns its new value in `p`'s dtype.
