@@ -99,9 +99,9 @@ impl<B: Backend> Scores<B> {
                 (&device, DType::F32),
             );
         }
-        let tg = targets_tensor::<B>(targets, &device);
         match self {
             Scores::Logits(logits) => {
+                let tg = targets_tensor::<B>(targets, &device);
                 let [b, l, v] = logits.dims();
                 let rows = logits
                     .clone()
@@ -116,7 +116,7 @@ impl<B: Backend> Scores<B> {
                 chunk_rows,
             } => {
                 let h = stop_grad(gather_rows(hidden.clone(), positions));
-                head_pass(&h, &head.detach(), &tg, None, *chunk_rows).0
+                head_pass(&h, &head.detach(), targets, None, *chunk_rows).0
             }
         }
     }
@@ -158,11 +158,10 @@ impl<B: Backend> Scores<B> {
                 chunk_rows,
             } => {
                 let h = gather_rows(hidden.clone(), positions);
-                let tg = targets_tensor::<B>(targets, &device);
                 let tracked = h.is_require_grad() || head.weight.is_require_grad();
                 let u = tracked.then(|| w.clone().neg());
                 let (logp, grads) =
-                    head_pass(&stop_grad(h.clone()), &head.detach(), &tg, u, *chunk_rows);
+                    head_pass(&stop_grad(h.clone()), &head.detach(), targets, u, *chunk_rows);
                 let value = (logp * w).sum().neg().reshape([1]);
                 match grads {
                     Some(g) => value + attach(h, head, g),
@@ -191,11 +190,10 @@ impl<B: Backend> Scores<B> {
                 chunk_rows,
             } => {
                 let h = gather_rows(hidden.clone(), positions);
-                let tg = targets_tensor::<B>(targets, &self.device());
                 let (_, grads) = head_pass(
                     &stop_grad(h.clone()),
                     &head.detach(),
-                    &tg,
+                    targets,
                     Some(u),
                     *chunk_rows,
                 );
@@ -234,18 +232,45 @@ struct HeadGrads<B: Backend> {
 }
 
 /// The chunked pass over detached `h` `[n, d]` and `head`: per-token log-probs `[n]` (f32)
-/// and, given the upstream `u` `[n]`, the gradients (module docs).
+/// and, given the upstream `u` `[n]`, the gradients (module docs). On the CPU backend
+/// ([`mmada_model::backend::is_host`]) each chunk's log-softmax, target gather and `G` are
+/// one in-place pass over its logits ([`mmada_host::xent`], bit-identical to the ops).
 fn head_pass<B: Backend>(
     h: &Tensor<B, 2>,
     head: &LmHead<B>,
-    targets: &Tensor<B, 2, Int>,
+    targets: &[i64],
     u: Option<Tensor<B, 1>>,
     chunk_rows: usize,
+) -> (Tensor<B, 1>, Option<HeadGrads<B>>) {
+    let fused = mmada_model::backend::is_host::<B>();
+    head_pass_with(h, head, targets, u, chunk_rows, fused)
+}
+
+/// [`head_pass`], with the fused host pass (`fused`, CPU backend only) or the tensor ops.
+fn head_pass_with<B: Backend>(
+    h: &Tensor<B, 2>,
+    head: &LmHead<B>,
+    targets: &[i64],
+    u: Option<Tensor<B, 1>>,
+    chunk_rows: usize,
+    fused: bool,
 ) -> (Tensor<B, 1>, Option<HeadGrads<B>>) {
     let [n, d] = h.dims();
     let v = head.vocab();
     let device = h.device();
     let chunk = chunk_rows.max(1);
+    let host = fused.then(|| {
+        let tg: Vec<usize> = targets.iter().map(|&t| t as usize).collect();
+        let u = u.as_ref().map(|u| {
+            u.clone()
+                .cast(FloatDType::F32)
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32 upstream")
+        });
+        (tg, u)
+    });
+    let targets = targets_tensor::<B>(targets, &device);
     let mm = head.matmul_dtype();
     let w_mm = head.weight.clone().cast(mm);
     // the head with its weight cast once, not once per chunk (`LmHead::logits` casts only
@@ -264,14 +289,39 @@ fn head_pass<B: Backend>(
         let end = (start + chunk).min(n);
         let c = end - start;
         let hc = h.clone().slice(s![start..end, ..]);
-        let tg = targets.clone().slice(s![start..end, ..]);
         let logits = head.logits(hc.clone()).cast(FloatDType::F32);
-        let logp_all = log_softmax(logits, 1);
-        logps.push(logp_all.clone().gather(1, tg.clone()).reshape([c]));
-        if let Some(u) = &u {
-            let uc = u.clone().slice(s![start..end]).reshape([c, 1]);
-            // G = u ⊙ (onehot − p)
-            let g = (logp_all.exp() * uc.clone().neg()).scatter(1, tg, uc, IndexingUpdateOp::Add);
+        // G = u ⊙ (onehot − p)
+        let g = match &host {
+            Some((tg_host, u_host)) => {
+                // the logits' buffer is moved out (it is uniquely owned), rewritten in place
+                // as G and moved back in
+                let mut data = logits.into_data();
+                let mut lp = vec![0f32; c];
+                mmada_host::xent::log_softmax_gather_grad(
+                    data.as_mut_slice::<f32>().expect("f32 logits"),
+                    v,
+                    &tg_host[start..end],
+                    u_host.as_deref().map(|u| &u[start..end]),
+                    &mut lp,
+                );
+                logps.push(Tensor::from_data(
+                    TensorData::new(lp, [c]),
+                    (&device, DType::F32),
+                ));
+                u.is_some()
+                    .then(|| Tensor::<B, 2>::from_data(data, (&device, DType::F32)))
+            }
+            None => {
+                let tg = targets.clone().slice(s![start..end, ..]);
+                let logp_all = log_softmax(logits, 1);
+                logps.push(logp_all.clone().gather(1, tg.clone()).reshape([c]));
+                u.as_ref().map(|u| {
+                    let uc = u.clone().slice(s![start..end]).reshape([c, 1]);
+                    (logp_all.exp() * uc.clone().neg()).scatter(1, tg, uc, IndexingUpdateOp::Add)
+                })
+            }
+        };
+        if let Some(g) = g {
             let g_mm = g.clone().cast(mm);
             g_h.push(
                 g_mm.clone()
@@ -434,6 +484,58 @@ mod tests {
                     err <= tol,
                     "{compute:?} chunk {chunk}: max gradient error {err}"
                 );
+            }
+        }
+    }
+
+    /// The fused host pass gives the same bits as the tensor ops: log-probs, `∂L/∂h`, `∂L/∂W`
+    /// and `∂L/∂b`, with chunks that do and do not divide the rows, a vocabulary that is not a
+    /// multiple of the kernel's 16 lanes, and without an upstream.
+    #[test]
+    fn fused_host_pass_is_bit_identical_to_the_ops() {
+        let dev = Default::default();
+        let (n, d, v) = (37, 24, 1_003);
+        let mk = |shape: [usize; 2], seed: u64, scale: f32| {
+            let x: Vec<f32> = (0..shape[0] * shape[1])
+                .map(|i| {
+                    ((i as u64 * 2_654_435_761 + seed) % 10_007) as f32 / 10_007.0 * scale
+                        - scale / 2.0
+                })
+                .collect();
+            Tensor::<Cpu, 2>::from_data(TensorData::new(x, shape), &dev)
+        };
+        let h = mk([n, d], 1, 4.0);
+        let head = LmHead {
+            weight: mk([d, v], 2, 1.0),
+            bias: Some(mk([1, v], 3, 1.0).reshape([v])),
+            compute: None,
+        };
+        let targets: Vec<i64> = (0..n as i64).map(|k| (k * 389 + 7) % v as i64).collect();
+        let u: Vec<f32> = (0..n).map(|k| 0.3 - k as f32 * 0.017).collect();
+        let bits = |t: Tensor<Cpu, 1>| -> Vec<u32> {
+            t.into_data().to_vec::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        };
+        for chunk in [5, 16, 64] {
+            for with_u in [false, true] {
+                let run = |fused| {
+                    let u = with_u.then(|| {
+                        Tensor::<Cpu, 1>::from_data(TensorData::new(u.clone(), [n]), &dev)
+                    });
+                    head_pass_with(&h, &head, &targets, u, chunk, fused)
+                };
+                let (lp_a, g_a) = run(true);
+                let (lp_b, g_b) = run(false);
+                assert_eq!(bits(lp_a), bits(lp_b), "chunk {chunk}: log-probs");
+                assert_eq!(g_a.is_some(), with_u);
+                if let (Some(a), Some(b)) = (g_a, g_b) {
+                    let flat = |t: Tensor<Cpu, 2>| {
+                        let k = t.dims().iter().product::<usize>();
+                        bits(t.reshape([k]))
+                    };
+                    assert_eq!(flat(a.h), flat(b.h), "chunk {chunk}: ∂L/∂h");
+                    assert_eq!(flat(a.w), flat(b.w), "chunk {chunk}: ∂L/∂W");
+                    assert_eq!(bits(a.b.unwrap()), bits(b.b.unwrap()), "chunk {chunk}: ∂L/∂b");
+                }
             }
         }
     }

@@ -7,7 +7,10 @@
 //!   kernel and keeps them for reuse, so that the step's big tensor buffers are neither page
 //!   faulted in again at every step nor left stranded in a fragmented heap;
 //! * [`adamw`]: the f32 AdamW update as one pass over the parameter, gradient and moment
-//!   buffers.
+//!   buffers;
+//! * [`xent`]: the LM head's log-softmax, target gather and cross-entropy gradient as one
+//!   pass over a chunk of logits.
 
 pub mod adamw;
 pub mod alloc;
+pub mod xent;

@@ -171,11 +171,26 @@ fn detect_broadcast_pattern(lhs: &Layout, rhs: &FlexTensor) -> Option<BroadcastV
     // Case A: shared row. Innermost rhs stride is 1, and every outer
     // dim either has stride 0 (a broadcast dim) or size 1 (stride
     // doesn't matter since the dim never advances past index 0).
+    //
+    // mmada-rs patch (vendor/PATCHED.md item 12): the shared "row" may span several inner
+    // dims that rhs walks contiguously in row-major order (RoPE's `[batch, heads, seq, hd] ·
+    // cos[1, 1, seq, hd]`), not only the last one; the outer dims then broadcast (stride 0)
+    // or have size 1.
     if last_stride == 1 {
-        let outer_ok = (0..ndims - 1).all(|d| rhs_strides[d] == 0 || lhs_shape[d] == 1);
+        let mut inner = ndims;
+        let mut expected: isize = 1;
+        while inner > 0 {
+            let d = inner - 1;
+            if lhs_shape[d] != 1 && rhs_strides[d] != expected {
+                break;
+            }
+            expected *= lhs_shape[d] as isize;
+            inner -= 1;
+        }
+        let outer_ok = (0..inner).all(|d| rhs_strides[d] == 0 || lhs_shape[d] == 1);
         if outer_ok {
-            let outer_count: usize = (0..ndims - 1).map(|d| lhs_shape[d]).product();
-            let row_len = lhs_shape[ndims - 1];
+            let outer_count: usize = (0..inner).map(|d| lhs_shape[d]).product();
+            let row_len: usize = (inner..ndims).map(|d| lhs_shape[d]).product();
             if outer_count == 0 || row_len == 0 {
                 return None;
             }
