@@ -64,51 +64,69 @@ fn permuted_and_flipped_tensors_read_back_in_logical_order() {
     assert_eq!(values(f.clone()), want);
 }
 
-/// Binary ops against a right-hand side broadcast over the outer dims — RoPE's
-/// `[batch, heads, seq, hd] · cos[1, 1, seq, hd]` (item 12's shared block of several inner
-/// dims), the shared last row of RMSNorm's weight, a size-1 dim inside the block, and a
-/// permuted left-hand side — give the element-by-element values, bit for bit.
+/// Binary ops against a right-hand side broadcast over the outer dims give the element-by-
+/// element values, bit for bit: RoPE's `[batch, heads, seq, hd] · cos[1, 1, seq, hd]` (item
+/// 12's shared block of several inner dims), a block of three dims, the shared last row of
+/// RMSNorm's weight, a left-hand side with a size-1 dim inside the block, a narrowed
+/// right-hand side (nonzero start offset), a permuted left-hand side, and `[2, 1, 4, 5]`, which
+/// no SIMD pattern takes (the strided fallback).
 #[test]
 fn broadcast_binary_ops_over_a_shared_inner_block() {
     let dev = Default::default();
-    let x = arange() * 0.37 - 11.0;
-    let xv = values(x.clone());
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    // distinct values everywhere, so a wrong row length or offset shows
     let table = |shape: [usize; 4]| {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|i| 1.0 + (i as f32 * 0.71).sin()).collect();
         Tensor::<Cpu, 4>::from_data(TensorData::new(v, shape), &dev)
     };
-    // (rhs shape, the rhs index of a logical index)
-    type Index = fn([usize; 4]) -> [usize; 4];
-    let cases: [([usize; 4], Index); 4] = [
-        ([1, 1, 4, 5], |[_, _, c, d]| [0, 0, c, d]),
-        ([1, 3, 4, 5], |[_, b, c, d]| [0, b, c, d]),
-        ([1, 1, 1, 5], |[_, _, _, d]| [0, 0, 0, d]),
-        ([2, 1, 4, 5], |[a, _, c, d]| [a, 0, c, d]),
-    ];
-    for (shape, idx) in cases {
-        let r = table(shape);
-        let rv = values(r.clone());
-        let lin = |i: [usize; 4]| ((i[0] * shape[1] + i[1]) * shape[2] + i[2]) * shape[3] + i[3];
-        let want = |op: fn(f32, f32) -> f32| -> Vec<f32> {
-            indices(SHAPE)
-                .enumerate()
-                .map(|(k, i)| op(xv[k], rv[lin(idx(i))]))
-                .collect()
+    // `lhs op rhs` against the same op on values gathered by index arithmetic
+    let check = |lhs: Tensor<Cpu, 4>, rhs: Tensor<Cpu, 4>, what: &str| {
+        let [s0, s1, s2, s3] = lhs.dims();
+        let r = rhs.dims();
+        let lv = values(lhs.clone());
+        let rv = values(rhs.clone());
+        let at_r = |[a, b, c, d]: [usize; 4]| {
+            let i = [a % r[0], b % r[1], c % r[2], d % r[3]];
+            rv[((i[0] * r[1] + i[1]) * r[2] + i[2]) * r[3] + i[3]]
         };
-        assert_eq!(values(x.clone() * r.clone()), want(|a, b| a * b), "{shape:?} mul");
-        assert_eq!(values(x.clone() + r.clone()), want(|a, b| a + b), "{shape:?} add");
-        assert_eq!(values(x.clone() - r.clone()), want(|a, b| a - b), "{shape:?} sub");
-        assert_eq!(values(x.clone() / r.clone()), want(|a, b| a / b), "{shape:?} div");
-    }
-    // a permuted lhs [2, 4, 3, 5] against a [1, 1, 3, 5] table
-    let p = x.clone().permute([0, 2, 1, 3]);
-    let pv = values(p.clone());
-    let r = table([1, 1, 3, 5]);
-    let rv = values(r.clone());
-    let want: Vec<f32> = indices([2, 4, 3, 5])
-        .enumerate()
-        .map(|(k, [_, _, c, d])| pv[k] * rv[c * 5 + d])
-        .collect();
-    assert_eq!(values(p * r), want);
+        let ops: [(&str, fn(f32, f32) -> f32); 4] = [
+            ("mul", |a, b| a * b),
+            ("add", |a, b| a + b),
+            ("sub", |a, b| a - b),
+            ("div", |a, b| a / b),
+        ];
+        for (name, op) in ops {
+            let want: Vec<f32> = indices([s0, s1, s2, s3])
+                .enumerate()
+                .map(|(k, i)| op(lv[k], at_r(i)))
+                .collect();
+            let got = match name {
+                "mul" => lhs.clone() * rhs.clone(),
+                "add" => lhs.clone() + rhs.clone(),
+                "sub" => lhs.clone() - rhs.clone(),
+                _ => lhs.clone() / rhs.clone(),
+            };
+            assert_eq!(bits(values(got)), bits(want), "{what}: {name}");
+        }
+    };
+    let x = || arange() * 0.37 - 11.0;
+    check(x(), table([1, 1, 4, 5]), "[1, 1, 4, 5]");
+    check(x(), table([1, 3, 4, 5]), "[1, 3, 4, 5]");
+    check(x(), table([1, 1, 1, 5]), "[1, 1, 1, 5]");
+    check(x(), table([2, 1, 4, 5]), "[2, 1, 4, 5] (fallback)");
+    // a size-1 dim inside the shared block
+    check(
+        x().reshape([6, 4, 1, 5]),
+        table([1, 4, 1, 5]),
+        "size-1 inner dim",
+    );
+    // a narrowed rhs: its block starts 5 elements into the storage
+    check(x(), table([1, 1, 6, 5]).narrow(2, 1, 4), "narrowed rhs");
+    // a permuted lhs [2, 4, 3, 5]
+    check(
+        x().permute([0, 2, 1, 3]),
+        table([1, 1, 3, 5]),
+        "permuted lhs",
+    );
 }

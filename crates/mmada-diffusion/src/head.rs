@@ -18,8 +18,9 @@
 //! scaling of the loss (coefficients, gradient accumulation, shard scales) scales the
 //! gradient exactly as it would through the full logits. What stays alive until the backward
 //! is `∂L/∂h` (`[n, d_model]`) and one `[d_model, vocab]` buffer per loss, instead of several
-//! `[batch · seq, vocab]` tensors (the Liger / Apple cut-cross-entropy idea, without a custom
-//! kernel, generic over the backend).
+//! `[batch · seq, vocab]` tensors (the Liger / Apple cut-cross-entropy idea, generic over the
+//! backend; on the CPU backend the log-softmax, target gather and `G` of a chunk are one
+//! in-place pass over its logits, [`mmada_host::xent`], bit-identical to the tensor ops).
 //!
 //! Under a mixed-precision compute dtype the head's three matmuls run in that dtype (as under
 //! PyTorch autocast) and the softmax in f32.
@@ -35,7 +36,8 @@ use mmada_model::model::{float_dtype, stop_grad};
 /// 126 464 vocab × 4 bytes = 0.13 GB per `[rows, vocab]` f32 buffer for LLaDA's vocabulary.
 /// Measured on the CPU (d_model 256, vocab 58 560, 512 scored rows, one training step): 256-row
 /// chunks take 7.6 s and 729 MB peak RSS against 10.0 s and 898 MB for 1 024-row chunks (the
-/// head pass keeps about four `[rows, vocab]` buffers per chunk).
+/// tensor-op head pass keeps about four `[rows, vocab]` buffers per chunk; the CPU backend's
+/// fused pass rewrites the logits in place).
 pub const DEFAULT_CE_CHUNK_ROWS: usize = 256;
 
 /// What a loss reads its log-probabilities from.
@@ -160,8 +162,13 @@ impl<B: Backend> Scores<B> {
                 let h = gather_rows(hidden.clone(), positions);
                 let tracked = h.is_require_grad() || head.weight.is_require_grad();
                 let u = tracked.then(|| w.clone().neg());
-                let (logp, grads) =
-                    head_pass(&stop_grad(h.clone()), &head.detach(), targets, u, *chunk_rows);
+                let (logp, grads) = head_pass(
+                    &stop_grad(h.clone()),
+                    &head.detach(),
+                    targets,
+                    u,
+                    *chunk_rows,
+                );
                 let value = (logp * w).sum().neg().reshape([1]);
                 match grads {
                     Some(g) => value + attach(h, head, g),
@@ -174,6 +181,7 @@ impl<B: Backend> Scores<B> {
     /// A `[1]` tensor of value 0 whose gradient is `Σ_n u_n · ∂ logp_n / ∂θ`: the backward of
     /// any loss through the log-probabilities of [`Scores::logprobs`], given its upstream
     /// `u = ∂L/∂logp` (`[n]`). For [`Scores::Logits`] it is `Σ u ⊙ logp − stop_grad(..)`.
+    /// `u` is taken as values: no gradient flows into it.
     ///
     /// # Panics
     /// When `positions`, `targets` and `u` differ in length (a programming error).
@@ -270,7 +278,8 @@ fn head_pass_with<B: Backend>(
         });
         (tg, u)
     });
-    let targets = targets_tensor::<B>(targets, &device);
+    // the tensor ops' `[n, 1]` targets (the fused pass reads the host slice)
+    let targets = (!fused).then(|| targets_tensor::<B>(targets, &device));
     let mm = head.matmul_dtype();
     let w_mm = head.weight.clone().cast(mm);
     // the head with its weight cast once, not once per chunk (`LmHead::logits` casts only
@@ -312,7 +321,10 @@ fn head_pass_with<B: Backend>(
                     .then(|| Tensor::<B, 2>::from_data(data, (&device, DType::F32)))
             }
             None => {
-                let tg = targets.clone().slice(s![start..end, ..]);
+                let tg = targets
+                    .clone()
+                    .expect("built for the tensor ops")
+                    .slice(s![start..end, ..]);
                 let logp_all = log_softmax(logits, 1);
                 logps.push(logp_all.clone().gather(1, tg.clone()).reshape([c]));
                 u.as_ref().map(|u| {
@@ -489,10 +501,17 @@ mod tests {
     }
 
     /// The fused host pass gives the same bits as the tensor ops: log-probs, `∂L/∂h`, `∂L/∂W`
-    /// and `∂L/∂b`, with chunks that do and do not divide the rows, a vocabulary that is not a
-    /// multiple of the kernel's 16 lanes, and without an upstream.
+    /// and `∂L/∂b`, on the CPU backend with and without autodiff (training runs on the
+    /// latter), with chunks that leave a partial last chunk (5, 16, 64 of 37 rows) and one that
+    /// divides the rows (37), a vocabulary that is not a multiple of the kernel's 16 lanes, and
+    /// without an upstream.
     #[test]
     fn fused_host_pass_is_bit_identical_to_the_ops() {
+        fused_equals_ops::<Cpu>();
+        fused_equals_ops::<Ad>();
+    }
+
+    fn fused_equals_ops<B: Backend>() {
         let dev = Default::default();
         let (n, d, v) = (37, 24, 1_003);
         let mk = |shape: [usize; 2], seed: u64, scale: f32| {
@@ -502,7 +521,7 @@ mod tests {
                         - scale / 2.0
                 })
                 .collect();
-            Tensor::<Cpu, 2>::from_data(TensorData::new(x, shape), &dev)
+            Tensor::<B, 2>::from_data(TensorData::new(x, shape), &dev)
         };
         let h = mk([n, d], 1, 4.0);
         let head = LmHead {
@@ -512,15 +531,19 @@ mod tests {
         };
         let targets: Vec<i64> = (0..n as i64).map(|k| (k * 389 + 7) % v as i64).collect();
         let u: Vec<f32> = (0..n).map(|k| 0.3 - k as f32 * 0.017).collect();
-        let bits = |t: Tensor<Cpu, 1>| -> Vec<u32> {
-            t.into_data().to_vec::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        let bits = |t: Tensor<B, 1>| -> Vec<u32> {
+            t.into_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
         };
-        for chunk in [5, 16, 64] {
+        for chunk in [5, 16, 37, 64] {
             for with_u in [false, true] {
                 let run = |fused| {
-                    let u = with_u.then(|| {
-                        Tensor::<Cpu, 1>::from_data(TensorData::new(u.clone(), [n]), &dev)
-                    });
+                    let u = with_u
+                        .then(|| Tensor::<B, 1>::from_data(TensorData::new(u.clone(), [n]), &dev));
                     head_pass_with(&h, &head, &targets, u, chunk, fused)
                 };
                 let (lp_a, g_a) = run(true);
@@ -528,13 +551,17 @@ mod tests {
                 assert_eq!(bits(lp_a), bits(lp_b), "chunk {chunk}: log-probs");
                 assert_eq!(g_a.is_some(), with_u);
                 if let (Some(a), Some(b)) = (g_a, g_b) {
-                    let flat = |t: Tensor<Cpu, 2>| {
+                    let flat = |t: Tensor<B, 2>| {
                         let k = t.dims().iter().product::<usize>();
                         bits(t.reshape([k]))
                     };
                     assert_eq!(flat(a.h), flat(b.h), "chunk {chunk}: ∂L/∂h");
                     assert_eq!(flat(a.w), flat(b.w), "chunk {chunk}: ∂L/∂W");
-                    assert_eq!(bits(a.b.unwrap()), bits(b.b.unwrap()), "chunk {chunk}: ∂L/∂b");
+                    assert_eq!(
+                        bits(a.b.unwrap()),
+                        bits(b.b.unwrap()),
+                        "chunk {chunk}: ∂L/∂b"
+                    );
                 }
             }
         }

@@ -12,8 +12,8 @@ pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 /// Whether `B` keeps its tensors in host memory as plain buffers (the CPU backend [`Cpu`],
 /// with or without autodiff), so that a tensor's data can be read and written in place
 /// without a device transfer (`Tensor::into_data` of a uniquely owned contiguous `Cpu` tensor
-/// moves its buffer out, `Tensor::from_data` moves it back in; under autodiff that holds for
-/// tensors off the graph). Code that is generic over the backend uses this to pick a fused
+/// at offset 0 whose buffer has exactly its length moves the buffer out, otherwise copies;
+/// `Tensor::from_data` moves it back in; under autodiff that holds for tensors off the graph). Code that is generic over the backend uses this to pick a fused
 /// host loop over a sequence of tensor ops (the optimizer update, the LM head's
 /// log-softmax and cross-entropy gradient).
 pub fn is_host<B: burn::tensor::backend::Backend>() -> bool {
