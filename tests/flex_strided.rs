@@ -90,7 +90,8 @@ fn broadcast_binary_ops_over_a_shared_inner_block() {
             let i = [a % r[0], b % r[1], c % r[2], d % r[3]];
             rv[((i[0] * r[1] + i[1]) * r[2] + i[2]) * r[3] + i[3]]
         };
-        let ops: [(&str, fn(f32, f32) -> f32); 4] = [
+        type Op = fn(f32, f32) -> f32;
+        let ops: [(&str, Op); 4] = [
             ("mul", |a, b| a * b),
             ("add", |a, b| a + b),
             ("sub", |a, b| a - b),
