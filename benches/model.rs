@@ -5,7 +5,8 @@
 //! The training step runs in f32 and in bf16 mixed precision (f32 master weights and AdamW
 //! state, bf16 compute: `LladaModel::with_compute_dtype`), side by side, and with the two
 //! loss paths: `head_chunked` (the trainers' path: the LM head and cross-entropy only at the
-//! masked positions, 1 024 rows at a time, `mmada_diffusion::Scores::Hidden`) and
+//! masked positions, `MMADA_CE_CHUNK_ROWS` rows at a time — default 512, the recipes' —,
+//! `mmada_diffusion::Scores::Hidden`) and
 //! `full_logits` (the head at every position, `[batch, seq, vocab]` logits on the graph); and
 //! `sft_head_chunked`, the PyTorch peer's step (`../shared/bench/torch_peer/bench.py`: the SFT
 //! loss, prompts of seq / 4 tokens, a new noising draw each step), which `scripts/bench_train.sh`
@@ -15,8 +16,7 @@
 //! child process per precision and loss path (model + AdamW, 3 steps): `VmHWM` after vs
 //! before the steps.
 //!
-//! Reference: the official PyTorch code on the same 2-core machine takes about 2.4 s for
-//! forward+backward+AdamW at this size.
+//! The PyTorch peer at the same shapes: `scripts/bench_train.sh` (benches/README.md).
 //!
 //! Run: `cargo bench --bench model` (`-- adamw` for the training steps only).
 

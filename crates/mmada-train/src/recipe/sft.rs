@@ -160,7 +160,7 @@ pub struct LossSection {
     /// `training.cond_dropout_prob`, 0.1 in every config).
     #[serde(default = "cond_dropout")]
     pub cond_dropout_prob: f32,
-    /// `N > 0` (default 256, `mmada_diffusion::DEFAULT_CE_CHUNK_ROWS`): the LM head and the cross-entropy only at the scored
+    /// `N > 0` (default 512, `mmada_diffusion::DEFAULT_CE_CHUNK_ROWS`): the LM head and the cross-entropy only at the scored
     /// positions, `N` rows of hidden states at a time, so the `[rows, vocab]` logits never
     /// exist for the whole batch (`mmada_diffusion::head`; same losses and gradients; about
     /// 2× faster training steps on CPU at vocab 58 560, see the README). `0`: the head over

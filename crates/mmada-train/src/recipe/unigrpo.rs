@@ -199,7 +199,7 @@ pub struct GrpoSection {
     /// Prompt masking probability of `estimator: d1` (d1 default 0.15).
     #[serde(default = "default_p_mask_prompt")]
     pub p_mask_prompt: f32,
-    /// `N > 0` (default 256, `mmada_diffusion::DEFAULT_CE_CHUNK_ROWS`): every log-probability (policy, old policy, reference) with
+    /// `N > 0` (default 512, `mmada_diffusion::DEFAULT_CE_CHUNK_ROWS`): every log-probability (policy, old policy, reference) with
     /// the head only at the scored completion tokens, `N` rows of hidden states at a time
     /// (`mmada_diffusion::head`; same values and gradients). `0`: from full logits.
     #[serde(default = "ce_chunk")]
