@@ -37,8 +37,8 @@ use mmada_model::model::{float_dtype, stop_grad};
 /// (the tensor-op head pass keeps about four such buffers per chunk; the CPU backend's fused
 /// pass one, rewritten in place). Measured on the CPU (`benches/model.rs`' training steps:
 /// d_model 256, vocab 58 560, batch 4 × 256, 3 steps in a child process, 2026-12-07): peak
-/// RSS of the SFT step 691 / 692 / 708 MB with chunks of 256 / 512 / 1 024 rows, of the
-/// pretraining step 708 / 709 / 761 MB; 512-row chunks make the SFT step about 5 % faster than
+/// RSS of the SFT step 708 / 709 / 725 MB with chunks of 256 / 512 / 1 024 rows, of the
+/// pretraining step 725 / 726 / 780 MB; 512-row chunks make the SFT step about 5 % faster than
 /// 256 (fewer, larger head matmuls).
 pub const DEFAULT_CE_CHUNK_ROWS: usize = 512;
 
