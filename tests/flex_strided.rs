@@ -91,23 +91,19 @@ fn broadcast_binary_ops_over_a_shared_inner_block() {
             rv[((i[0] * r[1] + i[1]) * r[2] + i[2]) * r[3] + i[3]]
         };
         type Op = fn(f32, f32) -> f32;
-        let ops: [(&str, Op); 4] = [
-            ("mul", |a, b| a * b),
-            ("add", |a, b| a + b),
-            ("sub", |a, b| a - b),
-            ("div", |a, b| a / b),
+        type TensorOp = fn(Tensor<Cpu, 4>, Tensor<Cpu, 4>) -> Tensor<Cpu, 4>;
+        let ops: [(&str, Op, TensorOp); 4] = [
+            ("mul", |a, b| a * b, |a, b| a * b),
+            ("add", |a, b| a + b, |a, b| a + b),
+            ("sub", |a, b| a - b, |a, b| a - b),
+            ("div", |a, b| a / b, |a, b| a / b),
         ];
-        for (name, op) in ops {
+        for (name, op, tensor_op) in ops {
             let want: Vec<f32> = indices([s0, s1, s2, s3])
                 .enumerate()
                 .map(|(k, i)| op(lv[k], at_r(i)))
                 .collect();
-            let got = match name {
-                "mul" => lhs.clone() * rhs.clone(),
-                "add" => lhs.clone() + rhs.clone(),
-                "sub" => lhs.clone() - rhs.clone(),
-                _ => lhs.clone() / rhs.clone(),
-            };
+            let got = tensor_op(lhs.clone(), rhs.clone());
             assert_eq!(bits(values(got)), bits(want), "{what}: {name}");
         }
     };

@@ -234,6 +234,17 @@ fn gather_rows<B: Backend>(hidden: Tensor<B, 3>, positions: &[usize]) -> Tensor<
         .select(0, index_tensor::<B>(positions, &device))
 }
 
+/// The targets (and upstream) of a head pass, where its log-softmax reads them.
+enum Labels<'a, B: Backend> {
+    /// The fused host pass: the targets `[n]` and the upstream `[n]` as host values.
+    Host {
+        targets: &'a [i64],
+        u: Option<Vec<f32>>,
+    },
+    /// The tensor ops: the targets as a `[n, 1]` index tensor.
+    Ops(Tensor<B, 2, Int>),
+}
+
 /// Gradients of one head pass: `∂L/∂h` `[n, d]`, `∂L/∂W` `[d, vocab]`, `∂L/∂b` `[vocab]`, f32.
 struct HeadGrads<B: Backend> {
     h: Tensor<B, 2>,
@@ -269,19 +280,21 @@ fn head_pass_with<B: Backend>(
     let v = head.vocab();
     let device = h.device();
     let chunk = chunk_rows.max(1);
-    let host = fused.then(|| {
-        let tg: Vec<usize> = targets.iter().map(|&t| t as usize).collect();
-        let u = u.as_ref().map(|u| {
-            u.clone()
-                .cast(FloatDType::F32)
-                .into_data()
-                .to_vec::<f32>()
-                .expect("f32 upstream")
-        });
-        (tg, u)
-    });
-    // the tensor ops' `[n, 1]` targets (the fused pass reads the host slice)
-    let targets = (!fused).then(|| targets_tensor::<B>(targets, &device));
+    // the fused pass reads targets and upstream on the host, the tensor ops as tensors
+    let labels = if fused {
+        Labels::Host {
+            targets,
+            u: u.as_ref().map(|u| {
+                u.clone()
+                    .cast(FloatDType::F32)
+                    .into_data()
+                    .to_vec::<f32>()
+                    .expect("f32 upstream")
+            }),
+        }
+    } else {
+        Labels::Ops(targets_tensor::<B>(targets, &device))
+    };
     let mm = head.matmul_dtype();
     let w_mm = head.weight.clone().cast(mm);
     // the head with its weight cast once, not once per chunk (`LmHead::logits` casts only
@@ -302,8 +315,8 @@ fn head_pass_with<B: Backend>(
         let hc = h.clone().slice(s![start..end, ..]);
         let logits = head.logits(hc.clone()).cast(FloatDType::F32);
         // G = u ⊙ (onehot − p)
-        let g = match &host {
-            Some((tg_host, u_host)) => {
+        let g = match &labels {
+            Labels::Host { targets, u: u_host } => {
                 // the logits' buffer is moved out (it is uniquely owned), rewritten in place
                 // as G and moved back in
                 let mut data = logits.into_data();
@@ -311,7 +324,7 @@ fn head_pass_with<B: Backend>(
                 mmada_host::xent::log_softmax_gather_grad(
                     data.as_mut_slice::<f32>().expect("f32 logits"),
                     v,
-                    &tg_host[start..end],
+                    &targets[start..end],
                     u_host.as_deref().map(|u| &u[start..end]),
                     &mut lp,
                 );
@@ -322,11 +335,8 @@ fn head_pass_with<B: Backend>(
                 u.is_some()
                     .then(|| Tensor::<B, 2>::from_data(data, (&device, DType::F32)))
             }
-            None => {
-                let tg = targets
-                    .clone()
-                    .expect("built for the tensor ops")
-                    .slice(s![start..end, ..]);
+            Labels::Ops(targets) => {
+                let tg = targets.clone().slice(s![start..end, ..]);
                 let logp_all = log_softmax(logits, 1);
                 logps.push(logp_all.clone().gather(1, tg.clone()).reshape([c]));
                 u.as_ref().map(|u| {

@@ -37,7 +37,7 @@ const ROWS_PER_TASK: usize = 16;
 pub fn log_softmax_gather_grad(
     logits: &mut [f32],
     vocab: usize,
-    targets: &[usize],
+    targets: &[i64],
     upstream: Option<&[f32]>,
     logp: &mut [f32],
 ) {
@@ -51,8 +51,8 @@ pub fn log_softmax_gather_grad(
     if let Some(u) = upstream {
         assert_eq!(u.len(), rows, "log_softmax_gather_grad: upstream length");
     }
-    if let Some(&t) = targets.iter().find(|&&t| t >= vocab) {
-        panic!("log_softmax_gather_grad: target {t} not below vocab {vocab}");
+    if let Some(&t) = targets.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+        panic!("log_softmax_gather_grad: target {t} not below vocab {vocab} (or negative)");
     }
     logits
         .par_chunks_mut(ROWS_PER_TASK * vocab)
@@ -62,7 +62,7 @@ pub fn log_softmax_gather_grad(
             let first = task * ROWS_PER_TASK;
             for (i, (row, out)) in x.chunks_mut(vocab).zip(lp.iter_mut()).enumerate() {
                 let r = first + i;
-                *out = one_row(row, targets[r], upstream.map(|u| u[r]));
+                *out = one_row(row, targets[r] as usize, upstream.map(|u| u[r]));
             }
         });
 }
@@ -188,7 +188,7 @@ mod tests {
         for rows in [1, 15, 16, 17, 40] {
             let vocab = 1_003;
             let x = logits(rows, vocab);
-            let targets: Vec<usize> = (0..rows).map(|r| (r * 97 + 5) % vocab).collect();
+            let targets: Vec<i64> = (0..rows).map(|r| ((r * 97 + 5) % vocab) as i64).collect();
             let u: Vec<f32> = (0..rows).map(|r| 0.5 - r as f32 * 0.03).collect();
             let mut g = x.clone();
             let mut lp = vec![0f32; rows];
@@ -196,7 +196,8 @@ mod tests {
             let mut lp_only = vec![0f32; rows];
             log_softmax_gather_grad(&mut x.clone(), vocab, &targets, None, &mut lp_only);
             for r in 0..rows {
-                let (want_lp, want_g) = reference(&x[r * vocab..(r + 1) * vocab], targets[r], u[r]);
+                let (want_lp, want_g) =
+                    reference(&x[r * vocab..(r + 1) * vocab], targets[r] as usize, u[r]);
                 assert!(
                     (lp[r] as f64 - want_lp).abs() < 1e-5,
                     "row {r}: {} vs {want_lp}",
